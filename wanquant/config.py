@@ -1,0 +1,154 @@
+"""The one typed configuration of the quantization method.
+
+Every search grid is an explicit list. Two named presets exist: :func:`paper_preset`
+(the settings of the paper's public code) and :func:`wanquant_preset` (ours, the
+default). Configs round-trip through plain dicts so they can live in a manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from wanquant.numerics.formats import FormatName, QuantFormat, ScaleRule
+
+LowRankMethod = Literal["exact", "randomized", "activation_aware"]
+
+
+@dataclass
+class SmoothConfig:
+    """SVDQuant smoothing ``s_j = amax_x_j^a / amax_w_j^(1-a)``, ``a`` searched on a grid."""
+
+    enabled: bool = True
+    alpha_grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
+    # Percentile of |x| per channel used instead of the max (1.0 = max).
+    act_quantile: float = 1.0
+
+
+@dataclass
+class LowRankConfig:
+    """The 16-bit low-rank branch ``L2 @ L1`` taken out of the smoothed weight."""
+
+    rank: int = 32
+    method: LowRankMethod = "exact"
+    randomized_oversample: int = 16
+    randomized_iters: int = 4
+
+
+@dataclass
+class GPTQConfig:
+    """GPTQ on the low-rank residual."""
+
+    enabled: bool = True
+    damp: float = 0.01  # times mean(diag H)
+    max_damp_retries: int = 5  # each retry multiplies damp by 10
+    block_size: int = 128
+    act_order: bool = False
+
+
+@dataclass
+class ClipConfig:
+    """Activation clip search per (expert, timestep bin, layer)."""
+
+    enabled: bool = True
+    clip_ratios: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9, 1.0])
+    exp_offsets: list[int] = field(default_factory=lambda: [-1, 0, 1])
+    max_tokens: int = 4096
+    # False: one clip setting for all bins of a layer (the "global clip" ablation).
+    per_bin: bool = True
+
+
+@dataclass
+class BinConfig:
+    """Timestep bins of one expert: edges of the relative position inside its run.
+
+    Position ``r`` goes from 0 (the expert's first, noisiest step) to 1; a step with
+    ``edges[i-1] <= r < edges[i]`` is in bin ``i``. ``len(edges) + 1`` bins.
+    """
+
+    edges: list[float]
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.edges) + 1
+
+    def __post_init__(self) -> None:
+        if any(not 0.0 < e < 1.0 for e in self.edges) or sorted(self.edges) != list(self.edges):
+            raise ValueError(f"bin edges must be increasing and inside (0, 1), got {self.edges}")
+
+
+def _paper_bins() -> dict[str, BinConfig]:
+    return {"high": BinConfig([0.33, 0.66]), "low": BinConfig([0.20, 0.70]), "single": BinConfig([0.33, 0.66])}
+
+
+@dataclass
+class QuantConfig:
+    """The whole method: formats, smoothing, low-rank, GPTQ, clip search, bins."""
+
+    weight_format: FormatName = "mxfp4"
+    act_format: FormatName = "mxfp4"
+    group_size: int = 32
+    weight_scale_rule: ScaleRule = "ocp_floor"
+    act_scale_rule: ScaleRule = "ocp_floor"
+    smooth: SmoothConfig = field(default_factory=SmoothConfig)
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    # Bins per expert role: "high" and "low" for Wan2.2 A14B, "single" for one-expert models.
+    bins: dict[str, BinConfig] = field(default_factory=_paper_bins)
+
+    @property
+    def wfmt(self) -> QuantFormat:
+        return QuantFormat(self.weight_format, self.group_size, self.weight_scale_rule)
+
+    @property
+    def afmt(self) -> QuantFormat:
+        return QuantFormat(self.act_format, self.group_size, self.act_scale_rule)
+
+    def bins_for(self, role: str) -> BinConfig:
+        if role not in self.bins:
+            raise KeyError(f"no timestep bins configured for expert role {role!r}; known: {sorted(self.bins)}")
+        return self.bins[role]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}")
+        sub = {"smooth": SmoothConfig, "lowrank": LowRankConfig, "gptq": GPTQConfig, "clip": ClipConfig}
+        for name, typ in sub.items():
+            if name in d and isinstance(d[name], dict):
+                d[name] = typ(**d[name])
+        if "bins" in d:
+            d["bins"] = {k: v if isinstance(v, BinConfig) else BinConfig(**v) for k, v in d["bins"].items()}
+        return cls(**d)
+
+
+def paper_preset() -> QuantConfig:
+    """The paper's public code: alpha 0.5 fixed, rank 16, GPTQ, 3 bins per expert."""
+    return QuantConfig(
+        smooth=SmoothConfig(alpha_grid=[0.5]),
+        lowrank=LowRankConfig(rank=16),
+        gptq=GPTQConfig(),
+        clip=ClipConfig(),
+    )
+
+
+def wanquant_preset() -> QuantConfig:
+    """Our defaults: searched alpha, rank 32 (as SVDQuant), GPTQ, per-bin clip search."""
+    return QuantConfig()
+
+
+PRESETS = {"paper": paper_preset, "wanquant": wanquant_preset}
+
+
+def preset(name: str) -> QuantConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
