@@ -78,6 +78,16 @@ class BinConfig:
             raise ValueError(f"bin edges must be increasing and inside (0, 1), got {self.edges}")
 
 
+@dataclass
+class PrecisionPolicy:
+    """Which quantizable layers stay 16-bit anyway (Wan practitioners often keep the first
+    and last blocks). ``skip_blocks`` takes indices (negative counts from the end);
+    ``skip_layers`` takes fnmatch patterns over names like ``blocks.3.ffn.net.2``."""
+
+    skip_blocks: list[int] = field(default_factory=list)
+    skip_layers: list[str] = field(default_factory=list)
+
+
 def _paper_bins() -> dict[str, BinConfig]:
     return {"high": BinConfig([0.33, 0.66]), "low": BinConfig([0.20, 0.70]), "single": BinConfig([0.33, 0.66])}
 
@@ -97,6 +107,7 @@ class QuantConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     # Bins per expert role: "high" and "low" for Wan2.2 A14B, "single" for one-expert models.
     bins: dict[str, BinConfig] = field(default_factory=_paper_bins)
+    precision: PrecisionPolicy = field(default_factory=PrecisionPolicy)
 
     @property
     def wfmt(self) -> QuantFormat:
@@ -121,7 +132,8 @@ class QuantConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}")
-        sub = {"smooth": SmoothConfig, "lowrank": LowRankConfig, "gptq": GPTQConfig, "clip": ClipConfig}
+        sub = {"smooth": SmoothConfig, "lowrank": LowRankConfig, "gptq": GPTQConfig, "clip": ClipConfig,
+               "precision": PrecisionPolicy}
         for name, typ in sub.items():
             if name in d and isinstance(d[name], dict):
                 d[name] = typ(**d[name])

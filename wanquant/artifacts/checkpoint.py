@@ -1,0 +1,212 @@
+"""The quantized-model directory: writing it atomically, reading and verifying it.
+
+Layout (DESIGN.md section 6)::
+
+    out/
+      manifest.json                      format, versions, config, experts, checksums
+      <expert>/config.json               the diffusers config of the expert
+      <expert>/quantized.safetensors     per layer: qweight, wscales, smooth, l1, l2, bias, clip_table
+      <expert>/rest.safetensors          every parameter that stays 16-bit
+
+``<expert>`` is the pipeline attribute (``transformer``, ``transformer_2``). The layout is
+kernel-independent; kernels repack at load time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import wanquant
+from wanquant.numerics.params import QuantizedLinearParams
+
+FORMAT_NAME = "wanquant"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_PARAM_FIELDS = ("qweight", "wscales", "smooth", "l1", "l2", "bias", "clip_table")
+
+
+class CheckpointError(RuntimeError):
+    """A quantized checkpoint is missing, corrupt, or does not fit the model."""
+
+
+@dataclass
+class ExpertArtifact:
+    attr: str
+    role: str
+    bins: dict[str, Any]  # TimestepBins.to_dict()
+    model_config: dict[str, Any]
+    layers: dict[str, QuantizedLinearParams]
+    rest: dict[str, torch.Tensor]
+    source_fingerprint: str
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_module(module: torch.nn.Module) -> str:
+    """A cheap identity of a model: config, parameter names/shapes/dtypes, sampled values.
+
+    Hashing every byte of a 14B model takes minutes; 4096 strided values per tensor tell
+    two trained models apart just as well.
+    """
+    h = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:
+        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to("cpu", torch.float32).contiguous()
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _flatten_layers(layers: dict[str, QuantizedLinearParams]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in layers.items():
+        for f in _PARAM_FIELDS:
+            t = getattr(p, f)
+            if t is not None:
+                out[f"{name}.{f}"] = t.detach().contiguous().cpu()
+    return out
+
+
+def save_checkpoint(out_dir: str | Path, experts: list[ExpertArtifact], config: dict[str, Any],
+                    overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    """Write the directory atomically: a sibling temp dir renamed into place at the end."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        files: dict[str, dict[str, Any]] = {}
+        manifest_experts = {}
+        for e in experts:
+            d = tmp / e.attr
+            d.mkdir()
+            (d / "config.json").write_text(json.dumps(e.model_config, indent=2, sort_keys=True, default=str))
+            save_file(_flatten_layers(e.layers), str(d / "quantized.safetensors"), metadata={"format": FORMAT_NAME})
+            save_file({k: v.detach().contiguous().cpu() for k, v in e.rest.items()}, str(d / "rest.safetensors"),
+                      metadata={"format": FORMAT_NAME})
+            manifest_experts[e.attr] = {
+                "role": e.role,
+                "timestep_bins": e.bins,
+                "source_fingerprint": e.source_fingerprint,
+                "layers": {n: {"shape": [p.out_features, p.in_features], "rank": p.rank, "report": p.report}
+                           for n, p in e.layers.items()},
+                "calibration": e.calibration,
+            }
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(tmp).as_posix()
+                files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "library_version": wanquant.__version__,
+            "torch_version": torch.__version__,
+            "config": config,
+            "experts": manifest_experts,
+            "files": files,
+            **(extra or {}),
+        }
+        _write_json_atomic(tmp / MANIFEST, manifest)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def read_manifest(qdir: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Read and check the manifest; with ``verify`` also every file's size and sha256."""
+    qdir = Path(qdir)
+    mpath = qdir / MANIFEST
+    if not qdir.is_dir():
+        raise CheckpointError(f"quantized model directory {qdir} does not exist; run `wanquant quantize` first")
+    if not mpath.is_file():
+        raise CheckpointError(f"{mpath} is missing: {qdir} is not a wanquant checkpoint (or was not fully written)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mpath} is not valid JSON ({e}); the checkpoint is corrupt: re-run quantize") from e
+    if manifest.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{mpath} is not a wanquant manifest (format={manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(
+            f"{qdir} has checkpoint format version {version!r} (written by wanquant "
+            f"{manifest.get('library_version')}); this wanquant {wanquant.__version__} reads version "
+            f"{FORMAT_VERSION}: upgrade wanquant or re-quantize with this version"
+        )
+    if verify:
+        for rel, info in manifest.get("files", {}).items():
+            path = qdir / rel
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing from the checkpoint; copy the whole directory or re-quantize")
+            if path.stat().st_size != info["bytes"]:
+                raise CheckpointError(f"{path} has {path.stat().st_size} bytes, the manifest says {info['bytes']}: "
+                                      "the file is truncated or altered; re-copy or re-quantize")
+            if sha256_file(path) != info["sha256"]:
+                raise CheckpointError(f"{path} fails its sha256 check: the file is corrupt or altered; "
+                                      "re-copy or re-quantize")
+    return manifest
+
+
+def load_expert_files(qdir: str | Path, attr: str, manifest: dict[str, Any]) -> tuple[
+        dict[str, QuantizedLinearParams], dict[str, torch.Tensor], dict[str, Any]]:
+    """The quantized layers, the 16-bit rest and the diffusers config of one expert."""
+    qdir = Path(qdir)
+    if attr not in manifest["experts"]:
+        raise CheckpointError(f"{qdir} has no expert {attr!r}; it holds {sorted(manifest['experts'])}")
+    d = qdir / attr
+    try:
+        flat = load_file(str(d / "quantized.safetensors"))
+        rest = load_file(str(d / "rest.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {d}: {e}; the checkpoint is corrupt: re-copy or re-quantize") from e
+    config = json.loads((d / "config.json").read_text())
+    layers = {}
+    for name, info in manifest["experts"][attr]["layers"].items():
+        try:
+            tensors = {f: flat.get(f"{name}.{f}") for f in _PARAM_FIELDS}
+            missing = [f for f in _PARAM_FIELDS if f != "bias" and tensors[f] is None]
+            if missing:
+                raise CheckpointError(f"{d / 'quantized.safetensors'} lacks {missing} for layer {name}")
+            layers[name] = QuantizedLinearParams(**tensors, report=info.get("report", {}))
+        except TypeError as e:
+            raise CheckpointError(f"layer {name} in {d} is malformed: {e}") from e
+    return layers, rest, config

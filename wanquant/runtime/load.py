@@ -1,0 +1,136 @@
+"""Loading a quantized checkpoint into a diffusers Wan pipeline.
+
+Experts are rebuilt from the checkpoint alone (config + quantized layers + 16-bit rest),
+with parameters created on the meta device, so a quantized expert never exists in BF16
+in memory. The pipeline's own experts, if loaded, are used only to check that the
+checkpoint was made from the same model, and are then replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wanquant.artifacts.checkpoint import CheckpointError, fingerprint_module, load_expert_files, read_manifest
+from wanquant.config import QuantConfig
+from wanquant.model.wan import attach_runtime, experts_of, install_layer
+from wanquant.runtime.linear import Backend, W4A4Linear
+from wanquant.runtime.state import ExpertState, TimestepBins
+
+log = logging.getLogger(__name__)
+
+# Config keys that must agree between a checkpoint and the pipeline's expert.
+_ARCH_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "in_channels",
+              "out_channels", "text_dim", "patch_size", "image_dim")
+
+
+def quantized_layers(model: nn.Module) -> dict[str, W4A4Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, W4A4Linear)}
+
+
+def bind_expert(model: nn.Module, bins: TimestepBins) -> ExpertState:
+    """Give every quantized layer of an expert one shared state and hook the forward."""
+    state = ExpertState(bins)
+    for layer in quantized_layers(model).values():
+        layer.bind_state(state)
+    attach_runtime(model, state)
+    model._wanquant_state = state
+    return state
+
+
+def set_backend(model: nn.Module, backend: Backend) -> None:
+    for layer in quantized_layers(model).values():
+        layer.set_backend(backend)
+
+
+def build_quantized_expert(qdir: str | Path, attr: str, manifest: dict, device: torch.device | str = "cpu",
+                           backend: Backend = "auto") -> nn.Module:
+    """Rebuild one expert from the checkpoint, on ``device``."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    cfg = QuantConfig.from_dict(manifest["config"])
+    layers, rest, config = load_expert_files(qdir, attr, manifest)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    with init_empty_weights(include_buffers=False):
+        model = WanTransformer3DModel.from_config(config)
+    for name, params in layers.items():
+        layer = W4A4Linear.from_params(params, cfg.wfmt, cfg.afmt)
+        install_layer(model, name, layer)
+    expected = {k for k, v in model.state_dict().items()}
+    quant_keys = {k for k in expected if any(k.startswith(n + ".") for n in layers)}
+    missing = sorted(expected - quant_keys - set(rest))
+    unexpected = sorted(set(rest) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{qdir}/{attr}/rest.safetensors does not match the expert's architecture: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}; re-quantize with this wanquant")
+    model.load_state_dict(rest, strict=False, assign=True)
+    model.to(device)
+    for layer in quantized_layers(model).values():
+        layer.refresh()
+    set_backend(model, backend)
+    bind_expert(model, TimestepBins.from_dict(manifest["experts"][attr]["timestep_bins"]))
+    model.eval()
+    return model
+
+
+def check_compatible(pipe, manifest: dict, qdir: str | Path, allow_mismatch: bool = False) -> None:
+    """Refuse a checkpoint made for another model or another expert layout."""
+    roles = {e.attr: e.role for e in experts_of(pipe)} if getattr(pipe, "transformer", None) is not None else None
+    for attr, info in manifest["experts"].items():
+        if roles is not None and attr not in roles:
+            raise CheckpointError(f"{qdir} has expert {attr!r} but the pipeline has no such expert "
+                                  f"(it has {sorted(roles)}); use the pipeline the checkpoint was made for")
+        if roles is not None and roles[attr] != info["role"]:
+            raise CheckpointError(f"{qdir}: expert {attr} was quantized as the {info['role']!r} expert but the "
+                                  f"pipeline runs it as {roles[attr]!r}; check the pipeline's boundary_ratio")
+        existing = getattr(pipe, attr, None)
+        if existing is None:
+            continue
+        ck_config = _read_config(qdir, attr)
+        diffs = {k: (ck_config.get(k), existing.config.get(k)) for k in _ARCH_KEYS
+                 if _norm(ck_config.get(k)) != _norm(existing.config.get(k))}
+        if diffs:
+            raise CheckpointError(f"{qdir} was made for another model: {attr} config differs in "
+                                  + ", ".join(f"{k} (checkpoint {a}, pipeline {b})" for k, (a, b) in diffs.items()))
+        if quantized_layers(existing) or next(existing.parameters()).device.type == "meta":
+            continue
+        fp = fingerprint_module(existing)
+        if fp != info["source_fingerprint"] and not allow_mismatch:
+            raise CheckpointError(
+                f"{qdir} was quantized from different {attr} weights (fingerprint {info['source_fingerprint']}, "
+                f"pipeline {fp}); load the base model it was made from, or pass allow_mismatch=True "
+                "(--allow-mismatch) if you know the weights are equivalent")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _read_config(qdir, attr) -> dict:
+    import json
+
+    return json.loads((Path(qdir) / attr / "config.json").read_text())
+
+
+def load_quantized(pipe, qdir: str | Path, device: torch.device | str | None = None, backend: Backend = "auto",
+                   allow_mismatch: bool = False, verify: bool = True):
+    """Replace the pipeline's experts by the quantized ones from ``qdir``; returns ``pipe``."""
+    manifest = read_manifest(qdir, verify=verify)
+    check_compatible(pipe, manifest, qdir, allow_mismatch)
+    if device is None:
+        existing = getattr(pipe, "transformer", None)
+        device = next(existing.parameters()).device if existing is not None else "cpu"
+        if torch.device(device).type == "meta":
+            device = "cpu"
+    for attr in manifest["experts"]:
+        old = getattr(pipe, attr, None)
+        if old is not None:
+            pipe.register_modules(**{attr: None})  # free the 16-bit expert before building
+            del old
+        pipe.register_modules(**{attr: build_quantized_expert(qdir, attr, manifest, device, backend)})
+    log.info("loaded %s: experts %s on %s", qdir, sorted(manifest["experts"]), device)
+    return pipe
