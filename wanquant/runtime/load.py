@@ -87,10 +87,11 @@ def check_compatible(pipe, manifest: dict, qdir: str | Path, allow_mismatch: boo
         if roles is not None and roles[attr] != info["role"]:
             raise CheckpointError(f"{qdir}: expert {attr} was quantized as the {info['role']!r} expert but the "
                                   f"pipeline runs it as {roles[attr]!r}; check the pipeline's boundary_ratio")
+        ck_config = _read_config(qdir, attr)
+        _check_components(pipe, ck_config, qdir)
         existing = getattr(pipe, attr, None)
         if existing is None:
             continue
-        ck_config = _read_config(qdir, attr)
         diffs = {k: (ck_config.get(k), existing.config.get(k)) for k in _ARCH_KEYS
                  if _norm(ck_config.get(k)) != _norm(existing.config.get(k))}
         if diffs:
@@ -104,6 +105,19 @@ def check_compatible(pipe, manifest: dict, qdir: str | Path, allow_mismatch: boo
                 f"{qdir} was quantized from different {attr} weights (fingerprint {info['source_fingerprint']}, "
                 f"pipeline {fp}); load the base model it was made from, or pass allow_mismatch=True "
                 "(--allow-mismatch) if you know the weights are equivalent")
+
+
+def _check_components(pipe, ck_config: dict, qdir) -> None:
+    """Without the 16-bit experts, check the text encoder and VAE fit the checkpoint."""
+    te, vae = getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None)
+    d_model = getattr(getattr(te, "config", None), "d_model", None)
+    if d_model is not None and d_model != ck_config.get("text_dim"):
+        raise CheckpointError(f"{qdir} was made for another model: its experts read text_dim "
+                              f"{ck_config.get('text_dim')} but the pipeline's text encoder gives {d_model}")
+    z = getattr(getattr(vae, "config", None), "z_dim", None)
+    if z is not None and ck_config.get("out_channels") not in (None, z):
+        raise CheckpointError(f"{qdir} was made for another model: its experts predict "
+                              f"{ck_config.get('out_channels')} latent channels but the pipeline's VAE has {z}")
 
 
 def _norm(v):

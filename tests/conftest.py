@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny two-expert Wan2.2-form I2V pipeline built locally (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wanquant.config import ClipConfig, GPTQConfig, LowRankConfig, QuantConfig, SmoothConfig
+from wanquant.runtime.generate import GenerationSettings
+
+TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=64,
+            text_layers=1, text_heads=2, text_ff=128, vae_base_dim=16, height=32, width=32, num_frames=5,
+            max_sequence_length=32)
+# Twelve steps with flow shift 3 and boundary 0.9 visit every timestep bin of both experts.
+TINY_SETTINGS = GenerationSettings(height=32, width=32, num_frames=5, num_inference_steps=12, guidance_scale=3.0,
+                                   max_sequence_length=32)
+
+
+def build_tiny_pipeline(seed: int = 0):
+    from wanquant.testbed.build import TestbedConfig, build_testbed_pipeline
+
+    pipe = build_testbed_pipeline(seed=seed, config=TestbedConfig(**TINY))
+    return pipe.to("cpu", torch.float32)
+
+
+def fast_config() -> QuantConfig:
+    """The full method with small grids, so CPU tests stay quick."""
+    return QuantConfig(smooth=SmoothConfig(alpha_grid=[0.4, 0.6]), lowrank=LowRankConfig(rank=8),
+                       gptq=GPTQConfig(block_size=32), clip=ClipConfig(clip_ratios=[0.8, 1.0], exp_offsets=[0, 1],
+                                                                        max_tokens=512))
+
+
+@pytest.fixture
+def tiny_pipe():
+    return build_tiny_pipeline()
+
+
+@pytest.fixture
+def tiny_samples():
+    from wanquant.calibration.samples import CalibSample
+    from wanquant.testbed.dataset import list_samples
+
+    return [CalibSample(s.first_frame(), s.prompt, 100 + i, f"calib:{i}")
+            for i, s in enumerate(list_samples("calib", 2, num_frames=5, height=32, width=32))]

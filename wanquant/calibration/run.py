@@ -1,0 +1,187 @@
+"""Calibrate and quantize a Wan pipeline: the whole job behind ``wanquant quantize``.
+
+The blocks of both experts are processed in passes of ``blocks_per_pass`` blocks: each
+pass runs the BF16 pipeline over the calibration set with hooks on just those blocks,
+then quantizes them and writes their layers to a work directory. Host and GPU memory
+hold the statistics of one pass only, and an interrupted run resumes at the first pass
+that has not finished. Layers are installed only after every pass, so all statistics
+come from the BF16 model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from wanquant.artifacts.checkpoint import ExpertArtifact, fingerprint_module, save_checkpoint
+from wanquant.calibration.collect import StatsCollector
+from wanquant.calibration.samples import CalibSample, check_samples, samples_fingerprint
+from wanquant.config import QuantConfig
+from wanquant.model.wan import ExpertSpec, experts_of, install_layer, quant_targets
+from wanquant.numerics.layer_ptq import quantize_layer
+from wanquant.numerics.params import QuantizedLinearParams
+from wanquant.runtime.generate import GenerationSettings, encode_prompts, run_pipeline
+from wanquant.runtime.linear import W4A4Linear
+from wanquant.runtime.load import bind_expert
+
+log = logging.getLogger(__name__)
+_FIELDS = ("qweight", "wscales", "smooth", "l1", "l2", "bias", "clip_table")
+
+
+@dataclass
+class CalibrationRun:
+    """How to run calibration (not what the method is: that is :class:`QuantConfig`)."""
+
+    settings: GenerationSettings
+    blocks_per_pass: int | None = None  # None: every block in one pass
+    reservoir_tokens: int = 4096
+    seed: int = 0
+    progress: bool = True
+
+
+def quantize_pipeline(pipe, samples: list[CalibSample], cfg: QuantConfig, run: CalibrationRun,
+                      out_dir: str | Path, overwrite: bool = False, restart: bool = False) -> Path:
+    """Calibrate, quantize and save; afterwards ``pipe`` holds the quantized experts."""
+    check_samples(samples)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose another output or pass --overwrite")
+    experts = experts_of(pipe)
+    targets = {e.attr: quant_targets(e.module, cfg) for e in experts}
+    fingerprints = {e.attr: fingerprint_module(e.module) for e in experts}
+    work = out_dir.with_name(out_dir.name + ".partial")
+    run_id = _run_id(cfg, run, samples, fingerprints)
+    done = _open_work_dir(work, run_id, restart)
+
+    n_blocks = max(len(e.module.blocks) for e in experts)
+    step = run.blocks_per_pass or n_blocks
+    passes = [range(s, min(s + step, n_blocks)) for s in range(0, n_blocks, step)]
+    for blocks in tqdm(passes, desc="calibration passes", disable=not run.progress or len(passes) == 1):
+        key = f"{blocks.start}-{blocks.stop}"
+        if key in done:
+            log.info("blocks %s already done in %s: skipping", key, work)
+            continue
+        sel = {a: [t for t in ts if t.block in blocks] for a, ts in targets.items()}
+        params, report = _calibrate_pass(pipe, experts, sel, samples, cfg, run)
+        for attr, layers in params.items():
+            _save_layers(work / f"{attr}.blocks{key}.safetensors", layers)
+        done[key] = {"finished": time.time(), "seen": report}
+        _write_json(work / "progress.json", {"run_id": run_id, "done": done})
+
+    seen = next(reversed(done.values()))["seen"]  # every pass runs the same samples
+    artifacts = []
+    for e in experts:
+        layers = {}
+        for key in done:
+            path = work / f"{e.attr}.blocks{key}.safetensors"
+            if path.exists():
+                layers.update(_load_layers(path, targets[e.attr]))
+        artifacts.append(_install_expert(e, layers, cfg, fingerprints[e.attr], seen.get(e.attr, {})))
+    save_checkpoint(out_dir, artifacts, cfg.to_dict(), overwrite=overwrite,
+                    extra={"calibration": {"samples": len(samples), "settings": run.settings.to_dict(),
+                                           "blocks_per_pass": run.blocks_per_pass, "run_id": run_id}})
+    shutil.rmtree(work, ignore_errors=True)
+    return out_dir
+
+
+def _calibrate_pass(pipe, experts: list[ExpertSpec], targets, samples, cfg: QuantConfig, run: CalibrationRun):
+    collector = StatsCollector(experts, targets, cfg, run.reservoir_tokens, seed=run.seed)
+    device = pipe._execution_device
+    with collector:
+        for s in tqdm(samples, desc="calibration samples", disable=not run.progress):
+            pos, neg = encode_prompts(pipe, s.prompt, run.settings.negative_prompt, run.settings, device)
+            collector.set_cond_context(pos)
+            run_pipeline(pipe, s.image, s.prompt, run.settings, s.seed, output_type="latent",
+                         prompt_embeds=pos, negative_prompt_embeds=neg)
+    report = {attr: rec.to_dict() for attr, rec in collector.records.items()}
+    params: dict[str, dict[str, QuantizedLinearParams]] = {}
+    todo = [(e, t) for e in experts for t in targets[e.attr]]
+    for e, t in tqdm(todo, desc="quantizing layers", disable=not run.progress):
+        stats = collector.finalize(e.attr, t.name)
+        if stats.n_tokens == 0:
+            raise RuntimeError(f"{e.attr}.{t.name} saw no calibration tokens: the {e.role} expert never ran; "
+                               "use more inference steps so that every expert runs")
+        w, b = t.fused_weight()
+        num_bins = e.timestep_bins(cfg).num_bins
+        params.setdefault(e.attr, {})[t.name] = quantize_layer(w, b, stats, cfg, num_bins, name=f"{e.attr}.{t.name}")
+        collector.release(e.attr, t.name)
+    return params, report
+
+
+def _install_expert(e: ExpertSpec, layers: dict[str, QuantizedLinearParams], cfg: QuantConfig,
+                    fingerprint: str, seen: dict) -> ExpertArtifact:
+    device = next(e.module.parameters()).device
+    for name, p in layers.items():
+        layer = W4A4Linear.from_params(_to(p, device), cfg.wfmt, cfg.afmt)
+        install_layer(e.module, name, layer)
+    bins = e.timestep_bins(cfg)
+    bind_expert(e.module, bins)
+    rest = {k: v for k, v in e.module.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
+    return ExpertArtifact(e.attr, e.role, bins.to_dict(), dict(e.module.config), layers, rest, fingerprint,
+                          calibration=seen)
+
+
+def _to(p: QuantizedLinearParams, device) -> QuantizedLinearParams:
+    moved = {f: (getattr(p, f).to(device) if getattr(p, f) is not None else None) for f in _FIELDS}
+    return QuantizedLinearParams(**moved, report=p.report)
+
+
+def _save_layers(path: Path, layers: dict[str, QuantizedLinearParams]) -> None:
+    tensors, reports = {}, {}
+    for name, p in layers.items():
+        for f in _FIELDS:
+            if getattr(p, f) is not None:
+                tensors[f"{name}.{f}"] = getattr(p, f).detach().contiguous().cpu()
+        reports[name] = p.report
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"reports": json.dumps(reports, default=str)})
+    os.replace(tmp, path)
+
+
+def _load_layers(path: Path, targets) -> dict[str, QuantizedLinearParams]:
+    from safetensors import safe_open
+
+    flat = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        reports = json.loads(f.metadata()["reports"])
+    return {t.name: QuantizedLinearParams(**{f: flat.get(f"{t.name}.{f}") for f in _FIELDS}, report=reports[t.name])
+            for t in targets if f"{t.name}.qweight" in flat}
+
+
+def _run_id(cfg, run: CalibrationRun, samples, fingerprints) -> str:
+    blob = json.dumps({"cfg": cfg.to_dict(), "settings": run.settings.to_dict(), "bpp": run.blocks_per_pass,
+                       "res": run.reservoir_tokens, "seed": run.seed, "samples": samples_fingerprint(samples),
+                       "models": fingerprints}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _open_work_dir(work: Path, run_id: str, restart: bool) -> dict:
+    progress = work / "progress.json"
+    if restart and work.exists():
+        shutil.rmtree(work)
+    if progress.exists():
+        state = json.loads(progress.read_text())
+        if state.get("run_id") != run_id:
+            raise RuntimeError(f"{work} holds an unfinished run with other settings, model or samples; "
+                               "delete it or pass --restart to start over")
+        log.info("resuming from %s: %d pass(es) already done", work, len(state["done"]))
+        return dict(state["done"])
+    work.mkdir(parents=True, exist_ok=True)
+    _write_json(progress, {"run_id": run_id, "done": {}})
+    return {}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
