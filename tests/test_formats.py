@@ -1,0 +1,160 @@
+"""MXFP4 / INT4 formats against tables and brute force (fresh random inputs each run)."""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+
+import pytest
+import torch
+
+from wanquant.numerics.formats import (
+    E2M1_VALUES, Quantized, QuantFormat, dequantize, e2m1_decode, e2m1_round, fake_quantize, make_format,
+    mx_group_exponents, pack_nibbles, quantize, unpack_nibbles,
+)
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    s = int(os.environ.get("WANQUANT_TEST_SEED", secrets.randbelow(2**31)))
+    torch.manual_seed(s)
+    print(f"torch seed {s} (reproduce with WANQUANT_TEST_SEED={s})")
+    return s
+
+
+# Every E2M1 code: value -> code (bit 3 sign, bits 0-2 magnitude index).
+CODE_TABLE = {0.0: 0, 0.5: 1, 1.0: 2, 1.5: 3, 2.0: 4, 3.0: 5, 4.0: 6, 6.0: 7,
+              -0.5: 9, -1.0: 10, -1.5: 11, -2.0: 12, -3.0: 13, -4.0: 14, -6.0: 15}
+# Midpoints go to the neighbour whose code is even (ties to even); beyond 6 saturates.
+TIE_TABLE = {0.25: 0.0, 0.75: 1.0, 1.25: 1.0, 1.75: 2.0, 2.5: 2.0, 3.5: 4.0, 5.0: 4.0,
+             6.5: 6.0, 7.0: 6.0, 1e30: 6.0, -0.25: 0.0, -0.75: -1.0, -1.25: -1.0, -1.75: -2.0,
+             -2.5: -2.0, -3.5: -4.0, -5.0: -4.0, -8.0: -6.0}
+
+
+def test_every_e2m1_code() -> None:
+    vals = torch.tensor(list(CODE_TABLE))
+    codes = e2m1_round(vals)
+    assert codes.tolist() == list(CODE_TABLE.values())
+    assert e2m1_decode(codes).tolist() == list(CODE_TABLE)
+    assert e2m1_decode(torch.tensor([8], dtype=torch.uint8)).item() == 0.0  # -0 decodes to 0
+    assert e2m1_round(torch.tensor([-0.0, -0.1])).tolist() == [0, 0]  # and is never produced
+
+
+def test_e2m1_ties_and_neighbours() -> None:
+    v = torch.tensor(list(TIE_TABLE))
+    assert e2m1_decode(e2m1_round(v)).tolist() == list(TIE_TABLE.values())
+    # Just off a midpoint, nearest wins whatever the parity.
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    lo, hi = torch.tensor(E2M1_VALUES[:-1]), torch.tensor(E2M1_VALUES[1:])
+    assert torch.equal(e2m1_decode(e2m1_round(torch.nextafter(mids, torch.zeros(7)))), lo)
+    assert torch.equal(e2m1_decode(e2m1_round(torch.nextafter(mids, torch.full((7,), 9.0)))), hi)
+
+
+def test_e2m1_random_vs_brute_force() -> None:
+    v = torch.randn(20000) * 3
+    grid = torch.tensor(sorted({s * m for m in E2M1_VALUES for s in (1.0, -1.0)}))
+    best = grid[(v[:, None] - grid[None, :]).abs().argmin(1)]
+    assert torch.equal(e2m1_decode(e2m1_round(v)), best)
+
+
+def _brute_exp(a: float, rule: str) -> int:
+    es = range(-140, 140)
+    if rule == "ocp_floor":  # largest e with 4 * 2^e <= a  (the top binade of E2M1 starts at 4)
+        return max(e for e in es if 4 * 2.0**e <= a)
+    return min(e for e in es if a <= 6 * 2.0**e)  # smallest e with no saturation
+
+
+@pytest.mark.parametrize("rule", ["ocp_floor", "safe_ceil"])
+def test_e8m0_rules_vs_brute_force(rule: str) -> None:
+    k = torch.randint(-60, 60, (40,)).double()
+    special = torch.cat([2.0**k, 6 * 2.0**k, 1.5 * 2.0**k, torch.nextafter(6 * 2.0**k, torch.tensor(1e9).double())])
+    amax = torch.cat([special, torch.rand(200).double() * 10.0 ** torch.randint(-20, 20, (200,))]).float()
+    got = mx_group_exponents(amax, rule)
+    want = [max(-127, min(127, _brute_exp(float(a), rule))) for a in amax]
+    assert got.tolist() == want
+    # clip scales amax before the rule, the offset shifts the result
+    c, o = 0.7, -1
+    want_co = [max(-127, min(127, _brute_exp(float(torch.tensor(float(a), dtype=torch.float32) * c), rule) + o)) for a in amax]
+    assert mx_group_exponents(amax, rule, c, o).tolist() == want_co
+
+
+@pytest.mark.parametrize("rule", ["ocp_floor", "safe_ceil"])
+def test_mx_quantize_vs_brute_force(rule: str) -> None:
+    fmt = make_format("mxfp4", scale_rule=rule)
+    x = torch.randn(16, 128) * torch.exp(torch.randn(16, 1) * 3)
+    q = quantize(x, fmt)
+    e = q.scales.to(torch.int32) - 127
+    assert e.tolist() == [[_brute_exp(float(a), rule) for a in row] for row in x.reshape(16, 4, 32).abs().amax(-1)]
+    mags = torch.tensor(sorted({s * m for m in E2M1_VALUES for s in (1.0, -1.0)}))
+    step = torch.exp2(e.float()).repeat_interleave(32, 1)
+    cand = mags[None, None, :] * step[..., None]
+    best = cand.gather(-1, (x[..., None] - cand).abs().argmin(-1, keepdim=True))[..., 0]
+    assert torch.equal(dequantize(q, fmt), best)
+    assert torch.equal(fake_quantize(fake_quantize(x, fmt), fmt), fake_quantize(x, fmt))  # idempotent
+
+
+@pytest.mark.parametrize("qmax", [7, 8])
+def test_int4_vs_brute_force(qmax: int) -> None:
+    fmt = QuantFormat("int4", 64, int_qmax=qmax)
+    x = torch.randn(8, 256) * torch.exp(torch.randn(8, 1))
+    for clip in (1.0, 0.6):
+        q = quantize(x, fmt, clip_ratio=clip)
+        amax = x.reshape(8, 4, 64).abs().amax(-1)
+        step = (amax * clip / qmax).to(torch.bfloat16).float()
+        assert torch.equal(q.scales.float(), step)
+        # all 16 nibbles, keeping the format's range, nearest value wins
+        ints = torch.tensor([i for i in range(-8, 8) if -qmax <= i <= 7]).float()
+        cand = ints * step.repeat_interleave(64, 1)[..., None]
+        best = cand.gather(-1, (x[..., None] - cand).abs().argmin(-1, keepdim=True))[..., 0]
+        assert torch.equal(dequantize(q, fmt), best)
+
+
+def test_int4_zero_group() -> None:
+    q = quantize(torch.zeros(2, 64), make_format("int4"))
+    assert q.codes.eq(0).all() and q.scales.float().eq(0).all()
+
+
+def test_pack_roundtrip() -> None:
+    codes = torch.randint(0, 16, (5, 3, 64), dtype=torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.shape == (5, 3, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_nibbles(packed), codes)
+    assert int(packed[0, 0, 0]) == int(codes[0, 0, 0]) | (int(codes[0, 0, 1]) << 4)  # element 2i low nibble
+    with pytest.raises(TypeError):
+        pack_nibbles(codes.to(torch.int32))
+    with pytest.raises(ValueError):
+        pack_nibbles(codes[..., :3])
+    with pytest.raises(ValueError):
+        pack_nibbles(codes | 16)
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "int4"])
+def test_errors(name: str) -> None:
+    fmt = make_format(name)
+    x = torch.randn(4, 128)
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[1, 7] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            quantize(y, fmt)
+    with pytest.raises(ValueError, match="divisible"):
+        quantize(torch.randn(4, 2 * fmt.group_size + fmt.group_size // 2), fmt)
+    with pytest.raises(TypeError):
+        quantize(torch.ones(4, 128, dtype=torch.int32), fmt)
+    with pytest.raises(ValueError):
+        quantize(x, fmt, clip_ratio=1.5)
+    if name == "int4":
+        with pytest.raises(ValueError, match="exp_offset"):
+            quantize(x, fmt, exp_offset=1)
+
+
+def test_bf16_input_and_shapes() -> None:
+    fmt = make_format("mxfp4")
+    x = torch.randn(3, 5, 64).bfloat16()
+    q = quantize(x, fmt)
+    assert q.codes.shape == (3, 5, 64) and q.scales.shape == (3, 5, 2) and q.scales.dtype == torch.uint8
+    assert fake_quantize(x, fmt).dtype == torch.bfloat16
+    assert fmt.bits_per_element == 4.25 and math.isclose(make_format("int4").bits_per_element, 4.25)
+    # codes and scales describe the values exactly
+    assert torch.equal(dequantize(Quantized(q.codes, q.scales), fmt), fake_quantize(x.float(), fmt))

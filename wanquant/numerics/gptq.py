@@ -1,0 +1,189 @@
+"""GPTQ (Frantar et al. 2023) for MXFP4 and INT4 weights with group scales.
+
+Columns (input channels) are quantized one at a time; each one's rounding error is
+spread over the not-yet-quantized columns through the upper Cholesky factor ``U`` of
+``H^-1``, so that ``tr(dW H dW^T)`` (the output error on the calibration inputs) stays
+small. Updates are applied lazily per block of columns, as in IST-DASLab's code.
+
+Group scales are "static" once set: a group's scale (E8M0 exponent, or bf16 step) is
+chosen from the *current*, error-updated values of all its columns at the moment the
+first of them is quantized, and every column of the group then uses it.
+
+Act-order (columns processed by decreasing ``diag H``): groups stay contiguous along
+the original K (our storage and kernels have no ``g_idx``); a group's scale is set when
+its first column comes up in the permuted order, from the current values of its
+columns wherever they are (pending lazy updates included). Codes are written back in
+the original column order, so the output is indistinguishable from the plain order's.
+
+Dead columns (``diag H == 0``: the input channel was always zero) get a unit Hessian
+entry; their weights are kept (not zeroed: the channel may be live at inference) and
+are in effect rounded to nearest, their error propagating nowhere.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import torch
+
+from wanquant.numerics.formats import (
+    E8M0_BIAS, QuantFormat, Quantized, check_quantizable, dequantize, e2m1_round, mx_group_exponents, quantize,
+)
+
+
+class GPTQResult(NamedTuple):
+    quantized: Quantized  # codes [N, K] uint8, scales [N, K/g]
+    dequantized: torch.Tensor  # fp32 [N, K], exactly dequantize(quantized)
+    info: dict[str, Any]  # damping, retries, fallback, dead columns, errors
+
+
+def _e2m1_value(v: torch.Tensor) -> torch.Tensor:
+    """E2M1 value nearest to ``v`` (ties to even, saturating): the grid step is 0.5, 1 or 2
+    by binade and torch.round breaks ties to even, which is the even E2M1 code."""
+    a = v.abs()
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    return torch.copysign(torch.clamp(torch.round(a / step) * step, max=6.0), v)
+
+
+def _group_step(cols: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale of a group from its columns ``[N, g]``: (stored scale [N], fp32 step [N])."""
+    amax = cols.abs().amax(1)
+    if fmt.is_mx:
+        e = mx_group_exponents(amax, fmt.scale_rule)
+        return (e + E8M0_BIAS).to(torch.uint8), torch.exp2(e.float())
+    s = (amax / fmt.int_qmax).to(torch.bfloat16)
+    return s, s.float()
+
+
+def _quant_column(w: torch.Tensor, step: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Quantize-dequantize one column with fixed per-row steps, as formats.quantize does."""
+    if fmt.is_mx:
+        return _e2m1_value(w * (1.0 / step)) * step  # powers of two: exact
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    return torch.round(w / safe).clamp(-fmt.int_qmax, min(fmt.int_qmax, 7)) * step
+
+
+def _factor(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor | None, float, int, str]:
+    """Upper Cholesky factor of (H + lam I)^-1, with up to ``retries`` x10 damping increases."""
+    if not torch.isfinite(h).all():
+        return None, 0.0, 0, "Hessian contains NaN or Inf"
+    scale = float(h.diagonal().abs().mean()) or 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    rel = damp
+    for attempt in range(retries + 1):
+        lc, info = torch.linalg.cholesky_ex(h + rel * scale * eye)
+        if int(info) == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lc), upper=True)
+            if int(info) == 0 and torch.isfinite(u).all():
+                return u, rel, attempt, ""
+        rel = max(rel, 1e-6) * 10.0
+    return None, rel / 10.0, retries, f"Cholesky failed with damping up to {rel / 10.0:g} x mean(diag H)"
+
+
+def _gptq_loop(w: torch.Tensor, u: torch.Tensor, perm: list[int], fmt: QuantFormat, block: int):
+    """The core: ``w`` and ``u`` in processing order; returns values, scales, steps, loss."""
+    n, k = w.shape
+    g = fmt.group_size
+    group = [c // g for c in perm]  # original group of each processing position
+    inv = [0] * k
+    for p, c in enumerate(perm):
+        inv[c] = p
+    pos = {G: sorted(inv[G * g:(G + 1) * g]) for G in range(k // g)}  # positions of each group
+    first = {ps[0]: G for G, ps in pos.items()}
+    q = torch.zeros_like(w)
+    scales = torch.zeros(n, k // g, dtype=fmt.scale_dtype, device=w.device)
+    steps = torch.zeros(n, k // g, dtype=torch.float32, device=w.device)
+    loss = torch.zeros(n, dtype=w.dtype, device=w.device)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, u1, err1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2], torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device)
+        for i in range(i2 - i1):
+            if i1 + i in first:  # a group starts: scale from its columns' current values
+                G = first[i1 + i]
+                cur = _current_columns(w, w1, err1, u, pos[G], i1, i2, i)
+                scales[:, G], steps[:, G] = _group_step(cur, fmt)
+            col = w1[:, i]
+            qc = _quant_column(col, steps[:, group[i1 + i]], fmt)
+            err1[:, i] = (col - qc) / u1[i, i]
+            w1[:, i:].addr_(err1[:, i], u1[i, i:], alpha=-1.0)
+            q[:, i1 + i] = qc
+        w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
+        loss += err1.square().sum(1)
+    return q, scales, steps, loss
+
+
+def _current_columns(w, w1, err1, u, ps: list[int], i1: int, i2: int, i: int) -> torch.Tensor:
+    """Current values of the (unquantized) columns at positions ``ps``: in-block ones live in
+    ``w1``; later ones still owe this block's pending update ``-err1[:, :i] @ u[i1:i1+i, p]``."""
+    if ps[0] >= i1 and ps[-1] < i2:  # the common case: the whole group inside this block
+        idx = torch.tensor([p - i1 for p in ps], device=w.device)
+        return w1[:, idx]
+    cols = []
+    for p in ps:
+        if p < i2:
+            cols.append(w1[:, p - i1])
+        else:
+            cols.append(w[:, p] - err1[:, :i] @ u[i1:i1 + i, p] if i else w[:, p])
+    return torch.stack(cols, 1)
+
+
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, block_size: int = 128, damp: float = 0.01,
+    max_damp_retries: int = 5, act_order: bool = False, name: str = "", dtype: torch.dtype = torch.float32,
+) -> GPTQResult:
+    """GPTQ-quantize ``weight [N, K]`` given the input Hessian ``X^T X [K, K]`` (any scale).
+
+    The Hessian is factorised in fp64; the column loop runs in ``dtype`` (fp32; fp64 for
+    reference checks).
+
+    Falls back to round-to-nearest, with a warning and ``info["fallback"] == "rtn"``,
+    when the Hessian has NaN/Inf or cannot be factorised with any allowed damping.
+    """
+    who = f"layer {name!r}: " if name else ""
+    check_quantizable(weight, fmt, f"{who}weight")
+    n, k = weight.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"{who}Hessian has shape {tuple(hessian.shape)}, expected ({k}, {k})")
+    h = hessian.to(weight.device, torch.float64)
+    h = (h + h.T) * 0.5
+    dead = h.diagonal() == 0
+    live_mean = float(h.diagonal()[~dead].mean()) if bool((~dead).any()) else 1.0
+    h[dead, dead] = live_mean if live_mean > 0 else 1.0
+    info: dict[str, Any] = {"dead_columns": int(dead.sum()), "act_order": act_order, "fallback": None}
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k, device=h.device)
+    u, rel, tries, why = _factor(h[perm][:, perm], damp, max_damp_retries)
+    info.update(damp=rel, damp_retries=tries)
+    if u is None:
+        warnings.warn(f"{who}GPTQ impossible ({why}); falling back to round-to-nearest", RuntimeWarning, stacklevel=2)
+        qz = quantize(weight.float(), fmt)
+        deq = dequantize(qz, fmt)
+        info.update(fallback="rtn", reason=why)
+        return GPTQResult(qz, deq, info)
+    perm_l = perm.tolist()
+    w = weight.to(dtype)[:, perm].clone()
+    q, scales, steps, loss = _gptq_loop(w, u.to(dtype), perm_l, fmt, block_size)
+    q = q.float()  # exact: every value is an E2M1 / INT4 code times a power of two / bf16 step
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    codes[:, perm] = _codes(q, steps, perm_l, fmt)
+    deq = torch.empty_like(q)
+    deq[:, perm] = q
+    info["loss"] = float(loss.sum())
+    return GPTQResult(Quantized(codes, scales), deq, info)
+
+
+def _codes(q: torch.Tensor, steps: torch.Tensor, perm: list[int], fmt: QuantFormat) -> torch.Tensor:
+    """Codes of the processing-order values ``q``, each column with its own group's step."""
+    st = steps[:, [c // fmt.group_size for c in perm]]
+    if fmt.is_mx:
+        return e2m1_round(q * (1.0 / st))
+    r = torch.round(q / torch.where(st > 0, st, torch.ones_like(st)))
+    return (r.to(torch.int16) & 0xF).to(torch.uint8)
+
+
+def hessian_weighted_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(dW H dW^T) / tr(W H W^T)``: relative output error on the calibration inputs."""
+    h = hessian.to(w.device, torch.float32)
+    d = (w_q.float() - w.float())
+    den = float(((w.float() @ h) * w.float()).sum())
+    return float(((d @ h) * d).sum()) / den if den > 0 else float("nan")
