@@ -8,6 +8,9 @@ import torch
 from wanquant.config import ClipConfig, GPTQConfig, LowRankConfig, QuantConfig, SmoothConfig
 from wanquant.runtime.generate import GenerationSettings
 
+# Tiny tensors run fastest on one thread, and a loaded 2-core machine punishes more.
+torch.set_num_threads(1)
+
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=64,
             text_layers=1, text_heads=2, text_ff=128, vae_base_dim=16, height=32, width=32, num_frames=5,
             max_sequence_length=32)

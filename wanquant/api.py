@@ -58,9 +58,10 @@ def load_base_pipeline(model: str | Path = TESTBED, device: str | torch.device =
 def load_calibration(source: str | Path, count: int | None = None) -> list[CalibSample]:
     """Calibration samples from a JSONL manifest, or ``testbed`` (its calibration split)."""
     if str(source) == TESTBED:
-        from wanquant.testbed.dataset import calibration_samples
+        from wanquant.testbed.dataset import list_samples
 
-        return calibration_samples(count or 4)
+        return [CalibSample(s.first_frame(), s.prompt, 1000 + i, f"testbed-calib:{i}")
+                for i, s in enumerate(list_samples("calib", count or 4))]
     samples = load_manifest(source)
     return samples[:count] if count else samples
 

@@ -32,7 +32,7 @@ from wanquant.numerics.layer_ptq import quantize_layer
 from wanquant.numerics.params import QuantizedLinearParams
 from wanquant.runtime.generate import GenerationSettings, encode_prompts, run_pipeline
 from wanquant.runtime.linear import W4A4Linear
-from wanquant.runtime.load import bind_expert
+from wanquant.runtime.load import bind_expert, export_rest
 
 log = logging.getLogger(__name__)
 _FIELDS = ("qweight", "wscales", "smooth", "l1", "l2", "bias", "clip_table")
@@ -126,7 +126,7 @@ def _install_expert(e: ExpertSpec, layers: dict[str, QuantizedLinearParams], cfg
         install_layer(e.module, name, layer)
     bins = e.timestep_bins(cfg)
     bind_expert(e.module, bins)
-    rest = {k: v for k, v in e.module.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
+    rest = export_rest(e.module, layers)
     return ExpertArtifact(e.attr, e.role, bins.to_dict(), dict(e.module.config), layers, rest, fingerprint,
                           calibration=seen)
 

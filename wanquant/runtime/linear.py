@@ -82,7 +82,7 @@ class W4A4Linear(nn.Module):
         for name in _BUFFERS:
             value = getattr(params, name)
             if value is not None:
-                setattr(m, name, value.detach().clone())
+                setattr(m, name, value.detach().clone(memory_format=torch.contiguous_format))
         m.report = dict(params.report)
         m.refresh()
         return m

@@ -27,6 +27,34 @@ _ARCH_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_di
               "out_channels", "text_dim", "patch_size", "image_dim")
 
 
+# Non-persistent buffers (rotary tables) are saved too, under this prefix, so a reloaded
+# expert computes exactly what the in-memory one did, whatever dtype the user cast them to.
+BUFFER_PREFIX = "__buffer__."
+
+
+def export_rest(model: nn.Module, layer_names) -> dict[str, torch.Tensor]:
+    """Everything of an expert that is not a quantized layer: parameters and buffers."""
+    names = tuple(n + "." for n in layer_names)
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(names)}
+    persistent = set(rest)
+    for k, v in model.named_buffers():
+        if k not in persistent and not k.startswith(names) and v is not None:
+            rest[BUFFER_PREFIX + k] = v
+    return rest
+
+
+def _restore_buffers(model: nn.Module, rest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    plain = {}
+    for k, v in rest.items():
+        if k.startswith(BUFFER_PREFIX):
+            path, _, attr = k[len(BUFFER_PREFIX):].rpartition(".")
+            owner = model.get_submodule(path) if path else model
+            owner._buffers[attr] = v
+        else:
+            plain[k] = v
+    return plain
+
+
 def quantized_layers(model: nn.Module) -> dict[str, W4A4Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, W4A4Linear)}
 
@@ -60,6 +88,7 @@ def build_quantized_expert(qdir: str | Path, attr: str, manifest: dict, device: 
     for name, params in layers.items():
         layer = W4A4Linear.from_params(params, cfg.wfmt, cfg.afmt)
         install_layer(model, name, layer)
+    rest = _restore_buffers(model, rest)
     expected = {k for k, v in model.state_dict().items()}
     quant_keys = {k for k in expected if any(k.startswith(n + ".") for n in layers)}
     missing = sorted(expected - quant_keys - set(rest))
@@ -67,7 +96,9 @@ def build_quantized_expert(qdir: str | Path, attr: str, manifest: dict, device: 
     if missing or unexpected:
         raise CheckpointError(f"{qdir}/{attr}/rest.safetensors does not match the expert's architecture: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}; re-quantize with this wanquant")
-    model.load_state_dict(rest, strict=False, assign=True)
+    # Fresh allocations: tensors straight from the file are views into one mapping at
+    # arbitrary offsets, and CPU GEMMs round differently on unaligned memory.
+    model.load_state_dict({k: v.clone() for k, v in rest.items()}, strict=False, assign=True)
     model.to(device)
     for layer in quantized_layers(model).values():
         layer.refresh()
