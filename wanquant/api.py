@@ -102,8 +102,10 @@ def inspect(qdir: str | Path, verify: bool = True) -> list[dict]:
             rows.append({
                 "expert": attr, "role": info["role"], "layer": name, "shape": layer["shape"],
                 "format": f"W:{cfg['weight_format']} A:{cfg['act_format']} g{cfg['group_size']}",
-                "rank": layer["rank"], "alpha": rep.get("alpha"), "clip": rep.get("clip_table"),
-                "rel_err": rep.get("rel_err"), "gptq": rep.get("gptq", {}),
+                "rank": layer["rank"], "alpha": rep.get("smooth", {}).get("alpha"), "clip": layer.get("clip_table"),
+                "rel_err": rep.get("final", {}).get("rel_err"),
+                "rel_err_per_bin": rep.get("final", {}).get("rel_err_per_bin"),
+                "gptq_fallback": rep.get("gptq", {}).get("fallback"),
             })
     return rows
 

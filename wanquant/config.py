@@ -57,6 +57,8 @@ class ClipConfig:
     max_tokens: int = 4096
     # False: one clip setting for all bins of a layer (the "global clip" ablation).
     per_bin: bool = True
+    # False: one clip table per layer searched on all experts' tokens and shared by them.
+    per_expert: bool = True
 
 
 @dataclass

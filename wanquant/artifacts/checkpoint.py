@@ -113,7 +113,8 @@ def save_checkpoint(out_dir: str | Path, experts: list[ExpertArtifact], config: 
                 "role": e.role,
                 "timestep_bins": e.bins,
                 "source_fingerprint": e.source_fingerprint,
-                "layers": {n: {"shape": [p.out_features, p.in_features], "rank": p.rank, "report": p.report}
+                "layers": {n: {"shape": [p.out_features, p.in_features], "rank": p.rank,
+                               "clip_table": p.clip_table.tolist(), "report": p.report}
                            for n, p in e.layers.items()},
                 "calibration": e.calibration,
             }

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from wanquant.artifacts.checkpoint import ExpertArtifact, fingerprint_module, save_checkpoint
 from wanquant.calibration.collect import StatsCollector
+from wanquant.calibration.shared_policy import shared_clip_table
 from wanquant.calibration.samples import CalibSample, check_samples, samples_fingerprint
 from wanquant.config import QuantConfig
 from wanquant.model.wan import ExpertSpec, experts_of, install_layer, quant_targets
@@ -104,18 +105,36 @@ def _calibrate_pass(pipe, experts: list[ExpertSpec], targets, samples, cfg: Quan
             run_pipeline(pipe, s.image, s.prompt, run.settings, s.seed, output_type="latent",
                          prompt_embeds=pos, negative_prompt_embeds=neg)
     report = {attr: rec.to_dict() for attr, rec in collector.records.items()}
-    params: dict[str, dict[str, QuantizedLinearParams]] = {}
-    todo = [(e, t) for e in experts for t in targets[e.attr]]
-    for e, t in tqdm(todo, desc="quantizing layers", disable=not run.progress):
-        stats = collector.finalize(e.attr, t.name)
-        if stats.n_tokens == 0:
-            raise RuntimeError(f"{e.attr}.{t.name} saw no calibration tokens: the {e.role} expert never ran; "
-                               "use more inference steps so that every expert runs")
-        w, b = t.fused_weight()
-        num_bins = e.timestep_bins(cfg).num_bins
-        params.setdefault(e.attr, {})[t.name] = quantize_layer(w, b, stats, cfg, num_bins, name=f"{e.attr}.{t.name}")
-        collector.release(e.attr, t.name)
+    params: dict[str, dict[str, QuantizedLinearParams]] = {e.attr: {} for e in experts}
+    shared = not cfg.clip.per_expert and len(experts) > 1
+    names = list(dict.fromkeys(t.name for e in experts for t in targets[e.attr]))
+    for name in tqdm(names, desc="quantizing layers", disable=not run.progress):
+        owners = [(e, t) for e in experts for t in targets[e.attr] if t.name == name]
+        reservoirs = []
+        for e, t in owners:
+            stats = collector.finalize(e.attr, name)
+            if stats.n_tokens == 0:
+                raise RuntimeError(f"{e.attr}.{name} saw no calibration tokens: the {e.role} expert never ran; "
+                                   "use more inference steps so that every expert runs")
+            w, b = t.fused_weight()
+            num_bins = e.timestep_bins(cfg).num_bins
+            params[e.attr][name] = quantize_layer(w, b, stats, cfg, num_bins, name=f"{e.attr}.{name}")
+            reservoirs.append(stats.reservoirs)
+            collector.release(e.attr, name)
+        if shared:
+            _share_clip_table([params[e.attr][name] for e, _ in owners], reservoirs, cfg,
+                              owners[0][0].timestep_bins(cfg).num_bins)
     return params, report
+
+
+def _share_clip_table(layers: list[QuantizedLinearParams], reservoirs: list[dict], cfg: QuantConfig,
+                      num_bins: int) -> None:
+    table, report = shared_clip_table(list(zip(layers, reservoirs)), cfg, num_bins)
+    for p in layers:
+        if p.clip_table.shape[0] != num_bins:
+            raise ValueError("a shared clip policy needs the same number of timestep bins in every expert")
+        p.clip_table = table.to(p.clip_table.device)
+        p.report["clip_shared"] = report
 
 
 def _install_expert(e: ExpertSpec, layers: dict[str, QuantizedLinearParams], cfg: QuantConfig,

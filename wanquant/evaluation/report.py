@@ -42,7 +42,7 @@ def layer_error_plot(manifest: dict, path: Path) -> Path:
     fig, axes = plt.subplots(len(experts), 1, figsize=(10, 2.6 * len(experts)), squeeze=False)
     for ax, (attr, info) in zip(axes[:, 0], experts.items()):
         names = list(info["layers"])
-        errs = [info["layers"][n].get("report", {}).get("rel_err", np.nan) for n in names]
+        errs = [info["layers"][n].get("report", {}).get("final", {}).get("rel_err") or np.nan for n in names]
         ax.bar(range(len(names)), errs, color="tab:blue" if info["role"] != "low" else "tab:orange")
         ax.set_title(f"{attr} ({info['role']}-noise expert): relative output error per layer", fontsize=9)
         ax.set_xticks(range(len(names)))
@@ -60,8 +60,8 @@ def clip_table_plot(manifest: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(experts), figsize=(4.5 * len(experts), 4), squeeze=False)
     for ax, (attr, info) in zip(axes[0], experts.items()):
         names = list(info["layers"])
-        table = np.array([[c for c, _ in info["layers"][n].get("report", {}).get("clip_table", [[1.0, 0]])]
-                          for n in names], dtype=float)
+        table = np.array([[c for c, _ in info["layers"][n].get("clip_table", [[1.0, 0]])] for n in names],
+                         dtype=float)
         im = ax.imshow(table, aspect="auto", cmap="viridis", vmin=0.5, vmax=1.0)
         ax.set_title(f"{attr} ({info['role']}): clip ratio", fontsize=9)
         ax.set_xlabel("timestep bin")
