@@ -1,0 +1,280 @@
+"""CPU tests of the Hopper W4A4 kernels: reference math, and the Triton kernels themselves
+run by Triton's CPU interpreter (``TRITON_INTERPRET=1``) at small sizes.
+
+The GPU versions of these checks (full Wan shapes, cuBLAS) live in test_kernels_gpu.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wanquant.numerics.formats import (
+    MXFP4,
+    QuantFormat,
+    Quantized,
+    dequantize,
+    fake_quantize,
+    pack_nibbles,
+    quantize,
+    unpack_nibbles,
+)
+from wanquant.numerics.params import QuantizedLinearParams
+
+
+# Triton decides when it is imported whether kernels (and its own library functions such as
+# tl.zeros) are compiled or interpreted, so the interpreter tests need TRITON_INTERPRET=1
+# from the start of the process. In a normal test session they run in a child pytest
+# process (test_interpreter_suite); there, INTERPRETING is True and they run directly.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRETING:
+    pytest.importorskip("triton")
+interp = pytest.mark.skipif(not INTERPRETING, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
+
+_MODULES = ("act_quant", "weight_prep", "gemm", "dispatch")
+
+
+@pytest.fixture(scope="module")
+def K():
+    """The kernel modules (act_quant, weight_prep, gemm, dispatch) as attributes."""
+    pytest.importorskip("triton")
+    return type("Kernels", (), {n: importlib.import_module(f"wanquant.kernels.{n}") for n in _MODULES})
+
+
+def test_interpreter_suite():
+    """Run this file's interpreter tests in a child process with TRITON_INTERPRET=1."""
+    if INTERPRETING:
+        pytest.skip("already inside the interpreter run")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve()),
+           "-k", "not test_interpreter_suite"]
+    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+def _activations(m: int, k: int, seed: int) -> torch.Tensor:
+    """bf16 activations with outlier channels, a lossless-only-with-headroom group, a lossy
+    group, a near-zero group and an all-zero row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(k, generator=g))
+    x[:, torch.randint(0, k, (max(1, k // 64),), generator=g)] *= 40.0  # outlier channels
+    if m >= 4 and k >= 128:
+        x[1] = torch.randn(k, generator=g)  # no outliers in row 1, and one group ...
+        x[1, 32:64] *= 2.0**-10  # ... ~10 binades down: exact only thanks to HEADROOM
+        x[2, 64:96] *= 2.0**-17  # more than 14 below: keeps only its part above 2^-9 (lossy)
+        x[3, 0:32] *= 2.0**-40  # far below: all zeros in e4m3
+    if m >= 5:
+        x[4] = 0.0
+    return x.to(torch.bfloat16)
+
+
+def _poisoned_act_out(K, m_pad: int, k: int, width: int):
+    """Output buffers filled with NaN (0x7F is NaN in e4m3fn; 127 is an impossible exponent)."""
+    return K.act_quant.ActQuantOut(
+        torch.full((m_pad, k), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn),
+        torch.full((m_pad,), float("nan")),
+        torch.full((m_pad, width), float("nan"), dtype=torch.bfloat16) if width else None,
+        torch.full((m_pad, k // 32), 127, dtype=torch.int8),
+    )
+
+
+# ---------------------------------------------------------------------------------
+# Reference math (no Triton involved)
+# ---------------------------------------------------------------------------------
+def test_fp8_rows_reproduce_mx_values_exactly(K):
+    """e4m3 value * 2^s == the MXFP4 fake-quantized value for every group within 14
+    binades of the row max; further down, the e4m3 round-to-nearest-even of it."""
+    x = _activations(9, 256, seed=1)
+    inv = 1.0 / (torch.rand(256, generator=torch.Generator().manual_seed(2)) + 0.5)
+    for rule in ("ocp_floor", "safe_ceil"):
+        for clip, off in ((1.0, 0), (0.7, -1), (0.9, 1)):
+            ref = K.act_quant.act_quant_reference(x, inv, None, clip, off, rule, m_pad=9)
+            xs = x.float() * inv
+            fq = fake_quantize(xs, QuantFormat("mxfp4", 32, rule), clip, off).double()
+            s = torch.log2(ref.row_scale.double()).round()
+            got = ref.q.double() * torch.exp2(s)[:, None]
+            e = ref.exps.double()
+            d = (e - s[:, None]).repeat_interleave(32, dim=1)
+            exact = d >= -8
+            assert torch.equal(got[exact], fq[exact])
+            lossy = ~exact
+            assert lossy.any(), "the test data must contain a lossy group"
+            want = (fq * torch.exp2(-s)[:, None]).to(torch.float8_e4m3fn).double() * torch.exp2(s)[:, None]
+            assert torch.equal(got[lossy], want[lossy])
+            # the headroom keeps row 1's low group exact (it would be lossy with HEADROOM=0)
+            assert (d[1, 32:64] < -2).all() and exact[1, 32:64].all(), d[1, 32:64]
+
+
+def test_row_exponent_is_max_group_exponent(K):
+    x = _activations(6, 128, seed=3).float()
+    q = quantize(x, MXFP4, 0.8, 1)
+    e = q.scales.to(torch.int32) - 127
+    s = K.act_quant.row_exponents_from_group_exponents(e)
+    assert torch.equal(s, (e.amax(1) - K.act_quant.HEADROOM).clamp_min(K.act_quant.ROW_EXP_MIN))
+    assert s[4] == K.act_quant.ROW_EXP_MIN  # the all-zero row
+
+
+def test_weight_reference_matches_dequantize(K):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 128, generator=g) * torch.exp(torch.randn(24, 1, generator=g))
+    w[0, :32] *= 2.0**-20  # lossy group
+    q = quantize(w, MXFP4)
+    qw = pack_nibbles(q.codes)
+    s_w = K.weight_prep.weight_row_exponents(q.scales)
+    w8 = K.weight_prep.expand_weight_reference(qw, q.scales, s_w)
+    deq = dequantize(q, MXFP4).double()
+    got = w8.double() * torch.exp2(s_w.double())[:, None]
+    assert torch.equal(got[1:], deq[1:])
+    assert torch.equal(got[0, 32:], deq[0, 32:])
+    assert not torch.equal(got[0, :32], deq[0, :32])
+
+
+def test_fp8_dot_equals_mxfp4_dot(K):
+    """The FP8 GEMM on the repacked operands is the MXFP4 x MXFP4 GEMM (fp64, exact region)."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(7, 256, generator=g) * 3).to(torch.bfloat16)
+    w = torch.randn(12, 256, generator=g)
+    inv = torch.ones(256)
+    a = K.act_quant.act_quant_reference(x, inv, None, 0.9, 0, m_pad=7)
+    q = quantize(w, MXFP4)
+    s_w = K.weight_prep.weight_row_exponents(q.scales)
+    w8 = K.weight_prep.expand_weight_reference(pack_nibbles(q.codes), q.scales, s_w)
+    y = K.gemm.gemm_reference(a.q, a.row_scale, w8, torch.exp2(s_w.float()))
+    want = fake_quantize(x.float(), MXFP4, 0.9, 0).double() @ dequantize(q, MXFP4).double().T
+    assert torch.allclose(y, want, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------
+# Triton kernels in the interpreter
+# ---------------------------------------------------------------------------------
+@interp
+@pytest.mark.parametrize(
+    "m,k,r,rule,clip,off,scale_lr,reverse",
+    [
+        (1, 64, 0, "ocp_floor", 1.0, 0, False, False),
+        (5, 128, 8, "safe_ceil", 0.7, -1, True, True),
+        (33, 160, 32, "ocp_floor", 0.9, 1, False, False),
+        (20, 256, 16, "ocp_floor", 0.6, 0, True, False),
+        (2, 5120, 32, "ocp_floor", 1.0, 0, True, True),
+    ],
+)
+def test_act_kernel_bit_exact(K, m, k, r, rule, clip, off, scale_lr, reverse):
+    x = _activations(m, k, seed=m * 1000 + k)
+    g = torch.Generator().manual_seed(k)
+    inv = 1.0 / (torch.rand(k, generator=g) * 2 + 0.25)
+    l1 = (torch.randn(r, k, generator=g) * 0.05).to(torch.bfloat16) if r else None
+    r_pad = K.act_quant.padded_rank(r)
+    l1t = None
+    if r:
+        l1t = torch.zeros(k, r_pad, dtype=torch.bfloat16)
+        l1t[:, :r] = l1.T
+    m_pad = K.act_quant.pad_rows(m)
+    out = _poisoned_act_out(K, m_pad, k, 2 * r_pad)
+    got = K.act_quant.act_quant(x, inv, l1t, clip, off, rule, scale_lowrank=scale_lr, write_exps=True,
+                                reverse=reverse, block_k=64 if k < 1024 else 512, out=out)
+    ref = K.act_quant.act_quant_reference(x, inv, l1, clip, off, rule, scale_lowrank=scale_lr)
+    assert torch.equal(got.q.view(torch.uint8), ref.q.view(torch.uint8))  # codes and exponents
+    assert torch.equal(got.exps, ref.exps)
+    assert torch.equal(got.row_scale, ref.row_scale)
+    if r:
+        assert not torch.isnan(got.lowrank).any()
+        hi_lo = got.lowrank.double()[:, :r_pad] + got.lowrank.double()[:, r_pad:]
+        want = ref.lowrank.double()[:, :r_pad] + ref.lowrank.double()[:, r_pad:]
+        assert ((hi_lo - want).norm() / want.norm().clamp_min(1e-30)) < 1e-6
+
+
+@interp
+@pytest.mark.parametrize("n,k", [(40, 64), (16, 512), (33, 96), (8, 13824)])
+def test_expand_kernel_bit_exact(K, n, k):
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g) * torch.exp(torch.randn(n, 1, generator=g))
+    w[0, :32] *= 2.0**-20
+    q = quantize(w, MXFP4)
+    for qw in (pack_nibbles(q.codes), torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)):
+        s_w = K.weight_prep.weight_row_exponents(q.scales)
+        out = torch.full((n, k), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        K.weight_prep.expand_weight(qw, q.scales, s_w, out=out)
+        ref = K.weight_prep.expand_weight_reference(qw, q.scales, s_w)
+        assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
+
+
+def _gemm_operands(K, m, n, k, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = _activations(m, k, seed)
+    inv = 1.0 / (torch.rand(k, generator=g) + 0.5)
+    w = torch.randn(n, k, generator=g) * torch.exp(torch.randn(n, 1, generator=g) * 0.5)
+    q = quantize(w, MXFP4)
+    l1 = (torch.randn(r, k, generator=g) * 0.05).to(torch.bfloat16)
+    l2 = (torch.randn(n, r, generator=g) * 0.05).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    params = QuantizedLinearParams(pack_nibbles(q.codes), q.scales, 1.0 / inv, l1, l2, bias,
+                                   torch.tensor([[1.0, 0.0], [0.8, -1.0]]))
+    return x, params
+
+
+@interp
+@pytest.mark.parametrize("tma", [False, True])
+def test_gemm_kernel_vs_fp64(K, tma):
+    m, n, k, r = 37, 48, 128, 8
+    x, p = _gemm_operands(K, m, n, k, r, seed=7)
+    fast = K.dispatch.FastW4A4.prepare(p, "ocp_floor", "cpu", backend="triton")
+    aq = fast.quantize_input(x, 1.0, 0)
+    w8 = fast.expand_weight()
+    cfg = K.gemm.GemmConfig(block_m=32, block_n=16, block_k=64, group_m=2, num_warps=4, num_stages=2, tma=tma)
+    ref = K.gemm.gemm_reference(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias,
+                                lowrank_scaled=True)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2.0**-8)):
+        out = torch.full((aq.q.shape[0], n), float("nan"), dtype=dtype)
+        K.gemm.gemm_triton(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias,
+                           out=out, config=cfg)
+        assert not torch.isnan(out).any()
+        err = (out.double() - ref).abs()
+        assert (err <= tol * ref.abs() + 1e-6 * ref.abs().max()).all()
+
+
+def _layer_reference(x, p, clip, off):
+    """The reference forward of a quantized layer (what W4A4Linear computes), in fp64."""
+    xs = x.float() * (1.0 / p.smooth)
+    xq = fake_quantize(xs, MXFP4, clip, off).double()
+    w = dequantize(Quantized(unpack_nibbles(p.qweight), p.wscales), MXFP4).double()
+    return xq @ w.T + (xs.double() @ p.l1.double().T) @ p.l2.double().T + p.bias.double()
+
+
+@interp
+@pytest.mark.parametrize("m,k", [(1, 64), (21, 256), (3, 5120)])
+def test_fast_layer_matches_reference(K, m, k):
+    x, p = _gemm_operands(K, m, 32, k, 32, seed=m + k)
+    fast = K.dispatch.FastW4A4.prepare(p, "ocp_floor", "cpu", backend="triton",
+                                       gemm_config=K.gemm.GemmConfig(16, 16, 64, 2, 4, 2))
+    for clip, off in p.clip_table.tolist():
+        y = fast(x.view(1, m, k), clip, int(off))
+        assert y.shape == (1, m, 32) and y.dtype == torch.bfloat16
+        want = _layer_reference(x, p, clip, int(off))
+        # bf16 output rounding (plus e4m3 loss in the deliberately lossy group: tiny)
+        rel = (y[0].double() - want).norm() / want.norm()
+        assert rel < 4e-3
+    assert fast.memory_bytes() > p.qweight.numel()
+
+
+def test_fast_path_status_reasons(K):
+    ok, why = K.dispatch.fast_path_status(torch.device("cpu"), "mxfp4", "mxfp4", 32)
+    assert not ok and "CUDA" in why
+    ok, why = K.dispatch.fast_path_status(torch.device("cuda"), "int4", "int4", 64)
+    assert not ok and "int4" in why
+    ok, why = K.dispatch.fast_path_status(torch.device("cuda"), "mxfp4", "mxfp4", 16)
+    assert not ok and "group size" in why
+
+
+def test_prepare_rejects_int4(K):
+    x, p = _gemm_operands(K, 3, 16, 64, 4, seed=1)
+    p.wscales = p.wscales.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="int4"):
+        K.dispatch.FastW4A4.prepare(p, "ocp_floor", "cpu")

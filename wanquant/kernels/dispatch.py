@@ -1,0 +1,190 @@
+"""Entry points the runtime calls: whether the fast path applies, and the prepared layer.
+
+:class:`FastW4A4` is built once per layer at load time. It keeps the weight packed
+(4.25 bits per element) plus small per-row/per-channel vectors; every call runs
+
+1. :func:`~wanquant.kernels.act_quant.act_quant`: one Triton kernel over ``x`` that writes
+   e4m3 rows + row scales + the low-rank down projection;
+2. :func:`~wanquant.kernels.weight_prep.expand_weight`: packed weight -> e4m3 rows in a
+   scratch buffer shared by all layers on the device;
+3. the FP8 GEMM with the low-rank up projection and bias: the fused Triton kernel
+   (:func:`~wanquant.kernels.gemm.gemm_triton`) or cuBLAS ``_scaled_mm`` + ``addmm_``.
+
+The backend defaults to :data:`DEFAULT_BACKEND`; ``WANQUANT_GEMM=triton|cublas``
+overrides it (benchmarks/KERNEL_NOTES.md says which won and by how much).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from wanquant.kernels.act_quant import (
+    GROUP,
+    HAS_TRITON,
+    act_quant,
+    interpreting,
+    pad_rows,
+    padded_rank,
+)
+from wanquant.kernels.gemm import DEFAULT_CONFIG, GemmConfig, gemm_cublas, gemm_triton
+from wanquant.kernels.weight_prep import expand_weight, weight_row_exponents
+
+if TYPE_CHECKING:
+    from wanquant.numerics.params import QuantizedLinearParams
+
+FAST_PATH_NAME = "hopper-fp8: triton act-quant + fused triton FP8 GEMM"
+DEFAULT_BACKEND = "triton"
+BACKENDS = ("triton", "cublas")
+NSPLIT = 2  # low-rank activations as a bf16 hi/lo pair: ~fp32-accurate branch for ~1 % time
+
+
+def _describe(backend: str) -> str:
+    if backend == "cublas":
+        return "hopper-fp8: triton act-quant + cuBLAS FP8 rowwise"
+    return FAST_PATH_NAME
+
+
+def fast_path_status(device: torch.device, weight_format: str, act_format: str, group_size: int) -> tuple[bool, str]:
+    """(True, description) when :class:`FastW4A4` can run this layer here, else (False, why)."""
+    device = torch.device(device)
+    if weight_format == "int4" or act_format == "int4":
+        return False, ("int4 stays on the reference path: arbitrary 16-bit group scales do not fold "
+                       "into per-row FP8 scales (DESIGN.md section 4)")
+    if weight_format != "mxfp4" or act_format != "mxfp4":
+        return False, f"unsupported formats w={weight_format} a={act_format}: the fast path is MXFP4 x MXFP4"
+    if group_size != GROUP:
+        return False, f"group size {group_size}: the fast path needs MX group size {GROUP}"
+    if not HAS_TRITON:
+        return False, "triton missing: install triton for the fast path"
+    if device.type != "cuda":
+        return False, f"no CUDA: device is {device.type}; the fast path needs a GPU with FP8 tensor cores"
+    if not torch.cuda.is_available():
+        return False, "no CUDA: torch.cuda.is_available() is False"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return False, f"sm_{major}{minor} < sm_89: no FP8 tensor cores"
+    return True, _describe(_backend_choice())
+
+
+def _backend_choice() -> str:
+    backend = os.environ.get("WANQUANT_GEMM", DEFAULT_BACKEND)
+    if backend not in BACKENDS:
+        raise ValueError(f"WANQUANT_GEMM={backend!r}; use one of {BACKENDS}")
+    return backend
+
+
+# One e4m3 scratch buffer per device, grown to the largest weight seen: weights are
+# expanded into it right before their GEMM, so only one layer's FP8 copy exists at a time.
+_SCRATCH: dict[str, torch.Tensor] = {}
+
+
+def weight_scratch(device: torch.device, numel: int) -> torch.Tensor:
+    """A float8_e4m3fn buffer of at least ``numel`` elements shared by all layers on ``device``."""
+    key = str(device)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        _SCRATCH.pop(key, None)  # free the old one before allocating the larger one
+        buf = torch.empty(numel, dtype=torch.float8_e4m3fn, device=device)
+        _SCRATCH[key] = buf
+    return buf[:numel]
+
+
+def scratch_bytes() -> int:
+    """Bytes held by the shared weight scratch buffers (all devices)."""
+    return sum(b.numel() for b in _SCRATCH.values())
+
+
+class FastW4A4:
+    """A quantized linear prepared for the Hopper FP8 path; call it like the layer.
+
+    Holds (persistent): packed codes, E8M0 scales, per-row weight exponents and scales,
+    1/smooth, L1^T (padded), [L2|L2] (padded; times 2^-s_w for the Triton GEMM), bias.
+    """
+
+    def __init__(self) -> None:
+        raise TypeError("use FastW4A4.prepare(params, act_scale_rule, device)")
+
+    @classmethod
+    def prepare(cls, params: "QuantizedLinearParams", act_scale_rule: str, device,
+                backend: str | None = None, gemm_config: GemmConfig | None = None) -> "FastW4A4":
+        """Repack ``params`` for ``device`` (done once per layer, at load time)."""
+        device = torch.device(device)
+        if params.wscales.dtype != torch.uint8:
+            raise ValueError("FastW4A4 needs MXFP4 weights (uint8 E8M0 scales); int4 stays on the reference path")
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError("FastW4A4 needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
+        if act_scale_rule not in ("ocp_floor", "safe_ceil"):
+            raise ValueError(f"unknown act scale rule {act_scale_rule!r}")
+        n, k = params.out_features, params.in_features
+        if params.wscales.shape != (n, k // GROUP):
+            raise ValueError(f"wscales shape {tuple(params.wscales.shape)} != {(n, k // GROUP)}: group size must be {GROUP}")
+        self = object.__new__(cls)
+        self.n, self.k, self.rank = n, k, params.rank
+        self.act_scale_rule = act_scale_rule
+        self.backend = backend or _backend_choice()
+        self.gemm_config = gemm_config or DEFAULT_CONFIG
+        self.device = device
+        self.qweight = params.qweight.to(device).contiguous()
+        self.wscales = params.wscales.to(device).contiguous()
+        self.s_w = weight_row_exponents(self.wscales).contiguous()
+        self.w_row_scale = torch.exp2(self.s_w.float()).contiguous()
+        # Multiply by the fp32 reciprocal, exactly as the reference layer does.
+        self.inv_smooth = (1.0 / params.smooth.to(device=device, dtype=torch.float32)).contiguous()
+        self.bias = None if params.bias is None else params.bias.to(device=device, dtype=torch.bfloat16).contiguous()
+        self.l1t, self.l2cat = self._lowrank_operands(params, device)
+        return self
+
+    def _lowrank_operands(self, params: "QuantizedLinearParams", device: torch.device):
+        """L1^T zero-padded to ``[K, R_pad]`` and ``[L2|L2]`` ``[N, NSPLIT*R_pad]`` (bf16)."""
+        if self.rank == 0:
+            return None, None
+        r_pad = padded_rank(self.rank)
+        l1t = torch.zeros(self.k, r_pad, dtype=torch.bfloat16, device=device)
+        l1t[:, : self.rank] = params.l1.to(device=device, dtype=torch.bfloat16).T
+        l2 = torch.zeros(self.n, r_pad, dtype=torch.float32, device=device)
+        l2[:, : self.rank] = params.l2.to(device=device, dtype=torch.bfloat16).float()
+        if self.backend == "triton":  # divided by the row scale: exact (power of two)
+            l2 = l2 * torch.exp2(-self.s_w.float())[:, None]
+        l2cat = torch.cat([l2] * NSPLIT, dim=1).to(torch.bfloat16).contiguous()
+        return l1t, l2cat
+
+    def memory_bytes(self) -> int:
+        """Persistent device bytes this layer holds (the shared scratch is not counted)."""
+        tensors = (self.qweight, self.wscales, self.s_w, self.w_row_scale, self.inv_smooth,
+                   self.bias, self.l1t, self.l2cat)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def quantize_input(self, x2: torch.Tensor, clip_ratio: float, exp_offset: int):
+        """Step 1 alone (benchmarks time it separately)."""
+        return act_quant(x2, self.inv_smooth, self.l1t, clip_ratio, exp_offset, self.act_scale_rule,
+                         nsplit=NSPLIT, scale_lowrank=self.backend == "triton", m_pad=pad_rows(x2.shape[0]))
+
+    def expand_weight(self) -> torch.Tensor:
+        """Step 2 alone: the e4m3 weight in the shared scratch buffer."""
+        buf = weight_scratch(self.device, self.n * self.k).view(self.n, self.k)
+        return expand_weight(self.qweight, self.wscales, self.s_w, out=buf)
+
+    def gemm(self, aq, w8: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Step 3 alone: FP8 GEMM + low-rank + bias into ``out [M_pad, N]`` (bf16)."""
+        if self.backend == "triton":
+            return gemm_triton(aq.q, aq.row_scale, w8, self.w_row_scale, aq.lowrank, self.l2cat, self.bias,
+                               out=out, config=self.gemm_config)
+        return gemm_cublas(aq.q, aq.row_scale, w8, self.w_row_scale, aq.lowrank, self.l2cat, self.bias, out=out)
+
+    def __call__(self, x: torch.Tensor, clip_ratio: float, exp_offset: int) -> torch.Tensor:
+        """``x [..., K]`` (bf16) -> ``y [..., N]`` (bf16)."""
+        if x.shape[-1] != self.k:
+            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.k}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.k)
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        aq = self.quantize_input(x2, clip_ratio, exp_offset)
+        y = self.gemm(aq, self.expand_weight())
+        return y[:m].reshape(*lead, self.n)

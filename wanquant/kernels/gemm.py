@@ -1,0 +1,297 @@
+"""FP8 GEMM with per-token x per-channel scales, the low-rank branch and the bias.
+
+    y[m, n] = 2^(s_a[m] + s_w[n]) * sum_k a8[m, k] w8[n, k] + (lr[m, :] @ l2cat[n, :]) + bias[n]
+
+``a8``/``w8`` are the e4m3 rows from :mod:`wanquant.kernels.act_quant` and
+:mod:`wanquant.kernels.weight_prep`; ``lr`` is the activation kernel's low-rank output
+(hi | lo bf16 pair) and ``l2cat = [L2 | L2]`` so that one bf16 GEMM of width
+``NSPLIT * R`` applies both halves.
+
+Two implementations:
+
+* :func:`gemm_triton`: one Triton kernel. The low-rank term goes into the accumulator
+  *before* the FP8 main loop, already divided by the two row scales (``lr`` arrives
+  times ``2^-s_a``, ``l2cat`` is stored times ``2^-s_w``; powers of two, so exact), and
+  the epilogue multiplies everything by ``2^(s_a + s_w)`` and adds the bias. No second
+  pass over the output. Pointer loads, or TMA descriptors with a persistent grid.
+* :func:`gemm_cublas`: ``torch._scaled_mm`` with rowwise scales (+ bias), then the
+  low-rank term as an in-place bf16 ``addmm_`` (a second pass over the output).
+
+:func:`gemm_reference` is the fp64 ground truth on the same operands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from wanquant.kernels.act_quant import HAS_TRITON, interpreting
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from wanquant.kernels.act_quant import _round_bf16
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch parameters of the Triton FP8 GEMM."""
+
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    tma: bool = False  # TMA descriptors + persistent grid (sm_90+)
+    # None: Hopper's fast FP8 accumulation; an int: promote to fp32 every that many K.
+    imprecise_acc: int | None = None
+
+    def describe(self) -> str:
+        acc = "fast" if self.imprecise_acc is None else f"promote{self.imprecise_acc}"
+        kind = "tma" if self.tma else "ptr"
+        return f"{kind}-{self.block_m}x{self.block_n}x{self.block_k}-w{self.num_warps}-s{self.num_stages}-{acc}"
+
+
+DEFAULT_CONFIG = GemmConfig()
+
+
+def gemm_reference(
+    a8: torch.Tensor,
+    sa: torch.Tensor,
+    w8: torch.Tensor,
+    sw: torch.Tensor,
+    lowrank: torch.Tensor | None = None,
+    l2cat: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    lowrank_scaled: bool = False,
+) -> torch.Tensor:
+    """fp64 result of the GEMM on exactly the operands the kernels receive.
+
+    ``lowrank_scaled``: ``lowrank`` holds ``lr * 2^-s_a`` and ``l2cat`` holds
+    ``l2 * 2^-s_w`` (the Triton layout); they are scaled back here.
+    """
+    y = (a8.double() * sa.double()[:, None]) @ (w8.double() * sw.double()[:, None]).T
+    if lowrank is not None:
+        lr, l2 = lowrank.double(), l2cat.double()
+        if lowrank_scaled:
+            lr, l2 = lr * sa.double()[:, None], l2 * sw.double()[:, None]
+        y = y + lr @ l2.T
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        """Grouped ordering: GROUP_M row tiles share each weight tile while it is in L2."""
+        in_group = GROUP_M * num_pid_n
+        first_m = (tile_id // in_group) * GROUP_M
+        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile_id % in_group) % size_m
+        pid_n = (tile_id % in_group) // size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _lowrank_init(lr_ptr, l2_ptr, rm, rn, RC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      INTERPRET: tl.constexpr):
+        """The low-rank term (already divided by the row scales) as the starting accumulator."""
+        rk = tl.arange(0, RC)
+        lr = tl.load(lr_ptr + rm.to(tl.int64)[:, None] * RC + rk[None, :])  # [BM, RC] bf16
+        l2t = tl.load(l2_ptr + rn.to(tl.int64)[None, :] * RC + rk[:, None])  # [RC, BN] bf16
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if INTERPRET:  # the CPU interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+            return tl.dot(lr.to(tl.float32), l2t.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(lr, l2t, acc)
+
+    @triton.jit
+    def _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, rn, M, N, stride_cm,
+                  HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+        """acc * 2^(s_a + s_w) (+ bias), stored with masks (every in-range element written)."""
+        sa = tl.load(sa_ptr + rm)
+        sb = tl.load(sb_ptr + rn)
+        out = acc * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        if INTERPRET:  # the interpreter truncates fp32 -> bf16; round to nearest even first
+            if c_ptr.dtype.element_ty == tl.bfloat16:
+                out = _round_bf16(out)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fp8_gemm_kernel(
+        a_ptr, b_ptr, sa_ptr, sb_ptr, lr_ptr, l2_ptr, bias_ptr, c_ptr,
+        M, N, K, stride_cm,
+        RC: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+        IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BM)
+        num_pid_n = tl.cdiv(N, BN)
+        pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        # Out-of-range rows/columns read row 0 (always valid); their results are masked off.
+        rm = tl.where(offs_m < M, offs_m, 0)
+        rn = tl.where(offs_n < N, offs_n, 0)
+        if HAS_LR:
+            acc = _lowrank_init(lr_ptr, l2_ptr, rm, rn, RC, BM, BN, INTERPRET)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        offs_k = tl.arange(0, BK)
+        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * K + offs_k[None, :]
+        b_ptrs = b_ptr + rn.to(tl.int64)[None, :] * K + offs_k[:, None]
+        for _ in range(0, K // BK):
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=IMPRECISE_ACC)
+            a_ptrs += BK
+            b_ptrs += BK
+        _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, rn, M, N, stride_cm,
+                  HAS_BIAS, INTERPRET)
+
+    @triton.jit
+    def _fp8_gemm_tma_kernel(
+        a_desc, b_desc, sa_ptr, sb_ptr, lr_ptr, l2_ptr, bias_ptr, c_ptr,
+        M, N, K, stride_cm,
+        RC: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+        IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    ):
+        num_pid_m = tl.cdiv(M, BM)
+        num_pid_n = tl.cdiv(N, BN)
+        num_tiles = num_pid_m * num_pid_n
+        for tile_id in range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+            pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+            offs_m = pid_m * BM + tl.arange(0, BM)
+            offs_n = pid_n * BN + tl.arange(0, BN)
+            rm = tl.where(offs_m < M, offs_m, 0)
+            rn = tl.where(offs_n < N, offs_n, 0)
+            if HAS_LR:
+                acc = _lowrank_init(lr_ptr, l2_ptr, rm, rn, RC, BM, BN, INTERPRET)
+            else:
+                acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for kb in range(0, K // BK):
+                a = a_desc.load([pid_m * BM, kb * BK])  # out-of-range rows arrive as zeros
+                b = b_desc.load([pid_n * BN, kb * BK])
+                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=IMPRECISE_ACC)
+            _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, rn, M, N, stride_cm,
+                      HAS_BIAS, INTERPRET)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few programs so the persistent loop runs several tiles
+
+
+def gemm_triton(
+    a8: torch.Tensor,
+    sa: torch.Tensor,
+    w8: torch.Tensor,
+    sw: torch.Tensor,
+    lowrank: torch.Tensor | None,
+    l2cat_scaled: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    config: GemmConfig = DEFAULT_CONFIG,
+) -> torch.Tensor:
+    """Fused FP8 GEMM + low-rank + bias (see the module docstring). Returns ``out [M, N]``.
+
+    ``lowrank`` must hold ``lr * 2^-s_a`` and ``l2cat_scaled`` ``[L2|L2] * 2^-s_w``.
+    ``out`` may be bf16 (the layer's output) or fp32 (tests: error before bf16 rounding).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    m, k = a8.shape
+    n = w8.shape[0]
+    if w8.shape[1] != k:
+        raise ValueError(f"K mismatch: a8 {tuple(a8.shape)}, w8 {tuple(w8.shape)}")
+    cfg = config
+    bk = cfg.block_k
+    while k % bk:
+        bk //= 2
+    if bk < 16:
+        raise ValueError(f"K={k} must be a multiple of 16")
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=a8.device)
+    has_lr = lowrank is not None and lowrank.shape[1] > 0
+    rc = lowrank.shape[1] if has_lr else 16
+    if has_lr and (rc & (rc - 1) or rc < 16):
+        raise ValueError(f"low-rank width {rc} must be a power of two >= 16 (see act_quant.padded_rank)")
+    dummy = sa
+    common = dict(
+        RC=rc, HAS_LR=has_lr, HAS_BIAS=bias is not None, BM=cfg.block_m, BN=cfg.block_n, BK=bk,
+        GROUP_M=cfg.group_m, IMPRECISE_ACC=cfg.imprecise_acc, INTERPRET=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    args = (sa, sw, lowrank if has_lr else dummy, l2cat_scaled if has_lr else dummy,
+            bias if bias is not None else dummy, out, m, n, k, out.stride(0))
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    if cfg.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor.from_tensor(a8, [cfg.block_m, bk])
+        b_desc = TensorDescriptor.from_tensor(w8, [cfg.block_n, bk])
+        programs = min(tiles, _num_sms(a8.device))
+        _fp8_gemm_tma_kernel[(programs,)](a_desc, b_desc, *args, NUM_PROGRAMS=programs, **common)
+    else:
+        _fp8_gemm_kernel[(tiles,)](a8, w8, *args, **common)
+    return out
+
+
+def scaled_mm_supports_bias(device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` takes a bias together with rowwise scales here."""
+    key = str(device)
+    if key not in _BIAS_OK:
+        a = torch.ones(16, 32, device=device).to(torch.float8_e4m3fn)
+        w = torch.ones(16, 32, device=device).to(torch.float8_e4m3fn)
+        s1, s2 = torch.ones(16, 1, device=device), torch.ones(1, 16, device=device)
+        bias = torch.ones(16, dtype=torch.bfloat16, device=device)
+        try:
+            y = torch._scaled_mm(a, w.t(), s1, s2, bias=bias, out_dtype=torch.bfloat16)
+            _BIAS_OK[key] = bool((y.float() == 33.0).all())
+        except (RuntimeError, TypeError):
+            _BIAS_OK[key] = False
+    return _BIAS_OK[key]
+
+
+_BIAS_OK: dict[str, bool] = {}
+
+
+def gemm_cublas(
+    a8: torch.Tensor,
+    sa: torch.Tensor,
+    w8: torch.Tensor,
+    sw: torch.Tensor,
+    lowrank: torch.Tensor | None,
+    l2cat: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    fast_accum: bool = True,
+) -> torch.Tensor:
+    """cuBLAS FP8 rowwise GEMM (+ bias), then ``out += lowrank @ l2cat^T`` in bf16.
+
+    ``lowrank``/``l2cat`` are unscaled here (``scale_lowrank=False`` in the activation
+    kernel). Output bf16 ``[M, N]``; rounded to bf16 twice (after each GEMM).
+    """
+    m, n = a8.shape[0], w8.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=a8.device)
+    fused_bias = bias is not None and scaled_mm_supports_bias(a8.device)
+    torch._scaled_mm(
+        a8, w8.t(), sa.view(-1, 1), sw.view(1, -1), bias=bias if fused_bias else None,
+        out_dtype=torch.bfloat16, use_fast_accum=fast_accum, out=out,
+    )
+    if bias is not None and not fused_bias:
+        out.add_(bias)
+    if lowrank is not None and lowrank.shape[1] > 0:
+        out.addmm_(lowrank, l2cat.t())
+    return out
