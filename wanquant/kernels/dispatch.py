@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 FAST_PATH_NAME = "hopper-fp8: triton act-quant + fused triton FP8 GEMM"
 DEFAULT_BACKEND = "triton"
 BACKENDS = ("triton", "cublas")
+ACT_LAUNCH = (16, 512, 8, False)  # block_m, block_k, num_warps, reverse
 NSPLIT = 2  # low-rank activations as a bf16 hi/lo pair: ~fp32-accurate branch for ~1 % time
 
 
@@ -126,6 +127,8 @@ class FastW4A4:
         self.act_scale_rule = act_scale_rule
         self.backend = backend or _backend_choice()
         self.gemm_config = gemm_config or DEFAULT_CONFIG
+        # activation-kernel launch parameters (benchmarks/KERNEL_NOTES.md: how they were chosen)
+        self.act_block_m, self.act_block_k, self.act_warps, self.act_reverse = ACT_LAUNCH
         self.device = device
         self.qweight = params.qweight.to(device).contiguous()
         self.wscales = params.wscales.to(device).contiguous()
@@ -160,7 +163,9 @@ class FastW4A4:
     def quantize_input(self, x2: torch.Tensor, clip_ratio: float, exp_offset: int):
         """Step 1 alone (benchmarks time it separately)."""
         return act_quant(x2, self.inv_smooth, self.l1t, clip_ratio, exp_offset, self.act_scale_rule,
-                         nsplit=NSPLIT, scale_lowrank=self.backend == "triton", m_pad=pad_rows(x2.shape[0]))
+                         nsplit=NSPLIT, scale_lowrank=self.backend == "triton", m_pad=pad_rows(x2.shape[0]),
+                         block_m=self.act_block_m, block_k=self.act_block_k, num_warps=self.act_warps,
+                         reverse=self.act_reverse)
 
     def expand_weight(self) -> torch.Tensor:
         """Step 2 alone: the e4m3 weight in the shared scratch buffer."""

@@ -1,0 +1,159 @@
+"""GPU tests of the Hopper W4A4 kernels at Wan shapes (skipped without CUDA).
+
+Every kernel output is poisoned (NaN) first and compared with its reference:
+bit-exact e4m3 values, exponents and row scales; GEMMs against fp64 on the same operands;
+the whole layer against the fp64 reference forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("triton")
+
+from wanquant.kernels import act_quant as A  # noqa: E402
+from wanquant.kernels import dispatch as D  # noqa: E402
+from wanquant.kernels import gemm as G  # noqa: E402
+from wanquant.kernels import weight_prep as W  # noqa: E402
+from wanquant.numerics.formats import (  # noqa: E402
+    MXFP4,
+    Quantized,
+    dequantize,
+    fake_quantize,
+    pack_nibbles,
+    quantize,
+    unpack_nibbles,
+)
+from wanquant.numerics.params import QuantizedLinearParams  # noqa: E402
+
+CUDA = torch.device("cuda")
+FP8_OK = torch.cuda.get_device_capability() >= (8, 9)
+needs_fp8 = pytest.mark.skipif(not FP8_OK, reason="needs FP8 tensor cores (sm_89+)")
+
+
+def _x(m: int, k: int, seed: int) -> torch.Tensor:
+    """bf16 activations (CPU) with outlier channels, a deep group (lossy) and a zero row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(k, generator=g) * 0.7)
+    x[:, torch.randint(0, k, (k // 64,), generator=g)] *= 30.0
+    if m > 3:
+        x[1, 64:96] *= 2.0**-18
+        x[2] = 0.0
+    return x.to(torch.bfloat16)
+
+
+def _params(n: int, k: int, r: int, seed: int) -> QuantizedLinearParams:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.exp(torch.randn(n, 1, generator=g) * 0.5) * 0.02
+    q = quantize(w, MXFP4)
+    return QuantizedLinearParams(
+        pack_nibbles(q.codes), q.scales, torch.rand(k, generator=g) * 1.5 + 0.5,
+        (torch.randn(r, k, generator=g) * 0.02).to(torch.bfloat16),
+        (torch.randn(n, r, generator=g) * 0.02).to(torch.bfloat16),
+        (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16),
+        torch.tensor([[1.0, 0.0], [0.7, -1.0], [0.9, 1.0]]),
+    )
+
+
+@pytest.mark.parametrize("m", [1, 77, 1000])
+@pytest.mark.parametrize("k", [5120, 13824])
+@pytest.mark.parametrize("rule,clip,off,reverse,bm", [("ocp_floor", 1.0, 0, False, 16), ("safe_ceil", 0.7, -1, True, 32)])
+def test_act_kernel_bit_exact(m, k, rule, clip, off, reverse, bm):
+    x = _x(m, k, seed=m + k)
+    inv = 1.0 / (torch.rand(k, generator=torch.Generator().manual_seed(k)) * 1.5 + 0.5)
+    r = 32
+    l1 = (torch.randn(r, k, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
+    l1t = l1.T.contiguous().to(CUDA)
+    m_pad = A.pad_rows(m)
+    for scale_lr in (False, True):
+        out = A.ActQuantOut(
+            torch.full((m_pad, k), 0x7F, dtype=torch.uint8, device=CUDA).view(torch.float8_e4m3fn),
+            torch.full((m_pad,), float("nan"), device=CUDA),
+            torch.full((m_pad, 2 * r), float("nan"), dtype=torch.bfloat16, device=CUDA),
+            torch.full((m_pad, k // 32), 127, dtype=torch.int8, device=CUDA),
+        )
+        got = A.act_quant(x.to(CUDA), inv.to(CUDA), l1t, clip, off, rule, scale_lowrank=scale_lr,
+                          write_exps=True, reverse=reverse, block_m=bm, out=out)
+        torch.cuda.synchronize()
+        ref = A.act_quant_reference(x, inv, l1, clip, off, rule, scale_lowrank=scale_lr)
+        assert torch.equal(got.q.view(torch.uint8).cpu(), ref.q.view(torch.uint8))
+        assert torch.equal(got.exps.cpu(), ref.exps)
+        assert torch.equal(got.row_scale.cpu(), ref.row_scale)
+        lr = got.lowrank.double().cpu()
+        want = ref.lowrank.double()
+        assert not torch.isnan(lr).any()
+        rel = ((lr[:, :r] + lr[:, r:]) - (want[:, :r] + want[:, r:])).norm() / want[:, :r].norm().clamp_min(1e-30)
+        assert rel < 1e-6
+
+
+@pytest.mark.parametrize("n,k", [(512, 13824), (15360, 5120)])
+def test_expand_kernel_bit_exact(n, k):
+    p = _params(n, k, 1, seed=n)
+    s_w = W.weight_row_exponents(p.wscales)
+    out = torch.full((n, k), 0x7F, dtype=torch.uint8, device=CUDA).view(torch.float8_e4m3fn)
+    W.expand_weight(p.qweight.to(CUDA), p.wscales.to(CUDA), s_w.to(CUDA), out=out)
+    ref = W.expand_weight_reference(p.qweight, p.wscales, s_w)
+    assert torch.equal(out.view(torch.uint8).cpu(), ref.view(torch.uint8))
+
+
+def _layer_ref64(x: torch.Tensor, p: QuantizedLinearParams, clip: float, off: int) -> torch.Tensor:
+    """The reference forward (fp32 quantization math on CPU, fp64 products)."""
+    xs = x.float() * (1.0 / p.smooth)
+    xq = fake_quantize(xs, MXFP4, clip, off).double()
+    w = dequantize(Quantized(unpack_nibbles(p.qweight), p.wscales), MXFP4).double()
+    return xq @ w.T + (xs.double() @ p.l1.double().T) @ p.l2.double().T + p.bias.double()
+
+
+GEMM_CONFIGS = [
+    G.GemmConfig(),
+    G.GemmConfig(tma=True),
+    G.GemmConfig(block_n=128, num_stages=4, imprecise_acc=128),
+]
+
+
+@needs_fp8
+@pytest.mark.parametrize("cfg", GEMM_CONFIGS, ids=lambda c: c.describe())
+@pytest.mark.parametrize("m,k,n", [(77, 5120, 15360), (1000, 13824, 5120), (1, 5120, 5120)])
+def test_triton_gemm_vs_fp64(cfg, m, k, n):
+    p = _params(n, k, 32, seed=k)
+    fast = D.FastW4A4.prepare(p, "ocp_floor", CUDA, backend="triton", gemm_config=cfg)
+    aq = fast.quantize_input(_x(m, k, seed=3).to(CUDA), 0.9, 0)
+    w8 = fast.expand_weight()
+    ref = G.gemm_reference(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias,
+                           lowrank_scaled=True)
+    out32 = torch.full((aq.q.shape[0], n), float("nan"), device=CUDA)
+    G.gemm_triton(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias, out=out32, config=cfg)
+    out16 = torch.full((aq.q.shape[0], n), float("nan"), dtype=torch.bfloat16, device=CUDA)
+    fast.gemm(aq, w8, out=out16)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out32).any() and not torch.isnan(out16).any()
+    rel32 = ((out32.double() - ref).norm() / ref.norm()).item()
+    # fp32 accumulation: ~1e-7; Hopper's fast FP8 accumulation keeps ~14 bits per MMA chunk
+    assert rel32 < (1e-6 if cfg.imprecise_acc else 2e-4), rel32
+    err16 = (out16.double() - ref).abs()
+    assert (err16 <= 2.0**-8 * ref.abs() + 4 * rel32 * ref.abs().max()).all()
+
+
+@needs_fp8
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+@pytest.mark.parametrize("m,k,n", [(1, 5120, 15360), (77, 13824, 5120), (1000, 5120, 13824)])
+def test_fast_layer_vs_reference(backend, m, k, n):
+    p = _params(n, k, 32, seed=m + n)
+    fast = D.FastW4A4.prepare(p, "ocp_floor", CUDA, backend=backend)
+    x = _x(m, k, seed=m)
+    for clip, off in p.clip_table.tolist():
+        y = fast(x.to(CUDA).view(1, m, k), clip, int(off))
+        torch.cuda.synchronize()
+        assert y.shape == (1, m, n) and y.dtype == torch.bfloat16 and not torch.isnan(y).any()
+        want = _layer_ref64(x, p, clip, int(off))
+        rel = ((y[0].double().cpu() - want).norm() / want.norm()).item()
+        assert rel < 4e-3, rel  # bf16 output rounding dominates (~1.5e-3)
+    assert fast.memory_bytes() < n * k  # less than even an FP8 copy of the weight
+
+
+def test_fast_path_status_on_this_gpu():
+    ok, why = D.fast_path_status(CUDA, "mxfp4", "mxfp4", 32)
+    assert ok == FP8_OK, why
