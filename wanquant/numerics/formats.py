@@ -135,15 +135,25 @@ def mx_group_exponents(
     return e.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
 
 
+def _e2m1_round_values(mag: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 magnitude of non-negative fp32 ``mag``, ties to even, saturating at 6.
+
+    E2M1 magnitudes are evenly spaced within each binade: steps of 0.5 below 2, 1 in
+    [2, 4), 2 from 4. Rounding ``mag / step`` half-to-even (``torch.round``) lands on the
+    even code at every tie, because within a binade even codes are even multiples of the
+    step; ties on a binade edge (1.75, 3.5) round up into the next binade's even code.
+    """
+    step = torch.where(mag < 2.0, 0.5, torch.where(mag < 4.0, 1.0, 2.0))
+    return (torch.round(mag / step) * step).clamp(max=E2M1_MAX)
+
+
 def e2m1_round(v: torch.Tensor) -> torch.Tensor:
     """Round fp32 values to E2M1 codes (uint8), nearest with ties to even, saturating at 6."""
-    mag = v.abs()
-    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=torch.float32, device=v.device)
-    idx = torch.bucketize(mag, mids, right=False)  # number of midpoints strictly below
-    on_mid = (idx < len(_E2M1_MIDPOINTS)) & (mag == mids[idx.clamp(max=len(_E2M1_MIDPOINTS) - 1)])
-    idx = idx + (on_mid & (idx % 2 == 1)).to(idx.dtype)
-    sign = (v < 0) & (idx > 0)  # -0 encodes as +0
-    return (idx + sign.to(idx.dtype) * 8).to(torch.uint8)
+    q = _e2m1_round_values(v.abs().to(torch.float32))
+    # value -> code: 0..1.5 -> 0..3, 2..3 -> 4..5, 4 -> 6, 6 -> 7
+    idx = torch.where(q < 2.0, q * 2.0, torch.where(q < 4.0, q + 2.0, q * 0.5 + 4.0)).to(torch.uint8)
+    sign = ((v < 0) & (idx > 0)).to(torch.uint8)  # -0 encodes as +0
+    return idx + sign * 8
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
@@ -201,8 +211,22 @@ def dequantize(q: Quantized, fmt: QuantFormat, dtype: torch.dtype = torch.float3
 def fake_quantize(
     x: torch.Tensor, fmt: QuantFormat, clip_ratio: float = 1.0, exp_offset: int = 0
 ) -> torch.Tensor:
-    """Quantize-dequantize ``x``; returns a tensor of ``x``'s dtype and shape."""
-    return dequantize(quantize(x, fmt, clip_ratio, exp_offset), fmt, dtype=x.dtype)
+    """Quantize-dequantize ``x``; returns a tensor of ``x``'s dtype and shape.
+
+    Equal to ``dequantize(quantize(x))``; the MX case skips the codes (it sits in the
+    inner loop of every search).
+    """
+    if not fmt.is_mx:
+        return dequantize(quantize(x, fmt, clip_ratio, exp_offset), fmt, dtype=x.dtype)
+    check_quantizable(x, fmt)
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    xg = _grouped(x.to(torch.float32), fmt.group_size)
+    e = mx_group_exponents(xg.abs().amax(dim=-1), fmt.scale_rule, clip_ratio, exp_offset)
+    e = e.to(torch.float32).unsqueeze(-1)
+    mag = _e2m1_round_values(torch.ldexp(xg.abs(), -e))
+    out = torch.ldexp(torch.copysign(mag, xg), e)
+    return out.reshape(x.shape).to(x.dtype)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
