@@ -1,0 +1,345 @@
+"""Quality of W4A4 on the trained testbed: the paper's ablation, ours, and the acceptance bars.
+
+    python benchmarks/testbed_quality.py --out runs/quality [--num-calib 8 --num-eval 8 --steps 40]
+
+Calibrates every config of :mod:`wanquant.evaluation.ablation` on the testbed's
+calibration split, generates the evaluation split with fixed seeds (the same for every
+config), and measures fidelity to the 16-bit output (PSNR, SSIM, VMAF), accuracy against
+the ground truth (PSNR, object-trajectory error) and the offline VBench-style dimensions.
+Writes ``benchmarks/results/testbed_quality.{json,md}``, plots
+``benchmarks/results/testbed_quality_*.png`` and an HTML report with the videos side by
+side in ``OUT/report.html``. Per-config results are cached in ``OUT``: a rerun resumes,
+and ``--configs`` lets several processes share the work (run the rest with
+``--report-only`` afterwards, or simply rerun everything: cached configs are reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks._meta import RESULTS_DIR, run_metadata, write_results  # noqa: E402
+from wanquant.calibration.samples import CalibSample  # noqa: E402
+from wanquant.evaluation import ablation as A  # noqa: E402
+from wanquant.evaluation import layer_errors as LE  # noqa: E402
+from wanquant.evaluation import metrics as M  # noqa: E402
+from wanquant.evaluation import vbench_style as VB  # noqa: E402
+from wanquant.evaluation.report import clip_table_plot, write_report  # noqa: E402
+from wanquant.runtime.generate import GenerationSettings, write_video  # noqa: E402
+
+log = logging.getLogger("testbed_quality")
+NAME = "testbed_quality"
+
+
+def testbed_factory(device: str = "cpu"):
+    """(make_pipeline, trained?): the committed trained testbed, else an untrained one."""
+    from wanquant.testbed.build import build_testbed_pipeline, load_testbed_pipeline
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        load_testbed_pipeline(device=device, dtype=dtype)
+        trained = True
+    except FileNotFoundError as e:
+        warnings.warn(f"{e} Measuring an UNTRAINED testbed.", stacklevel=2)
+        trained = False
+
+    def make():
+        if trained:
+            return load_testbed_pipeline(device=device, dtype=dtype)
+        return build_testbed_pipeline(seed=0).to(device, dtype)
+
+    return make, trained
+
+
+def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: int = 40, guidance: float = 4.0,
+                configs: list[str] | None = None, device: str = "cpu", vmaf: bool = True, brisque: bool = True,
+                overwrite: bool = False, results_dir: str | Path | None = RESULTS_DIR, command: str | None = None,
+                make_pipeline=None, trained: bool | None = None, generation: GenerationSettings | None = None,
+                reservoir_tokens: int = 4096, layer_errors: bool = True, write_videos: bool = True) -> dict:
+    """Run (or resume) the ablation and write results; returns the JSON payload.
+
+    ``make_pipeline`` and ``generation`` (whose size the samples are rendered at) override
+    the testbed's (tests pass a tiny pipeline); ``results_dir=None`` writes no result files.
+    """
+    from wanquant.testbed.build import TestbedConfig
+    from wanquant.testbed.dataset import list_samples
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if make_pipeline is None:
+        make_pipeline, trained = testbed_factory(device)
+    tb = TestbedConfig()
+    gen = generation or GenerationSettings(height=tb.height, width=tb.width, num_frames=tb.num_frames,
+                                           num_inference_steps=steps, guidance_scale=guidance,
+                                           max_sequence_length=tb.max_sequence_length)
+    frames, height, width, steps, guidance = (gen.num_frames, gen.height, gen.width, gen.num_inference_steps,
+                                              gen.guidance_scale)
+    render = dict(num_frames=frames, height=height, width=width)
+    calib = [CalibSample(s.first_frame(), s.prompt, 1000 + i, f"testbed-calib:{i}")
+             for i, s in enumerate(list_samples("calib", num_calib, **render))]
+    evals = list_samples("eval", num_eval, **render)
+    settings = A.AblationSettings(gen, configs=list(configs or A.ABLATION_ORDER), reservoir_tokens=reservoir_tokens,
+                                  vmaf=vmaf, brisque=brisque, layer_errors=layer_errors, device=device)
+    t0 = time.perf_counter()
+    res = A.run_ablation(make_pipeline, calib, evals, settings, out, overwrite=overwrite)
+    rows = res["rows"]
+    ordered = [rows[c] for c in A.ABLATION_ORDER if c in rows]
+    meta = run_metadata(command)
+    payload = {
+        **meta,
+        "model": "trained testbed" if trained else "UNTRAINED testbed (trained weights not found)",
+        "baseline": "bf16 row = the unquantized model; on CPU it runs in fp32 (bf16 matmuls are slow there)"
+        if device == "cpu" else "bf16",
+        "settings": {"calibration_samples": num_calib, "eval_samples": num_eval, "steps": steps,
+                     "guidance_scale": guidance, "frames": frames, "size": [height, width],
+                     "eval_seeds": list(range(settings.eval_seed, settings.eval_seed + num_eval)),
+                     "calibration_seeds": [s.seed for s in calib], "reservoir_tokens": reservoir_tokens,
+                     "device": device},
+        "metric_notes": {
+            "fidelity": "PSNR (all frames, RGB, peak 255), SSIM (luma, 11x11 Gaussian sigma 1.5, valid windows), "
+                        "VMAF v0.6.1 (libvmaf of the imageio-ffmpeg ffmpeg, both videos bicubic-scaled to 256x256); "
+                        "means over eval videos",
+            "vmaf": M.vmaf_status().reason if M.vmaf_status().available else None,
+            "vmaf_unavailable_reason": None if M.vmaf_status().available else M.vmaf_status().reason,
+            "ground_truth": "gt_psnr and trajectory_err (px, object centroid by colour vs true centre; "
+                            "frame 0 skipped) from wanquant.testbed.dataset",
+            "vbench_style": "see wanquant/evaluation/vbench_style.py; average = mean of "
+                            + ", ".join(VB.DIMENSIONS) + "; imaging_quality_brisque reported, not averaged",
+            "layer_errors": "sum|y_q - y_ref|^2 / sum|y_ref|^2 per (expert, bin, layer) with the 16-bit layer "
+                            "fed the quantized model's own inputs during the eval generations",
+        },
+        "rows": [_public_row(r) for r in ordered],
+        "extra_rows": [_public_row(r) for r in res["extra_rows"].values()],
+        "acceptance": A.acceptance(rows),
+        "components": A.component_verdicts(rows),
+        "components_gt_psnr": A.component_verdicts(rows, "gt_psnr"),
+        "layer_error_summary": {r["config"]: r.get("layer_error_summary") for r in ordered if r.get("layer_error_summary")},
+        "seconds": {r["config"]: r.get("seconds") for r in ordered},
+        "wall_seconds_this_call": time.perf_counter() - t0,
+    }
+    figures = _plots(rows, out)
+    if write_videos:
+        _report(out, payload, rows, evals, figures)
+    if results_dir is not None:
+        results_dir = Path(results_dir)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        for f in figures:
+            shutil.copyfile(out / f, results_dir / f"{NAME}_{f}")
+        write_results(NAME, payload, markdown(payload), results_dir)
+    return payload
+
+
+def _public_row(r: dict) -> dict:
+    """The result row without bulky fields (per-layer rows stay in OUT/configs)."""
+    keep = {k: v for k, v in r.items() if k not in ("layer_errors", "quant_config", "per_sample")}
+    if "per_sample" in r:
+        keep["per_sample"] = [{**p, "vbench_style": {k: v for k, v in p["vbench_style"].items()
+                                                      if k != "imaging_quality_brisque"}} for p in r["per_sample"]]
+    return keep
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _f(v, fmt: str = ".2f") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return format(v, fmt)
+
+
+def markdown(p: dict) -> str:
+    s = p["settings"]
+    lines = [
+        f"Model: {p['model']}. {p['baseline']}.",
+        f"Calibration: {s['calibration_samples']} samples of the calib split; evaluation: {s['eval_samples']} samples "
+        f"of the eval split, seeds {s['eval_seeds'][0]}..{s['eval_seeds'][-1]} (the same for every config), "
+        f"{s['steps']} steps, guidance {s['guidance_scale']}, {s['frames']} frames at {s['size'][0]}x{s['size'][1]}.",
+        "",
+        "| config | switches | PSNR vs bf16 (dB) | SSIM vs bf16 | VMAF vs bf16 | GT PSNR (dB) | trajectory err (px) "
+        "| subject | background | flicker | smoothness | dynamic | VBench-style avg | BRISQUE (raw, not averaged) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    cfgs = A.ablation_configs()
+    for r in p["rows"] + p["extra_rows"]:
+        vb = r.get("vbench_style") or {}
+        bq = (vb.get("imaging_quality_brisque") or {}).get("raw")
+        sw = A.short_switches(cfgs.get(r["config"])) if r["config"] in cfgs else ", ".join(
+            f"{k} {v}" for k, v in r["switches"].items() if k != "quantized")
+        lines.append(
+            f"| {r['config']} | {sw} | {_f(r.get('psnr_vs_bf16'))} | {_f(r.get('ssim_vs_bf16'), '.4f')} | "
+            f"{_f(r.get('vmaf_vs_bf16'), '.1f')} | {_f(r.get('gt_psnr'))} | {_f(r.get('trajectory_err'))} | "
+            f"{_f(vb.get('subject_consistency'), '.4f')} | {_f(vb.get('background_consistency'), '.4f')} | "
+            f"{_f(vb.get('temporal_flickering'), '.4f')} | {_f(vb.get('motion_smoothness'), '.4f')} | "
+            f"{_f(vb.get('dynamic_degree'), '.3f')} | {_f(r.get('vbench_style_avg'), '.4f')} | {_f(bq, '.1f')} |")
+    acc = p.get("acceptance") or {}
+    if acc:
+        lines += ["", "Acceptance bars (ours vs bf16):", ""]
+        d = acc["vbench_style_drop_pct"]
+        lines.append(f"- VBench-style average drop: {d['value']:.3f} % (bar <= 0.5 %): {'met' if d['met'] else 'NOT met'}")
+        for m in ("gt_psnr_loss", "trajectory_err_loss"):
+            if m in acc:
+                a = acc[m]
+                unit = "dB" if m.startswith("gt_psnr") else "px"
+                lines.append(f"- {m.replace('_loss', '')} loss: ours {a['ours']:+.3f} {unit}, rtn {a['rtn']:+.3f} {unit} "
+                             f"(bar: ours <= 0.25 x rtn): {'met' if a['met'] else 'NOT met'}")
+    if p.get("components"):
+        lines += ["", "Components (PSNR vs bf16, higher is better; wins = eval videos where the row beats the one "
+                      "before it):", "", "| component | before | after | delta (dB) | wins | delta SSIM | "
+                      "delta GT PSNR (dB) | delta traj err (px) |", "|---|---|---|---|---|---|---|---|"]
+        for c in p["components"]:
+            lines.append(f"| {c['component']} | {c['before']:.2f} | {c['after']:.2f} | {c['delta']:+.2f} | {c['wins']} "
+                         f"| {c['delta_ssim']:+.4f} | {c['delta_gt_psnr']:+.2f} | {c['delta_traj_err']:+.2f} |")
+    lines += ["", "Metric definitions: " + "; ".join(f"{k}: {v}" for k, v in p["metric_notes"].items() if v)]
+    return "\n".join(lines)
+
+
+def _plots(rows: dict[str, dict], out: Path) -> list[str]:
+    names = [c for c in A.ABLATION_ORDER if c in rows]
+    figs = []
+    q = [c for c in names if c != A.BASELINE]
+    if q:
+        fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+        for ax, (key, label) in zip(axes, (("psnr_vs_bf16", "PSNR vs bf16 (dB)"), ("ssim_vs_bf16", "SSIM vs bf16"),
+                                           ("vmaf_vs_bf16", "VMAF vs bf16"), ("gt_psnr", "GT PSNR (dB)"))):
+            cs = names if key == "gt_psnr" else q
+            vals = [rows[c].get(key) if rows[c].get(key) is not None else np.nan for c in cs]
+            ax.bar(range(len(cs)), vals, color=["tab:gray" if c == "bf16" else "tab:blue" if c != "ours"
+                                                 else "tab:red" for c in cs])
+            finite = [v for v in vals if np.isfinite(v)]
+            if finite:
+                lo, hi = min(finite), max(finite)
+                ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+            ax.set_xticks(range(len(cs)))
+            ax.set_xticklabels(cs, rotation=45, ha="right", fontsize=7)
+            ax.set_title(label, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "fidelity.png", dpi=110)
+        plt.close(fig)
+        figs.append("fidelity.png")
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    dims = [*VB.DIMENSIONS, "average"]
+    width = 0.8 / max(len(names), 1)
+    for i, c in enumerate(names):
+        ax.bar(np.arange(len(dims)) + i * width, [rows[c]["vbench_style"][d] for d in dims], width, label=c)
+    ax.set_xticks(np.arange(len(dims)) + 0.4 - width / 2)
+    ax.set_xticklabels(dims, fontsize=8)
+    all_vals = [rows[c]["vbench_style"][d] for c in names for d in dims]
+    ax.set_ylim(max(0.0, min(all_vals) - 0.05), min(1.0, max(all_vals) + 0.02))
+    ax.legend(fontsize=7, ncol=5)
+    ax.set_title("VBench-style dimensions (higher is better)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "vbench_style.png", dpi=110)
+    plt.close(fig)
+    figs.append("vbench_style.png")
+    per_config = {c: rows[c]["layer_errors"] for c in q if rows[c].get("layer_errors")}
+    if per_config:
+        LE.plot_config_comparison({c: [r for r in rs if r["layer"] != LE.EXPERT_OUTPUT] for c, rs in per_config.items()},
+                                  out / "layer_errors.png")
+        figs.append("layer_errors.png")
+        _expert_bins_plot(per_config, out / "expert_output_bins.png")
+        figs.append("expert_output_bins.png")
+        last = "ours" if "ours" in per_config else list(per_config)[-1]
+        LE.plot_layer_bin_heatmap(per_config[last], out / f"layer_bin_heatmap_{last}.png",
+                                  f"{last}: relative output error per layer and timestep bin")
+        figs.append(f"layer_bin_heatmap_{last}.png")
+    for c in ("per_bin_clip", "shared_policy", "ours"):
+        manifest = out / "checkpoints" / c / "manifest.json"
+        if manifest.exists():
+            clip_table_plot(json.loads(manifest.read_text()), out / f"clip_tables_{c}.png")
+            figs.append(f"clip_tables_{c}.png")
+    return figs
+
+
+def _expert_bins_plot(per_config: dict[str, list[dict]], path: Path) -> None:
+    experts = list(dict.fromkeys(r["expert"] for rs in per_config.values() for r in rs))
+    fig, axes = plt.subplots(1, len(experts), figsize=(5 * len(experts), 3.4), squeeze=False)
+    for ax, attr in zip(axes[0], experts):
+        for c, rs in per_config.items():
+            sel = sorted((r["bin"], r["rel_err"]) for r in rs if r["expert"] == attr and r["layer"] == LE.EXPERT_OUTPUT)
+            if sel:
+                ax.plot([b for b, _ in sel], [e for _, e in sel], marker="o", label=c)
+        ax.set_yscale("log")
+        ax.set_xlabel("timestep bin (0 = the expert's noisiest steps)")
+        ax.set_ylabel("rel. error of the expert output")
+        ax.set_title(attr, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _report(out: Path, payload: dict, rows: dict[str, dict], evals, figures: list[str]) -> None:
+    vids = out / "videos"
+    names = [c for c in A.ABLATION_ORDER if c in rows]
+    frames = {c: A._load_frames(out / "frames" / f"{c}.npz") for c in names}
+    samples = []
+    for i, s in enumerate(evals):
+        videos = {"ground truth": f"videos/eval{i}_gt.mp4"}
+        write_video(s.frames, out / videos["ground truth"])
+        for c in names:
+            rel = f"videos/eval{i}_{c}.mp4"
+            write_video(frames[c][i], out / rel)
+            videos[c] = rel
+        metrics = {}
+        for c in names:
+            ps = rows[c]["per_sample"][i]
+            if c != A.BASELINE:
+                metrics[f"{c} PSNR vs bf16"] = ps["psnr_vs_bf16"]
+        metrics["bf16 GT PSNR"] = rows[A.BASELINE]["per_sample"][i]["gt_psnr"]
+        samples.append({"name": f"eval{i}", "prompt": s.prompt, "metrics": metrics, "videos": videos})
+    summary = {"model": payload["model"], "baseline": payload["baseline"], **payload["settings"]}
+    for r in payload["rows"]:
+        summary[f"{r['config']}: PSNR/SSIM/VMAF vs bf16, GT PSNR, traj, VBench avg"] = (
+            f"{_f(r.get('psnr_vs_bf16'))} / {_f(r.get('ssim_vs_bf16'), '.4f')} / {_f(r.get('vmaf_vs_bf16'), '.1f')}, "
+            f"{_f(r['gt_psnr'])}, {_f(r['trajectory_err'])}, {_f(r['vbench_style_avg'], '.4f')}")
+    write_report(out, "wanquant: testbed quality ablation", summary, samples, figures)
+    del vids
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs/quality"))
+    p.add_argument("--num-calib", type=int, default=8)
+    p.add_argument("--num-eval", type=int, default=8)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(A.ABLATION_ORDER)}")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-vmaf", action="store_true")
+    p.add_argument("--no-brisque", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="recompute cached configs")
+    p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results files")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny tensors: 1 is fastest)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    payload = run_quality(args.out, args.num_calib, args.num_eval, args.steps, args.guidance, args.configs,
+                          args.device, not args.no_vmaf, not args.no_brisque,
+                          args.overwrite, None if args.no_results else RESULTS_DIR)
+    print(markdown(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

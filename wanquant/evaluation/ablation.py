@@ -1,0 +1,348 @@
+"""The paper's ablation on a testbed pipeline: one component at a time, then ours.
+
+Every configuration is built from a preset with ``dataclasses.replace``, so each row of
+the ladder differs from the one before it in exactly one switch, and the paper's full
+method is :func:`~wanquant.config.paper_preset` itself:
+
+=============  ===========================================================================
+``bf16``       the unquantized model (the CPU runs it in fp32: bf16 matmuls are slow there)
+``rtn``        W4A4 round-to-nearest: smoothing off, rank 0, GPTQ off, clip search off
+``smooth``     + SVDQuant smoothing with the paper's fixed alpha 0.5
+``svdquant``   + the 16-bit low-rank branch, rank 16 (the paper's code; see below)
+``gptq``       + GPTQ on the low-rank residual
+``global_clip``+ activation clip search, one setting per layer for all bins
+``per_bin_clip`` the paper: clip settings per expert, per timestep bin (= ``paper_preset()``)
+``shared_policy`` the paper with one clip table per layer shared by both experts
+``ours``       ``wanquant_preset()``: searched alpha, rank 32 (as SVDQuant), per-bin clip
+=============  ===========================================================================
+
+Rank: the ladder uses the paper's rank 16 so that ``per_bin_clip`` is exactly the
+paper's preset. On the testbed (width 256) a rank-r branch is relatively ~20x larger
+than on Wan2.2 (width 5120): rank 16 there adds ~47 % to a 256 x 256 layer's 4.25-bit
+weight bits, rank 32 ~94 %. The low-rank rows therefore overstate what the branch buys
+at full scale; ``ours`` (rank 32) also pays twice the branch of ``per_bin_clip``.
+
+All configs are calibrated on the same calibration samples and evaluated on the same
+evaluation samples with the same seeds. Per config, the videos' metrics are written to
+``OUT/configs/NAME.json`` and the frames to ``OUT/frames/NAME.npz``, so an interrupted
+run resumes, and several processes may each run some configs into one ``OUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from wanquant.calibration.run import CalibrationRun, quantize_pipeline
+from wanquant.calibration.samples import CalibSample
+from wanquant.config import QuantConfig, paper_preset, wanquant_preset
+from wanquant.evaluation import metrics as M
+from wanquant.evaluation import vbench_style as VB
+from wanquant.evaluation.layer_errors import LayerErrorRecorder, summarize
+from wanquant.runtime.generate import GenerationSettings, run_pipeline
+from wanquant.runtime.load import load_quantized
+
+log = logging.getLogger(__name__)
+
+ABLATION_ORDER: tuple[str, ...] = ("bf16", "rtn", "smooth", "svdquant", "gptq", "global_clip", "per_bin_clip",
+                                   "shared_policy", "ours")
+# Each component row and the row it adds to (for "does the component help").
+LADDER: tuple[tuple[str, str], ...] = (("smooth", "rtn"), ("svdquant", "smooth"), ("gptq", "svdquant"),
+                                       ("global_clip", "gptq"), ("per_bin_clip", "global_clip"),
+                                       ("per_bin_clip", "shared_policy"))
+BASELINE = "bf16"
+
+
+def ablation_configs() -> dict[str, QuantConfig | None]:
+    """Name -> QuantConfig (None: the unquantized model), in :data:`ABLATION_ORDER`."""
+    paper = paper_preset()
+    rtn = replace(paper,
+                  smooth=replace(paper.smooth, enabled=False),
+                  lowrank=replace(paper.lowrank, rank=0),
+                  gptq=replace(paper.gptq, enabled=False),
+                  clip=replace(paper.clip, enabled=False))
+    smooth = replace(rtn, smooth=paper.smooth)  # alpha 0.5, as the paper's code
+    svdquant = replace(smooth, lowrank=paper.lowrank)  # rank 16, as the paper's code
+    gptq = replace(svdquant, gptq=paper.gptq)
+    global_clip = replace(gptq, clip=replace(paper.clip, per_bin=False))
+    per_bin_clip = replace(gptq, clip=paper.clip)  # == paper_preset()
+    shared_policy = replace(per_bin_clip, clip=replace(paper.clip, per_expert=False))
+    ours = wanquant_preset()
+    return {"bf16": None, "rtn": rtn, "smooth": smooth, "svdquant": svdquant, "gptq": gptq,
+            "global_clip": global_clip, "per_bin_clip": per_bin_clip, "shared_policy": shared_policy, "ours": ours}
+
+
+def switches(cfg: QuantConfig | None) -> dict:
+    """The ablation's switches of a config, as a small readable dict."""
+    if cfg is None:
+        return {"quantized": False}
+    s = cfg.smooth
+    return {
+        "quantized": True,
+        "format": f"W:{cfg.weight_format} A:{cfg.act_format} g{cfg.group_size}",
+        "smooth": (f"alpha {s.alpha_grid[0]}" if len(s.alpha_grid) == 1 else f"alpha searched {s.alpha_grid}")
+        if s.enabled else "off",
+        "rank": cfg.lowrank.rank,
+        "gptq": cfg.gptq.enabled,
+        "clip": ("per-bin" if cfg.clip.per_bin else "global") if cfg.clip.enabled else "off",
+        "clip_per_expert": cfg.clip.per_expert,
+    }
+
+
+def short_switches(cfg: QuantConfig | None) -> str:
+    sw = switches(cfg)
+    if not sw["quantized"]:
+        return "16-bit"
+    clip = sw["clip"] if sw["clip"] == "off" else f"{sw['clip']}{'' if sw['clip_per_expert'] else ', shared'}"
+    return f"smooth {sw['smooth']}; rank {sw['rank']}; GPTQ {'on' if sw['gptq'] else 'off'}; clip {clip}"
+
+
+@dataclass
+class AblationSettings:
+    """What the ablation runs (the method lives in the configs)."""
+
+    generation: GenerationSettings
+    configs: list[str] = field(default_factory=lambda: list(ABLATION_ORDER))
+    reservoir_tokens: int = 4096
+    eval_seed: int = 0  # video i uses seed eval_seed + i, for every config
+    vmaf: bool = True
+    brisque: bool = True
+    shuffled_prompts: bool = True  # an extra bf16 row with deranged prompts
+    layer_errors: bool = True
+    device: str = "cpu"
+
+    def key(self) -> dict:
+        """What the per-config results depend on (a cached result with another key is redone)."""
+        return {"generation": self.generation.to_dict(), "reservoir_tokens": self.reservoir_tokens,
+                "eval_seed": self.eval_seed, "vmaf": self.vmaf, "brisque": self.brisque}
+
+
+# ------------------------------------------------------------------------------ run
+
+
+def evaluate_videos(videos: list[np.ndarray], evals, reference: list[np.ndarray] | None, vmaf: bool = True,
+                    brisque: bool = True) -> dict:
+    """Per-video and mean metrics of ``videos`` (uint8) against ``reference`` and ground truth."""
+    per = []
+    for i, (v, s) in enumerate(zip(videos, evals)):
+        row = {"index": i, "prompt": s.prompt, **M.ground_truth_accuracy(v, s)}
+        if reference is not None:
+            fid = M.fidelity(v, reference[i], with_vmaf=vmaf)
+            row.update({"psnr_vs_bf16": fid["psnr"], "ssim_vs_bf16": fid["ssim"], "vmaf_vs_bf16": fid["vmaf"]})
+        row["vbench_style"] = VB.vbench_style(v, s, with_brisque=brisque)
+        per.append(row)
+    mean = {k: M.mean_finite([r.get(k) for r in per]) for k in
+            ("psnr_vs_bf16", "ssim_vs_bf16", "vmaf_vs_bf16", "gt_psnr", "trajectory_err", "missing_frac")}
+    vb = VB.mean_dims([r["vbench_style"] for r in per])
+    return {**mean, "vbench_style": vb, "vbench_style_avg": vb["average"], "per_sample": per}
+
+
+def _generate(pipe, evals, settings: GenerationSettings, seed0: int, prompts=None) -> list[np.ndarray]:
+    prompts = prompts or [s.prompt for s in evals]
+    return [M.as_uint8(run_pipeline(pipe, s.first_frame(), p, settings, seed=seed0 + i))
+            for i, (s, p) in enumerate(zip(evals, prompts))]
+
+
+def _save_frames(path: Path, videos: list[np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, videos=np.stack(videos))
+    os.replace(tmp, path)
+
+
+def _load_frames(path: Path) -> list[np.ndarray]:
+    with np.load(path) as f:
+        return list(f["videos"])
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
+    os.replace(tmp, path)
+
+
+def _jsonable(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
+
+
+def _cached(path: Path, key: dict) -> dict | None:
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data if data.get("key") == json.loads(json.dumps(key)) else None
+
+
+def run_config(name: str, cfg: QuantConfig | None, make_pipeline: Callable[[], object], calib: list[CalibSample],
+               evals, settings: AblationSettings, out: Path, reference: list[np.ndarray] | None,
+               base_pipe=None) -> tuple[dict, list[np.ndarray]]:
+    """Quantize (unless ``cfg`` is None), generate the evaluation videos, measure them."""
+    gen = settings.generation
+    seconds: dict[str, float] = {}
+    extra: dict = {}
+    if cfg is None:
+        pipe = base_pipe if base_pipe is not None else make_pipeline()
+        t0 = time.perf_counter()
+        videos = _generate(pipe, evals, gen, settings.eval_seed)
+        seconds["generate"] = time.perf_counter() - t0
+    else:
+        qdir = out / "checkpoints" / name
+        pipe = make_pipeline()
+        t0 = time.perf_counter()
+        quantize_pipeline(pipe, calib, cfg, CalibrationRun(gen, reservoir_tokens=settings.reservoir_tokens,
+                                                           progress=False), qdir, overwrite=True, restart=True)
+        seconds["calibrate_quantize"] = time.perf_counter() - t0
+        del pipe
+        qpipe = make_pipeline()
+        qpipe.register_modules(transformer=None, transformer_2=None)
+        load_quantized(qpipe, qdir, device=settings.device)
+        ref = base_pipe if base_pipe is not None else make_pipeline()
+        t0 = time.perf_counter()
+        if settings.layer_errors:
+            with LayerErrorRecorder(qpipe, ref) as rec:
+                videos = _generate(qpipe, evals, gen, settings.eval_seed)
+            extra["layer_errors"] = rec.rows()
+            extra["layer_error_summary"] = summarize(extra["layer_errors"])
+        else:
+            videos = _generate(qpipe, evals, gen, settings.eval_seed)
+        seconds["generate"] = time.perf_counter() - t0
+        manifest = json.loads((qdir / "manifest.json").read_text())
+        errs = [lay.get("report", {}).get("final", {}).get("rel_err") for info in manifest["experts"].values()
+                for lay in info["layers"].values()]
+        errs = [e for e in errs if e is not None]
+        extra["calibration_mean_layer_rel_err"] = float(np.mean(errs)) if errs else None
+    t0 = time.perf_counter()
+    res = evaluate_videos(videos, evals, reference, vmaf=settings.vmaf, brisque=settings.brisque)
+    seconds["metrics"] = time.perf_counter() - t0
+    row = {"config": name, "switches": switches(cfg), "quant_config": cfg.to_dict() if cfg is not None else None,
+           **res, **extra, "seconds": seconds}
+    return row, videos
+
+
+def run_ablation(make_pipeline: Callable[[], object], calib: list[CalibSample], evals, settings: AblationSettings,
+                 out: str | Path, overwrite: bool = False, configs: dict[str, QuantConfig | None] | None = None) -> dict:
+    """Run (or resume) every config of ``settings.configs``; returns {name: row} plus extra rows.
+
+    ``make_pipeline()`` must return a fresh 16-bit pipeline each call (quantization
+    replaces a pipeline's experts in place).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = configs if configs is not None else ablation_configs()
+    unknown = [c for c in settings.configs if c not in table]
+    if unknown:
+        raise ValueError(f"unknown ablation configs {unknown}; known: {list(table)}")
+    key = settings.key()
+    key["calib"] = [s.source for s in calib]
+    key["eval"] = [s.prompt for s in evals]
+    results: dict[str, dict] = {}
+    base_pipe = make_pipeline()
+    ref_path = out / "frames" / f"{BASELINE}.npz"
+    reference = None
+    order = [BASELINE] + [c for c in settings.configs if c != BASELINE]
+    for name in order:
+        cfg = table[name] if name != BASELINE else None
+        path, fpath = out / "configs" / f"{name}.json", out / "frames" / f"{name}.npz"
+        ckey = {**key, "config": cfg.to_dict() if cfg is not None else None}
+        cached = None if overwrite else _cached(path, ckey)
+        if cached is not None and fpath.exists():
+            log.info("%s: using the cached result in %s", name, path)
+            results[name] = cached["row"]
+            if name == BASELINE:
+                reference = _load_frames(fpath)
+            continue
+        if name != BASELINE and reference is None:
+            reference = _load_frames(ref_path)
+        log.info("%s: %s", name, short_switches(cfg))
+        t0 = time.perf_counter()
+        row, videos = run_config(name, cfg, make_pipeline, calib, evals, settings, out, reference, base_pipe)
+        row["seconds"]["total"] = time.perf_counter() - t0
+        _save_frames(fpath, videos)
+        _write_json(path, {"key": ckey, "row": row})
+        results[name] = row
+        if name == BASELINE:
+            reference = videos
+        log.info("%s done in %.0f s: psnr vs bf16 %s, gt psnr %.2f, vbench avg %.4f", name, row["seconds"]["total"],
+                 row.get("psnr_vs_bf16"), row["gt_psnr"], row["vbench_style_avg"])
+    extras = {}
+    if settings.shuffled_prompts and len(evals) > 1:
+        path, fpath = out / "configs" / "bf16_shuffled_prompts.json", out / "frames" / "bf16_shuffled_prompts.npz"
+        cached = None if overwrite else _cached(path, key)
+        if cached is not None:
+            extras["bf16_shuffled_prompts"] = cached["row"]
+        else:
+            prompts = [evals[(i + 1) % len(evals)].prompt for i in range(len(evals))]  # a derangement
+            videos = _generate(base_pipe, evals, settings.generation, settings.eval_seed, prompts)
+            res = evaluate_videos(videos, evals, reference, vmaf=settings.vmaf, brisque=settings.brisque)
+            row = {"config": "bf16_shuffled_prompts", "switches": {"quantized": False, "prompts": "shuffled"}, **res}
+            _save_frames(fpath, videos)
+            _write_json(path, {"key": key, "row": row})
+            extras["bf16_shuffled_prompts"] = row
+    still = [np.repeat(s.frames[:1], s.num_frames, axis=0) for s in evals]
+    res = evaluate_videos(still, evals, None, vmaf=False, brisque=False)
+    extras["first_frame_held"] = {"config": "first_frame_held", "switches": {"quantized": False, "video": "frame 0 held"},
+                                  **{k: res[k] for k in ("gt_psnr", "trajectory_err", "missing_frac")}}
+    return {"rows": results, "extra_rows": extras}
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def acceptance(rows: dict[str, dict], ours: str = "ours", rtn: str = "rtn", base: str = BASELINE) -> dict:
+    """The issue's bars, measured: VBench-style drop of ``ours`` and its ground-truth loss vs RTN's."""
+    b, o, r = rows.get(base), rows.get(ours), rows.get(rtn)
+    if b is None or o is None:
+        return {}
+    out: dict = {}
+    drop = (b["vbench_style_avg"] - o["vbench_style_avg"]) / b["vbench_style_avg"] * 100.0
+    out["vbench_style_drop_pct"] = {"value": drop, "bar": 0.5, "met": drop <= 0.5}
+    per_dim = {k: (b["vbench_style"][k] - o["vbench_style"][k]) / b["vbench_style"][k] * 100.0
+               for k in VB.DIMENSIONS if b["vbench_style"][k]}
+    out["vbench_style_drop_pct_per_dim"] = per_dim
+    if r is not None:
+        for metric, sign in (("gt_psnr", 1.0), ("trajectory_err", -1.0)):
+            loss_o = sign * (b[metric] - o[metric])  # positive = worse than bf16
+            loss_r = sign * (b[metric] - r[metric])
+            met = loss_o <= 0.25 * loss_r if loss_r > 0 else loss_o <= 0
+            out[f"{metric}_loss"] = {"ours": loss_o, "rtn": loss_r, "ratio": (loss_o / loss_r) if loss_r else None,
+                                     "bar": "ours <= 0.25 x rtn", "met": bool(met)}
+    return out
+
+
+def component_verdicts(rows: dict[str, dict], metric: str = "psnr_vs_bf16") -> list[dict]:
+    """For each component: the change of ``metric`` (higher better) and paired per-video wins."""
+    out = []
+    for new, old in LADDER:
+        if new not in rows or old not in rows:
+            continue
+        a, b = rows[new], rows[old]
+        pa = [p[metric] for p in a["per_sample"]]
+        pb = [p[metric] for p in b["per_sample"]]
+        wins = sum(x > y for x, y in zip(pa, pb))
+        out.append({"component": f"{new} vs {old}", "metric": metric, "before": b[metric], "after": a[metric],
+                    "delta": a[metric] - b[metric], "wins": f"{wins}/{len(pa)}", "helps": a[metric] > b[metric],
+                    "delta_ssim": a["ssim_vs_bf16"] - b["ssim_vs_bf16"],
+                    "delta_gt_psnr": a["gt_psnr"] - b["gt_psnr"],
+                    "delta_traj_err": a["trajectory_err"] - b["trajectory_err"]})
+    return out
+
+
+def clean_checkpoints(out: Path) -> None:
+    """Remove the per-config checkpoints (they are large next to the results)."""
+    shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
+
+
+__all__ = ["ABLATION_ORDER", "LADDER", "AblationSettings", "ablation_configs", "switches", "short_switches",
+           "run_ablation", "run_config", "evaluate_videos", "acceptance", "component_verdicts"]
