@@ -53,20 +53,20 @@ def test_missing_directory_and_manifest(tmp_path, copy):
 
 
 def test_missing_file(copy):
-    (copy / "transformer_2" / "quantized.safetensors").unlink()
+    (copy / "transformer_2" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing from the checkpoint"):
         _load(copy)
 
 
 def test_truncated_safetensors(copy):
-    f = copy / "transformer" / "quantized.safetensors"
+    f = copy / "transformer" / "diffusion_pytorch_model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or altered"):
         _load(copy)
 
 
 def test_altered_safetensors_same_size(copy):
-    f = copy / "transformer" / "rest.safetensors"
+    f = copy / "transformer" / "diffusion_pytorch_model.safetensors"
     data = bytearray(f.read_bytes())
     data[-10] ^= 0xFF
     f.write_bytes(bytes(data))
@@ -134,7 +134,7 @@ def test_cli_errors_exit_nonzero_with_message(tmp_path, copy):
                         "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and "empty" in r.stderr
     assert not (tmp_path / "out").exists()
-    f = copy / "transformer" / "quantized.safetensors"
+    f = copy / "transformer" / "diffusion_pytorch_model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     r = subprocess.run([sys.executable, "-m", "wanquant.cli", "inspect", str(copy)], capture_output=True, text=True)
     assert r.returncode == 2 and "truncated" in r.stderr

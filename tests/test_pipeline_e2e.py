@@ -141,8 +141,8 @@ def test_resume_skips_finished_passes(tmp_path, tiny_samples, monkeypatch):
     quantize_pipeline(build_tiny_pipeline(), tiny_samples, fast_config(), settings, out)
     assert calls["n"] == 11  # only the second pass ran again
     a, b = read_manifest(full), read_manifest(out)
-    assert {k: v["sha256"] for k, v in a["files"].items() if "quantized" in k} == \
-           {k: v["sha256"] for k, v in b["files"].items() if "quantized" in k}
+    assert {k: v["sha256"] for k, v in a["files"].items() if "safetensors" in k} == \
+           {k: v["sha256"] for k, v in b["files"].items() if "safetensors" in k}
     assert not (tmp_path / "resumed.partial").exists()
 
 
@@ -157,3 +157,20 @@ def test_shared_policy_gives_both_experts_one_clip_table(tmp_path, tiny_samples)
         other = m["experts"]["transformer_2"]["layers"][name]
         assert layer["clip_table"] == other["clip_table"]
         assert "clip_shared" in layer["report"]
+
+
+def test_diffusers_from_pretrained_loads_the_quantized_experts(quantized):
+    """The diffusers way: each expert directory loads with WanTransformer3DModel.from_pretrained."""
+    import wanquant.runtime.diffusers_quant  # noqa: F401  (registers quant_method "wanquant")
+    from diffusers import WanTransformer3DModel
+
+    pipe, qdir = quantized
+    ev = _eval_sample()
+    expected = run_pipeline(pipe, ev.first_frame(), ev.prompt, TINY_SETTINGS, seed=0)
+    experts = {a: WanTransformer3DModel.from_pretrained(str(qdir / a), torch_dtype=torch.float32)
+               for a in ("transformer", "transformer_2")}
+    fresh = build_tiny_pipeline()
+    fresh.register_modules(**experts)
+    assert isinstance(fresh.transformer.blocks[0].attn1.to_qkv, W4A4Linear)
+    assert fresh.transformer.blocks[0].attn1.to_qkv.smooth.dtype == torch.float32  # not cast
+    np.testing.assert_array_equal(run_pipeline(fresh, ev.first_frame(), ev.prompt, TINY_SETTINGS, seed=0), expected)

@@ -4,12 +4,15 @@ Layout (DESIGN.md section 6)::
 
     out/
       manifest.json                      format, versions, config, experts, checksums
-      <expert>/config.json               the diffusers config of the expert
-      <expert>/quantized.safetensors     per layer: qweight, wscales, smooth, l1, l2, bias, clip_table
-      <expert>/rest.safetensors          every parameter that stays 16-bit
+      <expert>/config.json               the diffusers config of the expert + "quantization_config"
+      <expert>/diffusion_pytorch_model.safetensors
+                                         per quantized layer: qweight, wscales, smooth, l1, l2, bias,
+                                         clip_table; and every tensor that stays 16-bit
 
-``<expert>`` is the pipeline attribute (``transformer``, ``transformer_2``). The layout is
-kernel-independent; kernels repack at load time.
+``<expert>`` is the pipeline attribute (``transformer``, ``transformer_2``). Each expert
+directory is also a diffusers model directory: with :mod:`wanquant.runtime.diffusers_quant`
+registered, ``WanTransformer3DModel.from_pretrained(out / "transformer")`` loads it. The
+layout is kernel-independent; kernels repack at load time.
 """
 
 from __future__ import annotations
@@ -34,6 +37,22 @@ FORMAT_NAME = "wanquant"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _PARAM_FIELDS = ("qweight", "wscales", "smooth", "l1", "l2", "bias", "clip_table")
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+QUANT_METHOD = "wanquant"
+
+
+def quantization_config_of(config: dict[str, Any], bins: dict[str, Any],
+                           layers: dict[str, QuantizedLinearParams]) -> dict[str, Any]:
+    """The ``quantization_config`` entry of an expert's diffusers config.json."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "timestep_bins": bins,
+        "layers": {n: {"shape": [p.out_features, p.in_features], "rank": p.rank,
+                       "num_bins": int(p.clip_table.shape[0]), "bias": p.bias is not None}
+                   for n, p in layers.items()},
+    }
 
 
 class CheckpointError(RuntimeError):
@@ -105,10 +124,11 @@ def save_checkpoint(out_dir: str | Path, experts: list[ExpertArtifact], config: 
         for e in experts:
             d = tmp / e.attr
             d.mkdir()
-            (d / "config.json").write_text(json.dumps(e.model_config, indent=2, sort_keys=True, default=str))
-            save_file(_flatten_layers(e.layers), str(d / "quantized.safetensors"), metadata={"format": FORMAT_NAME})
-            save_file({k: v.detach().contiguous().cpu() for k, v in e.rest.items()}, str(d / "rest.safetensors"),
-                      metadata={"format": FORMAT_NAME})
+            model_config = {**e.model_config, "quantization_config": quantization_config_of(config, e.bins, e.layers)}
+            (d / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True, default=str))
+            tensors = {k: v.detach().contiguous().cpu() for k, v in e.rest.items()}
+            tensors.update(_flatten_layers(e.layers))
+            save_file(tensors, str(d / WEIGHTS_NAME), metadata={"format": FORMAT_NAME})
             manifest_experts[e.attr] = {
                 "role": e.role,
                 "timestep_bins": e.bins,
@@ -195,18 +215,20 @@ def load_expert_files(qdir: str | Path, attr: str, manifest: dict[str, Any]) -> 
         raise CheckpointError(f"{qdir} has no expert {attr!r}; it holds {sorted(manifest['experts'])}")
     d = qdir / attr
     try:
-        flat = load_file(str(d / "quantized.safetensors"))
-        rest = load_file(str(d / "rest.safetensors"))
+        flat = load_file(str(d / WEIGHTS_NAME))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {d}: {e}; the checkpoint is corrupt: re-copy or re-quantize") from e
+        raise CheckpointError(f"cannot read {d / WEIGHTS_NAME}: {e}; the checkpoint is corrupt: re-copy or re-quantize") from e
+    names = tuple(f"{n}." for n in manifest["experts"][attr]["layers"])
+    rest = {k: v for k, v in flat.items() if not k.startswith(names)}
     config = json.loads((d / "config.json").read_text())
+    config.pop("quantization_config", None)
     layers = {}
     for name, info in manifest["experts"][attr]["layers"].items():
         try:
             tensors = {f: flat.get(f"{name}.{f}") for f in _PARAM_FIELDS}
             missing = [f for f in _PARAM_FIELDS if f != "bias" and tensors[f] is None]
             if missing:
-                raise CheckpointError(f"{d / 'quantized.safetensors'} lacks {missing} for layer {name}")
+                raise CheckpointError(f"{d / WEIGHTS_NAME} lacks {missing} for layer {name}")
             layers[name] = QuantizedLinearParams(**tensors, report=info.get("report", {}))
         except TypeError as e:
             raise CheckpointError(f"layer {name} in {d} is malformed: {e}") from e

@@ -94,7 +94,7 @@ def build_quantized_expert(qdir: str | Path, attr: str, manifest: dict, device: 
     missing = sorted(expected - quant_keys - set(rest))
     unexpected = sorted(set(rest) - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{qdir}/{attr}/rest.safetensors does not match the expert's architecture: "
+        raise CheckpointError(f"{qdir}/{attr} does not match the expert's architecture: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}; re-quantize with this wanquant")
     # Fresh allocations: tensors straight from the file are views into one mapping at
     # arbitrary offsets, and CPU GEMMs round differently on unaligned memory.
@@ -158,7 +158,9 @@ def _norm(v):
 def _read_config(qdir, attr) -> dict:
     import json
 
-    return json.loads((Path(qdir) / attr / "config.json").read_text())
+    config = json.loads((Path(qdir) / attr / "config.json").read_text())
+    config.pop("quantization_config", None)
+    return config
 
 
 def load_quantized(pipe, qdir: str | Path, device: torch.device | str | None = None, backend: Backend = "auto",
