@@ -9,6 +9,7 @@ weights, 4-bit activations) because the best value depends on all three.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -38,7 +39,8 @@ def smoothing_scales(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float,
         return torch.ones_like(a)
     log_s = alpha * torch.log(a.clamp_min(1e-30)) - (1.0 - alpha) * torch.log(w.clamp_min(1e-30))
     g = log_s[live].mean()
-    log_s = torch.where(live, log_s, g).clamp(g - torch.log(torch.tensor(max_ratio)), g + torch.log(torch.tensor(max_ratio)))
+    r = math.log(max_ratio)
+    log_s = torch.minimum(torch.maximum(torch.where(live, log_s, g), g - r), g + r)
     return torch.exp(log_s)
 
 
