@@ -73,7 +73,8 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
                 configs: list[str] | None = None, device: str = "cpu", vmaf: bool = True, brisque: bool = True,
                 overwrite: bool = False, results_dir: str | Path | None = RESULTS_DIR, command: str | None = None,
                 make_pipeline=None, trained: bool | None = None, generation: GenerationSettings | None = None,
-                reservoir_tokens: int = 4096, layer_errors: bool = True, write_videos: bool = True) -> dict:
+                reservoir_tokens: int = 4096, layer_errors: bool = True, write_videos: bool = True,
+                plots: bool = True) -> dict:
     """Run (or resume) the ablation and write results; returns the JSON payload.
 
     ``make_pipeline`` and ``generation`` (whose size the samples are rendered at) override
@@ -135,7 +136,7 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
         "seconds": {r["config"]: r.get("seconds") for r in ordered},
         "wall_seconds_this_call": time.perf_counter() - t0,
     }
-    figures = _plots(rows, out)
+    figures = _plots(rows, out) if plots else []
     if write_videos:
         _report(out, payload, rows, evals, figures)
     if results_dir is not None:

@@ -1,0 +1,107 @@
+"""The ablation's config ladder and a smoke run of the quality benchmark on a tiny pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_SETTINGS, build_tiny_pipeline
+from wanquant.config import paper_preset, wanquant_preset
+from wanquant.evaluation import ablation as A
+from wanquant.evaluation.layer_errors import EXPERT_OUTPUT, plot_layer_bin_heatmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _diff(a, b) -> set[str]:
+    """Top-level QuantConfig sections that differ between two configs."""
+    return {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
+
+
+def test_configs_are_the_documented_ladder():
+    cfgs = A.ablation_configs()
+    assert tuple(cfgs) == A.ABLATION_ORDER
+    assert cfgs["bf16"] is None
+    rtn = cfgs["rtn"]
+    assert not rtn.smooth.enabled and rtn.lowrank.rank == 0 and not rtn.gptq.enabled and not rtn.clip.enabled
+    # Each component row changes exactly one switch of the row before it.
+    assert _diff(cfgs["smooth"], rtn) == {"smooth"} and cfgs["smooth"].smooth.alpha_grid == [0.5]
+    assert _diff(cfgs["svdquant"], cfgs["smooth"]) == {"lowrank"} and cfgs["svdquant"].lowrank.rank == 16
+    assert _diff(cfgs["gptq"], cfgs["svdquant"]) == {"gptq"} and cfgs["gptq"].gptq.enabled
+    assert _diff(cfgs["global_clip"], cfgs["gptq"]) == {"clip"}
+    assert cfgs["global_clip"].clip.enabled and not cfgs["global_clip"].clip.per_bin
+    assert _diff(cfgs["per_bin_clip"], cfgs["global_clip"]) == {"clip"}
+    assert cfgs["per_bin_clip"] == paper_preset()
+    shared = cfgs["shared_policy"]
+    assert _diff(shared, cfgs["per_bin_clip"]) == {"clip"} and not shared.clip.per_expert and shared.clip.per_bin
+    assert cfgs["ours"] == wanquant_preset()
+    # Same formats and bins everywhere: only the method's switches move.
+    for c in list(cfgs.values())[1:]:
+        assert (c.weight_format, c.act_format, c.group_size, c.bins) == (rtn.weight_format, rtn.act_format,
+                                                                        rtn.group_size, rtn.bins)
+    sw = A.switches(cfgs["global_clip"])
+    assert sw == {"quantized": True, "format": "W:mxfp4 A:mxfp4 g32", "smooth": "alpha 0.5", "rank": 16,
+                  "gptq": True, "clip": "global", "clip_per_expert": True}
+    assert A.switches(None) == {"quantized": False}
+
+
+def test_acceptance_arithmetic():
+    vb = {k: 0.9 for k in ("subject_consistency", "background_consistency", "temporal_flickering",
+                           "motion_smoothness", "dynamic_degree")}
+    row = lambda avg, gt, traj: {"vbench_style": vb, "vbench_style_avg": avg, "gt_psnr": gt,  # noqa: E731
+                                 "trajectory_err": traj}
+    rows = {"bf16": row(0.9, 20.0, 1.0), "rtn": row(0.88, 18.0, 3.0), "ours": row(0.8977, 19.6, 1.4)}
+    acc = A.acceptance(rows)
+    assert acc["vbench_style_drop_pct"]["value"] == pytest.approx(0.2555, abs=1e-3)
+    assert acc["vbench_style_drop_pct"]["met"]
+    assert acc["gt_psnr_loss"]["met"] and acc["gt_psnr_loss"]["ratio"] == pytest.approx(0.2)
+    assert acc["trajectory_err_loss"]["met"]  # 0.4 px lost vs RTN's 2.0 px
+    assert acc["trajectory_err_loss"]["ratio"] == pytest.approx(0.2)
+    rows["ours"]["trajectory_err"] = 1.6  # 0.6 px > a quarter of 2.0 px
+    assert not A.acceptance(rows)["trajectory_err_loss"]["met"]
+
+
+@pytest.mark.slow
+def test_smoke_run_on_a_tiny_pipeline(tmp_path):
+    torch.set_num_threads(1)
+    from benchmarks.testbed_quality import markdown, run_quality
+
+    out, res = tmp_path / "run", tmp_path / "results"
+    # Plots are slow to draw on a loaded CPU; one is drawn below.
+    payload = run_quality(out, num_calib=1, num_eval=1, configs=["bf16", "shared_policy"],
+                          make_pipeline=build_tiny_pipeline, trained=False, generation=TINY_SETTINGS,
+                          results_dir=res, reservoir_tokens=256, brisque=False, command="pytest smoke", plots=False)
+    assert [r["config"] for r in payload["rows"]] == ["bf16", "shared_policy"]
+    for r in payload["rows"][1:]:
+        assert math.isfinite(r["psnr_vs_bf16"]) and 0.0 < r["ssim_vs_bf16"] <= 1.0
+        assert r["switches"]["quantized"]
+        assert set(r["vbench_style"]) >= {"temporal_flickering", "motion_smoothness", "average"}
+    assert payload["rows"][0]["psnr_vs_bf16"] is None
+    data = json.loads((res / "testbed_quality.json").read_text())
+    assert {"device", "date", "commit", "command", "rows"} <= set(data)
+    assert data["command"] == "pytest smoke"
+    assert "| shared_policy |" in (res / "testbed_quality.md").read_text()
+    assert (out / "report.html").exists() and (out / "videos" / "eval0_shared_policy.mp4").exists()
+    # Per-layer, per-bin errors were recorded for both experts, with the experts' outputs.
+    layer_rows = json.loads((out / "configs" / "shared_policy.json").read_text())["row"]["layer_errors"]
+    assert {r["expert"] for r in layer_rows} == {"transformer", "transformer_2"}
+    assert {r["bin"] for r in layer_rows} == {0, 1, 2}
+    assert any(r["layer"] == EXPERT_OUTPUT for r in layer_rows)
+    assert all(r["rel_err"] >= 0 and r["calls"] > 0 for r in layer_rows)
+    assert plot_layer_bin_heatmap(layer_rows, tmp_path / "heat.png").stat().st_size > 0
+    # The shared policy really shares: both experts' manifests hold the same clip tables.
+    manifest = json.loads((out / "checkpoints" / "shared_policy" / "manifest.json").read_text())
+    tables = [{n: lay["clip_table"] for n, lay in e["layers"].items()} for e in manifest["experts"].values()]
+    assert tables[0] == tables[1]
+    # A second call reuses every cached config.
+    again = run_quality(out, num_calib=1, num_eval=1, configs=["bf16", "shared_policy"],
+                        make_pipeline=build_tiny_pipeline, trained=False, generation=TINY_SETTINGS, results_dir=None,
+                        reservoir_tokens=256, brisque=False, write_videos=False, plots=False)
+    assert again["rows"][1]["psnr_vs_bf16"] == payload["rows"][1]["psnr_vs_bf16"]
+    assert "shared_policy" in markdown(again)
