@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_SETTINGS, build_tiny_pipeline, fast_config
+from conftest import TINY, TINY_SETTINGS, build_tiny_pipeline, fast_config
 from wanquant.artifacts.checkpoint import read_manifest
 from wanquant.calibration.run import CalibrationRun, quantize_pipeline
 from wanquant.runtime.generate import run_pipeline
@@ -174,3 +174,30 @@ def test_diffusers_from_pretrained_loads_the_quantized_experts(quantized):
     assert isinstance(fresh.transformer.blocks[0].attn1.to_qkv, W4A4Linear)
     assert fresh.transformer.blocks[0].attn1.to_qkv.smooth.dtype == torch.float32  # not cast
     np.testing.assert_array_equal(run_pipeline(fresh, ev.first_frame(), ev.prompt, TINY_SETTINGS, seed=0), expected)
+
+
+def test_single_expert_text_to_video_pipeline(tmp_path, tiny_samples):
+    """A one-expert Wan pipeline (T2V, as Wan2.1) calibrates, quantizes and reloads too."""
+    from diffusers import WanPipeline
+
+    from wanquant.runtime.load import load_quantized
+    from wanquant.testbed.build import TestbedConfig, build_expert
+
+    i2v = build_tiny_pipeline()
+    torch.manual_seed(3)
+    cfg = TestbedConfig(**TINY)
+    expert = build_expert(cfg)
+    # Text-to-video reads only the noisy latents: in_channels = z_dim.
+    expert.patch_embedding = torch.nn.Conv3d(cfg.z_dim, cfg.dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+    expert.register_to_config(in_channels=cfg.z_dim)
+    t2v = WanPipeline(tokenizer=i2v.tokenizer, text_encoder=i2v.text_encoder, vae=i2v.vae, scheduler=i2v.scheduler,
+                      transformer=expert.float())
+    qdir = tmp_path / "t2v"
+    quantize_pipeline(t2v, tiny_samples[:1], fast_config(),
+                      CalibrationRun(TINY_SETTINGS, reservoir_tokens=128, progress=False), qdir)
+    m = read_manifest(qdir)
+    assert list(m["experts"]) == ["transformer"] and m["experts"]["transformer"]["role"] == "single"
+    expected = run_pipeline(t2v, None, "a red circle", TINY_SETTINGS, seed=0)
+    t2v.register_modules(transformer=None)
+    load_quantized(t2v, qdir)
+    np.testing.assert_array_equal(run_pipeline(t2v, None, "a red circle", TINY_SETTINGS, seed=0), expected)

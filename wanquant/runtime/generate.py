@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +38,12 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str, settings: Generation
     return pos.to(dtype), (neg.to(dtype) if neg is not None else None)
 
 
-def run_pipeline(pipe, image: Image.Image, prompt: str, settings: GenerationSettings, seed: int,
+def takes_image(pipe) -> bool:
+    """Image-to-video pipelines take ``image``; text-to-video ones (WanPipeline) do not."""
+    return "image" in inspect.signature(type(pipe).__call__).parameters
+
+
+def run_pipeline(pipe, image: Image.Image | None, prompt: str, settings: GenerationSettings, seed: int,
                  output_type: str = "np", prompt_embeds=None, negative_prompt_embeds=None, progress: bool = False):
     """One generation; returns the pipeline's frames (``np``: [F, H, W, 3] floats in [0, 1])."""
     device = pipe._execution_device
@@ -46,11 +52,15 @@ def run_pipeline(pipe, image: Image.Image, prompt: str, settings: GenerationSett
         prompt_embeds, negative_prompt_embeds = encode_prompts(pipe, prompt, settings.negative_prompt, settings, device)
     pipe.set_progress_bar_config(disable=not progress)
     kwargs = dict(
-        image=image, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
         height=settings.height, width=settings.width, num_frames=settings.num_frames,
         num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
         generator=generator, output_type=output_type,
     )
+    if takes_image(pipe):
+        if image is None:
+            raise ValueError(f"{type(pipe).__name__} is image-to-video: give it a first frame")
+        kwargs["image"] = image
     if getattr(pipe.config, "boundary_ratio", None) is not None:
         kwargs["guidance_scale_2"] = settings.guidance_scale_2
     with torch.inference_mode():
