@@ -1,0 +1,884 @@
+#!/usr/bin/env python
+"""Full-scale memory and speed of Wan2.2-I2V-A14B: stock BF16 vs W4A4 vs unpack-to-BF16.
+
+Builds the real A14B configuration of the whole ``WanImageToVideoPipeline`` (two
+``WanTransformer3DModel`` experts, UMT5-XXL encoder, Wan VAE, UniPC flow-matching
+scheduler with shift 5) with RANDOM weights directly on the GPU, then runs the real
+diffusers pipeline end to end: text encoding, image (condition) encoding, denoising
+with classifier-free guidance (two forwards per step), tiled VAE decoding.
+
+Random values change neither memory nor kernel time (DESIGN.md section 7); every result
+row says so. Nothing big is ever built on the CPU: modules are constructed on the meta
+device and materialised in place on the GPU; quantized layers are created directly as
+``W4A4Linear`` (random packed MXFP4 codes, E8M0 scales around 2^-8, rank-r BF16 branch,
+bias, three-bin clip tables), so no BF16 copy of a quantized expert ever exists.
+
+Memory policy, the same for every mode (except ``bf16_all_gpu``):
+* the text encoder is built on the GPU, encodes the prompt and the negative prompt, and
+  is freed before the experts are put on the GPU (a serving process would keep it on the
+  CPU); the row also gives the text-encoding peak as it would be with the experts already
+  resident (measured encoder peak + measured expert bytes: allocations add exactly);
+* both experts stay resident on the GPU from then on; VAE tiled encoding and decoding;
+* ``wanquant.runtime.memory`` token chunking (whole block) for ``w4a4`` and
+  ``unpack_bf16``; ``bf16`` is stock diffusers (no chunking) since that is the baseline
+  of the targets; ``--breakdown`` measures one forward of BF16 with chunking and of W4A4
+  without it, so both comparisons are available;
+* W4A4's per-context cross-attention K/V cache off (``--kv-cache`` turns it on).
+``bf16_all_gpu``: stock diffusers with everything on the GPU (text encoder kept, no VAE
+tiling, no chunking): the pipeline as ``pipe.to("cuda")`` runs it.
+
+Stages (peak stats reset between them): text_encoding, image_encoding (the pipeline's
+VAE encode of the 81-frame condition video), denoising, decoding (VAE decode + the
+pipeline's post-processing). Per-step latency: CUDA-synchronised wall time of the
+cond + uncond forward pair of each step, with the expert that ran it. Before the timed
+run, the high-noise expert runs one warm-up forward at the real shape (Triton compiles,
+cuBLAS heuristics) and every W4A4 layer prepares its kernel operands.
+
+    python benchmarks/full_scale.py --tiny                         # CPU dry run
+    python benchmarks/full_scale.py --resolutions 480x832 --out OUT --breakdown
+    python benchmarks/full_scale.py --merge OUT1/rows.json OUT2/rows.json   # tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # appended: a wanquant earlier on PYTHONPATH (a snapshot) wins
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _meta import run_metadata, write_results  # noqa: E402
+
+GB = 1e9
+HIGH, LOW = "high", "low"
+
+# ---------------------------------------------------------------------------------------
+# configurations
+A14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+# google/umt5-xxl as transformers defines it (encoder only is used by the pipeline).
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24,
+                num_heads=64, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                dropout_rate=0.1, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu",
+                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+VAE_FULL: dict = {}  # AutoencoderKLWan() defaults = the Wan2.1 VAE that A14B uses
+
+TINY_EXPERT = dict(A14B, num_attention_heads=2, attention_head_dim=32, text_dim=32, freq_dim=32, ffn_dim=128,
+                   num_layers=2, rope_max_seq_len=64)
+TINY_UMT5 = dict(UMT5_XXL, vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                 num_heads=2)
+TINY_VAE = dict(base_dim=16, num_res_blocks=1)
+
+BOUNDARY_RATIO = 0.9
+FLOW_SHIFT = 5.0
+PROMPT = "a cat walks on the grass in the sunlight"
+NEGATIVE = "blurry static low quality"
+WORDS = sorted(set((PROMPT + " " + NEGATIVE).split()))
+
+MODES = ("bf16", "bf16_all_gpu", "w4a4", "unpack_bf16")
+
+
+# ---------------------------------------------------------------------------------------
+# building on the device without a CPU copy
+def _init_(t: torch.Tensor, pname: str, module: nn.Module) -> None:
+    """Random values of a realistic magnitude: norms 1, biases 0, weights ~ N(0, 1/fan_in)."""
+    cls = type(module).__name__.lower()
+    if pname in ("gamma",) or ("norm" in cls and pname == "weight"):
+        t.fill_(1.0)
+    elif pname in ("bias", "beta"):
+        t.zero_()
+    elif t.ndim >= 2 and "embedding" not in cls:
+        t.normal_(0.0, 1.0 / math.sqrt(max(1, t.numel() // t.shape[0])))
+    else:
+        t.normal_(0.0, 0.02 if t.ndim < 2 else 1.0)
+
+
+def materialize_(module: nn.Module, device: torch.device, dtype_of: Callable[[str], torch.dtype]) -> None:
+    """Give every meta parameter real storage on ``device`` (random values), keep ties,
+    and move real buffers (rotary tables, ...) there in their own dtype."""
+    memo: dict[int, nn.Parameter] = {}
+    for mname, mod in module.named_modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in memo:
+                full = f"{mname}.{pname}" if mname else pname
+                t = torch.empty(p.shape, dtype=dtype_of(full), device=device)
+                with torch.no_grad():
+                    _init_(t, pname, mod)
+                memo[id(p)] = nn.Parameter(t, requires_grad=False)
+            mod._parameters[pname] = memo[id(p)]
+        for bname, b in list(mod._buffers.items()):
+            if b is not None and (b.is_meta or b.device.type != device.type):
+                if b.is_meta:
+                    raise RuntimeError(f"buffer {mname}.{bname} is on meta: build with include_buffers=False")
+                mod._buffers[bname] = b.to(device)
+    module.requires_grad_(False)
+
+
+def build_text_encoder(cfg: dict, device: torch.device) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with init_empty_weights(include_buffers=False):
+        model = UMT5EncoderModel(UMT5Config(**cfg))
+    materialize_(model, device, lambda name: torch.bfloat16)
+    emb = model.get_input_embeddings()
+    if model.encoder.embed_tokens is not None and model.encoder.embed_tokens.weight is not emb.weight:
+        model.encoder.embed_tokens.weight = emb.weight  # the tie the checkpoint would have
+    return model.eval()
+
+
+def build_vae(cfg: dict, device: torch.device) -> nn.Module:
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLWan
+
+    with init_empty_weights(include_buffers=False):
+        vae = AutoencoderKLWan(**cfg)
+    materialize_(vae, device, lambda name: torch.float32)  # diffusers' Wan examples load the VAE in fp32
+    return vae.eval()
+
+
+def expert_dtype_rule(model_cls) -> Callable[[str], torch.dtype]:
+    """bf16 except diffusers' ``_keep_in_fp32_modules`` (what from_pretrained(torch_dtype=bf16) gives)."""
+    keep = tuple(getattr(model_cls, "_keep_in_fp32_modules", None) or ())
+
+    def rule(name: str) -> torch.dtype:
+        return torch.float32 if any(k in name.split(".") for k in keep) else torch.bfloat16
+
+    return rule
+
+
+def random_qparams(n: int, k: int, rank: int, bins: int, device: torch.device):
+    from wanquant.numerics.params import QuantizedLinearParams
+
+    return QuantizedLinearParams(
+        qweight=torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device),
+        wscales=torch.randint(118, 121, (n, k // 32), dtype=torch.uint8, device=device),  # 2^-9 .. 2^-7
+        smooth=torch.rand(k, device=device) + 0.5,
+        l1=(torch.randn(rank, k, device=device) / math.sqrt(k)).to(torch.bfloat16),
+        l2=(torch.randn(n, rank, device=device) * 0.01).to(torch.bfloat16),
+        bias=(torch.randn(n, device=device) * 0.01).to(torch.bfloat16),
+        clip_table=torch.tensor([[1.0, 0.0], [0.9, 0.0], [0.8, 1.0]][:bins], device=device),
+    )
+
+
+def build_expert(cfg: dict, quantized: bool, device: torch.device, qcfg) -> nn.Module:
+    """One Wan expert on ``device``; ``quantized``: block linears are W4A4Linear from the start."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    from wanquant.model.wan import BLOCK_TABLE, BLOCKS_ATTR, install_layer
+    from wanquant.runtime.linear import W4A4Linear
+
+    with init_empty_weights(include_buffers=False):
+        model = WanTransformer3DModel.from_config(cfg)
+    if quantized:
+        bins = qcfg.bins_for(HIGH).num_bins
+        for i, block in enumerate(getattr(model, BLOCKS_ATTR)):
+            for group in BLOCK_TABLE:
+                members = [block.get_submodule(m) for m in group.members]
+                n, k = sum(m.out_features for m in members), members[0].in_features
+                params = random_qparams(n, k, qcfg.lowrank.rank, bins, device)
+                install_layer(model, f"{BLOCKS_ATTR}.{i}.{group.name}", W4A4Linear.from_params(params, qcfg.wfmt, qcfg.afmt))
+                del params
+    materialize_(model, device, expert_dtype_rule(WanTransformer3DModel))
+    return model.eval()
+
+
+def build_tokenizer(max_length: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length, padding_side="right")
+
+
+def build_scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT,
+                                   num_train_timesteps=1000)
+
+
+# ---------------------------------------------------------------------------------------
+# measuring
+class Meter:
+    """Per-stage peak memory (reset between stages), resident memory at stage start, time."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.stages: dict[str, dict] = {}
+        self.current: str | None = None
+        self.t0 = 0.0
+        self.resident0 = 0
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.cuda else 0
+
+    def enter(self, stage: str | None) -> None:
+        if stage is not None and stage == self.current:
+            return
+        self.sync()
+        now = time.perf_counter()
+        if self.current is not None:
+            peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
+            reserved = torch.cuda.max_memory_reserved(self.device) if self.cuda else 0
+            self.stages[self.current] = {"peak_allocated": peak, "peak_reserved": reserved,
+                                         "resident_at_start": self.resident0, "seconds": now - self.t0}
+        self.current = stage
+        if stage is not None:
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self.resident0 = self.allocated()
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        self.enter(None)
+
+
+class ForwardTimer:
+    """CUDA-synchronised wall time of every expert forward, with its timestep."""
+
+    def __init__(self, meter: Meter):
+        self.meter = meter
+        self.records: list[dict] = []
+        self.handles = []
+        self._t0 = 0.0
+
+    def attach(self, model: nn.Module, role: str) -> None:
+        def pre(module, args, kwargs):
+            if self.meter.current != "denoising" and self.meter.current is not None:
+                self.meter.enter("denoising")
+            self.meter.sync()
+            self._t0 = time.perf_counter()
+
+        def post(module, args, kwargs, output):
+            self.meter.sync()
+            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+            self.records.append({"expert": role, "timestep": t, "seconds": time.perf_counter() - self._t0})
+
+        self.handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(post, with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def steps(self) -> list[dict]:
+        """Group the forwards of one step (same expert and timestep): the cond+uncond pair."""
+        out: list[dict] = []
+        for r in self.records:
+            if out and out[-1]["expert"] == r["expert"] and out[-1]["timestep"] == r["timestep"]:
+                out[-1]["seconds"] += r["seconds"]
+                out[-1]["forwards"] += 1
+            else:
+                out.append(dict(r, forwards=1))
+        return out
+
+
+def wrap_method(obj, name: str, before: Callable[[], None]):
+    orig = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        before()
+        return orig(*args, **kwargs)
+
+    setattr(obj, name, wrapper)
+    return lambda: obj.__dict__.pop(name, None)
+
+
+def free(*_):
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# one run
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.tiny = args.tiny
+        self.device = torch.device("cpu" if args.tiny else "cuda")
+        self.expert_cfg = TINY_EXPERT if args.tiny else A14B
+        self.te_cfg = TINY_UMT5 if args.tiny else UMT5_XXL
+        self.vae_cfg = TINY_VAE if args.tiny else VAE_FULL
+        from wanquant.config import wanquant_preset
+
+        self.qcfg = wanquant_preset()
+        self.max_seq = 32 if args.tiny else 512
+        self.tokenizer = build_tokenizer(self.max_seq)
+        self.vae = build_vae(self.vae_cfg, self.device)
+        self.experts: dict[str, nn.Module] = {}
+        self.experts_kind: str | None = None
+        self.log = args.log
+
+    def say(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(line + "\n")
+
+    # -- components ------------------------------------------------------------------
+    def set_experts(self, kind: str) -> dict:
+        """Build (or reuse) both experts of ``kind`` ('bf16' or 'quant'); returns build facts."""
+        if self.experts_kind == kind:
+            return {"reused": True}
+        self.experts = {}
+        self.experts_kind = None
+        free()
+        t0 = time.perf_counter()
+        for role in (HIGH, LOW):
+            self.experts[role] = build_expert(self.expert_cfg, kind == "quant", self.device, self.qcfg)
+        self.experts_kind = kind
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return {"reused": False, "build_s": time.perf_counter() - t0}
+
+    def pipeline(self, text_encoder=None):
+        from diffusers import WanImageToVideoPipeline
+
+        return WanImageToVideoPipeline(tokenizer=self.tokenizer, text_encoder=text_encoder, vae=self.vae,
+                                       scheduler=build_scheduler(), image_processor=None, image_encoder=None,
+                                       transformer=self.experts.get(HIGH), transformer_2=self.experts.get(LOW),
+                                       boundary_ratio=BOUNDARY_RATIO, expand_timesteps=False)
+
+    def image(self, height: int, width: int):
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+    def latent_shape(self, height: int, width: int, frames: int) -> tuple[int, ...]:
+        f = (frames - 1) // 4 + 1
+        return (1, self.expert_cfg["in_channels"], f, height // 8, width // 8)
+
+    def tokens(self, height: int, width: int, frames: int) -> int:
+        _, _, f, h, w = self.latent_shape(height, width, frames)
+        return f * (h // 2) * (w // 2)
+
+    # -- policies ----------------------------------------------------------------------
+    def configure(self, mode: str) -> dict:
+        from wanquant.runtime import memory
+        from wanquant.runtime.load import bind_expert, set_backend
+
+        a = self.args
+        policy = {"text_encoder": "built on the GPU, freed after encoding, before the experts are built",
+                  "experts": "both resident on the GPU", "vae": "fp32, tiled encode and decode",
+                  "token_chunking": None, "kv_cache": None}
+        if mode == "bf16_all_gpu":
+            policy.update(text_encoder="resident on the GPU throughout (pipeline encodes the prompt)",
+                          vae="fp32, no tiling")
+        chunk = mode in ("w4a4", "unpack_bf16") and a.chunk_tokens > 0
+        for role, model in self.experts.items():
+            if chunk:
+                memory.enable_token_chunking(model, a.chunk_tokens, scope=a.chunk_scope)
+            else:
+                memory.disable_token_chunking(model)
+        if chunk:
+            policy["token_chunking"] = f"{a.chunk_scope} scope, {a.chunk_tokens} tokens"
+        if mode in ("w4a4", "unpack_bf16"):
+            pipe = self.pipeline()
+            from wanquant.model.wan import experts_of
+
+            for spec in experts_of(pipe):
+                model = self.experts[spec.role]
+                bind_expert(model, spec.timestep_bins(self.qcfg))
+                set_backend(model, "auto" if mode == "w4a4" else "unpack_bf16")
+                memory.set_static_kv_cache(model, a.kv_cache)
+                # Prepare every layer's kernel operands now, not inside a timed step.
+                for layer in _quant_layers(model):
+                    layer._resolve_backend(self.device)
+            policy["kv_cache"] = "on (per context, idle expert released)" if a.kv_cache else "off"
+        if mode == "bf16_all_gpu":
+            self.vae.disable_tiling()
+        elif self.tiny:
+            self.vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32,
+                                   tile_sample_stride_height=16, tile_sample_stride_width=16)
+        else:
+            self.vae.enable_tiling()
+        return policy
+
+    # -- the run -----------------------------------------------------------------------
+    def run(self, mode: str, height: int, width: int) -> dict:
+        a = self.args
+        res = f"{height}x{width}"
+        row = {"mode": mode, "resolution": res, "frames": a.frames, "steps": a.steps,
+               "tokens_per_forward": self.tokens(height, width, a.frames), "guidance_scale": a.guidance}
+        notes = ["random weights: values change neither memory nor kernel time"]
+        meter = Meter(self.device)
+        kind = "quant" if mode in ("w4a4", "unpack_bf16") else "bf16"
+        try:
+            # 1. text encoding (before the experts exist on the GPU, except bf16_all_gpu)
+            if mode == "bf16_all_gpu":
+                facts = self.set_experts(kind)
+                te = build_text_encoder(self.te_cfg, self.device)
+                prompt_embeds = negative_embeds = None
+            else:
+                self.experts, self.experts_kind = {}, None  # the encoder runs before the experts exist
+                free()
+                te = build_text_encoder(self.te_cfg, self.device)
+                enc = self.pipeline(te)
+                meter.enter("text_encoding")
+                with torch.no_grad():
+                    prompt_embeds, negative_embeds = enc.encode_prompt(
+                        PROMPT, NEGATIVE, do_classifier_free_guidance=True, num_videos_per_prompt=1,
+                        max_sequence_length=self.max_seq, device=self.device, dtype=torch.bfloat16)
+                meter.stop()
+                te_bytes = _module_bytes(te)
+                del enc, te
+                te = None
+                free()
+                facts = self.set_experts(kind)
+            policy = self.configure(mode)
+            row["policy"] = policy
+            row["build"] = facts
+            expert_bytes = {r: _module_bytes(m) for r, m in self.experts.items()}
+            # 2. warm-up: one forward of the high-noise expert at the real shape
+            if mode != "bf16_all_gpu" and mode not in self.args.no_warmup.split(","):
+                self.warmup(height, width, prompt_embeds)
+            elif mode != "bf16_all_gpu":
+                notes.append("no warm-up forward (no JIT kernels in this mode; shapes already ran in this process)")
+            # 3. the pipeline
+            pipe = self.pipeline(te)
+            timer = ForwardTimer(meter)
+            for role, model in self.experts.items():
+                timer.attach(model, role)
+            undo = [wrap_method(self.vae, "encode", lambda: meter.enter("image_encoding")),
+                    wrap_method(self.vae, "decode", lambda: meter.enter("decoding"))]
+            pipe.scheduler.set_timesteps(a.steps)
+            row["timesteps"] = [float(t) for t in pipe.scheduler.timesteps]
+            kwargs = dict(image=self.image(height, width), height=height, width=width, num_frames=a.frames,
+                          num_inference_steps=a.steps, guidance_scale=a.guidance, output_type="np",
+                          generator=torch.Generator(self.device).manual_seed(0), max_sequence_length=self.max_seq)
+            if mode == "bf16_all_gpu":
+                kwargs.update(prompt=PROMPT, negative_prompt=NEGATIVE)
+                meter.enter("text_encoding")
+            else:
+                kwargs.update(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds)
+                meter.enter("image_encoding")
+            try:
+                with torch.no_grad():
+                    video = pipe(**kwargs)[0]
+                meter.stop()
+            finally:
+                for u in undo:
+                    u()
+                timer.detach()
+            row["video_shape"] = list(video.shape)
+            del video
+            if mode == "bf16_all_gpu":
+                te_bytes = _module_bytes(te)
+            steps = timer.steps()
+            row["per_step"] = steps
+            row["expert_per_step"] = [s["expert"] for s in steps]
+            row["step_s"] = {r: _last([s["seconds"] for s in steps if s["expert"] == r]) for r in (HIGH, LOW)}
+            row["forward_s"] = timer.records
+            st = meter.stages
+            row["stage_peak_gb"] = {k: v["peak_allocated"] / GB for k, v in st.items()}
+            row["stage_reserved_gb"] = {k: v["peak_reserved"] / GB for k, v in st.items()}
+            row["stage_resident_gb"] = {k: v["resident_at_start"] / GB for k, v in st.items()}
+            row["stage_s"] = {k: v["seconds"] for k, v in st.items()}
+            row["peak_allocated_gb"] = max(v["peak_allocated"] for v in st.values()) / GB
+            row["peak_reserved_gb"] = max(v["peak_reserved"] for v in st.values()) / GB
+            row["total_s"] = sum(v["seconds"] for v in st.values())
+            both = sum(expert_bytes.values())
+            row["weights_gb"] = {"expert_high": expert_bytes[HIGH] / GB, "expert_low": expert_bytes[LOW] / GB,
+                                 "text_encoder": te_bytes / GB, "vae": _module_bytes(self.vae) / GB}
+            row["expert_breakdown_gb"] = _expert_breakdown(self.experts)
+            if "text_encoding" in st and mode != "bf16_all_gpu":
+                row["text_encoding_with_experts_resident_gb"] = (st["text_encoding"]["peak_allocated"] + both) / GB
+            row["backend"] = self.backend_of(mode)
+            if kind == "quant":
+                notes.append("W4A4 layers built directly with random packed codes (no BF16 copy)")
+            if self.args.breakdown and mode in ("bf16", "w4a4"):
+                row["breakdown_forwards"] = self.breakdown(mode, height, width, prompt_embeds)
+            notes.append(self.expert_routing_note(row))
+        except torch.cuda.OutOfMemoryError as e:
+            meter.sync()
+            row["error"] = f"out of memory in stage {meter.current}: {str(e).splitlines()[0]}"
+            row["oom_at_allocated_gb"] = meter.allocated() / GB
+            row["stage_peak_gb"] = {k: v["peak_allocated"] / GB for k, v in meter.stages.items()}
+            notes.append("did not fit on this GPU")
+        except Exception as e:  # keep the other rows
+            row["error"] = f"{type(e).__name__}: {e}"
+            row["traceback"] = traceback.format_exc()
+        row["notes"] = notes
+        if mode == "bf16_all_gpu":
+            self.vae.enable_tiling()
+        free()
+        return row
+
+    def warmup(self, height: int, width: int, context: torch.Tensor) -> None:
+        model = self.experts[HIGH]
+        x = torch.randn(self.latent_shape(height, width, self.args.frames), device=self.device, dtype=torch.bfloat16)
+        t = torch.tensor([999.0], device=self.device)
+        with torch.no_grad():
+            model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)
+        del x
+        from wanquant.runtime.memory import release_static_caches
+
+        for m in self.experts.values():
+            release_static_caches(m)
+        free()
+
+    def breakdown(self, mode: str, height: int, width: int, context: torch.Tensor) -> list[dict]:
+        """One cond forward of the high expert with the other chunking setting: activation peak, time."""
+        from wanquant.runtime import memory
+
+        model = self.experts[HIGH]
+        was = memory.token_chunking_of(model)
+        out = []
+        settings = [("chunked", self.args.chunk_tokens)] if mode == "bf16" else [("unchunked", 0)]
+        x = torch.randn(self.latent_shape(height, width, self.args.frames), device=self.device, dtype=torch.bfloat16)
+        t = torch.tensor([999.0], device=self.device)
+        for label, chunk in settings:
+            if chunk:
+                memory.enable_token_chunking(model, chunk, scope=self.args.chunk_scope)
+            else:
+                memory.disable_token_chunking(model)
+            free()
+            meter = Meter(self.device)
+            entry = {"setting": label, "mode": mode}
+            try:
+                meter.enter("forward")
+                with torch.no_grad():
+                    model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)
+                meter.stop()
+                s = meter.stages["forward"]
+                entry.update(seconds=s["seconds"], peak_gb=s["peak_allocated"] / GB,
+                             resident_gb=s["resident_at_start"] / GB,
+                             activation_peak_gb=(s["peak_allocated"] - s["resident_at_start"]) / GB)
+            except torch.cuda.OutOfMemoryError as e:
+                entry["error"] = f"out of memory: {str(e).splitlines()[0]}"
+            out.append(entry)
+            memory.release_static_caches(model)
+        if was:
+            memory.enable_token_chunking(model, was[0], scope=was[1])
+        else:
+            memory.disable_token_chunking(model)
+        del x
+        free()
+        return out
+
+    def backend_of(self, mode: str) -> str:
+        if mode not in ("w4a4", "unpack_bf16"):
+            return "bf16 (diffusers, torch SDPA)"
+        seen = {}
+        for model in self.experts.values():
+            for layer in _quant_layers(model):
+                seen[layer._resolved] = layer.backend_reason
+        return "; ".join(f"{k}: {v}" for k, v in seen.items())
+
+    @staticmethod
+    def expert_routing_note(row: dict) -> str:
+        pairs = ", ".join(f"t={s['timestep']:.0f}->{s['expert']} ({s['forwards']} forwards)" for s in row["per_step"])
+        return f"steps (UniPC flow shift {FLOW_SHIFT}, boundary {BOUNDARY_RATIO}): {pairs}"
+
+
+def _quant_layers(model: nn.Module):
+    from wanquant.runtime.load import quantized_layers
+
+    return list(quantized_layers(model).values())
+
+
+def _module_bytes(m: nn.Module) -> int:
+    from wanquant.runtime.memory import module_bytes
+
+    return module_bytes(m)
+
+
+def _expert_breakdown(experts: dict) -> dict:
+    from wanquant.runtime.memory import expert_memory_breakdown
+
+    return {role: {k: v / GB for k, v in expert_memory_breakdown(m).items()} for role, m in experts.items()}
+
+
+def _last(xs: list[float]) -> float | None:
+    return xs[-1] if xs else None
+
+
+# ---------------------------------------------------------------------------------------
+# reporting
+def _fmt(v, nd=2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def markdown(payload: dict) -> str:
+    rows = payload["rows"]
+    lines = [
+        "GB = 1e9 bytes. Random weights (values change neither memory nor kernel time). "
+        f"{rows[0]['frames'] if rows else 81} frames, UniPC flow shift {FLOW_SHIFT}, boundary {BOUNDARY_RATIO}, "
+        "guidance > 1 (cond + uncond forward per step). Stage peaks are `max_memory_allocated` with the peak "
+        "reset between stages; step times are CUDA-synchronised cond+uncond pairs after a warm-up forward.",
+        "",
+        "| mode | resolution | backend | peak alloc | peak reserved | text enc | image enc | denoising | decoding "
+        "| step high (s) | step low (s) | total (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        sp = r.get("stage_peak_gb", {})
+        step = r.get("step_s", {})
+        backend = r.get("backend", "-").split(":")[0]
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['resolution']} | {backend} | **{r['error'][:80]}** | | "
+                         f"{_fmt(sp.get('text_encoding'))} | {_fmt(sp.get('image_encoding'))} | "
+                         f"{_fmt(sp.get('denoising'))} | {_fmt(sp.get('decoding'))} | | | |")
+            continue
+        lines.append(
+            f"| {r['mode']} | {r['resolution']} | {backend} | {_fmt(r['peak_allocated_gb'])} | "
+            f"{_fmt(r['peak_reserved_gb'])} | {_fmt(sp.get('text_encoding'))} | {_fmt(sp.get('image_encoding'))} | "
+            f"{_fmt(sp.get('denoising'))} | {_fmt(sp.get('decoding'))} | {_fmt(step.get('high'))} | "
+            f"{_fmt(step.get('low'))} | {_fmt(r['total_s'], 1)} |")
+    lines += ["", "## Targets", ""]
+    lines += [f"- {t}" for t in targets(rows)]
+    lines += ["", "## What holds the memory", "",
+              "| mode | resolution | expert high | expert low | of which fast-path extra | VAE | text encoder "
+              "| resident at denoising | denoising activations | text enc. with experts resident |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            continue
+        w, eb = r["weights_gb"], r.get("expert_breakdown_gb", {})
+        extra = sum(eb.get(k, {}).get("fast_path_extra", 0.0) for k in eb)
+        res = r["stage_resident_gb"].get("denoising")
+        act = r["stage_peak_gb"].get("denoising", 0) - (res or 0)
+        lines.append(f"| {r['mode']} | {r['resolution']} | {_fmt(w['expert_high'])} | {_fmt(w['expert_low'])} | "
+                     f"{_fmt(extra)} | {_fmt(w['vae'])} | {_fmt(w['text_encoder'])} | {_fmt(res)} | {_fmt(act)} | "
+                     f"{_fmt(r.get('text_encoding_with_experts_resident_gb'))} |")
+    bd = [(r, b) for r in rows for b in r.get("breakdown_forwards", [])]
+    if bd:
+        lines += ["", "## One forward of the high-noise expert (cond), other chunking setting", "",
+                  "| mode | resolution | setting | activation peak (GB) | forward (s) | pipeline forward (s) |",
+                  "|---|---|---|---|---|---|"]
+        for r, b in bd:
+            pipe_fwd = [f["seconds"] for f in r.get("forward_s", []) if f["expert"] == HIGH]
+            lines.append(f"| {r['mode']} | {r['resolution']} | {b['setting']} | {_fmt(b.get('activation_peak_gb'))} "
+                         f"| {_fmt(b.get('seconds'))} | {_fmt(pipe_fwd[-1] if pipe_fwd else None)} |")
+    lines += ["", "## Per row", ""]
+    for r in rows:
+        lines.append(f"- **{r['mode']} {r['resolution']}**: " + "; ".join(r.get("notes", []))
+                     + (f"; policy: {r['policy']}" if "policy" in r else "")
+                     + (f"; backend: {r.get('backend')}" if "backend" in r else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _row(rows, mode, res):
+    for r in rows:
+        if r["mode"] == mode and r["resolution"] == res and "error" not in r:
+            return r
+    return None
+
+
+def targets(rows) -> list[str]:
+    out = []
+    for res, limit in (("720x1280", 24.0), ("480x832", 20.0)):
+        w = _row(rows, "w4a4", res)
+        if w:
+            p = w["peak_allocated_gb"]
+            out.append(f"W4A4 peak at {res} x 81 <= {limit:.0f} GB: {p:.2f} GB ({p * GB / 2**30:.2f} GiB) -> "
+                       f"{'met' if p <= limit else 'MISSED'}")
+    for res in ("480x832", "720x1280"):
+        w, b = _row(rows, "w4a4", res), _row(rows, "bf16", res)
+        if w and b:
+            red = 1 - w["peak_allocated_gb"] / b["peak_allocated_gb"]
+            out.append(f"peak reduction vs stock BF16 at {res}: {red * 100:.1f} % (target >= 70 %) -> "
+                       f"{'met' if red >= 0.70 else 'MISSED'}")
+    for res in ("480x832", "720x1280"):
+        w, b = _row(rows, "w4a4", res), _row(rows, "bf16", res)
+        if w and b:
+            ws = [w["step_s"][k] for k in (HIGH, LOW) if w["step_s"].get(k)]
+            bs = [b["step_s"][k] for k in (HIGH, LOW) if b["step_s"].get(k)]
+            if ws and bs:
+                sp = (sum(bs) / len(bs)) / (sum(ws) / len(ws))
+                tgt = " (target >= 1.15x)" if res == "480x832" else ""
+                verdict = (" -> met" if sp >= 1.15 else " -> MISSED") if res == "480x832" else ""
+                out.append(f"denoising step speed-up W4A4 vs BF16 at {res}: {sp:.3f}x{tgt}{verdict}")
+    for res in ("480x832", "720x1280"):
+        a = [r for r in rows if r["mode"] == "bf16_all_gpu" and r["resolution"] == res]
+        if a:
+            r = a[0]
+            if "error" in r:
+                out.append(f"BF16 everything on the GPU at {res}: {r['error'][:120]}")
+            else:
+                p = r["peak_allocated_gb"]
+                out.append(f"BF16 everything on the GPU at {res}: peak {p:.2f} GB ({p * GB / 2**30:.2f} GiB; "
+                           f"{'fits' if p * GB / 2**30 < 79.0 else 'does not fit'} an 80 GB H100)")
+    return out
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in payload["rows"] if "error" not in r]
+    resolutions = sorted({r["resolution"] for r in rows}, key=lambda s: int(s.split("x")[0]))
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(1, len(modes))
+    for i, m in enumerate(modes):
+        vals = [(_row(rows, m, res) or {}).get("peak_allocated_gb", 0.0) for res in resolutions]
+        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(resolutions))]
+        bars = ax.bar(xs, vals, width, label=m)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    for y, lab in ((24, "24 GB target (720p)"), (20, "20 GB target (480p)")):
+        ax.axhline(y, ls="--", lw=0.8, color="gray")
+        ax.text(len(resolutions) - 0.5, y, lab, fontsize=7, va="bottom", ha="right", color="gray")
+    ax.set_xticks(range(len(resolutions)), [f"{r} x 81" for r in resolutions])
+    ax.set_ylabel("peak max_memory_allocated (GB)")
+    ax.set_title(f"Wan2.2-I2V-A14B pipeline peak GPU memory ({payload.get('device', '')})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def merge(files: list[str], out_dir: Path) -> None:
+    rows, metas = [], []
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        metas.append({k: d.get(k) for k in ("device", "date", "commit", "command", "environment")})
+        rows.extend(d["rows"])
+    key = {m: i for i, m in enumerate(MODES)}
+    rows.sort(key=lambda r: (int(r["resolution"].split("x")[0]), key.get(r["mode"], 9)))
+    devices = sorted({m["device"] for m in metas if m["device"]})
+    payload = {"device": " / ".join(devices), "date": max(m["date"] for m in metas),
+               "commit": " / ".join(sorted({m["commit"] for m in metas})),
+               "command": " ; ".join(m["command"] for m in metas), "runs": metas, "rows": rows}
+    write_results("full_scale", payload, markdown(payload), results_dir=out_dir)
+    plot(payload, out_dir / "full_scale.png")
+    print(markdown(payload))
+
+
+# ---------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="same code at a tiny config on the CPU (dry run)")
+    p.add_argument("--resolutions", default="480x832,720x1280")
+    p.add_argument("--modes", default="bf16,bf16_all_gpu,w4a4,unpack_bf16")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--steps", type=int, default=2, help="2 with shift 5: t=999 (high expert), 833 (low expert)")
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--chunk-tokens", type=int, default=8192)
+    p.add_argument("--chunk-scope", default="block", choices=("block", "ffn"))
+    p.add_argument("--kv-cache", action="store_true", help="keep W4A4's per-context cross-attn K/V cache")
+    p.add_argument("--breakdown", action="store_true", help="extra forwards: BF16 chunked, W4A4 unchunked")
+    p.add_argument("--out", default=None, help="folder for rows.json and the log (default: results/ for --tiny: /tmp)")
+    p.add_argument("--commit", default=None, help="git commit to record (the device copy has no .git)")
+    p.add_argument("--merge", nargs="+", default=None, help="rows.json files -> benchmarks/results/full_scale.*")
+    p.add_argument("--results-dir", default=None)
+    p.add_argument("--skip-after-s", type=float, default=0.0, help="start no new mode after this many seconds")
+    p.add_argument("--no-warmup", default="", help="comma list of modes run without the warm-up forward")
+    args = p.parse_args(argv)
+
+    if args.merge:
+        merge(args.merge, Path(args.results_dir) if args.results_dir else ROOT / "benchmarks" / "results")
+        return 0
+    if args.tiny:
+        args.resolutions = "64x64" if args.resolutions == p.get_default("resolutions") else args.resolutions
+        args.frames = 9 if args.frames == 81 else args.frames
+        args.chunk_tokens = 20 if args.chunk_tokens == 8192 else args.chunk_tokens
+        torch.set_num_threads(2)
+    elif not torch.cuda.is_available():
+        print("no CUDA device: use --tiny for a CPU dry run", file=sys.stderr)
+        return 2
+    out = Path(args.out or ("/tmp/full_scale_tiny" if args.tiny else ROOT / "benchmarks" / "results" / "raw"))
+    out.mkdir(parents=True, exist_ok=True)
+    args.log = str(out / "log.txt")
+    meta = run_metadata()
+    if args.commit:
+        meta["commit"] = args.commit
+    meta["environment"] = environment()
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"unknown modes {bad}; choose from {MODES}")
+    torch.manual_seed(0)
+    bench = Bench(args)
+    bench.say(f"device {meta['device']}; torch {torch.__version__}; modes {modes}; resolutions {args.resolutions}")
+    rows = []
+    payload = dict(meta, rows=rows)
+    start = time.perf_counter()
+    for res in args.resolutions.split(","):
+        h, w = (int(v) for v in res.split("x"))
+        # In the order given (bf16_all_gpu right after bf16 reuses its experts).
+        for mode in modes:
+            if args.skip_after_s and time.perf_counter() - start > args.skip_after_s:
+                bench.say(f"--- {mode} {res}: skipped (past --skip-after-s {args.skip_after_s})")
+                rows.append({"mode": mode, "resolution": res, "frames": args.frames, "steps": args.steps,
+                             "error": "not run: the device call's time budget ran out", "notes": []})
+                continue
+            bench.say(f"--- {mode} {res}")
+            t0 = time.perf_counter()
+            row = bench.run(mode, h, w)
+            row["wall_s"] = time.perf_counter() - t0
+            rows.append(row)
+            bench.say(summary(row))
+            (out / "rows.json").write_text(json.dumps(payload, indent=1, default=str))
+    bench.say("done")
+    print(markdown(payload))
+    return 0
+
+
+def environment() -> dict:
+    import os
+
+    import wanquant
+
+    env = {"torch": torch.__version__, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+           "wanquant_path": str(Path(wanquant.__file__).resolve().parent.relative_to(ROOT))
+           if Path(wanquant.__file__).resolve().is_relative_to(ROOT) else wanquant.__file__,
+           "wanquant_source": os.environ.get("WANQUANT_SOURCE", "working tree")}
+    for name in ("diffusers", "transformers", "accelerate", "triton"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - report what is there
+            env[name] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu_total_memory_gb"] = props.total_memory / GB
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def summary(r: dict) -> str:
+    if "error" in r:
+        return f"{r['mode']} {r['resolution']}: ERROR {r['error']}\n{r.get('traceback', '')}"
+    sp = {k: round(v, 2) for k, v in r["stage_peak_gb"].items()}
+    return (f"{r['mode']} {r['resolution']}: peak {r['peak_allocated_gb']:.2f} GB (reserved "
+            f"{r['peak_reserved_gb']:.2f}), stages {sp}, steps {r['step_s']}, total {r['total_s']:.1f} s, "
+            f"wall {r['wall_s']:.0f} s, backend {r['backend']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
