@@ -28,12 +28,17 @@ def _decaying(n: int, k: int, r: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", ["exact", "randomized"])
-def test_full_rank_reconstructs(method: str) -> None:
-    w = torch.randn(24, 40)
-    l1, l2, r = lowrank_split(w, 24, method)
-    assert l1.shape == (24, 40) and l2.shape == (24, 24)
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_full_rank_reconstructs(method: str, shape: tuple[int, int]) -> None:
+    w = torch.randn(*shape)
+    full = min(shape)
+    l1, l2, r = lowrank_split(w, full, method)
+    assert l1.shape == (full, shape[1]) and l2.shape == (shape[0], full)
     torch.testing.assert_close(l2 @ l1, w, atol=2e-4, rtol=1e-4)
     assert float(r.abs().max()) < 2e-4
+    rank_deficient = torch.randn(shape[0], 3) @ torch.randn(3, shape[1])  # zero singular values are fine
+    l1, l2, r = lowrank_split(rank_deficient, full, method)
+    assert torch.isfinite(l1).all() and torch.isfinite(l2).all() and float(r.abs().max()) < 1e-3
 
 
 def test_exact_is_eckart_young() -> None:
@@ -42,8 +47,11 @@ def test_exact_is_eckart_young() -> None:
     for r in (1, 5, 17):
         l1, l2, res = lowrank_split(w, r, "exact")
         torch.testing.assert_close(res.double().square().sum(), sv[r:].square().sum(), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(l1 @ l1.T, torch.eye(r), atol=1e-5, rtol=0)  # orthonormal rows
+        torch.testing.assert_close(l2.T @ l2, torch.eye(r), atol=1e-5, rtol=0)  # N <= K: orthonormal L2
         torch.testing.assert_close(res, w - l2 @ l1)
+        tall = lowrank_split(w.T.contiguous(), r, "exact")  # N > K: orthonormal rows in L1
+        torch.testing.assert_close(tall[0] @ tall[0].T, torch.eye(r), atol=1e-5, rtol=0)
+        torch.testing.assert_close(tall[2].double().square().sum(), sv[r:].square().sum(), rtol=1e-4, atol=1e-4)
 
 
 def test_randomized_close_to_exact() -> None:
