@@ -51,15 +51,12 @@ NAME = "testbed_quality"
 
 def testbed_factory(device: str = "cpu"):
     """(make_pipeline, trained?): the committed trained testbed, else an untrained one."""
-    from wanquant.testbed.build import build_testbed_pipeline, load_testbed_pipeline
+    from wanquant.testbed.build import WEIGHTS_DIR, build_testbed_pipeline, load_testbed_pipeline
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        load_testbed_pipeline(device=device, dtype=dtype)
-        trained = True
-    except FileNotFoundError as e:
-        warnings.warn(f"{e} Measuring an UNTRAINED testbed.", stacklevel=2)
-        trained = False
+    trained = (WEIGHTS_DIR / "model_index.json").is_file()
+    if not trained:
+        warnings.warn(f"no trained testbed in {WEIGHTS_DIR}: measuring an UNTRAINED testbed.", stacklevel=2)
 
     def make():
         if trained:
@@ -74,11 +71,13 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
                 overwrite: bool = False, results_dir: str | Path | None = RESULTS_DIR, command: str | None = None,
                 make_pipeline=None, trained: bool | None = None, generation: GenerationSettings | None = None,
                 reservoir_tokens: int = 4096, layer_errors: bool = True, write_videos: bool = True,
-                plots: bool = True) -> dict:
+                plots: bool = True, generate: bool = True, measure: bool = True, backend: str = "reference") -> dict:
     """Run (or resume) the ablation and write results; returns the JSON payload.
 
     ``make_pipeline`` and ``generation`` (whose size the samples are rendered at) override
     the testbed's (tests pass a tiny pipeline); ``results_dir=None`` writes no result files.
+    ``measure=False`` only generates and caches videos (returns ``{}``); ``generate=False``
+    only measures videos already cached in ``out`` (see :func:`ablation.run_ablation`).
     """
     from wanquant.testbed.build import TestbedConfig
     from wanquant.testbed.dataset import list_samples
@@ -98,22 +97,33 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
              for i, s in enumerate(list_samples("calib", num_calib, **render))]
     evals = list_samples("eval", num_eval, **render)
     settings = A.AblationSettings(gen, configs=list(configs or A.ABLATION_ORDER), reservoir_tokens=reservoir_tokens,
-                                  vmaf=vmaf, brisque=brisque, layer_errors=layer_errors, device=device)
+                                  vmaf=vmaf, brisque=brisque, layer_errors=layer_errors, device=device,
+                                  backend=backend)
     t0 = time.perf_counter()
-    res = A.run_ablation(make_pipeline, calib, evals, settings, out, overwrite=overwrite)
+    res = A.run_ablation(make_pipeline, calib, evals, settings, out, overwrite=overwrite, generate=generate,
+                         measure=measure)
+    if not measure:
+        return {}
     rows = res["rows"]
     ordered = [rows[c] for c in A.ABLATION_ORDER if c in rows]
     meta = run_metadata(command)
+    gen_devices = sorted({json.dumps(r.get("generated_on", {}), sort_keys=True) for r in ordered})
+    gen_on = [json.loads(g) for g in gen_devices]
+    if any(not g.get("device", "").startswith("CPU") for g in gen_on):
+        meta["device"] = (f"videos generated on {', '.join(sorted({g.get('device', '?') for g in gen_on}))}; "
+                          f"metrics computed on {meta['device']}")
+    base_dtype = (rows[A.BASELINE].get("generated_on") or {}).get("dtype", "")
     payload = {
         **meta,
+        "generated_on": gen_on,
         "model": "trained testbed" if trained else "UNTRAINED testbed (trained weights not found)",
         "baseline": "bf16 row = the unquantized model; on CPU it runs in fp32 (bf16 matmuls are slow there)"
-        if device == "cpu" else "bf16",
+        if "float32" in base_dtype else f"bf16 row = the unquantized model in {base_dtype or 'bf16'}",
         "settings": {"calibration_samples": num_calib, "eval_samples": num_eval, "steps": steps,
                      "guidance_scale": guidance, "frames": frames, "size": [height, width],
                      "eval_seeds": list(range(settings.eval_seed, settings.eval_seed + num_eval)),
                      "calibration_seeds": [s.seed for s in calib], "reservoir_tokens": reservoir_tokens,
-                     "device": device},
+                     "w4a4_backend": backend},
         "metric_notes": {
             "fidelity": "PSNR (all frames, RGB, peak 255), SSIM (luma, 11x11 Gaussian sigma 1.5, valid windows), "
                         "VMAF v0.6.1 (libvmaf of the imageio-ffmpeg ffmpeg, both videos bicubic-scaled to 256x256); "
@@ -125,7 +135,8 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
             "vbench_style": "see wanquant/evaluation/vbench_style.py; average = mean of "
                             + ", ".join(VB.DIMENSIONS) + "; imaging_quality_brisque reported, not averaged",
             "layer_errors": "sum|y_q - y_ref|^2 / sum|y_ref|^2 per (expert, bin, layer) with the 16-bit layer "
-                            "fed the quantized model's own inputs during the eval generations",
+                            "fed the quantized model's own inputs, recorded while generating the first "
+                            f"{settings.layer_error_videos} eval videos",
         },
         "rows": [_public_row(r) for r in ordered],
         "extra_rows": [_public_row(r) for r in res["extra_rows"].values()],
@@ -293,7 +304,7 @@ def _expert_bins_plot(per_config: dict[str, list[dict]], path: Path) -> None:
 def _report(out: Path, payload: dict, rows: dict[str, dict], evals, figures: list[str]) -> None:
     vids = out / "videos"
     names = [c for c in A.ABLATION_ORDER if c in rows]
-    frames = {c: A._load_frames(out / "frames" / f"{c}.npz") for c in names}
+    frames = {c: A.load_frames(out, c) for c in names}
     samples = []
     for i, s in enumerate(evals):
         videos = {"ground truth": f"videos/eval{i}_gt.mp4"}
@@ -326,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(A.ABLATION_ORDER)}")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where videos are generated (cuda: the 16-bit model in bf16)")
+    p.add_argument("--backend", default="reference", help="W4A4 backend of the quantized runs")
+    p.add_argument("--generate-only", action="store_true", help="generate and cache videos, measure nothing")
+    p.add_argument("--measure-only", action="store_true", help="measure videos already cached in --out")
     p.add_argument("--no-vmaf", action="store_true")
     p.add_argument("--no-brisque", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="recompute cached configs")
@@ -337,8 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     payload = run_quality(args.out, args.num_calib, args.num_eval, args.steps, args.guidance, args.configs,
                           args.device, not args.no_vmaf, not args.no_brisque,
-                          args.overwrite, None if args.no_results else RESULTS_DIR)
-    print(markdown(payload))
+                          args.overwrite, None if args.no_results else RESULTS_DIR,
+                          generate=not args.measure_only, measure=not args.generate_only, backend=args.backend)
+    if payload:
+        print(markdown(payload))
     return 0
 
 

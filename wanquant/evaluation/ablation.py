@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from wanquant.calibration.run import CalibrationRun, quantize_pipeline
 from wanquant.calibration.samples import CalibSample
@@ -59,6 +60,8 @@ LADDER: tuple[tuple[str, str], ...] = (("smooth", "rtn"), ("svdquant", "smooth")
                                        ("global_clip", "gptq"), ("per_bin_clip", "global_clip"),
                                        ("per_bin_clip", "shared_policy"))
 BASELINE = "bf16"
+# Bump when a metric's definition changes: cached rows are then re-measured.
+METRICS_VERSION = 1
 
 
 def ablation_configs() -> dict[str, QuantConfig | None]:
@@ -117,12 +120,23 @@ class AblationSettings:
     brisque: bool = True
     shuffled_prompts: bool = True  # an extra bf16 row with deranged prompts
     layer_errors: bool = True
+    layer_error_videos: int = 2  # per-layer errors are recorded on the first videos only
     device: str = "cpu"
+    # W4A4 backend of the quantized runs; "reference" is the PyTorch ground truth that the
+    # kernels are tested bit-exact against.
+    backend: str = "reference"
 
     def key(self) -> dict:
-        """What the per-config results depend on (a cached result with another key is redone)."""
+        """What the generated videos depend on (cached videos with another key are redone).
+
+        The device is recorded in each row (``generated_on``) but is not part of the key, so
+        videos generated on a GPU machine can be measured on another."""
         return {"generation": self.generation.to_dict(), "reservoir_tokens": self.reservoir_tokens,
-                "eval_seed": self.eval_seed, "vmaf": self.vmaf, "brisque": self.brisque}
+                "eval_seed": self.eval_seed, "layer_errors": self.layer_errors,
+                "layer_error_videos": self.layer_error_videos}
+
+    def metrics_key(self) -> dict:
+        return {"vmaf": self.vmaf, "brisque": self.brisque, "version": METRICS_VERSION}
 
 
 # ------------------------------------------------------------------------------ run
@@ -185,17 +199,26 @@ def _cached(path: Path, key: dict) -> dict | None:
     return data if data.get("key") == json.loads(json.dumps(key)) else None
 
 
-def run_config(name: str, cfg: QuantConfig | None, make_pipeline: Callable[[], object], calib: list[CalibSample],
-               evals, settings: AblationSettings, out: Path, reference: list[np.ndarray] | None,
-               base_pipe=None) -> tuple[dict, list[np.ndarray]]:
-    """Quantize (unless ``cfg`` is None), generate the evaluation videos, measure them."""
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    return f"CPU ({platform.machine()})"
+
+
+def generate_config(name: str, cfg: QuantConfig | None, make_pipeline: Callable[[], object],
+                    calib: list[CalibSample], evals, settings: AblationSettings, out: Path,
+                    base_pipe) -> tuple[dict, list[np.ndarray]]:
+    """Quantize (unless ``cfg`` is None) and generate the evaluation videos; no metrics yet."""
     gen = settings.generation
     seconds: dict[str, float] = {}
-    extra: dict = {}
+    row: dict = {"config": name, "switches": switches(cfg), "quant_config": cfg.to_dict() if cfg is not None else None,
+                 "generated_on": {"device": device_name(settings.device), "dtype": str(_dtype_of(base_pipe)),
+                                  "backend": settings.backend if cfg is not None else None}}
     if cfg is None:
-        pipe = base_pipe if base_pipe is not None else make_pipeline()
         t0 = time.perf_counter()
-        videos = _generate(pipe, evals, gen, settings.eval_seed)
+        videos = _generate(base_pipe, evals, gen, settings.eval_seed)
         seconds["generate"] = time.perf_counter() - t0
     else:
         qdir = out / "checkpoints" / name
@@ -207,36 +230,44 @@ def run_config(name: str, cfg: QuantConfig | None, make_pipeline: Callable[[], o
         del pipe
         qpipe = make_pipeline()
         qpipe.register_modules(transformer=None, transformer_2=None)
-        load_quantized(qpipe, qdir, device=settings.device)
-        ref = base_pipe if base_pipe is not None else make_pipeline()
+        load_quantized(qpipe, qdir, device=settings.device, backend=settings.backend)
         t0 = time.perf_counter()
-        if settings.layer_errors:
-            with LayerErrorRecorder(qpipe, ref) as rec:
-                videos = _generate(qpipe, evals, gen, settings.eval_seed)
-            extra["layer_errors"] = rec.rows()
-            extra["layer_error_summary"] = summarize(extra["layer_errors"])
-        else:
-            videos = _generate(qpipe, evals, gen, settings.eval_seed)
+        k = min(settings.layer_error_videos, len(evals)) if settings.layer_errors else 0
+        videos = []
+        if k:
+            # The recorder runs the 16-bit expert beside the quantized one: only on the first k videos.
+            with LayerErrorRecorder(qpipe, base_pipe) as rec:
+                videos += _generate(qpipe, evals[:k], gen, settings.eval_seed)
+            row["layer_errors"] = rec.rows()
+            row["layer_error_summary"] = summarize(row["layer_errors"])
+            row["layer_error_videos"] = k
+        videos += _generate(qpipe, evals[k:], gen, settings.eval_seed + k)
         seconds["generate"] = time.perf_counter() - t0
         manifest = json.loads((qdir / "manifest.json").read_text())
         errs = [lay.get("report", {}).get("final", {}).get("rel_err") for info in manifest["experts"].values()
                 for lay in info["layers"].values()]
         errs = [e for e in errs if e is not None]
-        extra["calibration_mean_layer_rel_err"] = float(np.mean(errs)) if errs else None
-    t0 = time.perf_counter()
-    res = evaluate_videos(videos, evals, reference, vmaf=settings.vmaf, brisque=settings.brisque)
-    seconds["metrics"] = time.perf_counter() - t0
-    row = {"config": name, "switches": switches(cfg), "quant_config": cfg.to_dict() if cfg is not None else None,
-           **res, **extra, "seconds": seconds}
+        row["calibration_mean_layer_rel_err"] = float(np.mean(errs)) if errs else None
+    row["seconds"] = seconds
     return row, videos
 
 
+def _dtype_of(pipe) -> torch.dtype | None:
+    expert = getattr(pipe, "transformer", None)
+    return next(expert.parameters()).dtype if expert is not None else None
+
+
 def run_ablation(make_pipeline: Callable[[], object], calib: list[CalibSample], evals, settings: AblationSettings,
-                 out: str | Path, overwrite: bool = False, configs: dict[str, QuantConfig | None] | None = None) -> dict:
-    """Run (or resume) every config of ``settings.configs``; returns {name: row} plus extra rows.
+                 out: str | Path, overwrite: bool = False, configs: dict[str, QuantConfig | None] | None = None,
+                 generate: bool = True, measure: bool = True) -> dict:
+    """Run (or resume) every config of ``settings.configs``; returns {"rows", "extra_rows"}.
 
     ``make_pipeline()`` must return a fresh 16-bit pipeline each call (quantization
-    replaces a pipeline's experts in place).
+    replaces a pipeline's experts in place). Generation and measurement are separate
+    steps: ``measure=False`` only generates (e.g. on a GPU machine without ffmpeg);
+    ``generate=False`` only measures configs whose videos are already in ``out`` (and
+    fails for any that are not). A cached config measured with other metric settings is
+    re-measured from its saved frames.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,54 +278,78 @@ def run_ablation(make_pipeline: Callable[[], object], calib: list[CalibSample], 
     key = settings.key()
     key["calib"] = [s.source for s in calib]
     key["eval"] = [s.prompt for s in evals]
+    mkey = settings.metrics_key()
+    base: list = []
+
+    def base_pipe():
+        if not base:
+            base.append(make_pipeline())
+        return base[0]
+
+    def one(name: str, ckey: dict, produce: Callable[[], tuple[dict, list[np.ndarray]]], reference):
+        path, fpath = out / "configs" / f"{name}.json", out / "frames" / f"{name}.npz"
+        cached = None if overwrite else _cached(path, ckey)
+        if cached is not None and fpath.exists():
+            log.info("%s: using the cached videos in %s", name, fpath)
+            row, videos = cached["row"], _load_frames(fpath)
+        elif not generate:
+            raise RuntimeError(f"{name}: no videos for these settings in {out}; run the generation first")
+        else:
+            t0 = time.perf_counter()
+            row, videos = produce()
+            row["seconds"]["total_generation"] = time.perf_counter() - t0
+            row.pop("metrics_key", None)
+            _save_frames(fpath, videos)
+            _write_json(path, {"key": ckey, "row": row})
+        if measure and row.get("metrics_key") != mkey:
+            t0 = time.perf_counter()
+            row.update(evaluate_videos(videos, evals, reference, vmaf=settings.vmaf, brisque=settings.brisque))
+            row["seconds"]["metrics"] = time.perf_counter() - t0
+            row["metrics_key"] = mkey
+            _write_json(path, {"key": ckey, "row": row})
+        if measure:
+            log.info("%s: psnr vs bf16 %s, gt psnr %.2f, traj %.2f, vbench avg %.4f", name, row.get("psnr_vs_bf16"),
+                     row["gt_psnr"], row["trajectory_err"], row["vbench_style_avg"])
+        return row, videos
+
     results: dict[str, dict] = {}
-    base_pipe = make_pipeline()
-    ref_path = out / "frames" / f"{BASELINE}.npz"
     reference = None
     order = [BASELINE] + [c for c in settings.configs if c != BASELINE]
     for name in order:
         cfg = table[name] if name != BASELINE else None
-        path, fpath = out / "configs" / f"{name}.json", out / "frames" / f"{name}.npz"
         ckey = {**key, "config": cfg.to_dict() if cfg is not None else None}
-        cached = None if overwrite else _cached(path, ckey)
-        if cached is not None and fpath.exists():
-            log.info("%s: using the cached result in %s", name, path)
-            results[name] = cached["row"]
-            if name == BASELINE:
-                reference = _load_frames(fpath)
-            continue
-        if name != BASELINE and reference is None:
-            reference = _load_frames(ref_path)
         log.info("%s: %s", name, short_switches(cfg))
-        t0 = time.perf_counter()
-        row, videos = run_config(name, cfg, make_pipeline, calib, evals, settings, out, reference, base_pipe)
-        row["seconds"]["total"] = time.perf_counter() - t0
-        _save_frames(fpath, videos)
-        _write_json(path, {"key": ckey, "row": row})
+        row, videos = one(name, ckey, lambda: generate_config(name, cfg, make_pipeline, calib, evals, settings, out,
+                                                              base_pipe()),
+                          None if name == BASELINE else reference)
         results[name] = row
         if name == BASELINE:
             reference = videos
-        log.info("%s done in %.0f s: psnr vs bf16 %s, gt psnr %.2f, vbench avg %.4f", name, row["seconds"]["total"],
-                 row.get("psnr_vs_bf16"), row["gt_psnr"], row["vbench_style_avg"])
     extras = {}
     if settings.shuffled_prompts and len(evals) > 1:
-        path, fpath = out / "configs" / "bf16_shuffled_prompts.json", out / "frames" / "bf16_shuffled_prompts.npz"
-        cached = None if overwrite else _cached(path, key)
-        if cached is not None:
-            extras["bf16_shuffled_prompts"] = cached["row"]
-        else:
-            prompts = [evals[(i + 1) % len(evals)].prompt for i in range(len(evals))]  # a derangement
-            videos = _generate(base_pipe, evals, settings.generation, settings.eval_seed, prompts)
-            res = evaluate_videos(videos, evals, reference, vmaf=settings.vmaf, brisque=settings.brisque)
-            row = {"config": "bf16_shuffled_prompts", "switches": {"quantized": False, "prompts": "shuffled"}, **res}
-            _save_frames(fpath, videos)
-            _write_json(path, {"key": key, "row": row})
-            extras["bf16_shuffled_prompts"] = row
-    still = [np.repeat(s.frames[:1], s.num_frames, axis=0) for s in evals]
-    res = evaluate_videos(still, evals, None, vmaf=False, brisque=False)
-    extras["first_frame_held"] = {"config": "first_frame_held", "switches": {"quantized": False, "video": "frame 0 held"},
-                                  **{k: res[k] for k in ("gt_psnr", "trajectory_err", "missing_frac")}}
+        prompts = [evals[(i + 1) % len(evals)].prompt for i in range(len(evals))]  # a derangement
+
+        def shuffled():
+            t0 = time.perf_counter()
+            videos = _generate(base_pipe(), evals, settings.generation, settings.eval_seed, prompts)
+            return ({"config": "bf16_shuffled_prompts", "switches": {"quantized": False, "prompts": "shuffled"},
+                     "generated_on": {"device": device_name(settings.device), "dtype": str(_dtype_of(base_pipe()))},
+                     "seconds": {"generate": time.perf_counter() - t0}}, videos)
+
+        extras["bf16_shuffled_prompts"], _ = one("bf16_shuffled_prompts", {**key, "prompts": prompts}, shuffled,
+                                                 reference)
+    if measure:
+        still = [np.repeat(s.frames[:1], s.num_frames, axis=0) for s in evals]
+        res = evaluate_videos(still, evals, None, vmaf=False, brisque=False)
+        extras["first_frame_held"] = {"config": "first_frame_held",
+                                      "switches": {"quantized": False, "video": "frame 0 held"},
+                                      **{k: res[k] for k in ("gt_psnr", "trajectory_err", "missing_frac")}}
     return {"rows": results, "extra_rows": extras}
+
+
+def load_frames(out: str | Path, name: str) -> list[np.ndarray]:
+    """The saved evaluation videos of one config."""
+    return _load_frames(Path(out) / "frames" / f"{name}.npz")
 
 
 # --------------------------------------------------------------------------- verdicts
@@ -345,4 +400,4 @@ def clean_checkpoints(out: Path) -> None:
 
 
 __all__ = ["ABLATION_ORDER", "LADDER", "AblationSettings", "ablation_configs", "switches", "short_switches",
-           "run_ablation", "run_config", "evaluate_videos", "acceptance", "component_verdicts"]
+           "run_ablation", "generate_config", "evaluate_videos", "load_frames", "acceptance", "component_verdicts"]
