@@ -105,7 +105,7 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
     if not measure:
         return {}
     rows = res["rows"]
-    ordered = [rows[c] for c in A.ABLATION_ORDER if c in rows]
+    ordered = [rows[c] for c in A.ALL_CONFIGS if c in rows]
     meta = run_metadata(command)
     gen_devices = sorted({json.dumps(r.get("generated_on", {}), sort_keys=True) for r in ordered})
     gen_on = [json.loads(g) for g in gen_devices]
@@ -226,7 +226,7 @@ def markdown(p: dict) -> str:
 
 
 def _plots(rows: dict[str, dict], out: Path) -> list[str]:
-    names = [c for c in A.ABLATION_ORDER if c in rows]
+    names = [c for c in A.ALL_CONFIGS if c in rows]
     figs = []
     q = [c for c in names if c != A.BASELINE]
     if q:
@@ -303,7 +303,7 @@ def _expert_bins_plot(per_config: dict[str, list[dict]], path: Path) -> None:
 
 def _report(out: Path, payload: dict, rows: dict[str, dict], evals, figures: list[str]) -> None:
     vids = out / "videos"
-    names = [c for c in A.ABLATION_ORDER if c in rows]
+    names = [c for c in A.ALL_CONFIGS if c in rows]
     frames = {c: A.load_frames(out, c) for c in names}
     samples = []
     for i, s in enumerate(evals):
@@ -336,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-eval", type=int, default=8)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(A.ABLATION_ORDER)}")
+    p.add_argument("--configs", nargs="*", default=None,
+                   help=f"subset of {list(A.ALL_CONFIGS)} (default: {' '.join(A.ABLATION_ORDER)})")
     p.add_argument("--device", default="cpu", help="where videos are generated (cuda: the 16-bit model in bf16)")
     p.add_argument("--backend", default="reference", help="W4A4 backend of the quantized runs")
     p.add_argument("--generate-only", action="store_true", help="generate and cache videos, measure nothing")

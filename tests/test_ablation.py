@@ -26,7 +26,7 @@ def _diff(a, b) -> set[str]:
 
 def test_configs_are_the_documented_ladder():
     cfgs = A.ablation_configs()
-    assert tuple(cfgs) == A.ABLATION_ORDER
+    assert tuple(cfgs) == A.ALL_CONFIGS and A.ALL_CONFIGS[:len(A.ABLATION_ORDER)] == A.ABLATION_ORDER
     assert cfgs["bf16"] is None
     rtn = cfgs["rtn"]
     assert not rtn.smooth.enabled and rtn.lowrank.rank == 0 and not rtn.gptq.enabled and not rtn.clip.enabled
@@ -42,6 +42,7 @@ def test_configs_are_the_documented_ladder():
     assert _diff(shared, cfgs["per_bin_clip"]) == {"clip"} and not shared.clip.per_expert and shared.clip.per_bin
     assert cfgs["ours"] == wanquant_preset()
     # Same formats and bins everywhere: only the method's switches move.
+    assert _diff(cfgs["ours_rank16"], cfgs["ours"]) == {"lowrank"} and cfgs["ours_rank16"].lowrank.rank == 16
     for c in list(cfgs.values())[1:]:
         assert (c.weight_format, c.act_format, c.group_size, c.bins) == (rtn.weight_format, rtn.act_format,
                                                                         rtn.group_size, rtn.bins)
