@@ -50,23 +50,23 @@ MS = (8192, 32760, 75600)
 SWEEP_M = 32760
 RANK = 32
 
-ACT_VARIANTS = {  # name: (block_m, block_k, num_warps, reverse)
-    "bm16-bk512-w8": (16, 512, 8, False),
-    "bm16-bk512-w8-rev": (16, 512, 8, True),
-    "bm16-bk256-w4": (16, 256, 4, False),
-    "bm32-bk256-w8": (32, 256, 8, False),
-    "bm32-bk512-w8-rev": (32, 512, 8, True),
-    "bm64-bk128-w8": (64, 128, 8, False),
+ACT_VARIANTS = {  # name: (block_m, block_k, num_warps, num_stages)
+    "bm64-bk128-w8-s3": (64, 128, 8, 3),
+    "bm64-bk128-w8-s2": (64, 128, 8, 2),
+    "bm128-bk64-w8-s3": (128, 64, 8, 3),
+    "bm64-bk64-w4-s3": (64, 64, 4, 3),
+    "bm32-bk128-w4-s3": (32, 128, 4, 3),
+    "bm128-bk128-w8-s2": (128, 128, 8, 2),
 }
 GEMM_VARIANTS = [
     G.GemmConfig(128, 256, 128, 8, 8, 3),
-    G.GemmConfig(128, 256, 128, 8, 8, 4),
-    G.GemmConfig(128, 256, 64, 8, 8, 4),
-    G.GemmConfig(128, 128, 128, 8, 8, 4),
-    G.GemmConfig(256, 128, 128, 8, 8, 3),
-    G.GemmConfig(128, 256, 128, 8, 8, 3, tma=True),
-    G.GemmConfig(128, 256, 128, 8, 8, 4, tma=True),
-    G.GemmConfig(128, 256, 128, 8, 8, 3, imprecise_acc=128),
+    G.GemmConfig(128, 256, 128, 8, 8, 3, split_epilogue=True),
+    G.GemmConfig(128, 256, 64, 8, 8, 4, split_epilogue=True),
+    G.GemmConfig(256, 128, 128, 8, 8, 3, split_epilogue=True),
+    G.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, split_epilogue=True),
+    G.GemmConfig(128, 256, 128, 16, 8, 3, tma=True, split_epilogue=True),
+    G.GemmConfig(128, 256, 64, 8, 8, 4, tma=True, split_epilogue=True),
+    G.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, split_epilogue=True, flatten=True),
 ]
 
 LOG: list[str] = []
@@ -192,22 +192,28 @@ def bench_shape(layer: str, m: int, device: torch.device, choice: dict, sweep: b
     act_names = list(ACT_VARIANTS) if sweep else [choice["act"][layer]]
     act_times = {}
     for name in act_names:
-        bm, bk, nw, rev = ACT_VARIANTS[name]
-        fn = rotating(lambda x, bm=bm, bk=bk, nw=nw, rev=rev: A.act_quant(
-            x, fast_t.inv_smooth, fast_t.l1t, clip, off, nsplit=D.NSPLIT, scale_lowrank=True,
-            m_pad=A.pad_rows(m), block_m=bm, block_k=bk, num_warps=nw, reverse=rev), xs)
+        bm, bk, nw, ns = ACT_VARIANTS[name]
+        fn = rotating(lambda x, bm=bm, bk=bk, nw=nw, ns=ns: A.act_quant(
+            x, fast_t.inv_smooth, fast_t.l1s, clip, off, nsplit=D.NSPLIT, m_pad=A.pad_rows(m),
+            block_m=bm, block_k=bk, num_warps=nw, num_stages=ns), xs)
         act_times[name] = try_time(f"act[{name}]_ms", fn, row)
     best_act = min((v, kk) for kk, v in act_times.items() if v is not None)[1]
     choice["act"][layer] = best_act
-    bm, bk, nw, rev = ACT_VARIANTS[best_act]
+    bm, bk, nw, ns = ACT_VARIANTS[best_act]
     for f in (fast_t, fast_c):
-        f.act_block_m, f.act_block_k, f.act_warps, f.act_reverse = bm, bk, nw, rev
+        f.act_block_m, f.act_block_k, f.act_warps, f.act_stages = bm, bk, nw, ns
     row["act_variant"] = best_act
     row["act_ms"] = act_times[best_act]
+    # the same kernel without the low-rank dot: what the fused projection costs
+    try_time("act_nolowrank_ms", rotating(lambda x: A.act_quant(
+        x, fast_t.inv_smooth, None, clip, off, m_pad=A.pad_rows(m), block_m=bm, block_k=bk, num_warps=nw,
+        num_stages=ns), xs), row)
     act_bytes = m * k * 2 + m * k  # read x once, write e4m3 once (the floor)
     row["act_floor_ms"] = round(act_bytes / (choice["copy_TBps"] * 1e9), 4)
+    row["act_2read_floor_ms"] = round((act_bytes + m * k * 2) / (choice["copy_TBps"] * 1e9), 4)
 
     row["expand_ms"] = try_time("expand_ms", lambda: fast_t.expand_weight(), row)
+    row["expand_floor_ms"] = round(n * k * (1.5 + 1 / 32) / (choice["copy_TBps"] * 1e9), 4)
     aq_t = fast_t.quantize_input(xs[0], clip, off)
     aq_c = fast_c.quantize_input(xs[0], clip, off)
     w8 = fast_t.expand_weight().clone()
@@ -269,7 +275,7 @@ def bench_shape(layer: str, m: int, device: torch.device, choice: dict, sweep: b
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| layer | M | K | N | bf16 ms | W4A4 ms | backend | speedup | unpack-bf16 ms | act ms (floor) "
+    head = ("| layer | M | K | N | bf16 ms | W4A4 ms | backend | speedup | unpack-bf16 ms | act ms (floor 1 read / 2 reads) "
             "| expand ms | GEMM ms (triton / cuBLAS+addmm) | max rel err |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -280,7 +286,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {f('bf16_ms')} | {f('w4a4_ms')} | "
             f"{r.get('w4a4_backend', '-')} | {f('speedup_vs_bf16', '{:.2f}x')} | {f('unpack_bf16_ms')} | "
-            f"{f('act_ms')} ({f('act_floor_ms')}) | {f('expand_ms')} | {f('gemm_triton_ms')} / {f('gemm_cublas_ms')} | "
+            f"{f('act_ms')} ({f('act_floor_ms')} / {f('act_2read_floor_ms')}) | {f('expand_ms')} | {f('gemm_triton_ms')} / {f('gemm_cublas_ms')} | "
             f"{f('max_rel_err', '{:.2e}')} |"
         )
     return "\n".join(lines)

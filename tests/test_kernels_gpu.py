@@ -7,6 +7,8 @@ the whole layer against the fp64 reference forward.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -45,9 +47,11 @@ def _x(m: int, k: int, seed: int) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=8)
 def _params(n: int, k: int, r: int, seed: int) -> QuantizedLinearParams:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * torch.exp(torch.randn(n, 1, generator=g) * 0.5) * 0.02
+    w[0, 32:64] *= 2.0**-20  # a lossy group (more than 14 binades below its row maximum)
     q = quantize(w, MXFP4)
     return QuantizedLinearParams(
         pack_nibbles(q.codes), q.scales, torch.rand(k, generator=g) * 1.5 + 0.5,
@@ -60,33 +64,32 @@ def _params(n: int, k: int, r: int, seed: int) -> QuantizedLinearParams:
 
 @pytest.mark.parametrize("m", [1, 77, 1000])
 @pytest.mark.parametrize("k", [5120, 13824])
-@pytest.mark.parametrize("rule,clip,off,reverse,bm", [("ocp_floor", 1.0, 0, False, 16), ("safe_ceil", 0.7, -1, True, 32)])
-def test_act_kernel_bit_exact(m, k, rule, clip, off, reverse, bm):
+@pytest.mark.parametrize("rule,clip,off,bm,bk", [("ocp_floor", 1.0, 0, 64, 128), ("safe_ceil", 0.7, -1, 32, 256)])
+def test_act_kernel_bit_exact(m, k, rule, clip, off, bm, bk):
     x = _x(m, k, seed=m + k)
     inv = 1.0 / (torch.rand(k, generator=torch.Generator().manual_seed(k)) * 1.5 + 0.5)
     r = 32
     l1 = (torch.randn(r, k, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
-    l1t = l1.T.contiguous().to(CUDA)
+    l1s = A.lowrank_weights(l1, inv)
     m_pad = A.pad_rows(m)
-    for scale_lr in (False, True):
-        out = A.ActQuantOut(
-            torch.full((m_pad, k), 0x7F, dtype=torch.uint8, device=CUDA).view(torch.float8_e4m3fn),
-            torch.full((m_pad,), float("nan"), device=CUDA),
-            torch.full((m_pad, 2 * r), float("nan"), dtype=torch.bfloat16, device=CUDA),
-            torch.full((m_pad, k // 32), 127, dtype=torch.int8, device=CUDA),
-        )
-        got = A.act_quant(x.to(CUDA), inv.to(CUDA), l1t, clip, off, rule, scale_lowrank=scale_lr,
-                          write_exps=True, reverse=reverse, block_m=bm, out=out)
-        torch.cuda.synchronize()
-        ref = A.act_quant_reference(x, inv, l1, clip, off, rule, scale_lowrank=scale_lr)
-        assert torch.equal(got.q.view(torch.uint8).cpu(), ref.q.view(torch.uint8))
-        assert torch.equal(got.exps.cpu(), ref.exps)
-        assert torch.equal(got.row_scale.cpu(), ref.row_scale)
-        lr = got.lowrank.double().cpu()
-        want = ref.lowrank.double()
-        assert not torch.isnan(lr).any()
-        rel = ((lr[:, :r] + lr[:, r:]) - (want[:, :r] + want[:, r:])).norm() / want[:, :r].norm().clamp_min(1e-30)
-        assert rel < 1e-6
+    out = A.ActQuantOut(
+        torch.full((m_pad, k), 0x7F, dtype=torch.uint8, device=CUDA).view(torch.float8_e4m3fn),
+        torch.full((m_pad,), float("nan"), device=CUDA),
+        torch.full((m_pad, 2 * r), float("nan"), dtype=torch.bfloat16, device=CUDA),
+        torch.full((m_pad, k // 32), 127, dtype=torch.int8, device=CUDA),
+    )
+    got = A.act_quant(x.to(CUDA), inv.to(CUDA), l1s.to(CUDA), clip, off, rule, write_exps=True,
+                      block_m=bm, block_k=bk, out=out)
+    torch.cuda.synchronize()
+    ref = A.act_quant_reference(x, inv, l1s, clip, off, rule)
+    assert torch.equal(got.q.view(torch.uint8).cpu(), ref.q.view(torch.uint8))
+    assert torch.equal(got.exps.cpu(), ref.exps)
+    assert torch.equal(got.row_scale.cpu(), ref.row_scale)
+    lr = got.lowrank.double().cpu()
+    want = ref.lowrank.double()
+    assert not torch.isnan(lr).any()
+    rel = ((lr[:, :r] + lr[:, r:]) - (want[:, :r] + want[:, r:])).norm() / want[:, :r].norm().clamp_min(1e-30)
+    assert rel < 1e-5, rel  # fp32 accumulation order (tensor cores) only
 
 
 @pytest.mark.parametrize("n,k", [(512, 13824), (15360, 5120)])
@@ -100,17 +103,19 @@ def test_expand_kernel_bit_exact(n, k):
 
 
 def _layer_ref64(x: torch.Tensor, p: QuantizedLinearParams, clip: float, off: int) -> torch.Tensor:
-    """The reference forward (fp32 quantization math on CPU, fp64 products)."""
-    xs = x.float() * (1.0 / p.smooth)
+    """The reference forward on the GPU: fp32 quantization math, fp64 products."""
+    x, smooth = x.to(CUDA), p.smooth.to(CUDA)
+    xs = x.float() * (1.0 / smooth)
     xq = fake_quantize(xs, MXFP4, clip, off).double()
-    w = dequantize(Quantized(unpack_nibbles(p.qweight), p.wscales), MXFP4).double()
-    return xq @ w.T + (xs.double() @ p.l1.double().T) @ p.l2.double().T + p.bias.double()
+    w = dequantize(Quantized(unpack_nibbles(p.qweight.to(CUDA)), p.wscales.to(CUDA)), MXFP4).double()
+    l1, l2, bias = p.l1.to(CUDA).double(), p.l2.to(CUDA).double(), p.bias.to(CUDA).double()
+    return xq @ w.T + (xs.double() @ l1.T) @ l2.T + bias
 
 
 GEMM_CONFIGS = [
     G.GemmConfig(),
-    G.GemmConfig(tma=True),
-    G.GemmConfig(block_n=128, num_stages=4, imprecise_acc=128),
+    G.GemmConfig(tma=True, split_epilogue=True),
+    G.GemmConfig(block_k=64, num_stages=4, split_epilogue=True),
 ]
 
 
@@ -123,7 +128,7 @@ def test_triton_gemm_vs_fp64(cfg, m, k, n):
     aq = fast.quantize_input(_x(m, k, seed=3).to(CUDA), 0.9, 0)
     w8 = fast.expand_weight()
     ref = G.gemm_reference(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias,
-                           lowrank_scaled=True)
+                           l2_scaled=True)
     out32 = torch.full((aq.q.shape[0], n), float("nan"), device=CUDA)
     G.gemm_triton(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias, out=out32, config=cfg)
     out16 = torch.full((aq.q.shape[0], n), float("nan"), dtype=torch.bfloat16, device=CUDA)
@@ -131,10 +136,12 @@ def test_triton_gemm_vs_fp64(cfg, m, k, n):
     torch.cuda.synchronize()
     assert not torch.isnan(out32).any() and not torch.isnan(out16).any()
     rel32 = ((out32.double() - ref).norm() / ref.norm()).item()
-    # fp32 accumulation: ~1e-7; Hopper's fast FP8 accumulation keeps ~14 bits per MMA chunk
-    assert rel32 < (1e-6 if cfg.imprecise_acc else 2e-4), rel32
+    print(f"\n[fp8 gemm {cfg.describe()} M={m} K={k} N={n}] rel err before bf16 rounding: {rel32:.3e}")
+    # Hopper's fast FP8 accumulation (what cuBLAS calls use_fast_accum) adds each MMA
+    # chunk with reduced alignment precision; measured well under bf16's 2^-9.
+    assert rel32 < 1e-3, rel32
     err16 = (out16.double() - ref).abs()
-    assert (err16 <= 2.0**-8 * ref.abs() + 4 * rel32 * ref.abs().max()).all()
+    assert (err16 <= 2.0**-8 * ref.abs() + 8 * rel32 * ref.abs().max()).all()
 
 
 @needs_fp8
@@ -149,7 +156,7 @@ def test_fast_layer_vs_reference(backend, m, k, n):
         torch.cuda.synchronize()
         assert y.shape == (1, m, n) and y.dtype == torch.bfloat16 and not torch.isnan(y).any()
         want = _layer_ref64(x, p, clip, int(off))
-        rel = ((y[0].double().cpu() - want).norm() / want.norm()).item()
+        rel = ((y[0].double() - want).norm() / want.norm()).item()
         assert rel < 4e-3, rel  # bf16 output rounding dominates (~1.5e-3)
     assert fast.memory_bytes() < n * k  # less than even an FP8 copy of the weight
 

@@ -157,30 +157,26 @@ def test_fp8_dot_equals_mxfp4_dot(K):
 # ---------------------------------------------------------------------------------
 @interp
 @pytest.mark.parametrize(
-    "m,k,r,rule,clip,off,scale_lr,reverse",
+    "m,k,r,rule,clip,off,bm,bk",
     [
-        (1, 64, 0, "ocp_floor", 1.0, 0, False, False),
-        (5, 128, 8, "safe_ceil", 0.7, -1, True, True),
-        (33, 160, 32, "ocp_floor", 0.9, 1, False, False),
-        (20, 256, 16, "ocp_floor", 0.6, 0, True, False),
-        (2, 5120, 32, "ocp_floor", 1.0, 0, True, True),
+        (1, 64, 0, "ocp_floor", 1.0, 0, 16, 64),
+        (5, 128, 8, "safe_ceil", 0.7, -1, 16, 64),
+        (33, 160, 32, "ocp_floor", 0.9, 1, 32, 32),
+        (20, 256, 16, "ocp_floor", 0.6, 0, 64, 128),
+        (2, 5120, 32, "ocp_floor", 1.0, 0, 16, 512),
     ],
 )
-def test_act_kernel_bit_exact(K, m, k, r, rule, clip, off, scale_lr, reverse):
+def test_act_kernel_bit_exact(K, m, k, r, rule, clip, off, bm, bk):
     x = _activations(m, k, seed=m * 1000 + k)
     g = torch.Generator().manual_seed(k)
     inv = 1.0 / (torch.rand(k, generator=g) * 2 + 0.25)
     l1 = (torch.randn(r, k, generator=g) * 0.05).to(torch.bfloat16) if r else None
+    l1s = K.act_quant.lowrank_weights(l1, inv) if r else None
     r_pad = K.act_quant.padded_rank(r)
-    l1t = None
-    if r:
-        l1t = torch.zeros(k, r_pad, dtype=torch.bfloat16)
-        l1t[:, :r] = l1.T
     m_pad = K.act_quant.pad_rows(m)
     out = _poisoned_act_out(K, m_pad, k, 2 * r_pad)
-    got = K.act_quant.act_quant(x, inv, l1t, clip, off, rule, scale_lowrank=scale_lr, write_exps=True,
-                                reverse=reverse, block_k=64 if k < 1024 else 512, out=out)
-    ref = K.act_quant.act_quant_reference(x, inv, l1, clip, off, rule, scale_lowrank=scale_lr)
+    got = K.act_quant.act_quant(x, inv, l1s, clip, off, rule, write_exps=True, block_m=bm, block_k=bk, out=out)
+    ref = K.act_quant.act_quant_reference(x, inv, l1s, clip, off, rule)
     assert torch.equal(got.q.view(torch.uint8), ref.q.view(torch.uint8))  # codes and exponents
     assert torch.equal(got.exps, ref.exps)
     assert torch.equal(got.row_scale, ref.row_scale)
@@ -189,6 +185,9 @@ def test_act_kernel_bit_exact(K, m, k, r, rule, clip, off, scale_lr, reverse):
         hi_lo = got.lowrank.double()[:, :r_pad] + got.lowrank.double()[:, r_pad:]
         want = ref.lowrank.double()[:, :r_pad] + ref.lowrank.double()[:, r_pad:]
         assert ((hi_lo - want).norm() / want.norm().clamp_min(1e-30)) < 1e-6
+        # and against the layer's own formula, (x * (1/smooth)) @ L1^T in fp32: ~2^-17 apart
+        direct = (x.float() * inv) @ l1.float().T
+        assert ((hi_lo[:m, :r] - direct.double()).norm() / direct.norm()) < 2e-5
 
 
 @interp
@@ -221,16 +220,17 @@ def _gemm_operands(K, m, n, k, r, seed):
 
 
 @interp
-@pytest.mark.parametrize("tma", [False, True])
-def test_gemm_kernel_vs_fp64(K, tma):
+@pytest.mark.parametrize("tma,split", [(False, False), (True, True), (False, True)])
+def test_gemm_kernel_vs_fp64(K, tma, split):
     m, n, k, r = 37, 48, 128, 8
     x, p = _gemm_operands(K, m, n, k, r, seed=7)
     fast = K.dispatch.FastW4A4.prepare(p, "ocp_floor", "cpu", backend="triton")
     aq = fast.quantize_input(x, 1.0, 0)
     w8 = fast.expand_weight()
-    cfg = K.gemm.GemmConfig(block_m=32, block_n=16, block_k=64, group_m=2, num_warps=4, num_stages=2, tma=tma)
+    cfg = K.gemm.GemmConfig(block_m=32, block_n=16, block_k=64, group_m=2, num_warps=4, num_stages=2, tma=tma,
+                            split_epilogue=split)
     ref = K.gemm.gemm_reference(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias,
-                                lowrank_scaled=True)
+                                l2_scaled=True)
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2.0**-8)):
         out = torch.full((aq.q.shape[0], n), float("nan"), dtype=dtype)
         K.gemm.gemm_triton(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias,

@@ -14,14 +14,23 @@ the same way and the tests check both regions.
 
 One kernel reads ``x`` (bf16 ``[M, K]``) and writes, per row block:
   * the e4m3 values ``[M_pad, K]`` and the fp32 row scales ``2^s`` ``[M_pad]``;
-  * the low-rank down projection ``(x / smooth) @ L1^T`` as bf16 ``[M_pad, NSPLIT * R]``:
-    with ``NSPLIT = 2`` a hi/lo pair whose sum carries ~16 mantissa bits, so the
-    low-rank branch is about fp32-accurate although its GEMMs run in bf16;
-    optionally pre-multiplied by ``2^-s`` so a GEMM can put it into the accumulator
-    before the row scale is applied (see :mod:`wanquant.kernels.gemm`).
+  * the low-rank down projection ``(x / smooth) @ L1^T`` as bf16 ``[M_pad, NSPLIT * R]``.
+    The smoothing is folded into the projection at load time (``L1s = L1 diag(1/s)``,
+    kept as a bf16 hi/lo pair, :func:`lowrank_weights`), so the raw bf16 ``x`` tile is
+    the tensor-core operand; the fp32 result is written as a hi/lo bf16 pair
+    (``NSPLIT = 2``) whose sum carries ~16 mantissa bits. The low-rank branch is thus
+    about fp32-accurate although all its GEMMs run in bf16.
 
 It makes two passes over each row block: the row maximum must be known before any
-value is written. The second pass re-reads the block, normally from L2.
+value is written. The first pass also runs the low-rank dot; the second re-reads
+``x`` and writes the e4m3 values.
+
+Rounding in the second pass works at the row scale directly: with ``u = |x'| 2^-s`` and
+a group shift ``d = e_g - s``, E2M1 rounding is round-to-nearest-even at spacing
+``2^(max(floor(log2 u), d) - 1)`` (one mantissa bit; 2^(d-1) in the E2M1 subnormal
+range), done by adding and subtracting ``1.5 * 2^(23 + spacing)``; saturation is
+``min(., 6 * 2^d)``; the cast to e4m3 then rounds to nearest even (a no-op unless
+``d < -8``). About 20 instructions per element in the second pass.
 
 Every kernel here has a PyTorch reference built from :mod:`wanquant.numerics.formats`.
 Kernel code avoids the two things Triton's CPU interpreter does differently from the
@@ -38,15 +47,10 @@ from typing import NamedTuple
 import torch
 
 from wanquant.numerics.formats import (
-    E2M1_EMAX,
-    E8M0_MAX_EXP,
     E8M0_MIN_EXP,
-    MXFP4,
     QuantFormat,
     ScaleRule,
     dequantize,
-    floor_log2,
-    mx_group_exponents,
     quantize,
 )
 
@@ -109,11 +113,11 @@ class ActQuantOut(NamedTuple):
 
     q: torch.Tensor  # float8_e4m3fn [M_pad, K]
     row_scale: torch.Tensor  # fp32 [M_pad], 2^s
-    lowrank: torch.Tensor | None  # bf16 [M_pad, NSPLIT * R_pad] (hi | lo), times 2^-s if scaled
+    lowrank: torch.Tensor | None  # bf16 [M_pad, NSPLIT * R_pad]: (hi | lo) of (x / smooth) @ L1^T
     exps: torch.Tensor | None  # int8 [M_pad, K / 32] group exponents (debug output)
 
 
-def _bf16_split(v: torch.Tensor, nsplit: int) -> list[torch.Tensor]:
+def bf16_split(v: torch.Tensor, nsplit: int) -> list[torch.Tensor]:
     """``v`` (fp32) as ``nsplit`` bf16 terms whose sum approximates it (hi, then lo)."""
     hi = v.to(torch.bfloat16)
     if nsplit == 1:
@@ -121,22 +125,40 @@ def _bf16_split(v: torch.Tensor, nsplit: int) -> list[torch.Tensor]:
     return [hi, (v - hi.float()).to(torch.bfloat16)]
 
 
+def lowrank_weights(l1: torch.Tensor, inv_smooth: torch.Tensor, nsplit: int = 2) -> torch.Tensor:
+    """The kernel's low-rank operand ``(L1 diag(1/smooth))^T``, bf16 ``[K, nsplit * R_pad]``.
+
+    Folding the smoothing into L1 lets the raw bf16 input feed the tensor cores; the fp32
+    product ``L1 * (1/smooth)`` is kept as hi | lo bf16 column blocks (~16 mantissa bits),
+    which one dot of width ``nsplit * R_pad`` applies at once.
+    """
+    r, k = l1.shape
+    r_pad = padded_rank(r)
+    folded = torch.zeros(k, r_pad, dtype=torch.float32, device=l1.device)
+    folded[:, :r] = (l1.float() * inv_smooth.float()[None, :]).T
+    return torch.cat(bf16_split(folded, nsplit), dim=1).contiguous()
+
+
+def lowrank_width(l1s: torch.Tensor | None, nsplit_w: int = 2) -> int:
+    """R_pad of a :func:`lowrank_weights` operand (0 for None)."""
+    return 0 if l1s is None else l1s.shape[1] // nsplit_w
+
+
 def act_quant_reference(
     x: torch.Tensor,
     inv_smooth: torch.Tensor,
-    l1: torch.Tensor | None,
+    l1s: torch.Tensor | None,
     clip_ratio: float,
     exp_offset: int,
     scale_rule: ScaleRule = "ocp_floor",
     nsplit: int = 2,
-    scale_lowrank: bool = False,
     m_pad: int | None = None,
 ) -> ActQuantOut:
     """What :func:`act_quant` computes, from :mod:`wanquant.numerics.formats` (CPU, fp32).
 
-    ``x [M, K]``; ``inv_smooth = 1 / smooth`` (fp32 [K]); ``l1 [r, K]`` (bf16) or None.
-    The low-rank output is computed in fp64 from the same bf16 hi/lo split of ``x / s``
-    that the kernel feeds its tensor cores, so it differs from the kernel's only by
+    ``x [M, K]``; ``inv_smooth = 1 / smooth`` (fp32 [K]); ``l1s`` from
+    :func:`lowrank_weights` or None. The low-rank output is the fp64 product of the
+    kernel's own operands (``x`` and ``l1s``), so it differs from the kernel's only by
     fp32 accumulation order.
     """
     m, k = x.shape
@@ -156,16 +178,11 @@ def act_quant_reference(
     exps[:m] = e.to(torch.int8)
 
     lowrank = None
-    if l1 is not None and l1.shape[0] > 0:
-        r_pad = padded_rank(l1.shape[0])
-        l1p = torch.zeros(r_pad, k, dtype=torch.float64)
-        l1p[: l1.shape[0]] = l1.double()
-        parts = _bf16_split(xs, nsplit)
-        lr = sum(p.double() for p in parts) @ l1p.T  # fp64 of the kernel's operands
-        if scale_lowrank:
-            lr = lr * torch.exp2(-s.double()).unsqueeze(-1)
+    if l1s is not None:
+        r_pad = lowrank_width(l1s)
+        lr = x.double() @ (l1s[:, :r_pad].double() + l1s[:, r_pad:].double())  # fp64 of the kernel's operands
         lowrank = torch.zeros(m_pad, nsplit * r_pad, dtype=torch.bfloat16)
-        for i, part in enumerate(_bf16_split(lr.float(), nsplit)):
+        for i, part in enumerate(bf16_split(lr.float(), nsplit)):
             lowrank[:m, i * r_pad : (i + 1) * r_pad] = part
     return ActQuantOut(out_q, row_scale, lowrank, exps)
 
@@ -193,18 +210,6 @@ if HAS_TRITON:
         return tl.minimum(tl.maximum(e, -127), 127)
 
     @triton.jit
-    def _e2m1_magnitude(m):
-        """Round magnitudes ``m >= 0`` to E2M1 values: nearest, ties to even, saturate at 6."""
-        r = tl.where(m > 0.25, 0.5, 0.0)
-        r = tl.where(m >= 0.75, 1.0, r)
-        r = tl.where(m > 1.25, 1.5, r)
-        r = tl.where(m >= 1.75, 2.0, r)
-        r = tl.where(m > 2.5, 3.0, r)
-        r = tl.where(m >= 3.5, 4.0, r)
-        r = tl.where(m > 5.0, 6.0, r)
-        return r
-
-    @triton.jit
     def _to_e4m3_grid(q, d):
         """``q * 2^d`` (q an E2M1 magnitude, d <= 6 int) rounded onto e4m3's grid, as fp32.
 
@@ -225,10 +230,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _act_quant_kernel(
-        x_ptr, inv_s_ptr, l1t_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr,
+        x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr,
         M, M_pad, K, stride_xm, clip_ratio, exp_offset,
-        R: tl.constexpr, NSPLIT: tl.constexpr, HAS_LR: tl.constexpr, SCALE_LR: tl.constexpr,
-        SAFE_CEIL: tl.constexpr, WRITE_EXPS: tl.constexpr, REVERSE: tl.constexpr,
+        R: tl.constexpr, NSPLIT_W: tl.constexpr, NSPLIT: tl.constexpr, HAS_LR: tl.constexpr,
+        SAFE_CEIL: tl.constexpr, WRITE_EXPS: tl.constexpr,
         INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -240,57 +245,63 @@ if HAS_TRITON:
         nk = K // BK
 
         # ---- pass 1: row absmax (-> row exponent) and the low-rank down projection ----
+        RW: tl.constexpr = NSPLIT_W * R  # hi | lo column blocks of L1 diag(1/smooth)
         amax = tl.zeros((BM,), dtype=tl.float32)
         if HAS_LR:
-            lr = tl.zeros((BM, R), dtype=tl.float32)
-            rr = tl.arange(0, R)
+            acc = tl.zeros((BM, RW), dtype=tl.float32)
+            rw = tl.arange(0, RW)
         for kb in range(nk):
             cols = kb * BK + cols0
             x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None], other=0.0)
             xs = x.to(tl.float32) * tl.load(inv_s_ptr + cols)[None, :]
             amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
             if HAS_LR:
-                w = tl.load(l1t_ptr + cols[:, None] * R + rr[None, :])  # [BK, R] bf16
-                hi = _round_bf16(xs)
-                if INTERPRET:
-                    lr = tl.dot(hi, w.to(tl.float32), lr, input_precision="ieee")
+                w = tl.load(l1s_ptr + cols[:, None] * RW + rw[None, :])  # [BK, RW] bf16
+                if INTERPRET:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+                    acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
                 else:
-                    lr = tl.dot(hi.to(tl.bfloat16), w, lr)
-                if NSPLIT == 2:
-                    lo = _round_bf16(xs - hi)
-                    if INTERPRET:
-                        lr = tl.dot(lo, w.to(tl.float32), lr, input_precision="ieee")
-                    else:
-                        lr = tl.dot(lo.to(tl.bfloat16), w, lr)
+                    acc = tl.dot(x, w, acc)
 
         e_row = _mx_exponent(amax, clip_ratio, exp_offset, SAFE_CEIL)
         s = tl.maximum(e_row - 6, -100)  # HEADROOM, ROW_EXP_MIN
         tl.store(sa_ptr + rows, _exp2i(s), mask=row_in)
         if HAS_LR:
-            if SCALE_LR:
-                lr = lr * _exp2i(-s)[:, None]
+            lr = tl.sum(tl.reshape(acc, (BM, NSPLIT_W, R)), axis=1)  # x.hi + x.lo
+            rr = tl.arange(0, R)
             lr_hi = _round_bf16(lr)
             lr_base = lr_ptr + rows64[:, None] * (NSPLIT * R) + rr[None, :]
             tl.store(lr_base, lr_hi.to(tl.bfloat16), mask=row_in[:, None])
             if NSPLIT == 2:
                 tl.store(lr_base + R, _round_bf16(lr - lr_hi).to(tl.bfloat16), mask=row_in[:, None])
 
-        # ---- pass 2: group exponents, E2M1 rounding, e4m3 values relative to 2^s ----
+        # ---- pass 2: group exponents, E2M1 rounding at the row scale, e4m3 values ----
+        # (x is re-read; the next tile's load is issued before this one is processed so
+        # that a load is always in flight: Triton pipelines only loops with dots.)
         G: tl.constexpr = BK // 32
-        for kb0 in range(nk):
-            if REVERSE:  # most recently read columns first: better L2 reuse for long rows
-                kb = nk - 1 - kb0
-            else:
-                kb = kb0
+        inv_row = _exp2i(-s)[:, None, None]
+        x_ptrs = x_ptr + rows64[:, None] * stride_xm + cols0[None, :]
+        x_next = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+        inv_next = tl.load(inv_s_ptr + cols0)
+        for kb in range(nk):
             cols = kb * BK + cols0
-            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None], other=0.0)
-            xs = x.to(tl.float32) * tl.load(inv_s_ptr + cols)[None, :]
-            xs3 = tl.reshape(xs, (BM, G, 32))
+            x = x_next
+            inv = inv_next
+            k_next = tl.minimum(kb + 1, nk - 1) * BK  # the last iteration re-reads its own tile (cached)
+            x_next = tl.load(x_ptrs + k_next, mask=row_ok[:, None], other=0.0)
+            inv_next = tl.load(inv_s_ptr + k_next + cols0)
+            xs3 = tl.reshape(x.to(tl.float32) * inv[None, :], (BM, G, 32))
             ax3 = tl.abs(xs3)
             e = _mx_exponent(tl.max(ax3, axis=2), clip_ratio, exp_offset, SAFE_CEIL)  # [BM, G]
-            mag = _e2m1_magnitude(ax3 * _exp2i(-e)[:, :, None])
-            val = _to_e4m3_grid(mag, (e - s[:, None])[:, :, None])
-            val = tl.where((xs3 < 0) & (val > 0), -val, val)  # -0 stays +0, as in formats
+            d = tl.maximum(e - s[:, None], -30)[:, :, None]  # group shift vs the row scale
+            u = ax3 * inv_row  # exact: power-of-two scaling
+            ub = u.to(tl.int32, bitcast=True) >> 23  # biased binade of u (u >= 0)
+            sp = tl.maximum(ub, d + 127)  # biased exponent of (spacing * 2)
+            magic = ((sp + 22) << 23 | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2^(23 + spacing)
+            r = (u + magic) - magic  # E2M1 round-to-nearest-even at this element's spacing
+            r = tl.minimum(r, _exp2i(d) * 6.0)  # E2M1 saturates at 6
+            if INTERPRET:  # e4m3's 2^-9 grid (1.5 * 2^14), changes only d < -8: the GPU's cast
+                r = (r + 24576.0) - 24576.0  # rounds to nearest even itself, the interpreter's truncates
+            val = tl.where((xs3 < 0) & (r > 0), -r, r)  # -0 stays +0, as in formats
             out = tl.reshape(val, (BM, BK)).to(tl.float8e4nv)
             tl.store(q_ptr + rows64[:, None] * K + cols[None, :], out, mask=row_in[:, None])
             if WRITE_EXPS:
@@ -311,36 +322,38 @@ def _pick_bk(k: int, preferred: int = 512, minimum: int = GROUP) -> int:
 def act_quant(
     x: torch.Tensor,
     inv_smooth: torch.Tensor,
-    l1t: torch.Tensor | None,
+    l1s: torch.Tensor | None,
     clip_ratio: float,
     exp_offset: int,
     scale_rule: ScaleRule = "ocp_floor",
     nsplit: int = 2,
-    scale_lowrank: bool = False,
     m_pad: int | None = None,
     write_exps: bool = False,
-    block_m: int = 16,
-    block_k: int = 512,
+    block_m: int = 64,
+    block_k: int = 128,
     num_warps: int = 8,
-    reverse: bool = False,
+    num_stages: int = 3,
     out: ActQuantOut | None = None,
 ) -> ActQuantOut:
-    """Quantize ``x [M, K]`` (bf16 or fp32) to e4m3 rows; see the module docstring.
+    """Quantize ``x [M, K]`` (bf16) to e4m3 rows; see the module docstring.
 
-    ``l1t``: the low-rank down projection transposed and zero-padded, bf16 ``[K, R_pad]``
-    (``R_pad = padded_rank(r)``), or None. ``out`` lets a caller reuse buffers.
+    ``l1s``: the folded low-rank projection from :func:`lowrank_weights` (bf16
+    ``[K, 2 * R_pad]``), or None. ``out`` lets a caller reuse (or poison) buffers.
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
-    if x.ndim != 2 or x.stride(1) != 1:
-        raise ValueError("x must be a 2-D tensor with contiguous rows")
+    if x.ndim != 2 or x.stride(1) != 1 or x.dtype != torch.bfloat16:
+        raise ValueError("x must be a bf16 2-D tensor with contiguous rows")
     m, k = x.shape
     if k % GROUP:
         raise ValueError(f"K={k} must be a multiple of {GROUP}")
     if not 0.0 < clip_ratio <= 1.0:
         raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
     m_pad = pad_rows(m) if m_pad is None else m_pad
-    r = 0 if l1t is None else l1t.shape[1]
+    nsplit_w = 2
+    r = lowrank_width(l1s, nsplit_w)
+    if r and (l1s.shape[0] != k or not l1s.is_contiguous()):
+        raise ValueError(f"l1s must be contiguous [{k}, 2 * R_pad] (lowrank_weights), got {tuple(l1s.shape)}")
     dev = x.device
     if out is None:
         out = ActQuantOut(
@@ -353,18 +366,18 @@ def act_quant(
     grid = (triton.cdiv(m_pad, block_m),)
     dummy = out.row_scale
     _act_quant_kernel[grid](
-        x, inv_smooth, l1t if r else dummy, out.q, out.row_scale,
+        x, inv_smooth, l1s if r else dummy, out.q, out.row_scale,
         out.lowrank if r else dummy, out.exps if write_exps else dummy,
         m, m_pad, k, x.stride(0), float(clip_ratio), int(exp_offset),
-        R=max(r, 16), NSPLIT=nsplit, HAS_LR=r > 0, SCALE_LR=scale_lowrank,
-        SAFE_CEIL=scale_rule == "safe_ceil", WRITE_EXPS=write_exps, REVERSE=reverse,
-        INTERPRET=interpreting(), BM=block_m, BK=bk, num_warps=num_warps,
+        R=max(r, 16), NSPLIT_W=nsplit_w, NSPLIT=nsplit, HAS_LR=r > 0,
+        SAFE_CEIL=scale_rule == "safe_ceil", WRITE_EXPS=write_exps,
+        INTERPRET=interpreting(), BM=block_m, BK=bk, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
 __all__ = [
-    "ActQuantOut", "GROUP", "HEADROOM", "ROW_EXP_MIN", "act_quant", "act_quant_reference",
-    "fp8_rows_reference", "interpreting", "pad_rows", "padded_rank", "row_exponents_from_group_exponents",
-    "E2M1_EMAX", "E8M0_MAX_EXP", "MXFP4", "floor_log2", "mx_group_exponents",
+    "ActQuantOut", "GROUP", "HEADROOM", "ROW_EXP_MIN", "act_quant", "act_quant_reference", "bf16_split",
+    "fp8_rows_reference", "interpreting", "lowrank_weights", "lowrank_width", "pad_rows", "padded_rank",
+    "row_exponents_from_group_exponents",
 ]

@@ -26,6 +26,7 @@ from wanquant.kernels.act_quant import (
     HAS_TRITON,
     act_quant,
     interpreting,
+    lowrank_weights,
     pad_rows,
     padded_rank,
 )
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 FAST_PATH_NAME = "hopper-fp8: triton act-quant + fused triton FP8 GEMM"
 DEFAULT_BACKEND = "triton"
 BACKENDS = ("triton", "cublas")
-ACT_LAUNCH = (16, 512, 8, False)  # block_m, block_k, num_warps, reverse
+ACT_LAUNCH = (64, 128, 8, 3)  # block_m, block_k, num_warps, num_stages
 NSPLIT = 2  # low-rank activations as a bf16 hi/lo pair: ~fp32-accurate branch for ~1 % time
 
 
@@ -102,7 +103,8 @@ class FastW4A4:
     """A quantized linear prepared for the Hopper FP8 path; call it like the layer.
 
     Holds (persistent): packed codes, E8M0 scales, per-row weight exponents and scales,
-    1/smooth, L1^T (padded), [L2|L2] (padded; times 2^-s_w for the Triton GEMM), bias.
+    1/smooth, (L1 diag(1/smooth))^T as hi|lo bf16 (padded), [L2|L2] (padded; times 2^-s_w
+    for the Triton GEMM), bias.
     """
 
     def __init__(self) -> None:
@@ -128,7 +130,7 @@ class FastW4A4:
         self.backend = backend or _backend_choice()
         self.gemm_config = gemm_config or DEFAULT_CONFIG
         # activation-kernel launch parameters (benchmarks/KERNEL_NOTES.md: how they were chosen)
-        self.act_block_m, self.act_block_k, self.act_warps, self.act_reverse = ACT_LAUNCH
+        self.act_block_m, self.act_block_k, self.act_warps, self.act_stages = ACT_LAUNCH
         self.device = device
         self.qweight = params.qweight.to(device).contiguous()
         self.wscales = params.wscales.to(device).contiguous()
@@ -137,35 +139,33 @@ class FastW4A4:
         # Multiply by the fp32 reciprocal, exactly as the reference layer does.
         self.inv_smooth = (1.0 / params.smooth.to(device=device, dtype=torch.float32)).contiguous()
         self.bias = None if params.bias is None else params.bias.to(device=device, dtype=torch.bfloat16).contiguous()
-        self.l1t, self.l2cat = self._lowrank_operands(params, device)
+        self.l1s, self.l2cat = self._lowrank_operands(params, device)
         return self
 
     def _lowrank_operands(self, params: "QuantizedLinearParams", device: torch.device):
-        """L1^T zero-padded to ``[K, R_pad]`` and ``[L2|L2]`` ``[N, NSPLIT*R_pad]`` (bf16)."""
+        """``(L1 diag(1/smooth))^T`` as hi|lo bf16 ``[K, 2*R_pad]`` and ``[L2|L2]`` ``[N, NSPLIT*R_pad]``."""
         if self.rank == 0:
             return None, None
         r_pad = padded_rank(self.rank)
-        l1t = torch.zeros(self.k, r_pad, dtype=torch.bfloat16, device=device)
-        l1t[:, : self.rank] = params.l1.to(device=device, dtype=torch.bfloat16).T
+        l1s = lowrank_weights(params.l1.to(device=device, dtype=torch.bfloat16), self.inv_smooth)
         l2 = torch.zeros(self.n, r_pad, dtype=torch.float32, device=device)
         l2[:, : self.rank] = params.l2.to(device=device, dtype=torch.bfloat16).float()
         if self.backend == "triton":  # divided by the row scale: exact (power of two)
             l2 = l2 * torch.exp2(-self.s_w.float())[:, None]
         l2cat = torch.cat([l2] * NSPLIT, dim=1).to(torch.bfloat16).contiguous()
-        return l1t, l2cat
+        return l1s, l2cat
 
     def memory_bytes(self) -> int:
         """Persistent device bytes this layer holds (the shared scratch is not counted)."""
         tensors = (self.qweight, self.wscales, self.s_w, self.w_row_scale, self.inv_smooth,
-                   self.bias, self.l1t, self.l2cat)
+                   self.bias, self.l1s, self.l2cat)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def quantize_input(self, x2: torch.Tensor, clip_ratio: float, exp_offset: int):
         """Step 1 alone (benchmarks time it separately)."""
-        return act_quant(x2, self.inv_smooth, self.l1t, clip_ratio, exp_offset, self.act_scale_rule,
-                         nsplit=NSPLIT, scale_lowrank=self.backend == "triton", m_pad=pad_rows(x2.shape[0]),
-                         block_m=self.act_block_m, block_k=self.act_block_k, num_warps=self.act_warps,
-                         reverse=self.act_reverse)
+        return act_quant(x2, self.inv_smooth, self.l1s, clip_ratio, exp_offset, self.act_scale_rule,
+                         nsplit=NSPLIT, m_pad=pad_rows(x2.shape[0]), block_m=self.act_block_m,
+                         block_k=self.act_block_k, num_warps=self.act_warps, num_stages=self.act_stages)
 
     def expand_weight(self) -> torch.Tensor:
         """Step 2 alone: the e4m3 weight in the shared scratch buffer."""

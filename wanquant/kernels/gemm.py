@@ -10,10 +10,10 @@
 Two implementations:
 
 * :func:`gemm_triton`: one Triton kernel. The low-rank term goes into the accumulator
-  *before* the FP8 main loop, already divided by the two row scales (``lr`` arrives
-  times ``2^-s_a``, ``l2cat`` is stored times ``2^-s_w``; powers of two, so exact), and
-  the epilogue multiplies everything by ``2^(s_a + s_w)`` and adds the bias. No second
-  pass over the output. Pointer loads, or TMA descriptors with a persistent grid.
+  *before* the FP8 main loop, divided by the two row scales (``l2cat`` is stored times
+  ``2^-s_w``, the kernel multiplies by ``2^-s_a``; powers of two, so exact), and the
+  epilogue multiplies everything by ``2^(s_a + s_w)`` and adds the bias. No second pass
+  over the output. Pointer loads, or TMA descriptors with a persistent grid.
 * :func:`gemm_cublas`: ``torch._scaled_mm`` with rowwise scales (+ bias), then the
   low-rank term as an in-place bf16 ``addmm_`` (a second pass over the output).
 
@@ -48,11 +48,16 @@ class GemmConfig:
     tma: bool = False  # TMA descriptors + persistent grid (sm_90+)
     # None: Hopper's fast FP8 accumulation; an int: promote to fp32 every that many K.
     imprecise_acc: int | None = None
+    flatten: bool = False  # TMA only: pipeline across tiles of the persistent loop
+    programs_per_sm: int = 1  # TMA only: persistent programs per SM
+    split_epilogue: bool = False  # store the tile as two column halves (fewer live registers)
 
     def describe(self) -> str:
         acc = "fast" if self.imprecise_acc is None else f"promote{self.imprecise_acc}"
-        kind = "tma" if self.tma else "ptr"
-        return f"{kind}-{self.block_m}x{self.block_n}x{self.block_k}-w{self.num_warps}-s{self.num_stages}-{acc}"
+        kind = ("tmaflat" if self.flatten else "tma") if self.tma else "ptr"
+        kind += "-split" if self.split_epilogue else ""
+        return (f"{kind}-{self.block_m}x{self.block_n}x{self.block_k}-w{self.num_warps}-s{self.num_stages}"
+                f"-g{self.group_m}-{acc}")
 
 
 DEFAULT_CONFIG = GemmConfig()
@@ -66,19 +71,18 @@ def gemm_reference(
     lowrank: torch.Tensor | None = None,
     l2cat: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    lowrank_scaled: bool = False,
+    l2_scaled: bool = False,
 ) -> torch.Tensor:
     """fp64 result of the GEMM on exactly the operands the kernels receive.
 
-    ``lowrank_scaled``: ``lowrank`` holds ``lr * 2^-s_a`` and ``l2cat`` holds
-    ``l2 * 2^-s_w`` (the Triton layout); they are scaled back here.
+    ``l2_scaled``: ``l2cat`` holds ``[L2|L2] * 2^-s_w`` (the Triton layout); scaled back here.
     """
     y = (a8.double() * sa.double()[:, None]) @ (w8.double() * sw.double()[:, None]).T
     if lowrank is not None:
-        lr, l2 = lowrank.double(), l2cat.double()
-        if lowrank_scaled:
-            lr, l2 = lr * sa.double()[:, None], l2 * sw.double()[:, None]
-        y = y + lr @ l2.T
+        l2 = l2cat.double()
+        if l2_scaled:
+            l2 = l2 * sw.double()[:, None]
+        y = y + lowrank.double() @ l2.T
     if bias is not None:
         y = y + bias.double()
     return y
@@ -97,16 +101,27 @@ if HAS_TRITON:
         return pid_m, pid_n
 
     @triton.jit
-    def _lowrank_init(lr_ptr, l2_ptr, rm, rn, RC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    def _inv_pow2(v):
+        """1 / v for a normal power of two v, exactly (negate the exponent bits)."""
+        return ((254 << 23) - v.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _lowrank_init(lr_ptr, l2_ptr, sa_ptr, rm, rn, RC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       INTERPRET: tl.constexpr):
-        """The low-rank term (already divided by the row scales) as the starting accumulator."""
+        """The low-rank term divided by both row scales: the starting accumulator.
+
+        ``l2cat`` already holds ``L2 * 2^-s_w``; the ``2^-s_a`` factor is applied here
+        (exact), so the epilogue's ``* 2^(s_a + s_w)`` restores it.
+        """
         rk = tl.arange(0, RC)
         lr = tl.load(lr_ptr + rm.to(tl.int64)[:, None] * RC + rk[None, :])  # [BM, RC] bf16
         l2t = tl.load(l2_ptr + rn.to(tl.int64)[None, :] * RC + rk[:, None])  # [RC, BN] bf16
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if INTERPRET:  # the CPU interpreter's bf16 dot is wrong; bf16 products are exact in fp32
-            return tl.dot(lr.to(tl.float32), l2t.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(lr, l2t, acc)
+            acc = tl.dot(lr.to(tl.float32), l2t.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(lr, l2t, acc)
+        return acc * _inv_pow2(tl.load(sa_ptr + rm))[:, None]
 
     @triton.jit
     def _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, rn, M, N, stride_cm,
@@ -125,12 +140,32 @@ if HAS_TRITON:
         tl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _store_tile(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, pid_m, pid_n, M, N, stride_cm,
+                    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, SPLIT_EPI: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr):
+        """The epilogue on the whole tile, or on its two column halves in turn (fewer live registers)."""
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        rm = tl.where(offs_m < M, offs_m, 0)
+        if SPLIT_EPI:
+            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            offs_n = pid_n * BN + tl.arange(0, BN // 2)
+            _epilogue(h0, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, tl.where(offs_n < N, offs_n, 0),
+                      M, N, stride_cm, HAS_BIAS, INTERPRET)
+            offs_n = offs_n + BN // 2
+            _epilogue(h1, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, tl.where(offs_n < N, offs_n, 0),
+                      M, N, stride_cm, HAS_BIAS, INTERPRET)
+        else:
+            offs_n = pid_n * BN + tl.arange(0, BN)
+            _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, tl.where(offs_n < N, offs_n, 0),
+                      M, N, stride_cm, HAS_BIAS, INTERPRET)
+
+    @triton.jit
     def _fp8_gemm_kernel(
         a_ptr, b_ptr, sa_ptr, sb_ptr, lr_ptr, l2_ptr, bias_ptr, c_ptr,
         M, N, K, stride_cm,
         RC: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-        IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr,
+        IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr, SPLIT_EPI: tl.constexpr,
     ):
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BM)
@@ -142,7 +177,7 @@ if HAS_TRITON:
         rm = tl.where(offs_m < M, offs_m, 0)
         rn = tl.where(offs_n < N, offs_n, 0)
         if HAS_LR:
-            acc = _lowrank_init(lr_ptr, l2_ptr, rm, rn, RC, BM, BN, INTERPRET)
+            acc = _lowrank_init(lr_ptr, l2_ptr, sa_ptr, rm, rn, RC, BM, BN, INTERPRET)
         else:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
         offs_k = tl.arange(0, BK)
@@ -154,36 +189,52 @@ if HAS_TRITON:
             acc = tl.dot(a, b, acc, max_num_imprecise_acc=IMPRECISE_ACC)
             a_ptrs += BK
             b_ptrs += BK
-        _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, rn, M, N, stride_cm,
-                  HAS_BIAS, INTERPRET)
+        _store_tile(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, pid_m, pid_n, M, N, stride_cm,
+                    HAS_BIAS, INTERPRET, SPLIT_EPI, BM, BN)
+
+    @triton.jit
+    def _tma_tile(tile_id, a_desc, b_desc, sa_ptr, sb_ptr, lr_ptr, l2_ptr, bias_ptr, c_ptr, M, N, K, stride_cm,
+                  RC: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                  IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr, SPLIT_EPI: tl.constexpr):
+        """One output tile of the persistent TMA kernel."""
+        pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+        if HAS_LR:
+            offs_m = pid_m * BM + tl.arange(0, BM)
+            offs_n = pid_n * BN + tl.arange(0, BN)
+            acc = _lowrank_init(lr_ptr, l2_ptr, sa_ptr, tl.where(offs_m < M, offs_m, 0),
+                                tl.where(offs_n < N, offs_n, 0), RC, BM, BN, INTERPRET)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(K // BK):
+            a = a_desc.load([pid_m * BM, kb * BK])  # out-of-range rows arrive as zeros
+            b = b_desc.load([pid_n * BN, kb * BK])
+            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=IMPRECISE_ACC)
+        _store_tile(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, pid_m, pid_n, M, N, stride_cm,
+                    HAS_BIAS, INTERPRET, SPLIT_EPI, BM, BN)
 
     @triton.jit
     def _fp8_gemm_tma_kernel(
         a_desc, b_desc, sa_ptr, sb_ptr, lr_ptr, l2_ptr, bias_ptr, c_ptr,
-        M, N, K, stride_cm,
+        M, N, K, stride_cm, num_programs,
         RC: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-        IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+        IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr, FLATTEN: tl.constexpr, SPLIT_EPI: tl.constexpr,
     ):
-        num_pid_m = tl.cdiv(M, BM)
-        num_pid_n = tl.cdiv(N, BN)
-        num_tiles = num_pid_m * num_pid_n
-        for tile_id in range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
-            pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
-            offs_m = pid_m * BM + tl.arange(0, BM)
-            offs_n = pid_n * BN + tl.arange(0, BN)
-            rm = tl.where(offs_m < M, offs_m, 0)
-            rn = tl.where(offs_n < N, offs_n, 0)
-            if HAS_LR:
-                acc = _lowrank_init(lr_ptr, l2_ptr, rm, rn, RC, BM, BN, INTERPRET)
-            else:
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for kb in range(0, K // BK):
-                a = a_desc.load([pid_m * BM, kb * BK])  # out-of-range rows arrive as zeros
-                b = b_desc.load([pid_n * BN, kb * BK])
-                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=IMPRECISE_ACC)
-            _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, rn, M, N, stride_cm,
-                      HAS_BIAS, INTERPRET)
+        """Persistent variant: TMA loads, ``num_programs`` programs walk the tiles.
+
+        ``FLATTEN`` lets Triton software-pipeline across tile boundaries (the next
+        tile's loads start during this tile's epilogue).
+        """
+        num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+        if FLATTEN:
+            for tile_id in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+                _tma_tile(tile_id, a_desc, b_desc, sa_ptr, sb_ptr, lr_ptr, l2_ptr, bias_ptr, c_ptr, M, N, K,
+                          stride_cm, RC, HAS_LR, HAS_BIAS, BM, BN, BK, GROUP_M, IMPRECISE_ACC, INTERPRET, SPLIT_EPI)
+        else:
+            for tile_id in range(tl.program_id(0), num_tiles, num_programs):
+                _tma_tile(tile_id, a_desc, b_desc, sa_ptr, sb_ptr, lr_ptr, l2_ptr, bias_ptr, c_ptr, M, N, K,
+                          stride_cm, RC, HAS_LR, HAS_BIAS, BM, BN, BK, GROUP_M, IMPRECISE_ACC, INTERPRET, SPLIT_EPI)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -205,7 +256,7 @@ def gemm_triton(
 ) -> torch.Tensor:
     """Fused FP8 GEMM + low-rank + bias (see the module docstring). Returns ``out [M, N]``.
 
-    ``lowrank`` must hold ``lr * 2^-s_a`` and ``l2cat_scaled`` ``[L2|L2] * 2^-s_w``.
+    ``lowrank`` is the activation kernel's ``(hi | lo)``; ``l2cat_scaled`` is ``[L2|L2] * 2^-s_w``.
     ``out`` may be bf16 (the layer's output) or fp32 (tests: error before bf16 rounding).
     """
     if not HAS_TRITON:
@@ -229,7 +280,7 @@ def gemm_triton(
     dummy = sa
     common = dict(
         RC=rc, HAS_LR=has_lr, HAS_BIAS=bias is not None, BM=cfg.block_m, BN=cfg.block_n, BK=bk,
-        GROUP_M=cfg.group_m, IMPRECISE_ACC=cfg.imprecise_acc, INTERPRET=interpreting(),
+        GROUP_M=cfg.group_m, IMPRECISE_ACC=cfg.imprecise_acc, INTERPRET=interpreting(), SPLIT_EPI=cfg.split_epilogue,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     args = (sa, sw, lowrank if has_lr else dummy, l2cat_scaled if has_lr else dummy,
@@ -240,8 +291,8 @@ def gemm_triton(
 
         a_desc = TensorDescriptor.from_tensor(a8, [cfg.block_m, bk])
         b_desc = TensorDescriptor.from_tensor(w8, [cfg.block_n, bk])
-        programs = min(tiles, _num_sms(a8.device))
-        _fp8_gemm_tma_kernel[(programs,)](a_desc, b_desc, *args, NUM_PROGRAMS=programs, **common)
+        programs = min(tiles, _num_sms(a8.device) * cfg.programs_per_sm)
+        _fp8_gemm_tma_kernel[(programs,)](a_desc, b_desc, *args, programs, FLATTEN=cfg.flatten, **common)
     else:
         _fp8_gemm_kernel[(tiles,)](a8, w8, *args, **common)
     return out
@@ -279,8 +330,7 @@ def gemm_cublas(
 ) -> torch.Tensor:
     """cuBLAS FP8 rowwise GEMM (+ bias), then ``out += lowrank @ l2cat^T`` in bf16.
 
-    ``lowrank``/``l2cat`` are unscaled here (``scale_lowrank=False`` in the activation
-    kernel). Output bf16 ``[M, N]``; rounded to bf16 twice (after each GEMM).
+    ``l2cat`` is unscaled here. Output bf16 ``[M, N]``; rounded to bf16 twice (after each GEMM).
     """
     m, n = a8.shape[0], w8.shape[0]
     if out is None:

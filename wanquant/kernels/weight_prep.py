@@ -18,6 +18,7 @@ from wanquant.kernels.act_quant import (
     GROUP,
     HAS_TRITON,
     _pick_bk,
+    interpreting,
     fp8_rows_reference,
     row_exponents_from_group_exponents,
 )
@@ -47,16 +48,28 @@ def expand_weight_reference(qweight: torch.Tensor, wscales: torch.Tensor, s_w: t
 if HAS_TRITON:
 
     @triton.jit
-    def _e2m1_code_value(c, d):
-        """E2M1 code ``c`` (int32, 0..15) times ``2^d``, rounded onto e4m3's grid (fp32)."""
+    def _e2m1_code_value(c, d, INTERPRET: tl.constexpr):
+        """E2M1 code ``c`` (int32, 0..15) times ``2^d`` as fp32, built from bits (d in [-30, 6]).
+
+        ``q * 2^d`` for ``q = (1 + f/2) 2^E`` has fp32 exponent field ``E + d + 127``
+        and mantissa ``f << 22``; code 1 (0.5) has E = -1, f = 0. The value is exact in
+        fp32; the narrowing cast to e4m3 rounds to nearest even on the GPU, which is the
+        reference's rounding for the (rare) groups more than 8 binades below the row
+        maximum. The interpreter's cast truncates, so there the value is first put on
+        e4m3's grid explicitly.
+        """
         m = c & 7
-        big = _exp2i((m >> 1) - 1) * (1.0 + 0.5 * (m & 1).to(tl.float32))  # codes 2..7: 1, 1.5, 2, 3, 4, 6
-        mag = tl.where(m < 2, m.to(tl.float32) * 0.5, big)
-        val = _to_e4m3_grid(mag, d)
-        return tl.where((c >= 8) & (val > 0), -val, val)
+        frac = tl.where(m > 1, (m & 1) << 22, 0)
+        bits = (((m >> 1) + d + 126) << 23) | frac | ((c & 8) << 28)
+        val = tl.where(m == 0, 0.0, bits.to(tl.float32, bitcast=True))
+        if INTERPRET:
+            mag = _to_e4m3_grid(tl.abs(val) * _exp2i(-d), d)
+            val = tl.where((c >= 8) & (mag > 0), -mag, mag)
+        return val
 
     @triton.jit
-    def _expand_kernel(qw_ptr, ws_ptr, sw_ptr, out_ptr, N, K, BN: tl.constexpr, BKH: tl.constexpr):
+    def _expand_kernel(qw_ptr, ws_ptr, sw_ptr, out_ptr, N, K, BN: tl.constexpr, BKH: tl.constexpr,
+                       INTERPRET: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
@@ -66,9 +79,9 @@ if HAS_TRITON:
         b = tl.load(qw_ptr + rows64[:, None] * (K // 2) + jb[None, :], mask=rmask[:, None], other=0).to(tl.int32)
         e = tl.load(ws_ptr + rows64[:, None] * (K // 32) + (jb // 16)[None, :], mask=rmask[:, None], other=127)
         s = tl.load(sw_ptr + rows, mask=rmask, other=0)
-        d = e.to(tl.int32) - 127 - s[:, None]
-        lo = _e2m1_code_value(b & 15, d)
-        hi = _e2m1_code_value(b >> 4, d)
+        d = tl.maximum(e.to(tl.int32) - 127 - s[:, None], -30)  # below -13 everything rounds to 0
+        lo = _e2m1_code_value(b & 15, d, INTERPRET)
+        hi = _e2m1_code_value(b >> 4, d, INTERPRET)
         vals = tl.reshape(tl.join(lo, hi), (BN, 2 * BKH))  # element 2j = low nibble of byte j
         cols = pid_k * (2 * BKH) + tl.arange(0, 2 * BKH)
         tl.store(out_ptr + rows64[:, None] * K + cols[None, :], vals.to(tl.float8e4nv), mask=rmask[:, None])
@@ -100,5 +113,6 @@ def expand_weight(
         raise ValueError("out must be a contiguous [N, K] tensor")
     bkh = _pick_bk(kh, block_kh, minimum=GROUP // 2)
     grid = (triton.cdiv(n, block_n), kh // bkh)
-    _expand_kernel[grid](qweight, wscales, s_w, out, n, k, BN=block_n, BKH=bkh, num_warps=num_warps)
+    _expand_kernel[grid](qweight, wscales, s_w, out, n, k, BN=block_n, BKH=bkh, INTERPRET=interpreting(),
+                         num_warps=num_warps)
     return out
