@@ -337,6 +337,9 @@ class Bench:
         self.experts: dict[str, nn.Module] = {}
         self.experts_kind: str | None = None
         self.log = args.log
+        import os
+
+        self._gemm_env = os.environ.get("WANQUANT_GEMM")
 
     def say(self, msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -550,24 +553,47 @@ class Bench:
         free()
 
     def breakdown(self, mode: str, height: int, width: int, context: torch.Tensor) -> list[dict]:
-        """One cond forward of the high expert with the other chunking setting: activation peak, time."""
+        """Extra forwards of the high-noise expert (cond, t=999) outside the pipeline:
+
+        * at the run's resolution, the settings the pipeline did not use (BF16 chunked; W4A4
+          unchunked; W4A4 with the cuBLAS FP8 GEMM where ``--alt-gemm`` names it): time and
+          activation peak;
+        * with ``--profile``, at ``--profile-resolution``: GPU kernel time by category for
+          every setting (after one untimed forward of that setting).
+        """
         from wanquant.runtime import memory
 
         model = self.experts[HIGH]
         was = memory.token_chunking_of(model)
-        out = []
-        settings = [("chunked", self.args.chunk_tokens)] if mode == "bf16" else [("unchunked", 0)]
-        x = torch.randn(self.latent_shape(height, width, self.args.frames), device=self.device, dtype=torch.bfloat16)
+        ck = self.args.chunk_tokens
+        alt = self.args.alt_gemm if mode == "w4a4" else ""
+        if mode == "bf16":
+            timed, profiled = [("chunked", ck, "")], [("stock", 0, ""), ("chunked", ck, "")]
+        else:
+            timed = [("unchunked", 0, "")] + ([(f"chunked, {alt} GEMM", ck, alt)] if alt else [])
+            profiled = [("chunked", ck, ""), ("unchunked", 0, "")] + ([(f"chunked, {alt} GEMM", ck, alt)] if alt else [])
         t = torch.tensor([999.0], device=self.device)
-        for label, chunk in settings:
+        out = []
+
+        def apply(chunk: int, gemm: str) -> None:
             if chunk:
                 memory.enable_token_chunking(model, chunk, scope=self.args.chunk_scope)
             else:
                 memory.disable_token_chunking(model)
+            if mode == "w4a4":
+                self.set_gemm(model, gemm)
             free()
-            meter = Meter(self.device)
+
+        x = torch.randn(self.latent_shape(height, width, self.args.frames), device=self.device, dtype=torch.bfloat16)
+        for label, chunk, gemm in timed:
+            apply(chunk, gemm)
             entry = {"setting": label, "mode": mode}
+            meter = Meter(self.device)
             try:
+                if gemm:  # a new GEMM kernel may compile: one untimed forward first
+                    with torch.no_grad():
+                        model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)
+                    free()
                 meter.enter("forward")
                 with torch.no_grad():
                     model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)
@@ -578,15 +604,46 @@ class Bench:
                              activation_peak_gb=(s["peak_allocated"] - s["resident_at_start"]) / GB)
             except torch.cuda.OutOfMemoryError as e:
                 entry["error"] = f"out of memory: {str(e).splitlines()[0]}"
+            except Exception as e:  # noqa: BLE001 - optional measurement
+                entry["error"] = f"{type(e).__name__}: {e}"
             out.append(entry)
             memory.release_static_caches(model)
+        del x
+        if self.args.profile and self.device.type == "cuda":
+            ph, pw = (int(v) for v in (self.args.profile_resolution or f"{height}x{width}").split("x"))
+            x = torch.randn(self.latent_shape(ph, pw, self.args.frames), device=self.device, dtype=torch.bfloat16)
+            for label, chunk, gemm in profiled:
+                apply(chunk, gemm)
+                entry = {"setting": label, "mode": mode, "profile_resolution": f"{ph}x{pw}"}
+                try:
+                    entry["profile"] = profile_forward(model, x, t, context)
+                except Exception as e:  # noqa: BLE001 - a profile is optional
+                    entry["error"] = f"profile failed: {type(e).__name__}: {e}"
+                out.append(entry)
+                memory.release_static_caches(model)
+            del x
         if was:
             memory.enable_token_chunking(model, was[0], scope=was[1])
         else:
             memory.disable_token_chunking(model)
-        del x
+        if mode == "w4a4":
+            self.set_gemm(model, "")
         free()
         return out
+
+    def set_gemm(self, model: nn.Module, gemm: str) -> None:
+        """Re-prepare the fast path of every layer with ``WANQUANT_GEMM=gemm`` ('' = default)."""
+        import os
+
+        if gemm:
+            os.environ["WANQUANT_GEMM"] = gemm
+        else:
+            os.environ.pop("WANQUANT_GEMM", None)
+            if self._gemm_env is not None:
+                os.environ["WANQUANT_GEMM"] = self._gemm_env
+        for layer in _quant_layers(model):
+            layer.set_backend("auto")
+            layer._resolve_backend(self.device)
 
     def backend_of(self, mode: str) -> str:
         if mode not in ("w4a4", "unpack_bf16"):
@@ -601,6 +658,55 @@ class Bench:
     def expert_routing_note(row: dict) -> str:
         pairs = ", ".join(f"t={s['timestep']:.0f}->{s['expert']} ({s['forwards']} forwards)" for s in row["per_step"])
         return f"steps (UniPC flow shift {FLOW_SHIFT}, boundary {BOUNDARY_RATIO}): {pairs}"
+
+
+def kernel_category(name: str) -> str:
+    n = name.lower()
+    if "act_quant" in n:
+        return "w4a4 act-quant (triton)"
+    if "expand" in n and "kernel" in n:
+        return "w4a4 weight expand (triton)"
+    if "fp8_gemm" in n:
+        return "w4a4 FP8 GEMM (triton)"
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "attn")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "scaled_mm")):
+        return "cuBLAS GEMM"
+    if "memcpy" in n or "memset" in n:
+        return "memcpy/memset"
+    if any(k in n for k in ("norm", "reduce")):
+        return "norm/reduce"
+    return "elementwise/other"
+
+
+def profile_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict:
+    """GPU kernel time of one forward by category (torch.profiler, CUDA activity only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():  # one untimed forward first (this setting's kernels, allocator state)
+        model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.no_grad():
+            model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    cats: dict[str, float] = {}
+    kernels: dict[str, list] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0.0)
+        if not us:
+            continue
+        cat = kernel_category(e.key)
+        cats[cat] = cats.get(cat, 0.0) + us / 1e6
+        kernels[e.key] = [us / 1e6, e.count, cat]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"wall_s_profiled": wall, "kernel_s": sum(cats.values()),
+            "by_category_s": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": k[:120], "seconds": v[0], "count": v[1], "category": v[2]} for k, v in top]}
 
 
 def _quant_layers(model: nn.Module):
@@ -673,7 +779,7 @@ def markdown(payload: dict) -> str:
         lines.append(f"| {r['mode']} | {r['resolution']} | {_fmt(w['expert_high'])} | {_fmt(w['expert_low'])} | "
                      f"{_fmt(extra)} | {_fmt(w['vae'])} | {_fmt(w['text_encoder'])} | {_fmt(res)} | {_fmt(act)} | "
                      f"{_fmt(r.get('text_encoding_with_experts_resident_gb'))} |")
-    bd = [(r, b) for r in rows for b in r.get("breakdown_forwards", [])]
+    bd = [(r, b) for r in rows for b in r.get("breakdown_forwards", []) if "profile" not in b]
     if bd:
         lines += ["", "## One forward of the high-noise expert (cond), other chunking setting", "",
                   "| mode | resolution | setting | activation peak (GB) | forward (s) | pipeline forward (s) |",
@@ -682,6 +788,19 @@ def markdown(payload: dict) -> str:
             pipe_fwd = [f["seconds"] for f in r.get("forward_s", []) if f["expert"] == HIGH]
             lines.append(f"| {r['mode']} | {r['resolution']} | {b['setting']} | {_fmt(b.get('activation_peak_gb'))} "
                          f"| {_fmt(b.get('seconds'))} | {_fmt(pipe_fwd[-1] if pipe_fwd else None)} |")
+    prof = [(r, b) for r in rows for b in r.get("breakdown_forwards", []) if "profile" in b]
+    if prof:
+        cats = []
+        for _, b in prof:
+            cats += [c for c in b["profile"]["by_category_s"] if c not in cats]
+        lines += ["", "## Where the time goes: GPU kernel time of one forward (torch.profiler)", "",
+                  "| mode | setting | shape | " + " | ".join(cats) + " | all kernels | wall |",
+                  "|---|---|---|" + "---|" * (len(cats) + 2)]
+        for r, b in prof:
+            pc = b["profile"]["by_category_s"]
+            lines.append(f"| {r['mode']} | {b['setting']} | {b['profile_resolution']} | "
+                         + " | ".join(_fmt(pc.get(c)) for c in cats)
+                         + f" | {_fmt(b['profile']['kernel_s'])} | {_fmt(b['profile']['wall_s_profiled'])} |")
     lines += ["", "## Per row", ""]
     for r in rows:
         lines.append(f"- **{r['mode']} {r['resolution']}**: " + "; ".join(r.get("notes", []))
@@ -799,6 +918,11 @@ def main(argv=None) -> int:
     p.add_argument("--results-dir", default=None)
     p.add_argument("--skip-after-s", type=float, default=0.0, help="start no new mode after this many seconds")
     p.add_argument("--no-warmup", default="", help="comma list of modes run without the warm-up forward")
+    p.add_argument("--jobs", default="", help="RES:MODE list, run in this order (overrides --resolutions/--modes)")
+    p.add_argument("--profile", action="store_true", help="with --breakdown: kernel-time profile of one forward "
+                   "per chunking setting (bf16, w4a4)")
+    p.add_argument("--profile-resolution", default="", help="resolution of the profiled forwards (default: the run's)")
+    p.add_argument("--alt-gemm", default="", help="with --breakdown: also time W4A4 with WANQUANT_GEMM=this (cublas)")
     args = p.parse_args(argv)
 
     if args.merge:
@@ -829,22 +953,28 @@ def main(argv=None) -> int:
     rows = []
     payload = dict(meta, rows=rows)
     start = time.perf_counter()
-    for res in args.resolutions.split(","):
+    if args.jobs:
+        jobs = [tuple(j.split(":")) for j in args.jobs.split(",") if j]
+    else:
+        jobs = [(res, mode) for res in args.resolutions.split(",") for mode in modes]
+    bad = [m for _, m in jobs if m not in MODES]
+    if bad:
+        raise SystemExit(f"unknown modes {bad}; choose from {MODES}")
+    # In the order given (bf16_all_gpu right after bf16 reuses its experts).
+    for res, mode in jobs:
         h, w = (int(v) for v in res.split("x"))
-        # In the order given (bf16_all_gpu right after bf16 reuses its experts).
-        for mode in modes:
-            if args.skip_after_s and time.perf_counter() - start > args.skip_after_s:
-                bench.say(f"--- {mode} {res}: skipped (past --skip-after-s {args.skip_after_s})")
-                rows.append({"mode": mode, "resolution": res, "frames": args.frames, "steps": args.steps,
-                             "error": "not run: the device call's time budget ran out", "notes": []})
-                continue
-            bench.say(f"--- {mode} {res}")
-            t0 = time.perf_counter()
-            row = bench.run(mode, h, w)
-            row["wall_s"] = time.perf_counter() - t0
-            rows.append(row)
-            bench.say(summary(row))
-            (out / "rows.json").write_text(json.dumps(payload, indent=1, default=str))
+        if args.skip_after_s and time.perf_counter() - start > args.skip_after_s:
+            bench.say(f"--- {mode} {res}: skipped (past --skip-after-s {args.skip_after_s})")
+            rows.append({"mode": mode, "resolution": res, "frames": args.frames, "steps": args.steps,
+                         "error": "not run: the device call's time budget ran out", "notes": []})
+            continue
+        bench.say(f"--- {mode} {res}")
+        t0 = time.perf_counter()
+        row = bench.run(mode, h, w)
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        bench.say(summary(row))
+        (out / "rows.json").write_text(json.dumps(payload, indent=1, default=str))
     bench.say("done")
     print(markdown(payload))
     return 0
