@@ -374,10 +374,8 @@ def expert_memory_breakdown(transformer: nn.Module) -> dict[str, int]:
             fast = getattr(m, "_fast", None)
             if fast is not None:
                 own = {t.untyped_storage().data_ptr() for t in m.buffers(recurse=False)}
-                extra = [getattr(fast, a, None) for a in ("qweight", "wscales", "s_w", "w_row_scale", "inv_smooth",
-                                                        "bias", "l1t", "l2cat")]
-                fast_extra += tensor_bytes([t for t in extra if t is not None
-                                            and t.untyped_storage().data_ptr() not in own])
+                extra = [t for t in vars(fast).values() if isinstance(t, torch.Tensor)]
+                fast_extra += tensor_bytes([t for t in extra if t.untyped_storage().data_ptr() not in own])
     q_ptrs = {t.untyped_storage().data_ptr() for t in quant}
     blocks = _blocks(transformer)
     block_16 = [t for t in [*blocks.parameters(), *blocks.buffers()] if t.untyped_storage().data_ptr() not in q_ptrs]
