@@ -521,7 +521,8 @@ class Bench:
             row["backend"] = self.backend_of(mode)
             if kind == "quant":
                 notes.append("W4A4 layers built directly with random packed codes (no BF16 copy)")
-            if self.args.breakdown and mode in ("bf16", "w4a4"):
+            if self.args.breakdown and mode in ("bf16", "w4a4") and \
+                    (not self.args.breakdown_res or f"{height}x{width}" in self.args.breakdown_res.split(",")):
                 row["breakdown_forwards"] = self.breakdown(mode, height, width, prompt_embeds)
             notes.append(self.expert_routing_note(row))
         except torch.cuda.OutOfMemoryError as e:
@@ -922,6 +923,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="with --breakdown: kernel-time profile of one forward "
                    "per chunking setting (bf16, w4a4)")
     p.add_argument("--profile-resolution", default="", help="resolution of the profiled forwards (default: the run's)")
+    p.add_argument("--breakdown-res", default="", help="resolutions that get the breakdown (default: all)")
     p.add_argument("--alt-gemm", default="", help="with --breakdown: also time W4A4 with WANQUANT_GEMM=this (cublas)")
     args = p.parse_args(argv)
 
