@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip-blocks", type=int, nargs="*", default=[], help="blocks kept 16-bit (e.g. 0 -1)")
     q.add_argument("--blocks-per-pass", type=int, help="blocks calibrated per pass (bounds memory; resumable)")
     q.add_argument("--reservoir-tokens", type=int, default=4096, help="sampled tokens kept per layer and bin")
+    q.add_argument("--calib-shards", type=int,
+                   help="split the samples into this many shards merged in shard order (default: one per process "
+                        "under torchrun, else 1); the same shards give the same checkpoint on any number of GPUs")
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     q.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -81,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verify-source", action="store_true",
                    help="also load the 16-bit experts to check the checkpoint was made from these weights")
     g.add_argument("--allow-mismatch", action="store_true", help="skip the source-model fingerprint check")
+    g.add_argument("--ulysses-degree", type=int,
+                   help="under torchrun: Ulysses context-parallel degree (default: processes / ring degree)")
+    g.add_argument("--ring-degree", type=int, default=1, help="under torchrun: ring-attention degree (default 1)")
     _gen_args(g, steps=40)
 
     i = sub.add_parser("inspect", help="per-layer table of a checkpoint (format, rank, clip tables, errors)")
@@ -100,29 +106,68 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_quantize(args) -> int:
     from wanquant import api
+    from wanquant.calibration.distributed import init_distributed
     from wanquant.config import QuantConfig, preset
 
     cfg = QuantConfig.from_dict(json.loads(Path(args.config).read_text())) if args.config else preset(args.preset)
     cfg.precision.skip_blocks = list(args.skip_blocks)
-    samples = api.load_calibration(args.calib, args.num_samples)
-    pipe = api.load_base_pipeline(args.model, args.device, DTYPES[args.dtype])
-    out = api.quantize(pipe, samples, args.out, cfg, _settings(args, pipe), args.blocks_per_pass,
-                       args.reservoir_tokens, overwrite=args.overwrite, restart=args.restart)
-    print(f"wrote {out}")
+    # Under torchrun: one process per GPU (cuda:LOCAL_RANK, NCCL) or CPU process (gloo).
+    dist = init_distributed(args.device)
+    try:
+        if dist is not None and not dist.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        device = dist.device if dist is not None else args.device
+        samples = api.load_calibration(args.calib, args.num_samples)
+        pipe = api.load_base_pipeline(args.model, device, DTYPES[args.dtype])
+        if dist is None and (args.calib_shards or 1) == 1:
+            out = api.quantize(pipe, samples, args.out, cfg, _settings(args, pipe), args.blocks_per_pass,
+                               args.reservoir_tokens, overwrite=args.overwrite, restart=args.restart)
+        else:
+            from wanquant.calibration.run import CalibrationRun, quantize_pipeline
+
+            run = CalibrationRun(_settings(args, pipe), args.blocks_per_pass, args.reservoir_tokens,
+                                 progress=dist is None or dist.is_main, shards=args.calib_shards)
+            out = quantize_pipeline(pipe, samples, cfg, run, args.out, overwrite=args.overwrite,
+                                    restart=args.restart, dist=dist)
+    finally:
+        if dist is not None:
+            dist.close()
+    if dist is None or dist.is_main:
+        print(f"wrote {out}")
     return 0
 
 
 def cmd_generate(args) -> int:
     from wanquant import api
+    from wanquant.calibration.distributed import init_distributed
 
-    # With a checkpoint, the 16-bit experts are loaded only to verify the source model.
-    with_experts = args.quantized is None or args.verify_source
-    pipe = api.load_base_pipeline(args.model, args.device, DTYPES[args.dtype], with_experts=with_experts)
-    if args.quantized:
-        api.load_quantized(pipe, args.quantized, device=args.device, backend=args.backend,
-                           allow_mismatch=args.allow_mismatch)
-    api.generate(pipe, args.image, args.prompt, _settings(args, pipe), args.seed, out=args.out)
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+    # Under torchrun: every rank runs the same generation with the sequence split across
+    # ranks (diffusers context parallelism); rank 0 writes the files.
+    dist = init_distributed(args.device)
+    try:
+        main = dist is None or dist.is_main
+        if not main:
+            logging.getLogger().setLevel(logging.WARNING)
+        device = dist.device if dist is not None else args.device
+        # With a checkpoint, the 16-bit experts are loaded only to verify the source model.
+        with_experts = args.quantized is None or args.verify_source
+        pipe = api.load_base_pipeline(args.model, device, DTYPES[args.dtype], with_experts=with_experts)
+        if args.quantized:
+            api.load_quantized(pipe, args.quantized, device=device, backend=args.backend,
+                               allow_mismatch=args.allow_mismatch)
+        settings = _settings(args, pipe)
+        if dist is not None:  # after the W4A4 experts are in place: CP hooks live on module instances
+            from wanquant.runtime.parallel import check_context_parallel_shape, enable_context_parallel
+
+            check_context_parallel_shape(pipe, settings.height, settings.width, settings.num_frames)
+            enable_context_parallel(pipe, args.ulysses_degree, args.ring_degree)
+        api.generate(pipe, args.image, args.prompt, settings, args.seed, out=args.out if main else None,
+                     progress=main)
+    finally:
+        if dist is not None:
+            dist.close()
+    if main:
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     return 0
 
 

@@ -6,10 +6,17 @@ then quantizes them and writes their layers to a work directory. Host and GPU me
 hold the statistics of one pass only, and an interrupted run resumes at the first pass
 that has not finished. Layers are installed only after every pass, so all statistics
 come from the BF16 model.
+
+With ``CalibrationRun.shards > 1`` or a process group (``dist``, see
+:mod:`wanquant.calibration.distributed`), the samples are split into contiguous shards
+whose statistics are merged in shard order, and the layers are quantized by several
+processes; a run's artifacts depend on its number of shards, not on its number of
+processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -48,37 +55,69 @@ class CalibrationRun:
     reservoir_tokens: int = 4096
     seed: int = 0
     progress: bool = True
+    # Calibration shards (contiguous sample ranges, merged in shard order). None: one per
+    # process (1 without a process group). Same shards -> same artifacts on any number
+    # of processes that divides them; see wanquant.calibration.distributed.
+    shards: int | None = None
 
 
 def quantize_pipeline(pipe, samples: list[CalibSample], cfg: QuantConfig, run: CalibrationRun,
-                      out_dir: str | Path, overwrite: bool = False, restart: bool = False) -> Path:
-    """Calibrate, quantize and save; afterwards ``pipe`` holds the quantized experts."""
+                      out_dir: str | Path, overwrite: bool = False, restart: bool = False, dist=None) -> Path:
+    """Calibrate, quantize and save; afterwards ``pipe`` holds the quantized experts.
+
+    ``dist``: a :class:`wanquant.calibration.distributed.DistContext` when this process is
+    one of several (torchrun). Every rank calls this with the same model, samples and
+    settings; rank 0 owns the work directory and writes the checkpoint, and only its
+    ``pipe`` gets the quantized experts (the other ranks keep theirs in 16-bit).
+    """
     check_samples(samples)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose another output or pass --overwrite")
+    main = dist is None or dist.is_main
+    if dist is not None or (run.shards or 1) > 1:
+        from wanquant.calibration.distributed import resolve_shards
+
+        run = dataclasses.replace(run, shards=resolve_shards(run.shards, dist, len(samples)))
+
+    def check_out() -> None:
+        if out_dir.exists() and not overwrite:
+            raise FileExistsError(f"{out_dir} already exists; choose another output or pass --overwrite")
+
+    _on_main(dist, check_out)
     experts = experts_of(pipe)
     targets = {e.attr: quant_targets(e.module, cfg) for e in experts}
     fingerprints = {e.attr: fingerprint_module(e.module) for e in experts}
     work = out_dir.with_name(out_dir.name + ".partial")
     run_id = _run_id(cfg, run, samples, fingerprints)
-    done = _open_work_dir(work, run_id, restart)
+    if dist is not None:
+        dist.check_agree("the run id (settings, calibration samples and model weights)", run_id)
+    done = _on_main(dist, _open_work_dir, work, run_id, restart)
 
     n_blocks = max(len(e.module.blocks) for e in experts)
     step = run.blocks_per_pass or n_blocks
     passes = [range(s, min(s + step, n_blocks)) for s in range(0, n_blocks, step)]
-    for blocks in tqdm(passes, desc="calibration passes", disable=not run.progress or len(passes) == 1):
+    for blocks in tqdm(passes, desc="calibration passes", disable=not run.progress or not main or len(passes) == 1):
         key = f"{blocks.start}-{blocks.stop}"
         if key in done:
             log.info("blocks %s already done in %s: skipping", key, work)
             continue
         sel = {a: [t for t in ts if t.block in blocks] for a, ts in targets.items()}
-        params, report = _calibrate_pass(pipe, experts, sel, samples, cfg, run)
+        if dist is None and (run.shards or 1) == 1:
+            params, report = _calibrate_pass(pipe, experts, sel, samples, cfg, run)
+        else:
+            params, report = _calibrate_pass(pipe, experts, sel, samples, cfg, run, dist=dist)
+        if not main:  # rank 0 holds every layer of the pass and writes them
+            continue
         for attr, layers in params.items():
             _save_layers(work / f"{attr}.blocks{key}.safetensors", layers)
         done[key] = {"finished": time.time(), "seen": report}
         _write_json(work / "progress.json", {"run_id": run_id, "done": done})
+    # Rank 0 writes the checkpoint; the others wait for it (or for its error).
+    return _on_main(dist, _finish, pipe, experts, targets, cfg, run, samples, fingerprints, done, work, out_dir,
+                    overwrite, run_id)
 
+
+def _finish(pipe, experts, targets, cfg, run, samples, fingerprints, done, work, out_dir, overwrite, run_id) -> Path:
+    """Install every layer from the work directory and write the checkpoint."""
     seen = next(reversed(done.values()))["seen"]  # every pass runs the same samples
     artifacts = []
     for e in experts:
@@ -88,31 +127,61 @@ def quantize_pipeline(pipe, samples: list[CalibSample], cfg: QuantConfig, run: C
             if path.exists():
                 layers.update(_load_layers(path, targets[e.attr]))
         artifacts.append(_install_expert(e, layers, cfg, fingerprints[e.attr], seen.get(e.attr, {})))
-    save_checkpoint(out_dir, artifacts, cfg.to_dict(), overwrite=overwrite,
-                    extra={"calibration": {"samples": len(samples), "settings": run.settings.to_dict(),
-                                           "blocks_per_pass": run.blocks_per_pass, "run_id": run_id}})
+    calib = {"samples": len(samples), "settings": run.settings.to_dict(), "blocks_per_pass": run.blocks_per_pass,
+             "run_id": run_id}
+    if (run.shards or 1) != 1:
+        calib["shards"] = run.shards
+    save_checkpoint(out_dir, artifacts, cfg.to_dict(), overwrite=overwrite, extra={"calibration": calib})
     shutil.rmtree(work, ignore_errors=True)
     return out_dir
 
 
-def _calibrate_pass(pipe, experts: list[ExpertSpec], targets, samples, cfg: QuantConfig, run: CalibrationRun):
-    collector = StatsCollector(experts, targets, cfg, run.reservoir_tokens, seed=run.seed)
+def _on_main(dist, fn, *args):
+    """``fn(*args)`` here, or on rank 0 with its result (or error) given to every rank."""
+    return fn(*args) if dist is None else dist.on_main(fn, *args)
+
+
+def _calibrate_pass(pipe, experts: list[ExpertSpec], targets, samples, cfg: QuantConfig, run: CalibrationRun,
+                    dist=None):
+    if dist is not None or (run.shards or 1) > 1:
+        from wanquant.calibration.distributed import sharded_calibrate_pass
+
+        return sharded_calibrate_pass(pipe, experts, targets, samples, cfg, run, dist)
+    collector = _collect(pipe, experts, targets, samples, cfg, run, run.seed, run.progress)
+    report = {attr: rec.to_dict() for attr, rec in collector.records.items()}
+    params = _quantize_layers(experts, targets, _layer_names(experts, targets), collector.finalize,
+                              collector.release, cfg, run.progress)
+    return params, report
+
+
+def _collect(pipe, experts: list[ExpertSpec], targets, samples, cfg: QuantConfig, run: CalibrationRun, seed: int,
+             progress: bool) -> StatsCollector:
+    """Run the BF16 pipeline over ``samples`` with a collector attached; returns the collector."""
+    collector = StatsCollector(experts, targets, cfg, run.reservoir_tokens, seed=seed)
     device = pipe._execution_device
     with collector:
-        for s in tqdm(samples, desc="calibration samples", disable=not run.progress):
+        for s in tqdm(samples, desc="calibration samples", disable=not progress):
             pos, neg = encode_prompts(pipe, s.prompt, run.settings.negative_prompt, run.settings, device)
             collector.set_cond_context(pos)
             run_pipeline(pipe, s.image, s.prompt, run.settings, s.seed, output_type="latent",
                          prompt_embeds=pos, negative_prompt_embeds=neg)
-    report = {attr: rec.to_dict() for attr, rec in collector.records.items()}
+    return collector
+
+
+def _layer_names(experts: list[ExpertSpec], targets) -> list[str]:
+    return list(dict.fromkeys(t.name for e in experts for t in targets[e.attr]))
+
+
+def _quantize_layers(experts: list[ExpertSpec], targets, names: list[str], stats_of, release, cfg: QuantConfig,
+                     progress: bool) -> dict[str, dict[str, QuantizedLinearParams]]:
+    """Quantize the layers ``names`` of every expert; ``stats_of(attr, name)`` gives their statistics."""
     params: dict[str, dict[str, QuantizedLinearParams]] = {e.attr: {} for e in experts}
     shared = not cfg.clip.per_expert and len(experts) > 1
-    names = list(dict.fromkeys(t.name for e in experts for t in targets[e.attr]))
-    for name in tqdm(names, desc="quantizing layers", disable=not run.progress):
+    for name in tqdm(names, desc="quantizing layers", disable=not progress):
         owners = [(e, t) for e in experts for t in targets[e.attr] if t.name == name]
         reservoirs = []
         for e, t in owners:
-            stats = collector.finalize(e.attr, name)
+            stats = stats_of(e.attr, name)
             if stats.n_tokens == 0:
                 raise RuntimeError(f"{e.attr}.{name} saw no calibration tokens: the {e.role} expert never ran; "
                                    "use more inference steps so that every expert runs")
@@ -120,11 +189,11 @@ def _calibrate_pass(pipe, experts: list[ExpertSpec], targets, samples, cfg: Quan
             num_bins = e.timestep_bins(cfg).num_bins
             params[e.attr][name] = quantize_layer(w, b, stats, cfg, num_bins, name=f"{e.attr}.{name}")
             reservoirs.append(stats.reservoirs)
-            collector.release(e.attr, name)
+            release(e.attr, name)
         if shared:
             _share_clip_table([params[e.attr][name] for e, _ in owners], reservoirs, cfg,
                               owners[0][0].timestep_bins(cfg).num_bins)
-    return params, report
+    return params
 
 
 def _share_clip_table(layers: list[QuantizedLinearParams], reservoirs: list[dict], cfg: QuantConfig,
@@ -178,9 +247,11 @@ def _load_layers(path: Path, targets) -> dict[str, QuantizedLinearParams]:
 
 
 def _run_id(cfg, run: CalibrationRun, samples, fingerprints) -> str:
-    blob = json.dumps({"cfg": cfg.to_dict(), "settings": run.settings.to_dict(), "bpp": run.blocks_per_pass,
-                       "res": run.reservoir_tokens, "seed": run.seed, "samples": samples_fingerprint(samples),
-                       "models": fingerprints}, sort_keys=True, default=str)
+    d = {"cfg": cfg.to_dict(), "settings": run.settings.to_dict(), "bpp": run.blocks_per_pass,
+         "res": run.reservoir_tokens, "seed": run.seed, "samples": samples_fingerprint(samples), "models": fingerprints}
+    if (run.shards or 1) != 1:  # not the number of processes: a sharded run may resume on another count
+        d["shards"] = run.shards
+    blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,256 @@
+"""Multi-process calibration and context-parallel inference, on the CPU with gloo.
+
+Two ranks are forked from the test process (they inherit its imports: seconds instead of
+the ~20 s a fresh interpreter spends importing diffusers) and join a gloo group through
+the torchrun environment variables, as ``torchrun -m wanquant.cli quantize`` would.
+
+* the across-ranks merge of one layer's statistics equals the single-process merge, bit
+  for bit, and differs from one unsharded stream only by fp32 reassociation (Hessian);
+* a 2-rank calibration writes the same checkpoint (every tensor of every expert, the
+  clip tables, the recorded timesteps) as one process with two shards;
+* context parallelism (Ulysses, ring) over W4A4 experts keeps the timestep bins and the
+  cross-attention k/v cache and reproduces the single-process video;
+* on a machine with >= 2 CUDA GPUs, the same through torchrun and NCCL (skipped here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import TINY_SETTINGS, build_tiny_pipeline, fast_config  # noqa: E402
+from wanquant.calibration.distributed import (  # noqa: E402
+    DistContext, assign_layers, fold_shards, init_distributed, local_shards, reduce_layer_stats, resolve_shards,
+    shard_ranges, shard_seed)
+from wanquant.numerics.stats import LayerStatsAccumulator  # noqa: E402
+
+WORLD = 2
+_START = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, out: str, fn, args) -> None:
+    """One rank: join the group the torchrun way, run ``fn``, save its result for the parent."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist = init_distributed("cpu", timeout_s=120)
+    try:
+        result = fn(dist, *args)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.close()
+
+
+def run_ranks(tmp_path: Path, fn, *args, world: int = WORLD) -> list:
+    """Run ``fn(dist, *args)`` in ``world`` processes; returns each rank's result."""
+    out = tmp_path / f"ranks-{fn.__name__}"
+    out.mkdir()
+    try:
+        mp.start_processes(_entry, args=(world, _free_port(), str(out), fn, args), nprocs=world, join=True,
+                           start_method=_START)
+    except Exception as e:
+        errs = "\n".join(p.read_text() for p in sorted(out.glob("*.err")))
+        raise AssertionError(f"a rank failed: {e}\n{errs}") from None
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# ---------------------------------------------------------------------------------------
+# pieces
+
+
+def test_shards_and_owners():
+    assert [list(r) for r in shard_ranges(5, 2)] == [[0, 1, 2], [3, 4]]
+    assert [len(r) for r in shard_ranges(7, 4)] == [2, 2, 2, 1]
+    assert shard_seed(5, 0) == 5 and shard_seed(5, 1) != shard_seed(5, 0)
+    assert resolve_shards(None, None, 3) == 1
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        resolve_shards(4, None, 3)
+    fake = DistContext(1, 2, 1, torch.device("cpu"), "gloo")
+    assert resolve_shards(None, fake, 3) == 2 and local_shards(4, fake) == [2, 3]
+    with pytest.raises(ValueError, match="evenly"):
+        resolve_shards(3, fake, 8)
+    owner = assign_layers({"a": 1.0, "b": 5.0, "c": 3.0, "d": 3.0}, 2)
+    assert owner == {"b": 0, "c": 1, "d": 1, "a": 0}  # largest first, to the least loaded rank
+
+
+def _shard_accumulators(shards: list[int]) -> list[LayerStatsAccumulator]:
+    """Deterministic per-shard statistics: bf16 tokens in shard 3, bin 2 empty in shard 0."""
+    out = []
+    for s in shards:
+        acc = LayerStatsAccumulator(64, 3, reservoir_capacity=40, quantile=0.99, seed=shard_seed(7, s), name="l")
+        g = torch.Generator().manual_seed(100 + s)
+        for step in range(6):
+            x = torch.randn(2, 9, 64, generator=g) * (1 + step)
+            x[..., 5] *= 30  # an outlier channel
+            b = step % 3
+            if s == 0 and b == 2:
+                continue
+            acc.update(x.bfloat16() if s == 3 else x, b)
+        out.append(acc)
+    return out
+
+
+def _reduce_worker(dist, shards_per_rank: int, owner: int):
+    mine = list(range(dist.rank * shards_per_rank, (dist.rank + 1) * shards_per_rank))
+    acc = reduce_layer_stats(dist, _shard_accumulators(mine), owner)
+    return None if acc is None else acc.state_dict()
+
+
+def _assert_same(a: dict, b: dict, path: str = "") -> None:
+    assert a.keys() == b.keys(), path
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, dict):
+            _assert_same(x, y, f"{path}.{k}")
+        elif isinstance(x, list):
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                _assert_same(u, v, f"{path}.{k}[{i}]")
+        elif isinstance(x, torch.Tensor):
+            if k == "generator":
+                continue  # the merged reservoir's own stream is never used again
+            assert x.dtype == y.dtype and torch.equal(x, y), f"{path}.{k}"
+        else:
+            assert x == y, f"{path}.{k}"
+
+
+def test_stats_merge_across_ranks_equals_single_process_merge(tmp_path):
+    ranks = run_ranks(tmp_path, _reduce_worker, 2, 1)  # 4 shards on 2 ranks, merged on rank 1
+    assert ranks[0] is None and ranks[1] is not None
+    single = fold_shards(_shard_accumulators([0, 1, 2, 3])).state_dict()
+    _assert_same(ranks[1], single)
+
+    # Against one unsharded stream: everything exact but the Hessian (fp32 reassociation)
+    # and the reservoirs (other random keys, same size and token count).
+    stream = LayerStatsAccumulator(64, 3, reservoir_capacity=40, quantile=0.99, seed=7, name="l")
+    absum = torch.zeros(64, 64, dtype=torch.float64)
+    for s in range(4):
+        g = torch.Generator().manual_seed(100 + s)
+        for step in range(6):
+            x = torch.randn(2, 9, 64, generator=g) * (1 + step)
+            x[..., 5] *= 30
+            if s == 0 and step % 3 == 2:
+                continue
+            x = x.bfloat16() if s == 3 else x
+            stream.update(x, step % 3)
+            xf = x.double().reshape(-1, 64)
+            absum += xf.abs().T @ xf.abs()
+    one = stream.state_dict()
+    assert torch.equal(one["absmax"]["value"], single["absmax"]["value"])
+    assert torch.equal(one["hist"]["counts"], single["hist"]["counts"])
+    assert one["hessian"]["n_tokens"] == single["hessian"]["n_tokens"]
+    diff = (one["hessian"]["hessian"].double() - single["hessian"]["hessian"].double()).abs()
+    n_batches = 4 * 6
+    assert (diff <= (n_batches + 4) * 2.0 ** -24 * absum).all()  # the documented bound
+    for a, b in zip(one["reservoirs"], single["reservoirs"]):
+        assert a["n_seen"] == b["n_seen"] and a["tokens"].shape == b["tokens"].shape
+
+
+# ---------------------------------------------------------------------------------------
+# calibration end to end
+
+
+def _samples(n: int = 2):
+    from wanquant.calibration.samples import CalibSample
+    from wanquant.testbed.dataset import list_samples
+
+    return [CalibSample(s.first_frame(), s.prompt, 100 + i, f"calib:{i}")
+            for i, s in enumerate(list_samples("calib", n, num_frames=5, height=32, width=32))]
+
+
+def _calib_run(**kw):
+    from wanquant.calibration.run import CalibrationRun
+
+    return CalibrationRun(TINY_SETTINGS, reservoir_tokens=256, progress=False, **kw)
+
+
+def _quantize_worker(dist, out: str, blocks_per_pass):
+    from wanquant.calibration.run import quantize_pipeline
+
+    pipe = build_tiny_pipeline()
+    quantize_pipeline(pipe, _samples(), fast_config(), _calib_run(blocks_per_pass=blocks_per_pass), out, dist=dist)
+    return {"rank": dist.rank, "exists": Path(out).exists()}
+
+
+def _expert_tensors(qdir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {d.name: load_file(str(d / "diffusion_pytorch_model.safetensors"))
+            for d in sorted(qdir.iterdir()) if (d / "diffusion_pytorch_model.safetensors").exists()}
+
+
+@pytest.fixture(scope="module")
+def two_rank_checkpoints(tmp_path_factory):
+    """The same calibration (2 samples, 2 shards, 2 passes): 2 gloo ranks, and 1 process."""
+    from wanquant.calibration.run import quantize_pipeline
+
+    tmp = tmp_path_factory.mktemp("dist")
+    multi = tmp / "two_ranks"
+    ranks = run_ranks(tmp, _quantize_worker, str(multi), 1)
+    assert [r["exists"] for r in ranks] == [True, True]  # rank 1 returned after rank 0 wrote it
+    single = tmp / "one_process"
+    pipe = build_tiny_pipeline()
+    quantize_pipeline(pipe, _samples(), fast_config(), _calib_run(blocks_per_pass=1, shards=2), single)
+    return multi, single, pipe
+
+
+@pytest.mark.slow
+def test_two_rank_calibration_equals_one_process_with_two_shards(two_rank_checkpoints):
+    from wanquant.artifacts.checkpoint import read_manifest
+
+    multi, single, _ = two_rank_checkpoints
+    a, b = _expert_tensors(multi), _expert_tensors(single)
+    assert sorted(a) == ["transformer", "transformer_2"] and a.keys() == b.keys()
+    for attr in a:
+        assert a[attr].keys() == b[attr].keys()
+        quant = [k for k in a[attr] if k.endswith(".qweight")]
+        assert len(quant) == 2 * 7, attr
+        for k in a[attr]:
+            assert a[attr][k].dtype == b[attr][k].dtype and torch.equal(a[attr][k], b[attr][k]), f"{attr}: {k}"
+    ma, mb = read_manifest(multi), read_manifest(single)
+    assert ma["calibration"]["shards"] == mb["calibration"]["shards"] == 2
+    assert ma["calibration"]["run_id"] == mb["calibration"]["run_id"]
+    for attr, info in ma["experts"].items():
+        other = mb["experts"][attr]
+        assert info["calibration"] == other["calibration"]  # timesteps and forwards per bin/branch
+        for name, layer in info["layers"].items():
+            assert layer["clip_table"] == other["layers"][name]["clip_table"], (attr, name)
+    assert not multi.with_name(multi.name + ".partial").exists()
+
+
+@pytest.mark.slow
+def test_one_shard_is_the_plain_single_process_run(tmp_path):
+    """shards=1 goes through the unchanged code path: same files as a default run."""
+    from wanquant.artifacts.checkpoint import read_manifest
+    from wanquant.calibration.run import CalibrationRun, quantize_pipeline
+
+    s = _samples(1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    quantize_pipeline(build_tiny_pipeline(), s, fast_config(), CalibrationRun(TINY_SETTINGS, reservoir_tokens=64,
+                                                                                 progress=False), a)
+    quantize_pipeline(build_tiny_pipeline(), s, fast_config(), CalibrationRun(TINY_SETTINGS, reservoir_tokens=64,
+                                                                                 progress=False, shards=1), b)
+    ha, hb = read_manifest(a), read_manifest(b)
+    assert {k: v["sha256"] for k, v in ha["files"].items() if "safetensors" in k} == \
+           {k: v["sha256"] for k, v in hb["files"].items() if "safetensors" in k}
+    assert "shards" not in ha["calibration"] and "shards" not in hb["calibration"]
