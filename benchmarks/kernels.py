@@ -298,6 +298,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one shape at M=8192, no sweep")
     ap.add_argument("--layers", default=",".join(SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--commit", default=None, help="git commit of the tree (where the run has no .git)")
     args = ap.parse_args()
     device = torch.device("cuda")
     t0 = time.time()
@@ -311,6 +312,8 @@ def main() -> None:
                 "command": " ".join(sys.argv)}
     import triton
 
+    if args.commit:
+        meta["commit"] = args.commit
     meta.update(torch=torch.__version__, triton=triton.__version__,
                 scaled_mm_bias=G.scaled_mm_supports_bias(device))
     ceil = ceilings(device)
