@@ -49,21 +49,39 @@ log = logging.getLogger("testbed_quality")
 NAME = "testbed_quality"
 
 
-def testbed_factory(device: str = "cpu"):
-    """(make_pipeline, trained?): the committed trained testbed, else an untrained one."""
+def testbed_factory(device: str = "cpu", weights: Path | None = None):
+    """(make_pipeline, trained?): the trained testbed (``weights``, default the committed
+    one), else an untrained one."""
     from wanquant.testbed.build import WEIGHTS_DIR, build_testbed_pipeline, load_testbed_pipeline
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    trained = (WEIGHTS_DIR / "model_index.json").is_file()
+    path = Path(weights or WEIGHTS_DIR)
+    trained = (path / "model_index.json").is_file()
     if not trained:
-        warnings.warn(f"no trained testbed in {WEIGHTS_DIR}: measuring an UNTRAINED testbed.", stacklevel=2)
+        warnings.warn(f"no trained testbed in {path}: measuring an UNTRAINED testbed.", stacklevel=2)
 
     def make():
         if trained:
-            return load_testbed_pipeline(device=device, dtype=dtype)
+            return load_testbed_pipeline(device=device, dtype=dtype, path=path)
         return build_testbed_pipeline(seed=0).to(device, dtype)
 
     return make, trained
+
+
+def weights_id(path: Path | None = None) -> str:
+    """sha256 over the testbed's weight files (names and bytes); 'untrained' without them."""
+    import hashlib
+
+    from wanquant.testbed.build import WEIGHTS_DIR
+
+    root = Path(path or WEIGHTS_DIR)
+    if not (root / "model_index.json").is_file():
+        return "untrained-seed0"
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".md"):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return "trained-" + h.hexdigest()[:16]
 
 
 def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: int = 40, guidance: float = 4.0,
@@ -71,7 +89,8 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
                 overwrite: bool = False, results_dir: str | Path | None = RESULTS_DIR, command: str | None = None,
                 make_pipeline=None, trained: bool | None = None, generation: GenerationSettings | None = None,
                 reservoir_tokens: int = 4096, layer_errors: bool = True, write_videos: bool = True,
-                plots: bool = True, generate: bool = True, measure: bool = True, backend: str = "reference") -> dict:
+                plots: bool = True, generate: bool = True, measure: bool = True, backend: str = "reference",
+                weights: str | Path | None = None, layer_error_videos: int = 2) -> dict:
     """Run (or resume) the ablation and write results; returns the JSON payload.
 
     ``make_pipeline`` and ``generation`` (whose size the samples are rendered at) override
@@ -84,8 +103,10 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    model_id = "custom"
     if make_pipeline is None:
-        make_pipeline, trained = testbed_factory(device)
+        make_pipeline, trained = testbed_factory(device, weights)
+        model_id = weights_id(weights)
     tb = TestbedConfig()
     gen = generation or GenerationSettings(height=tb.height, width=tb.width, num_frames=tb.num_frames,
                                            num_inference_steps=steps, guidance_scale=guidance,
@@ -98,7 +119,7 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
     evals = list_samples("eval", num_eval, **render)
     settings = A.AblationSettings(gen, configs=list(configs or A.ABLATION_ORDER), reservoir_tokens=reservoir_tokens,
                                   vmaf=vmaf, brisque=brisque, layer_errors=layer_errors, device=device,
-                                  backend=backend)
+                                  backend=backend, model_id=model_id, layer_error_videos=layer_error_videos)
     t0 = time.perf_counter()
     res = A.run_ablation(make_pipeline, calib, evals, settings, out, overwrite=overwrite, generate=generate,
                          measure=measure)
@@ -116,7 +137,8 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
     payload = {
         **meta,
         "generated_on": gen_on,
-        "model": "trained testbed" if trained else "UNTRAINED testbed (trained weights not found)",
+        "model": ("trained testbed" if trained else "UNTRAINED testbed (trained weights not found)")
+        + f" [{model_id}]",
         "baseline": "bf16 row = the unquantized model; on CPU it runs in fp32 (bf16 matmuls are slow there)"
         if "float32" in base_dtype else f"bf16 row = the unquantized model in {base_dtype or 'bf16'}",
         "settings": {"calibration_samples": num_calib, "eval_samples": num_eval, "steps": steps,
@@ -241,6 +263,10 @@ def _plots(rows: dict[str, dict], out: Path) -> list[str]:
             if finite:
                 lo, hi = min(finite), max(finite)
                 ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+            ax.ticklabel_format(axis="y", useOffset=False)
+            for i, v in enumerate(vals):
+                if np.isfinite(v):
+                    ax.annotate(f"{v:.4g}", (i, v), ha="center", va="bottom", fontsize=6)
             ax.set_xticks(range(len(cs)))
             ax.set_xticklabels(cs, rotation=45, ha="right", fontsize=7)
             ax.set_title(label, fontsize=9)
@@ -342,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="reference", help="W4A4 backend of the quantized runs")
     p.add_argument("--generate-only", action="store_true", help="generate and cache videos, measure nothing")
     p.add_argument("--measure-only", action="store_true", help="measure videos already cached in --out")
+    p.add_argument("--weights", type=Path, default=None, help="trained testbed directory (default: the committed one)")
+    p.add_argument("--reservoir-tokens", type=int, default=4096, help="calibration tokens kept per bin and layer")
+    p.add_argument("--layer-error-videos", type=int, default=2, help="eval videos with per-layer error recording")
     p.add_argument("--no-vmaf", action="store_true")
     p.add_argument("--no-brisque", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="recompute cached configs")
@@ -353,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = run_quality(args.out, args.num_calib, args.num_eval, args.steps, args.guidance, args.configs,
                           args.device, not args.no_vmaf, not args.no_brisque,
                           args.overwrite, None if args.no_results else RESULTS_DIR,
-                          generate=not args.measure_only, measure=not args.generate_only, backend=args.backend)
+                          generate=not args.measure_only, measure=not args.generate_only, backend=args.backend,
+                          weights=args.weights, reservoir_tokens=args.reservoir_tokens,
+                          layer_error_videos=args.layer_error_videos)
     if payload:
         print(markdown(payload))
     return 0

@@ -131,13 +131,16 @@ class AblationSettings:
     # W4A4 backend of the quantized runs; "reference" is the PyTorch ground truth that the
     # kernels are tested bit-exact against.
     backend: str = "reference"
+    # Identity of the 16-bit model (e.g. a hash of its weight files): part of the cache key.
+    model_id: str = ""
 
     def key(self) -> dict:
         """What the generated videos depend on (cached videos with another key are redone).
 
         The device is recorded in each row (``generated_on``) but is not part of the key, so
         videos generated on a GPU machine can be measured on another."""
-        return {"generation": self.generation.to_dict(), "reservoir_tokens": self.reservoir_tokens,
+        return {"model": self.model_id, "generation": self.generation.to_dict(),
+                "reservoir_tokens": self.reservoir_tokens,
                 "eval_seed": self.eval_seed, "layer_errors": self.layer_errors,
                 "layer_error_videos": self.layer_error_videos}
 
