@@ -238,6 +238,54 @@ def test_two_rank_calibration_equals_one_process_with_two_shards(two_rank_checkp
     assert not multi.with_name(multi.name + ".partial").exists()
 
 
+def _interrupted_worker(dist, out: str):
+    from wanquant.calibration import run as run_mod
+
+    real, calls = run_mod._calibrate_pass, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated interruption")  # every rank, at the same point
+        return real(*args, **kwargs)
+
+    run_mod._calibrate_pass = flaky
+    try:
+        run_mod.quantize_pipeline(build_tiny_pipeline(), _samples(), fast_config(), _calib_run(blocks_per_pass=1),
+                                  out, dist=dist)
+    except KeyboardInterrupt:
+        return calls["n"]
+    return -1
+
+
+@pytest.mark.slow
+def test_interrupted_two_rank_run_resumes_in_one_process(two_rank_checkpoints, tmp_path, monkeypatch):
+    """The work directory's run id holds the shards, not the processes: resume anywhere."""
+    from wanquant.calibration import run as run_mod
+
+    multi, _, _ = two_rank_checkpoints
+    out = tmp_path / "resumed"
+    assert run_ranks(tmp_path, _interrupted_worker, str(out)) == [2, 2]
+    progress = json.loads((tmp_path / "resumed.partial" / "progress.json").read_text())
+    assert list(progress["done"]) == ["0-1"] and not out.exists()
+
+    calls = {"n": 0}
+    real = run_mod._calibrate_pass
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "_calibrate_pass", counting)
+    run_mod.quantize_pipeline(build_tiny_pipeline(), _samples(), fast_config(),
+                              _calib_run(blocks_per_pass=1, shards=2), out)
+    assert calls["n"] == 1  # only the second pass ran
+    a, b = _expert_tensors(out), _expert_tensors(multi)
+    for attr in a:
+        for k in a[attr]:
+            assert torch.equal(a[attr][k], b[attr][k]), f"{attr}: {k}"
+
+
 @pytest.mark.slow
 def test_one_shard_is_the_plain_single_process_run(tmp_path):
     """shards=1 goes through the unchanged code path: same files as a default run."""
@@ -254,3 +302,176 @@ def test_one_shard_is_the_plain_single_process_run(tmp_path):
     assert {k: v["sha256"] for k, v in ha["files"].items() if "safetensors" in k} == \
            {k: v["sha256"] for k, v in hb["files"].items() if "safetensors" in k}
     assert "shards" not in ha["calibration"] and "shards" not in hb["calibration"]
+
+
+# ---------------------------------------------------------------------------------------
+# context-parallel inference over W4A4 experts
+
+
+def _probe(pipe) -> dict:
+    """Record, per forward, the bin each expert picked, k/v cache hits and layer input shapes."""
+    rec = {"bins": [], "kv_hits": 0, "qkv_tokens": set(), "kv_tokens": set()}
+    for attr in ("transformer", "transformer_2"):
+        m = getattr(pipe, attr)
+        state = m._wanquant_state
+        set_t, get = state.set_timestep, state.cache_get
+
+        def set_timestep(t, _set=set_t, _attr=attr):
+            b = _set(t)
+            rec["bins"].append((_attr, float(t.max()), b))
+            return b
+
+        def cache_get(layer, x, _get=get):
+            hit = _get(layer, x)
+            rec["kv_hits"] += hit is not None
+            return hit
+
+        state.set_timestep, state.cache_get = set_timestep, cache_get
+        attn1, attn2 = m.blocks[0].attn1, m.blocks[0].attn2
+        attn1.to_qkv.register_forward_pre_hook(lambda mod, a: rec["qkv_tokens"].add(a[0].shape[-2]))
+        attn2.to_kv.register_forward_pre_hook(lambda mod, a: rec["kv_tokens"].add(a[0].shape[-2]))
+    return rec
+
+
+def _snapshot(rec: dict) -> dict:
+    return {k: (sorted(v) if isinstance(v, set) else list(v) if isinstance(v, list) else v) for k, v in rec.items()}
+
+
+def _cp_worker(dist, qdir: str, degrees: list[tuple[int, int]], device=None):
+    from wanquant.runtime.generate import run_pipeline
+    from wanquant.runtime.load import load_quantized
+    from wanquant.runtime.parallel import check_context_parallel, enable_context_parallel, video_tokens
+    from wanquant.testbed.dataset import list_samples
+
+    ev = list_samples("eval", 1, num_frames=5, height=32, width=32)[0]
+    out = {}
+    probe = build_tiny_pipeline()
+    if device is None:
+        with pytest.raises(ValueError, match="log-sum-exp"):  # ring needs an LSE backend: CUDA only
+            enable_context_parallel(probe, ulysses_degree=1, ring_degree=2)
+    with pytest.raises(ValueError, match="must equal the number"):
+        enable_context_parallel(probe, ulysses_degree=1)
+    del probe
+    for ulysses, ring in degrees:
+        pipe = build_tiny_pipeline() if device is None else _gpu_pipe(device)
+        pipe.register_modules(transformer=None, transformer_2=None)
+        load_quantized(pipe, qdir, device=device)
+        rec_ref = _probe(pipe)
+        ref = run_pipeline(pipe, ev.first_frame(), ev.prompt, TINY_SETTINGS, seed=0)
+        rec_ref = _snapshot(rec_ref)  # the probe keeps recording: keep what the plain run saw
+        before = check_context_parallel(pipe)
+        info = enable_context_parallel(pipe, ulysses_degree=ulysses, ring_degree=ring)
+        hooks = check_context_parallel(pipe)
+        rec = _probe(pipe)  # a second probe: the first one's counts go on, these start at zero
+        frames = run_pipeline(pipe, ev.first_frame(), ev.prompt, TINY_SETTINGS, seed=0)
+        with pytest.raises(RuntimeError, match="already has parallelism"):
+            enable_context_parallel(pipe, ulysses_degree=ulysses, ring_degree=ring)
+        load_quantized(pipe, qdir, device=device)  # new experts: diffusers' hooks are gone with the old ones
+        out[(ulysses, ring)] = {
+            "ref": ref, "cp": frames, "rec_ref": rec_ref, "rec_cp": _snapshot(rec),
+            "hooks_before": before, "hooks": hooks, "hooks_after_reload": check_context_parallel(pipe),
+            "quantized_layers": info.quantized_layers,
+            "tokens": video_tokens(pipe, TINY_SETTINGS.height, TINY_SETTINGS.width, TINY_SETTINGS.num_frames),
+        }
+    return out
+
+
+@pytest.mark.slow
+def test_context_parallel_w4a4_keeps_bins_and_kv_cache_and_reproduces_the_video(two_rank_checkpoints, tmp_path):
+    _, single, _ = two_rank_checkpoints
+    ranks = run_ranks(tmp_path, _cp_worker, str(single), [(2, 1)])  # ring: GPU test below
+    for (ulysses, ring), r0 in ranks[0].items():
+        r1 = ranks[1][(ulysses, ring)]
+        what = f"ulysses {ulysses} x ring {ring}"
+        assert r0["quantized_layers"] == 2 * 2 * 7
+        assert r0["hooks_before"] == {"transformer": False, "transformer_2": False}
+        assert r0["hooks"] == {"transformer": True, "transformer_2": True}
+        assert r0["hooks_after_reload"] == {"transformer": False, "transformer_2": False}
+        # Every rank ends with the whole video, the one a single process makes.
+        np.testing.assert_array_equal(r0["cp"], r1["cp"])
+        np.testing.assert_allclose(r0["cp"], r0["ref"], rtol=0, atol=1e-5, err_msg=what)
+        # The runtime hook saw the whole timestep: same bins, forward by forward, on every rank.
+        assert r0["rec_cp"]["bins"] == r0["rec_ref"]["bins"] == r1["rec_cp"]["bins"], what
+        assert {b for _, _, b in r0["rec_cp"]["bins"]} == {0, 1, 2}
+        # The sequence really is split; the text (k/v input) is not, and the cache still hits.
+        n = r0["tokens"]
+        assert r0["rec_ref"]["qkv_tokens"] == [n] and r0["rec_cp"]["qkv_tokens"] == [n // 2], what
+        assert r0["rec_cp"]["kv_tokens"] == r0["rec_ref"]["kv_tokens"] == [TINY_SETTINGS.max_sequence_length]
+        assert r0["rec_cp"]["kv_hits"] == r0["rec_ref"]["kv_hits"] > 0, what
+
+
+def test_context_parallel_needs_a_process_group():
+    from wanquant.runtime.parallel import check_context_parallel_shape, enable_context_parallel
+
+    if tdist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    pipe = build_tiny_pipeline()
+    with pytest.raises(RuntimeError, match="torchrun"):
+        enable_context_parallel(pipe, ulysses_degree=2)
+    assert check_context_parallel_shape(pipe, 32, 32, 5, world_size=2) == 32
+    with pytest.raises(ValueError, match="not divisible by 3"):
+        check_context_parallel_shape(pipe, 32, 32, 5, world_size=3)
+
+
+# ---------------------------------------------------------------------------------------
+# GPUs: torchrun + NCCL (skipped without two CUDA devices)
+
+TWO_GPUS = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                              reason="needs >= 2 CUDA GPUs")
+
+
+def _torchrun(*args: str, nproc: int = 2, timeout: int = 600) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
+
+
+def _gpu_pipe(device):
+    return build_tiny_pipeline().to(device, torch.bfloat16)  # bf16: what flash (ring) attention needs
+
+
+def _gpu_main(argv: list[str]) -> None:
+    """``torchrun ... tests/test_distributed.py calibrate OUT`` / ``... cp QDIR RESULT``."""
+    from wanquant.calibration.run import quantize_pipeline
+
+    dist = init_distributed("cuda")
+    try:
+        if argv[0] == "calibrate":
+            quantize_pipeline(_gpu_pipe(dist.device), _samples(), fast_config(), _calib_run(blocks_per_pass=1),
+                              argv[1], dist=dist)
+        elif argv[0] == "cp":
+            out = _cp_worker(dist, argv[1], [(2, 1), (1, 2)], device=dist.device)
+            if dist.is_main:
+                torch.save(out, argv[2])
+    finally:
+        dist.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@TWO_GPUS
+def test_gpu_two_rank_nccl_calibration_and_context_parallel(tmp_path):
+    from wanquant.calibration.run import quantize_pipeline
+
+    _torchrun("calibrate", str(tmp_path / "two"))
+    quantize_pipeline(_gpu_pipe("cuda:0"), _samples(), fast_config(), _calib_run(blocks_per_pass=1, shards=2),
+                      tmp_path / "one")
+    a, b = _expert_tensors(tmp_path / "two"), _expert_tensors(tmp_path / "one")
+    assert a.keys() == b.keys()
+    for attr in a:
+        assert a[attr].keys() == b[attr].keys()
+        for k in a[attr]:  # same GPU model on every rank: bit-identical
+            assert torch.equal(a[attr][k], b[attr][k]), f"{attr}: {k}"
+
+    _torchrun("cp", str(tmp_path / "one"), str(tmp_path / "cp.pt"))
+    res = torch.load(tmp_path / "cp.pt", weights_only=False)
+    for key, r in res.items():
+        assert r["hooks"] == {"transformer": True, "transformer_2": True}, key
+        assert r["rec_cp"]["bins"] == r["rec_ref"]["bins"], key
+        assert r["rec_cp"]["kv_hits"] == r["rec_ref"]["kv_hits"] > 0, key
+        assert r["rec_cp"]["qkv_tokens"] == [r["tokens"] // 2], key
+        np.testing.assert_allclose(r["cp"], r["ref"], rtol=0, atol=2e-2, err_msg=str(key))  # bf16 attention
+
+
+if __name__ == "__main__":
+    _gpu_main(sys.argv[1:])

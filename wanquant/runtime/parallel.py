@@ -36,6 +36,13 @@ Why wanquant's runtime keeps working on a split sequence:
   keyed by the context tensor and the input shape, both the same as without CP.
 This module refuses a custom plan that would split ``encoder_hidden_states``.
 
+Attention backends: Ulysses runs with diffusers' default ``native`` backend (PyTorch
+SDPA). Ring attention (``ring_degree > 1``, alone or with Ulysses) merges partial results
+through their log-sum-exp, which ``native`` does not return; for it this module selects
+``_native_flash`` (PyTorch's flash kernel, CUDA, bf16/fp16) unless ``attention_backend``
+names another LSE-capable one (``_native_cudnn``, ``flash``, ``_flash_3_hub``, ``sage``...).
+So ring attention needs GPUs; on the CPU only Ulysses runs.
+
 CPU: diffusers 0.42.1 picks the rank's device as ``rank % torch.accelerator.device_count()``,
 which fails without an accelerator. On a gloo group without one, :func:`enable_context_parallel`
 presents a single accelerator while it builds the mesh (the mesh itself is on the CPU):
@@ -69,6 +76,7 @@ class ContextParallelInfo:
     device_type: str
     experts: tuple[str, ...]
     quantized_layers: int
+    attention_backend: str
 
 
 @contextlib.contextmanager
@@ -106,13 +114,16 @@ def check_context_parallel_shape(pipe, height: int, width: int, num_frames: int,
 
 
 def enable_context_parallel(pipe, ulysses_degree: int | None = None, ring_degree: int = 1,
-                            mesh=None, plan: dict | None = None) -> ContextParallelInfo:
+                            mesh=None, plan: dict | None = None,
+                            attention_backend: str | None = None) -> ContextParallelInfo:
     """Split every expert's sequence over the process group (Ulysses x ring = world size).
 
     Call in every rank after the quantized experts are in place (see the module doc).
     ``ulysses_degree`` defaults to the world size divided by ``ring_degree``. ``mesh``: an
     existing ``DeviceMesh`` with dims ("ring", "ulysses"); ``plan``: a custom
-    ``_cp_plan`` (default: the model's).
+    ``_cp_plan`` (default: the model's); ``attention_backend``: a diffusers attention
+    backend to set on the experts first (default: unchanged for Ulysses, ``_native_flash``
+    when ``ring_degree > 1``).
     """
     if not (tdist.is_available() and tdist.is_initialized()):
         raise RuntimeError("context parallelism needs torch.distributed: start with torchrun and call "
@@ -128,6 +139,11 @@ def enable_context_parallel(pipe, ulysses_degree: int | None = None, ring_degree
         raise ValueError(f"ulysses_degree x ring_degree = {ulysses_degree} x {ring_degree} must equal the number "
                          f"of processes ({world})")
     device_type = _device_type()
+    if ring_degree > 1 and attention_backend is None:
+        if device_type != "cuda":
+            raise ValueError("ring attention needs an attention backend that returns the log-sum-exp, and diffusers "
+                             "has none on the CPU; use ulysses_degree (ring_degree=1) here, ring on GPUs")
+        attention_backend = "_native_flash"
     experts = experts_of(pipe)
     n_quant = 0
     for e in experts:
@@ -155,10 +171,13 @@ def enable_context_parallel(pipe, ulysses_degree: int | None = None, ring_degree
             mesh = torch.distributed.device_mesh.init_device_mesh(
                 device_type, (ring_degree, ulysses_degree), mesh_dim_names=("ring", "ulysses"))
         for e in experts:
+            if attention_backend is not None:
+                e.module.set_attention_backend(attention_backend)
             cfg = ContextParallelConfig(ring_degree=ring_degree, ulysses_degree=ulysses_degree, mesh=mesh)
             e.module.enable_parallelism(config=cfg, cp_plan=plan)
             e.module._wanquant_cp = (ulysses_degree, ring_degree)
-    info = ContextParallelInfo(ulysses_degree, ring_degree, world, device_type, tuple(e.attr for e in experts), n_quant)
+    info = ContextParallelInfo(ulysses_degree, ring_degree, world, device_type, tuple(e.attr for e in experts), n_quant,
+                               attention_backend or "default")
     log.info("context parallel: %s", info)
     return info
 
