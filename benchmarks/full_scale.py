@@ -88,7 +88,11 @@ PROMPT = "a cat walks on the grass in the sunlight"
 NEGATIVE = "blurry static low quality"
 WORDS = sorted(set((PROMPT + " " + NEGATIVE).split()))
 
-MODES = ("bf16", "bf16_all_gpu", "w4a4", "unpack_bf16")
+MODES = ("bf16", "bf16_all_gpu", "w4a4", "w4a4_lean", "unpack_bf16")
+QUANT_MODES = ("w4a4", "w4a4_lean", "unpack_bf16")
+LEAN_NOTE = ("experiment, not a supported runtime mode: w4a4 with each layer's canonical L1/L2 buffers dropped "
+             "after the fast path repacked them (state_dict and .to() would break), i.e. the memory of a fast path "
+             "that owns the low-rank operands instead of holding a second copy")
 
 
 # ---------------------------------------------------------------------------------------
@@ -399,7 +403,7 @@ class Bench:
         if mode == "bf16_all_gpu":
             policy.update(text_encoder="resident on the GPU throughout (pipeline encodes the prompt)",
                           vae="fp32, no tiling")
-        chunk = mode in ("w4a4", "unpack_bf16") and a.chunk_tokens > 0
+        chunk = mode in QUANT_MODES and a.chunk_tokens > 0
         for role, model in self.experts.items():
             if chunk:
                 memory.enable_token_chunking(model, a.chunk_tokens, scope=a.chunk_scope)
@@ -407,18 +411,25 @@ class Bench:
                 memory.disable_token_chunking(model)
         if chunk:
             policy["token_chunking"] = f"{a.chunk_scope} scope, {a.chunk_tokens} tokens"
-        if mode in ("w4a4", "unpack_bf16"):
+        if mode in QUANT_MODES:
             pipe = self.pipeline()
             from wanquant.model.wan import experts_of
 
             for spec in experts_of(pipe):
                 model = self.experts[spec.role]
                 bind_expert(model, spec.timestep_bins(self.qcfg))
-                set_backend(model, "auto" if mode == "w4a4" else "unpack_bf16")
+                set_backend(model, "unpack_bf16" if mode == "unpack_bf16" else "auto")
                 memory.set_static_kv_cache(model, a.kv_cache)
                 # Prepare every layer's kernel operands now, not inside a timed step.
                 for layer in _quant_layers(model):
                     layer._resolve_backend(self.device)
+                    if mode == "w4a4_lean" and layer._fast is not None:
+                        for name in ("l1", "l2"):
+                            old = getattr(layer, name)
+                            layer._buffers[name] = old.new_empty((0,) + tuple(old.shape[1:]) if name == "l1"
+                                                                 else (old.shape[0], 0))
+            if mode == "w4a4_lean":
+                policy["experiment"] = LEAN_NOTE
             policy["kv_cache"] = "on (per context, idle expert released)" if a.kv_cache else "off"
         if mode == "bf16_all_gpu":
             self.vae.disable_tiling()
@@ -437,7 +448,7 @@ class Bench:
                "tokens_per_forward": self.tokens(height, width, a.frames), "guidance_scale": a.guidance}
         notes = ["random weights: values change neither memory nor kernel time"]
         meter = Meter(self.device)
-        kind = "quant" if mode in ("w4a4", "unpack_bf16") else "bf16"
+        kind = "quant" if mode in QUANT_MODES else "bf16"
         try:
             # 1. text encoding (before the experts exist on the GPU, except bf16_all_gpu)
             if mode == "bf16_all_gpu":
@@ -568,10 +579,12 @@ class Bench:
         was = memory.token_chunking_of(model)
         ck = self.args.chunk_tokens
         alt = self.args.alt_gemm if mode == "w4a4" else ""
+        extra = [(f"chunked {n}", int(n), "") for n in self.args.alt_chunk.split(",") if n]
         if mode == "bf16":
             timed, profiled = [("chunked", ck, "")], [("stock", 0, ""), ("chunked", ck, "")]
         else:
-            timed = [("unchunked", 0, "")] + ([(f"chunked, {alt} GEMM", ck, alt)] if alt else [])
+            timed = ([] if self.args.no_unchunked else [("unchunked", 0, "")]) + extra + \
+                ([(f"chunked, {alt} GEMM", ck, alt)] if alt else [])
             profiled = [("chunked", ck, ""), ("unchunked", 0, "")] + ([(f"chunked, {alt} GEMM", ck, alt)] if alt else [])
         t = torch.tensor([999.0], device=self.device)
         out = []
@@ -647,7 +660,7 @@ class Bench:
             layer._resolve_backend(self.device)
 
     def backend_of(self, mode: str) -> str:
-        if mode not in ("w4a4", "unpack_bf16"):
+        if mode not in QUANT_MODES:
             return "bf16 (diffusers, torch SDPA)"
         seen = {}
         for model in self.experts.values():
@@ -826,6 +839,12 @@ def targets(rows) -> list[str]:
             out.append(f"W4A4 peak at {res} x 81 <= {limit:.0f} GB: {p:.2f} GB ({p * GB / 2**30:.2f} GiB) -> "
                        f"{'met' if p <= limit else 'MISSED'}")
     for res in ("480x832", "720x1280"):
+        lean = _row(rows, "w4a4_lean", res)
+        if lean:
+            p = lean["peak_allocated_gb"]
+            out.append(f"experiment w4a4_lean (fast path owning its low-rank operands) at {res}: {p:.2f} GB "
+                       f"({p * GB / 2**30:.2f} GiB)")
+    for res in ("480x832", "720x1280"):
         w, b = _row(rows, "w4a4", res), _row(rows, "bf16", res)
         if w and b:
             red = 1 - w["peak_allocated_gb"] / b["peak_allocated_gb"]
@@ -923,6 +942,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="with --breakdown: kernel-time profile of one forward "
                    "per chunking setting (bf16, w4a4)")
     p.add_argument("--profile-resolution", default="", help="resolution of the profiled forwards (default: the run's)")
+    p.add_argument("--alt-chunk", default="", help="with --breakdown: W4A4 forwards with these chunk sizes too")
+    p.add_argument("--no-unchunked", action="store_true", help="with --breakdown: no unchunked W4A4 forward")
     p.add_argument("--breakdown-res", default="", help="resolutions that get the breakdown (default: all)")
     p.add_argument("--alt-gemm", default="", help="with --breakdown: also time W4A4 with WANQUANT_GEMM=this (cublas)")
     args = p.parse_args(argv)

@@ -13,8 +13,9 @@ tokens at once, and only through its keys and values.
 1. for each token chunk: modulation, q/k/v projection, q/k RMS-norm, rotary, written
    into three ``[B, S, heads, head_dim]`` buffers (the only full-length tensors);
 2. for each token chunk: attention of the chunk's queries against all keys and values,
-   output projection, residual, cross-attention, residual, FFN, residual; the block's
-   output is written over the query buffer, whose chunk has just been consumed.
+   output projection, residual, cross-attention (its text keys/values computed once per
+   block), residual, FFN, residual; the block's output is written over the query buffer,
+   whose chunk has just been consumed.
 
 So a block holds its input plus three q/k/v-sized buffers (4 x ``S x dim`` bf16) plus
 one chunk's temporaries, instead of about 10-11 x ``S x dim``. Token-wise ops give the
@@ -115,14 +116,41 @@ def _qkv(attn: nn.Module, x: torch.Tensor):
     return attn.to_q(x), attn.to_k(x), attn.to_v(x)
 
 
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding on ``x [B, T, H, D]`` with the same dtype promotions as diffusers."""
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Wan's rotary embedding on ``x [B, T, H, D]`` with the same dtype promotions as diffusers,
+    written into ``out`` (a slice of the full-length buffer) when given."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
     return out
+
+
+def _stock_attention(attn: nn.Module) -> bool:
+    proc = getattr(attn, "processor", None)
+    return (type(proc).__name__ == _STOCK_PROCESSOR and getattr(proc, "_parallel_config", None) is None
+            and getattr(attn, "add_k_proj", None) is None)
+
+
+def _cross_kv(attn: nn.Module, context: torch.Tensor):
+    """Keys and values of the text context, once per block forward (what the stock processor
+    computes at every call)."""
+    if getattr(attn, "fused_projections", False) and getattr(attn, "to_kv", None) is not None:
+        k, v = attn.to_kv(context).chunk(2, dim=-1)
+    else:
+        k, v = attn.to_k(context), attn.to_v(context)
+    k = attn.norm_k(k)
+    return k.unflatten(2, (attn.heads, -1)), v.unflatten(2, (attn.heads, -1))
+
+
+def _cross_attention(attn: nn.Module, x: torch.Tensor, kv, dispatch) -> torch.Tensor:
+    q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))
+    o = dispatch(q, kv[0], kv[1], attn_mask=None, dropout_p=0.0, is_causal=False,
+                 backend=getattr(attn.processor, "_attention_backend", None), parallel_config=None)
+    o = o.flatten(2, 3).type_as(q)
+    return attn.to_out[1](attn.to_out[0](o))
 
 
 def _modulation(block: nn.Module, temb: torch.Tensor):
@@ -139,6 +167,8 @@ def _supports_block_chunking(block: nn.Module) -> tuple[bool, str]:
             return False, f"block has no `{name}`"
     attn = getattr(block, SELF_ATTN_ATTR)
     proc = getattr(attn, "processor", None)
+    if getattr(attn, "is_cross_attention", False):
+        return False, "the block's self-attention is marked cross-attention"
     if type(proc).__name__ != _STOCK_PROCESSOR:
         return False, f"self-attention processor is {type(proc).__name__}, not {_STOCK_PROCESSOR}"
     if getattr(proc, "_parallel_config", None) is not None:
@@ -178,15 +208,17 @@ def _chunked_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder
         del n
         q, k = attn.norm_q(q), attn.norm_k(k)
         q, k, v = (t.unflatten(2, (heads, -1)) for t in (q, k, v))
-        if rotary_emb is not None:
-            cos, sin = rotary_emb
-            q = _rotary(q, cos[:, c], sin[:, c])
-            k = _rotary(k, cos[:, c], sin[:, c])
         if q_buf is None:
             q_buf = q.new_empty(b, s, *q.shape[2:])
             k_buf = k.new_empty(b, s, *k.shape[2:])
             v_buf = v.new_empty(b, s, *v.shape[2:])
-        q_buf[:, c], k_buf[:, c], v_buf[:, c] = q, k, v
+        if rotary_emb is not None:  # written straight into the buffers
+            cos, sin = rotary_emb
+            _rotary(q, cos[:, c], sin[:, c], out=q_buf[:, c])
+            _rotary(k, cos[:, c], sin[:, c], out=k_buf[:, c])
+        else:
+            q_buf[:, c], k_buf[:, c] = q, k
+        v_buf[:, c] = v
         del q, k, v
 
     # 2. per chunk: attention against all keys, then everything token-wise.
@@ -195,6 +227,8 @@ def _chunked_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder
     backend = getattr(attn.processor, "_attention_backend", None)
     cross = getattr(self, CROSS_ATTN_ATTR)
     ffn = getattr(self, FFN_ATTR)
+    # The text keys/values are the same for every chunk: computed once here, not per chunk.
+    cross_kv = _cross_kv(cross, encoder_hidden_states) if _stock_attention(cross) else None
     for c in chunks:
         o = dispatch_attention_fn(q_buf[:, c], k_buf, v_buf, attn_mask=None, dropout_p=0.0, is_causal=False,
                                   backend=backend, parallel_config=None)
@@ -203,14 +237,17 @@ def _chunked_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder
         h = (hidden_states[:, c].float() + o * sl(gate, c)).type_as(hidden_states)
         del o
         n = norm2(h.float()).type_as(hidden_states)
-        h = h + cross(n, encoder_hidden_states, None, None)
+        if cross_kv is not None:
+            h = h + _cross_attention(cross, n, cross_kv, dispatch_attention_fn)
+        else:
+            h = h + cross(n, encoder_hidden_states, None, None)
         n = (norm3(h.float()) * (1 + sl(c_scale, c)) + sl(c_shift, c)).type_as(hidden_states)
         f = ffn(n)
         del n
         # The query chunk was consumed above: its memory takes the block's output.
         out[:, c] = (h.float() + f.float() * sl(c_gate, c)).type_as(hidden_states)
         del f, h
-    del k_buf, v_buf
+    del k_buf, v_buf, cross_kv
     return out
 
 
