@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 FAST_PATH_NAME = "hopper-fp8: triton act-quant + fused triton FP8 GEMM"
 DEFAULT_BACKEND = "triton"
 BACKENDS = ("triton", "cublas")
-ACT_LAUNCH = (64, 128, 8, 3)  # block_m, block_k, num_warps, num_stages
+ACT_LAUNCH = (128, 64, 8, 3)  # block_m, block_k, num_warps, num_stages (fastest of 6 on H100)
 NSPLIT = 2  # low-rank activations as a bf16 hi/lo pair: ~fp32-accurate branch for ~1 % time
 
 

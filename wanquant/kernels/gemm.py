@@ -13,7 +13,8 @@ Two implementations:
   *before* the FP8 main loop, divided by the two row scales (``l2cat`` is stored times
   ``2^-s_w``, the kernel multiplies by ``2^-s_a``; powers of two, so exact), and the
   epilogue multiplies everything by ``2^(s_a + s_w)`` and adds the bias. No second pass
-  over the output. Pointer loads, or TMA descriptors with a persistent grid.
+  over the output. (A persistent TMA-descriptor variant was measured and dropped: within
+  1 % of this one, and slower when flattened; see benchmarks/KERNEL_NOTES.md.)
 * :func:`gemm_cublas`: ``torch._scaled_mm`` with rowwise scales (+ bias), then the
   low-rank term as an in-place bf16 ``addmm_`` (a second pass over the output).
 
@@ -45,19 +46,16 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
-    tma: bool = False  # TMA descriptors + persistent grid (sm_90+)
-    # None: Hopper's fast FP8 accumulation; an int: promote to fp32 every that many K.
+    # None: Hopper's fast FP8 accumulation (rel. error 1.5e-4..6e-4 before bf16 rounding);
+    # an int: promote to fp32 every that many K (measured 6x slower in Triton 3.6).
     imprecise_acc: int | None = None
-    flatten: bool = False  # TMA only: pipeline across tiles of the persistent loop
-    programs_per_sm: int = 1  # TMA only: persistent programs per SM
-    split_epilogue: bool = False  # store the tile as two column halves (fewer live registers)
+    split_epilogue: bool = True  # store the tile as two column halves (fewer live registers)
 
     def describe(self) -> str:
         acc = "fast" if self.imprecise_acc is None else f"promote{self.imprecise_acc}"
-        kind = ("tmaflat" if self.flatten else "tma") if self.tma else "ptr"
-        kind += "-split" if self.split_epilogue else ""
-        return (f"{kind}-{self.block_m}x{self.block_n}x{self.block_k}-w{self.num_warps}-s{self.num_stages}"
-                f"-g{self.group_m}-{acc}")
+        split = "-split" if self.split_epilogue else ""
+        return (f"{self.block_m}x{self.block_n}x{self.block_k}-w{self.num_warps}-s{self.num_stages}"
+                f"-g{self.group_m}{split}-{acc}")
 
 
 DEFAULT_CONFIG = GemmConfig()
@@ -192,57 +190,6 @@ if HAS_TRITON:
         _store_tile(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, pid_m, pid_n, M, N, stride_cm,
                     HAS_BIAS, INTERPRET, SPLIT_EPI, BM, BN)
 
-    @triton.jit
-    def _tma_tile(tile_id, a_desc, b_desc, sa_ptr, sb_ptr, lr_ptr, l2_ptr, bias_ptr, c_ptr, M, N, K, stride_cm,
-                  RC: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                  IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr, SPLIT_EPI: tl.constexpr):
-        """One output tile of the persistent TMA kernel."""
-        pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
-        if HAS_LR:
-            offs_m = pid_m * BM + tl.arange(0, BM)
-            offs_n = pid_n * BN + tl.arange(0, BN)
-            acc = _lowrank_init(lr_ptr, l2_ptr, sa_ptr, tl.where(offs_m < M, offs_m, 0),
-                                tl.where(offs_n < N, offs_n, 0), RC, BM, BN, INTERPRET)
-        else:
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kb in range(K // BK):
-            a = a_desc.load([pid_m * BM, kb * BK])  # out-of-range rows arrive as zeros
-            b = b_desc.load([pid_n * BN, kb * BK])
-            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=IMPRECISE_ACC)
-        _store_tile(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, pid_m, pid_n, M, N, stride_cm,
-                    HAS_BIAS, INTERPRET, SPLIT_EPI, BM, BN)
-
-    @triton.jit
-    def _fp8_gemm_tma_kernel(
-        a_desc, b_desc, sa_ptr, sb_ptr, lr_ptr, l2_ptr, bias_ptr, c_ptr,
-        M, N, K, stride_cm, num_programs,
-        RC: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-        IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr, FLATTEN: tl.constexpr, SPLIT_EPI: tl.constexpr,
-    ):
-        """Persistent variant: TMA loads, ``num_programs`` programs walk the tiles.
-
-        ``FLATTEN`` lets Triton software-pipeline across tile boundaries (the next
-        tile's loads start during this tile's epilogue).
-        """
-        num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
-        if FLATTEN:
-            for tile_id in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
-                _tma_tile(tile_id, a_desc, b_desc, sa_ptr, sb_ptr, lr_ptr, l2_ptr, bias_ptr, c_ptr, M, N, K,
-                          stride_cm, RC, HAS_LR, HAS_BIAS, BM, BN, BK, GROUP_M, IMPRECISE_ACC, INTERPRET, SPLIT_EPI)
-        else:
-            for tile_id in range(tl.program_id(0), num_tiles, num_programs):
-                _tma_tile(tile_id, a_desc, b_desc, sa_ptr, sb_ptr, lr_ptr, l2_ptr, bias_ptr, c_ptr, M, N, K,
-                          stride_cm, RC, HAS_LR, HAS_BIAS, BM, BN, BK, GROUP_M, IMPRECISE_ACC, INTERPRET, SPLIT_EPI)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few programs so the persistent loop runs several tiles
-
-
 def gemm_triton(
     a8: torch.Tensor,
     sa: torch.Tensor,
@@ -286,15 +233,7 @@ def gemm_triton(
     args = (sa, sw, lowrank if has_lr else dummy, l2cat_scaled if has_lr else dummy,
             bias if bias is not None else dummy, out, m, n, k, out.stride(0))
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    if cfg.tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        a_desc = TensorDescriptor.from_tensor(a8, [cfg.block_m, bk])
-        b_desc = TensorDescriptor.from_tensor(w8, [cfg.block_n, bk])
-        programs = min(tiles, _num_sms(a8.device) * cfg.programs_per_sm)
-        _fp8_gemm_tma_kernel[(programs,)](a_desc, b_desc, *args, programs, FLATTEN=cfg.flatten, **common)
-    else:
-        _fp8_gemm_kernel[(tiles,)](a8, w8, *args, **common)
+    _fp8_gemm_kernel[(tiles,)](a8, w8, *args, **common)
     return out
 
 
