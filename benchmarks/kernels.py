@@ -52,9 +52,11 @@ RANK = 32
 
 # Run 2 swept 6 activation and 8 GEMM variants (benchmarks/KERNEL_NOTES.md); the final
 # run re-times the leaders.
-ACT_VARIANTS = {  # name: (block_m, block_k, num_warps, num_stages)
+ACT_VARIANTS = {  # name: (block_m, block_k, num_warps, num_stages); swept at every M
     "bm128-bk64-w8-s3": (128, 64, 8, 3),
     "bm64-bk128-w8-s3": (64, 128, 8, 3),
+    "bm64-bk64-w4-s3": (64, 64, 4, 3),
+    "bm32-bk64-w4-s3": (32, 64, 4, 3),
 }
 GEMM_VARIANTS = [
     G.GemmConfig(),
@@ -182,7 +184,7 @@ def bench_shape(layer: str, m: int, device: torch.device, choice: dict, sweep: b
     row["bf16_weight_bytes"] = n * k * 2
 
     # ---- pieces; sweep variants at the middle M ----
-    act_names = list(ACT_VARIANTS) if sweep else [choice["act"][layer]]
+    act_names = list(ACT_VARIANTS)  # cheap: swept at every M (the grid size matters)
     act_times = {}
     for name in act_names:
         bm, bk, nw, ns = ACT_VARIANTS[name]
