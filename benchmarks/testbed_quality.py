@@ -201,6 +201,22 @@ def _f(v, fmt: str = ".2f") -> str:
     return format(v, fmt)
 
 
+NOTES = (
+    "Rank at testbed scale: the testbed's layers are 256 wide (FFN 1024); a rank-16 branch adds ~47 % to a "
+    "256x256 layer's 4.25-bit weight bits and rank 32 ~94 %, against ~2.4 % / 4.7 % at Wan2.2's width 5120, "
+    "so the low-rank rows overstate what the branch buys at full scale, and `ours` (rank 32) carries twice the "
+    "branch of `per_bin_clip` (`ours_rank16`, where run, separates the two).",
+    "Dynamic degree rises with any added temporal noise (VBench's own weakness), so a quantized model can "
+    "score *higher* than bf16 on it; read it together with flicker and smoothness.",
+    "BRISQUE (wheel `brisque` 0.2.0, its SVM ships inside) is reported but not averaged: on these 64x64 "
+    "synthetic clips it ranks wrongly (Gaussian noise improves its score; some clean clips saturate at 155.8).",
+    "VMAF's model was fitted on HD viewing: the 64x64 clips are scaled to 256x256 first; read VMAF as a "
+    "ranking, not as an absolute quality level.",
+    "Fidelity numbers are means over the eval videos of per-video values; 'wins' counts paired per-video "
+    "improvements, which is the more robust signal with 8 videos.",
+)
+
+
 def markdown(p: dict) -> str:
     s = p["settings"]
     lines = [
@@ -243,6 +259,7 @@ def markdown(p: dict) -> str:
         for c in p["components"]:
             lines.append(f"| {c['component']} | {c['before']:.2f} | {c['after']:.2f} | {c['delta']:+.2f} | {c['wins']} "
                          f"| {c['delta_ssim']:+.4f} | {c['delta_gt_psnr']:+.2f} | {c['delta_traj_err']:+.2f} |")
+    lines += ["", "Notes:", ""] + [f"- {n}" for n in NOTES]
     lines += ["", "Metric definitions: " + "; ".join(f"{k}: {v}" for k, v in p["metric_notes"].items() if v)]
     return "\n".join(lines)
 

@@ -201,6 +201,29 @@ def _jsonable(v):
     return str(v)
 
 
+def _claim(lock: Path) -> Path | None:
+    """Create ``lock`` for this process (None if a live process holds it), so that several
+    processes can share the configs of one output directory."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return None  # held by a live process
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            except PermissionError:
+                return None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    return None
+
+
 def _cached(path: Path, key: dict) -> dict | None:
     if not path.exists():
         return None
@@ -304,12 +327,25 @@ def run_ablation(make_pipeline: Callable[[], object], calib: list[CalibSample], 
         elif not generate:
             raise RuntimeError(f"{name}: no videos for these settings in {out}; run the generation first")
         else:
-            t0 = time.perf_counter()
-            row, videos = produce()
-            row["seconds"]["total_generation"] = time.perf_counter() - t0
-            row.pop("metrics_key", None)
-            _save_frames(fpath, videos)
-            _write_json(path, {"key": ckey, "row": row})
+            lock = _claim(out / "configs" / f"{name}.lock")
+            if lock is None:
+                if measure:
+                    raise RuntimeError(f"{name}: another process is generating it in {out}; wait for it")
+                log.info("%s: another process is generating it: skipping", name)
+                return None, None
+            try:
+                again = None if overwrite else _cached(path, ckey)
+                if again is not None and fpath.exists():  # finished by another process meanwhile
+                    lock.unlink(missing_ok=True)
+                    return one(name, ckey, produce, reference)
+                t0 = time.perf_counter()
+                row, videos = produce()
+                row["seconds"]["total_generation"] = time.perf_counter() - t0
+                row.pop("metrics_key", None)
+                _save_frames(fpath, videos)
+                _write_json(path, {"key": ckey, "row": row})
+            finally:
+                lock.unlink(missing_ok=True)
         if measure and row.get("metrics_key") != mkey:
             t0 = time.perf_counter()
             row.update(evaluate_videos(videos, evals, reference, vmaf=settings.vmaf, brisque=settings.brisque))
@@ -334,6 +370,8 @@ def run_ablation(make_pipeline: Callable[[], object], calib: list[CalibSample], 
         row, videos = one(name, ckey, lambda: generate_config(name, cfg, make_pipeline, calib, evals, settings, out,
                                                               base_pipe()),
                           None if name == BASELINE else reference)
+        if row is None:
+            continue
         results[name] = row
         if name == BASELINE:
             reference = videos
@@ -348,8 +386,9 @@ def run_ablation(make_pipeline: Callable[[], object], calib: list[CalibSample], 
                      "generated_on": {"device": device_name(settings.device), "dtype": str(_dtype_of(base_pipe()))},
                      "seconds": {"generate": time.perf_counter() - t0}}, videos)
 
-        extras["bf16_shuffled_prompts"], _ = one("bf16_shuffled_prompts", {**key, "prompts": prompts}, shuffled,
-                                                 reference)
+        row, _ = one("bf16_shuffled_prompts", {**key, "prompts": prompts}, shuffled, reference)
+        if row is not None:
+            extras["bf16_shuffled_prompts"] = row
     if measure:
         still = [np.repeat(s.frames[:1], s.num_frames, axis=0) for s in evals]
         res = evaluate_videos(still, evals, None, vmaf=False, brisque=False)
