@@ -25,7 +25,9 @@ Memory policy, the same for every mode (except ``bf16_all_gpu``):
   without it, so both comparisons are available;
 * W4A4's per-context cross-attention K/V cache off (``--kv-cache`` turns it on).
 ``bf16_all_gpu``: stock diffusers with everything on the GPU (text encoder kept, no VAE
-tiling, no chunking): the pipeline as ``pipe.to("cuda")`` runs it.
+tiling, no chunking): the pipeline as ``pipe.to("cuda")`` runs it. ``w4a4_lean`` is an
+experiment, not a runtime mode: ``w4a4`` with each layer's own L1/L2 dropped after the
+fast path repacked them (the memory of a fast path that does not duplicate them).
 
 Stages (peak stats reset between them): text_encoding, image_encoding (the pipeline's
 VAE encode of the 81-frame condition video), denoising, decoding (VAE decode + the
@@ -37,6 +39,7 @@ cuBLAS heuristics) and every W4A4 layer prepares its kernel operands.
     python benchmarks/full_scale.py --tiny                         # CPU dry run
     python benchmarks/full_scale.py --resolutions 480x832 --out OUT --breakdown
     python benchmarks/full_scale.py --merge OUT1/rows.json OUT2/rows.json   # tables
+    (results/full_scale.json records the exact command of every device run)
 """
 
 from __future__ import annotations
@@ -760,8 +763,8 @@ def markdown(payload: dict) -> str:
         "reset between stages; step times are CUDA-synchronised cond+uncond pairs after a warm-up forward.",
         "",
         "| mode | resolution | backend | peak alloc | peak reserved | text enc | image enc | denoising | decoding "
-        "| step high (s) | step low (s) | total (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| step high (s) | step low (s) | total (s) | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sp = r.get("stage_peak_gb", {})
@@ -770,13 +773,14 @@ def markdown(payload: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['mode']} | {r['resolution']} | {backend} | **{r['error'][:80]}** | | "
                          f"{_fmt(sp.get('text_encoding'))} | {_fmt(sp.get('image_encoding'))} | "
-                         f"{_fmt(sp.get('denoising'))} | {_fmt(sp.get('decoding'))} | | | |")
+                         f"{_fmt(sp.get('denoising'))} | {_fmt(sp.get('decoding'))} | | | | "
+                         f"{r.get('run', {}).get('commit', '-')} |")
             continue
         lines.append(
             f"| {r['mode']} | {r['resolution']} | {backend} | {_fmt(r['peak_allocated_gb'])} | "
             f"{_fmt(r['peak_reserved_gb'])} | {_fmt(sp.get('text_encoding'))} | {_fmt(sp.get('image_encoding'))} | "
             f"{_fmt(sp.get('denoising'))} | {_fmt(sp.get('decoding'))} | {_fmt(step.get('high'))} | "
-            f"{_fmt(step.get('low'))} | {_fmt(r['total_s'], 1)} |")
+            f"{_fmt(step.get('low'))} | {_fmt(r['total_s'], 1)} | {r.get('run', {}).get('commit', '-')} |")
     lines += ["", "## Targets", ""]
     lines += [f"- {t}" for t in targets(rows)]
     lines += ["", "## What holds the memory", "",
@@ -795,26 +799,33 @@ def markdown(payload: dict) -> str:
                      f"{_fmt(r.get('text_encoding_with_experts_resident_gb'))} |")
     bd = [(r, b) for r in rows for b in r.get("breakdown_forwards", []) if "profile" not in b]
     if bd:
-        lines += ["", "## One forward of the high-noise expert (cond), other chunking setting", "",
-                  "| mode | resolution | setting | activation peak (GB) | forward (s) | pipeline forward (s) |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "## One forward of the high-noise expert (cond), other settings", "",
+                  "Pipeline setting: BF16 stock (unchunked), W4A4 chunked at 8192 tokens with the Triton GEMM. "
+                  "`pipeline forward` is the last high-noise forward of the pipeline run the entry came from.", "",
+                  "| mode | resolution | setting | activation peak (GB) | forward (s) | pipeline forward (s) | run |",
+                  "|---|---|---|---|---|---|---|"]
         for r, b in bd:
             pipe_fwd = [f["seconds"] for f in r.get("forward_s", []) if f["expert"] == HIGH]
+            pf = b.get("pipeline_forward_s", pipe_fwd[-1] if pipe_fwd else None)
             lines.append(f"| {r['mode']} | {r['resolution']} | {b['setting']} | {_fmt(b.get('activation_peak_gb'))} "
-                         f"| {_fmt(b.get('seconds'))} | {_fmt(pipe_fwd[-1] if pipe_fwd else None)} |")
+                         f"| {_fmt(b.get('seconds'))} | {_fmt(pf)} "
+                         f"| {b.get('run', '-')} |")
     prof = [(r, b) for r in rows for b in r.get("breakdown_forwards", []) if "profile" in b]
     if prof:
         cats = []
         for _, b in prof:
             cats += [c for c in b["profile"]["by_category_s"] if c not in cats]
-        lines += ["", "## Where the time goes: GPU kernel time of one forward (torch.profiler)", "",
-                  "| mode | setting | shape | " + " | ".join(cats) + " | all kernels | wall |",
-                  "|---|---|---|" + "---|" * (len(cats) + 2)]
+        lines += ["", "## Where the time goes: GPU kernel time of one forward (torch.profiler), seconds", "",
+                  "| mode | setting | shape | " + " | ".join(cats) + " | all kernels | wall (profiled) | run |",
+                  "|---|---|---|" + "---|" * (len(cats) + 3)]
         for r, b in prof:
             pc = b["profile"]["by_category_s"]
             lines.append(f"| {r['mode']} | {b['setting']} | {b['profile_resolution']} | "
                          + " | ".join(_fmt(pc.get(c)) for c in cats)
-                         + f" | {_fmt(b['profile']['kernel_s'])} | {_fmt(b['profile']['wall_s_profiled'])} |")
+                         + f" | {_fmt(b['profile']['kernel_s'])} | {_fmt(b['profile']['wall_s_profiled'])} "
+                         f"| {b.get('run', '-')} |")
+    if payload.get("analysis"):
+        lines += ["", payload["analysis"].rstrip()]
     lines += ["", "## Per row", ""]
     for r in rows:
         lines.append(f"- **{r['mode']} {r['resolution']}**: " + "; ".join(r.get("notes", []))
@@ -859,7 +870,10 @@ def targets(rows) -> list[str]:
                 sp = (sum(bs) / len(bs)) / (sum(ws) / len(ws))
                 tgt = " (target >= 1.15x)" if res == "480x832" else ""
                 verdict = (" -> met" if sp >= 1.15 else " -> MISSED") if res == "480x832" else ""
-                out.append(f"denoising step speed-up W4A4 vs BF16 at {res}: {sp:.3f}x{tgt}{verdict}")
+                runs = {w.get("run", {}).get("date"), b.get("run", {}).get("date")}
+                where = " (same device run)" if len(runs) == 1 else " (two device runs of the same kind)"
+                out.append(f"denoising step speed-up W4A4 vs BF16 at {res}: {sp:.3f}x "
+                           f"({(sum(bs) / len(bs)):.2f} s vs {(sum(ws) / len(ws)):.2f} s per step){tgt}{verdict}{where}")
     for res in ("480x832", "720x1280"):
         a = [r for r in rows if r["mode"] == "bf16_all_gpu" and r["resolution"] == res]
         if a:
@@ -885,15 +899,16 @@ def plot(payload: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / max(1, len(modes))
     for i, m in enumerate(modes):
-        vals = [(_row(rows, m, res) or {}).get("peak_allocated_gb", 0.0) for res in resolutions]
-        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(resolutions))]
-        bars = ax.bar(xs, vals, width, label=m)
+        pts = [(j + (i - (len(modes) - 1) / 2) * width, _row(rows, m, res)["peak_allocated_gb"])
+               for j, res in enumerate(resolutions) if _row(rows, m, res)]
+        bars = ax.bar([x for x, _ in pts], [v for _, v in pts], width, label=m)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     for y, lab in ((24, "24 GB target (720p)"), (20, "20 GB target (480p)")):
         ax.axhline(y, ls="--", lw=0.8, color="gray")
-        ax.text(len(resolutions) - 0.5, y, lab, fontsize=7, va="bottom", ha="right", color="gray")
+        ax.text(-0.45, y + (0.6 if y == 24 else -0.6), lab, fontsize=7, va="bottom" if y == 24 else "top",
+                ha="left", color="gray", bbox=dict(facecolor="white", edgecolor="none", pad=0.5))
     ax.set_xticks(range(len(resolutions)), [f"{r} x 81" for r in resolutions])
-    ax.set_ylabel("peak max_memory_allocated (GB)")
+    ax.set_ylabel("peak max_memory_allocated (GB = 1e9 B)")
     ax.set_title(f"Wan2.2-I2V-A14B pipeline peak GPU memory ({payload.get('device', '')})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -902,18 +917,41 @@ def plot(payload: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def merge(files: list[str], out_dir: Path) -> None:
-    rows, metas = [], []
+def merge(files: list[str], out_dir: Path, analysis: str | None = None) -> None:
+    """Combine device runs (oldest first): the latest row of each (mode, resolution) is kept,
+    older ones move to ``superseded_rows``; their extra forwards and profiles are kept on the
+    newer row, tagged with the run they came from."""
+    latest: dict[tuple, dict] = {}
+    superseded, metas = [], []
     for f in files:
         d = json.loads(Path(f).read_text())
-        metas.append({k: d.get(k) for k in ("device", "date", "commit", "command", "environment")})
-        rows.extend(d["rows"])
-    key = {m: i for i, m in enumerate(MODES)}
-    rows.sort(key=lambda r: (int(r["resolution"].split("x")[0]), key.get(r["mode"], 9)))
+        meta = {k: d.get(k) for k in ("device", "date", "commit", "command", "environment")}
+        metas.append(meta)
+        run = {"commit": meta["commit"], "date": meta["date"],
+               "wanquant_source": (meta.get("environment") or {}).get("wanquant_source")}
+        for r in d["rows"]:
+            if "error" in r and r["error"].startswith("not run"):
+                continue
+            r = dict(r, run=run)
+            pipe_fwd = [f["seconds"] for f in r.get("forward_s", []) if f["expert"] == HIGH]
+            for b in r.get("breakdown_forwards", []):
+                b.setdefault("run", run["commit"])
+                b.setdefault("pipeline_forward_s", pipe_fwd[-1] if pipe_fwd else None)
+            key = (r["mode"], r["resolution"])
+            if key in latest:
+                old = latest[key]
+                superseded.append(old)
+                r["breakdown_forwards"] = old.get("breakdown_forwards", []) + r.get("breakdown_forwards", [])
+            latest[key] = r
+    order = {m: i for i, m in enumerate(MODES)}
+    rows = sorted(latest.values(), key=lambda r: (int(r["resolution"].split("x")[0]), order.get(r["mode"], 9)))
     devices = sorted({m["device"] for m in metas if m["device"]})
     payload = {"device": " / ".join(devices), "date": max(m["date"] for m in metas),
-               "commit": " / ".join(sorted({m["commit"] for m in metas})),
-               "command": " ; ".join(m["command"] for m in metas), "runs": metas, "rows": rows}
+               "commit": " / ".join(dict.fromkeys(m["commit"] for m in metas)),
+               "command": " ; ".join(m["command"] for m in metas), "runs": metas, "rows": rows,
+               "superseded_rows": superseded}
+    if analysis:
+        payload["analysis"] = analysis
     write_results("full_scale", payload, markdown(payload), results_dir=out_dir)
     plot(payload, out_dir / "full_scale.png")
     print(markdown(payload))
@@ -936,6 +974,7 @@ def main(argv=None) -> int:
     p.add_argument("--commit", default=None, help="git commit to record (the device copy has no .git)")
     p.add_argument("--merge", nargs="+", default=None, help="rows.json files -> benchmarks/results/full_scale.*")
     p.add_argument("--results-dir", default=None)
+    p.add_argument("--analysis", default=None, help="with --merge: a Markdown file of findings to include")
     p.add_argument("--skip-after-s", type=float, default=0.0, help="start no new mode after this many seconds")
     p.add_argument("--no-warmup", default="", help="comma list of modes run without the warm-up forward")
     p.add_argument("--jobs", default="", help="RES:MODE list, run in this order (overrides --resolutions/--modes)")
@@ -949,7 +988,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.merge:
-        merge(args.merge, Path(args.results_dir) if args.results_dir else ROOT / "benchmarks" / "results")
+        analysis = Path(args.analysis).read_text() if args.analysis else None
+        merge(args.merge, Path(args.results_dir) if args.results_dir else ROOT / "benchmarks" / "results", analysis)
         return 0
     if args.tiny:
         args.resolutions = "64x64" if args.resolutions == p.get_default("resolutions") else args.resolutions
