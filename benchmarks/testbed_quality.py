@@ -137,6 +137,10 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
     payload = {
         **meta,
         "generated_on": gen_on,
+        "reproduce": (f"python benchmarks/testbed_quality.py --out {out} --num-calib {num_calib} --num-eval {num_eval} "
+                      f"--steps {steps} --guidance {guidance} --reservoir-tokens {reservoir_tokens}"
+                      + (f" --weights {weights}" if weights else "") + f" --configs {' '.join(settings.configs)}"
+                      + " (one process; the same with --generate-only in several processes, then --measure-only)"),
         "model": ("trained testbed" if trained else "UNTRAINED testbed (trained weights not found)")
         + f" [{model_id}]",
         "baseline": "bf16 row = the unquantized model; on CPU it runs in fp32 (bf16 matmuls are slow there)"
@@ -224,6 +228,7 @@ def markdown(p: dict) -> str:
         f"Calibration: {s['calibration_samples']} samples of the calib split; evaluation: {s['eval_samples']} samples "
         f"of the eval split, seeds {s['eval_seeds'][0]}..{s['eval_seeds'][-1]} (the same for every config), "
         f"{s['steps']} steps, guidance {s['guidance_scale']}, {s['frames']} frames at {s['size'][0]}x{s['size'][1]}.",
+        f"Reproduce: `{p.get('reproduce', '')}`.",
         "",
         "| config | switches | PSNR vs bf16 (dB) | SSIM vs bf16 | VMAF vs bf16 | GT PSNR (dB) | trajectory err (px) "
         "| subject | background | flicker | smoothness | dynamic | VBench-style avg | BRISQUE (raw, not averaged) |",
