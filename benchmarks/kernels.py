@@ -196,7 +196,8 @@ def bench_shape(layer: str, m: int, device: torch.device, choice: dict, sweep: b
     choice["act"][layer] = best_act
     bm, bk, nw, ns = ACT_VARIANTS[best_act]
     for f in (fast_t, fast_c):
-        f.act_block_m, f.act_block_k, f.act_warps, f.act_stages = bm, bk, nw, ns
+        f.act_launch = (bm, bk, nw, ns)
+    row["act_dispatch_choice"] = "bm{}-bk{}-w{}-s{}".format(*D.act_launch_for(m, device))
     row["act_variant"] = best_act
     row["act_ms"] = act_times[best_act]
     # the same kernel without the low-rank dot: what the fused projection costs

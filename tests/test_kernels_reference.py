@@ -278,3 +278,11 @@ def test_prepare_rejects_int4(K):
     p.wscales = p.wscales.to(torch.bfloat16)
     with pytest.raises(ValueError, match="int4"):
         K.dispatch.FastW4A4.prepare(p, "ocp_floor", "cpu")
+
+
+def test_act_launch_follows_measurements(K):
+    """64-row blocks for few (M=8192) or many (M=75600) blocks, 128-row blocks at M=32760 (H100)."""
+    cpu = torch.device("cpu")
+    assert K.dispatch.act_launch_for(8192, cpu) == K.dispatch.ACT_LAUNCH_SMALL
+    assert K.dispatch.act_launch_for(32760, cpu) == K.dispatch.ACT_LAUNCH_LARGE
+    assert K.dispatch.act_launch_for(75600, cpu) == K.dispatch.ACT_LAUNCH_SMALL

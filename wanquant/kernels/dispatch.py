@@ -30,7 +30,7 @@ from wanquant.kernels.act_quant import (
     pad_rows,
     padded_rank,
 )
-from wanquant.kernels.gemm import DEFAULT_CONFIG, GemmConfig, gemm_cublas, gemm_triton
+from wanquant.kernels.gemm import GemmConfig, gemm_cublas, gemm_triton
 from wanquant.kernels.weight_prep import expand_weight, weight_row_exponents
 
 if TYPE_CHECKING:
@@ -39,7 +39,11 @@ if TYPE_CHECKING:
 FAST_PATH_NAME = "hopper-fp8: triton act-quant + fused triton FP8 GEMM"
 DEFAULT_BACKEND = "triton"
 BACKENDS = ("triton", "cublas")
-ACT_LAUNCH = (128, 64, 8, 3)  # block_m, block_k, num_warps, num_stages (fastest of 6 on H100)
+# Activation-kernel launches (block_m, block_k, num_warps, num_stages), fastest measured on
+# an H100 (benchmarks/KERNEL_NOTES.md): 128-row blocks when that gives 1.5-3 blocks per SM,
+# else 64-row blocks (more blocks for small M, shorter rows in flight for large M).
+ACT_LAUNCH_LARGE = (128, 64, 8, 3)
+ACT_LAUNCH_SMALL = (64, 128, 8, 3)
 NSPLIT = 2  # low-rank activations as a bf16 hi/lo pair: ~fp32-accurate branch for ~1 % time
 
 
@@ -76,6 +80,18 @@ def _backend_choice() -> str:
     if backend not in BACKENDS:
         raise ValueError(f"WANQUANT_GEMM={backend!r}; use one of {BACKENDS}")
     return backend
+
+
+# The GEMM tile: 128x256x128, 8 warps, 3 stages, 16-row-tile groups, split epilogue. Its
+# variants measured within +-3 % of each other (run-to-run noise); see KERNEL_NOTES.md.
+LAYER_GEMM_CONFIG = GemmConfig(group_m=16)
+
+
+def act_launch_for(m: int, device: torch.device) -> tuple[int, int, int, int]:
+    """Activation-kernel launch for ``m`` tokens (see ACT_LAUNCH_LARGE)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    blocks = -(-pad_rows(m) // ACT_LAUNCH_LARGE[0])
+    return ACT_LAUNCH_LARGE if 1.5 * sms <= blocks < 3 * sms else ACT_LAUNCH_SMALL
 
 
 # One e4m3 scratch buffer per device, grown to the largest weight seen: weights are
@@ -128,9 +144,8 @@ class FastW4A4:
         self.n, self.k, self.rank = n, k, params.rank
         self.act_scale_rule = act_scale_rule
         self.backend = backend or _backend_choice()
-        self.gemm_config = gemm_config or DEFAULT_CONFIG
-        # activation-kernel launch parameters (benchmarks/KERNEL_NOTES.md: how they were chosen)
-        self.act_block_m, self.act_block_k, self.act_warps, self.act_stages = ACT_LAUNCH
+        self.gemm_config = gemm_config or LAYER_GEMM_CONFIG
+        self.act_launch: tuple[int, int, int, int] | None = None  # None: act_launch_for(M)
         self.device = device
         self.qweight = params.qweight.to(device).contiguous()
         self.wscales = params.wscales.to(device).contiguous()
@@ -163,9 +178,10 @@ class FastW4A4:
 
     def quantize_input(self, x2: torch.Tensor, clip_ratio: float, exp_offset: int):
         """Step 1 alone (benchmarks time it separately)."""
+        bm, bk, nw, ns = self.act_launch or act_launch_for(x2.shape[0], self.device)
         return act_quant(x2, self.inv_smooth, self.l1s, clip_ratio, exp_offset, self.act_scale_rule,
-                         nsplit=NSPLIT, m_pad=pad_rows(x2.shape[0]), block_m=self.act_block_m,
-                         block_k=self.act_block_k, num_warps=self.act_warps, num_stages=self.act_stages)
+                         nsplit=NSPLIT, m_pad=pad_rows(x2.shape[0]), block_m=bm, block_k=bk,
+                         num_warps=nw, num_stages=ns)
 
     def expand_weight(self) -> torch.Tensor:
         """Step 2 alone: the e4m3 weight in the shared scratch buffer."""
@@ -180,7 +196,7 @@ class FastW4A4:
         return gemm_cublas(aq.q, aq.row_scale, w8, self.w_row_scale, aq.lowrank, self.l2cat, self.bias, out=out)
 
     def __call__(self, x: torch.Tensor, clip_ratio: float, exp_offset: int) -> torch.Tensor:
-        """``x [..., K]`` (bf16) -> ``y [..., N]`` (bf16)."""
+        """``x [..., K]`` (bf16; other float dtypes are cast) -> ``y [..., N]`` in ``x``'s dtype."""
         if x.shape[-1] != self.k:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.k}")
         lead = x.shape[:-1]
@@ -191,5 +207,5 @@ class FastW4A4:
             x2 = x2.contiguous()
         m = x2.shape[0]
         aq = self.quantize_input(x2, clip_ratio, exp_offset)
-        y = self.gemm(aq, self.expand_weight())
-        return y[:m].reshape(*lead, self.n)
+        y = self.gemm(aq, self.expand_weight())[:m].reshape(*lead, self.n)
+        return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
