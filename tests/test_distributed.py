@@ -96,6 +96,23 @@ def test_shards_and_owners():
     assert owner == {"b": 0, "c": 1, "d": 1, "a": 0}  # largest first, to the least loaded rank
 
 
+def test_run_id_fingerprint_ignores_diffusers_private_config_order():
+    """diffusers' _use_default_values is a list made from a set: its order changes with each
+    process's hash seed, and the ranks (or a resumed run) must still agree on the run id."""
+    from types import SimpleNamespace
+
+    from wanquant.artifacts.checkpoint import fingerprint_module
+    from wanquant.calibration.run import _weights_fingerprint
+
+    lin = torch.nn.Linear(4, 3)
+    a = SimpleNamespace(config={"dim": 4, "_use_default_values": ["x", "y"]}, state_dict=lin.state_dict)
+    b = SimpleNamespace(config={"dim": 4, "_use_default_values": ["y", "x"]}, state_dict=lin.state_dict)
+    assert fingerprint_module(a) != fingerprint_module(b)  # what the manifest's source fingerprint does
+    assert _weights_fingerprint(a) == _weights_fingerprint(b)
+    c = SimpleNamespace(config={"dim": 5, "_use_default_values": ["x", "y"]}, state_dict=lin.state_dict)
+    assert _weights_fingerprint(c) != _weights_fingerprint(a)
+
+
 def _shard_accumulators(shards: list[int]) -> list[LayerStatsAccumulator]:
     """Deterministic per-shard statistics: bf16 tokens in shard 3, bin 2 empty in shard 0."""
     out = []

@@ -25,6 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -87,7 +88,7 @@ def quantize_pipeline(pipe, samples: list[CalibSample], cfg: QuantConfig, run: C
     targets = {e.attr: quant_targets(e.module, cfg) for e in experts}
     fingerprints = {e.attr: fingerprint_module(e.module) for e in experts}
     work = out_dir.with_name(out_dir.name + ".partial")
-    run_id = _run_id(cfg, run, samples, fingerprints)
+    run_id = _run_id(cfg, run, samples, {e.attr: _weights_fingerprint(e.module) for e in experts})
     if dist is not None:
         dist.check_agree("the run id (settings, calibration samples and model weights)", run_id)
     done = _on_main(dist, _open_work_dir, work, run_id, restart)
@@ -253,6 +254,17 @@ def _run_id(cfg, run: CalibrationRun, samples, fingerprints) -> str:
         d["shards"] = run.shards
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _weights_fingerprint(module) -> str:
+    """``fingerprint_module`` without diffusers' private config keys, for the run id.
+
+    ``config._use_default_values`` is a list made from a set: its order follows each
+    process's hash seed, so the plain fingerprint can differ between two processes that
+    hold the same model (torchrun ranks, or a resumed run).
+    """
+    config = {k: v for k, v in dict(getattr(module, "config", {}) or {}).items() if not str(k).startswith("_")}
+    return fingerprint_module(SimpleNamespace(config=config, state_dict=module.state_dict))
 
 
 def _open_work_dir(work: Path, run_id: str, restart: bool) -> dict:
