@@ -107,6 +107,11 @@ def test_static_input_cache_hits_per_context_only():
     assert layer(cond) is y1  # both branches stay cached
     cond.add_(1.0)  # an in-place change bumps the version: recomputed
     assert layer(cond) is not y1
+    with torch.inference_mode():  # inference tensors have no version counter
+        ctx = torch.randn(1, 4, 32)
+        layer.state.set_context(ctx)
+        y3 = layer(ctx)
+        assert layer(ctx) is y3
 
 
 def test_adapter_targets_and_policy(tiny_pipe):

@@ -91,7 +91,9 @@ class ExpertState:
         ctx = self.context
         if ctx is None:
             return None
-        key = (id(ctx), ctx._version)
+        # Inference-mode tensors keep no version counter (and cannot be changed in place
+        # outside inference mode); identity alone identifies them.
+        key = (id(ctx), -1 if ctx.is_inference() else ctx._version)
         entry = self._cache.get(key)
         if entry is None and create:
             while len(self._cache) >= self.max_cached_contexts:
