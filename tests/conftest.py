@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Subprocesses (CLI tests) inherit this; see the set_num_threads note below.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from wanquant.config import ClipConfig, GPTQConfig, LowRankConfig, QuantConfig, SmoothConfig
 from wanquant.runtime.generate import GenerationSettings

@@ -43,6 +43,10 @@ def run_demo(out: Path, num_calib: int = 4, num_eval: int = 2, steps: int = 10, 
     from wanquant.testbed.dataset import list_samples, trajectory_error
 
     out.mkdir(parents=True, exist_ok=True)
+    if not device.startswith("cuda"):
+        # The testbed's tensors are tiny: one thread is fastest, and several threads
+        # spin against each other (10x slower measured) on a busy 2-core machine.
+        torch.set_num_threads(1)
     # CPUs run the baseline in fp32 (bf16 matmuls are slow there); GPUs in bf16.
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     base_name = "bf16" if dtype == torch.bfloat16 else "fp32"

@@ -69,6 +69,8 @@ class W4A4Linear(nn.Module):
         self._load_hook = self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
         # Optional output cache for inputs that are the same at every step (cross-attn k/v).
         self.cache_static_input = False
+        # With the fast path, move the canonical L1/L2 to host memory (0.27 GB per A14B expert).
+        self.lowrank_to_host = True
         self.report: dict = {}
 
     # ---- construction -------------------------------------------------------------
@@ -161,7 +163,7 @@ class W4A4Linear(nn.Module):
         xq = fake_quantize(xs, self.afmt, clip_ratio, exp_offset)
         y = xq @ self.dequantized_weight().T
         if self.rank:
-            y = y + (xs @ self.l1.float().T) @ self.l2.float().T
+            y = y + (xs @ self.l1.to(xs.device, torch.float32).T) @ self.l2.to(xs.device, torch.float32).T
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
@@ -171,7 +173,7 @@ class W4A4Linear(nn.Module):
         xq = fake_quantize(xs, self.afmt, clip_ratio, exp_offset).to(torch.bfloat16)
         y = xq @ self.dequantized_weight(torch.bfloat16).T
         if self.rank:
-            y = y + (xs.to(torch.bfloat16) @ self.l1.T) @ self.l2.T
+            y = y + (xs.to(torch.bfloat16) @ self.l1.to(xs.device).T) @ self.l2.to(xs.device).T
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
@@ -187,6 +189,10 @@ class W4A4Linear(nn.Module):
 
                 self._fast = FastW4A4.prepare(self.to_params(), self.afmt.scale_rule, device)
                 choice, reason = "fast", why
+                if self.lowrank_to_host:
+                    # The fast path holds its own repacked low-rank operands; keep the
+                    # canonical L1/L2 (for state_dict and other backends) in host memory.
+                    self._buffers["l1"], self._buffers["l2"] = self.l1.cpu(), self.l2.cpu()
             elif choice == "fast":
                 raise RuntimeError(f"fast W4A4 path unavailable: {why}; use backend='auto' or 'reference'")
             else:
