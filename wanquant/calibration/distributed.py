@@ -258,14 +258,12 @@ def local_shards(shards: int, dist: DistContext | None) -> list[int]:
 def assign_layers(costs: dict[str, float], world_size: int) -> dict[str, int]:
     """Owner rank of each layer: largest cost first, to the least loaded rank (ties: lowest)."""
     load = [0.0] * world_size
-    order = sorted(range(len(costs)), key=lambda i: -list(costs.values())[i])
-    names = list(costs)
     owner = {}
-    for i in order:
+    for name in sorted(costs, key=lambda n: -costs[n]):  # stable: equal costs keep their order
         r = min(range(world_size), key=lambda j: (load[j], j))
-        owner[names[i]] = r
-        load[r] += costs[names[i]]
-    return {n: owner[n] for n in names}
+        owner[name] = r
+        load[r] += costs[name]
+    return {n: owner[n] for n in costs}
 
 
 def _layer_cost(n: int, k: int) -> float:
