@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -138,3 +139,14 @@ def test_cli_errors_exit_nonzero_with_message(tmp_path, copy):
     f.write_bytes(f.read_bytes()[:100])
     r = subprocess.run([sys.executable, "-m", "wanquant.cli", "inspect", str(copy)], capture_output=True, text=True)
     assert r.returncode == 2 and "truncated" in r.stderr
+
+
+def test_source_fingerprint_is_stable_across_processes():
+    """Fresh interpreters (other hash seeds) fingerprint the same model identically."""
+    code = ("import sys; sys.path.insert(0, 'tests'); from conftest import build_tiny_pipeline; "
+            "from wanquant.artifacts.checkpoint import fingerprint_module; "
+            "print(fingerprint_module(build_tiny_pipeline().transformer))")
+    prints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+              for seed in (1, 2, 3)}
+    assert len(prints) == 1, prints

@@ -88,7 +88,10 @@ def fingerprint_module(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     config = getattr(module, "config", None)
     if config is not None:
-        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        # diffusers' private keys (``_use_default_values``) are built from a set: their
+        # order follows the process's hash seed, so they cannot be part of an identity.
+        public = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        h.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, t in sorted(module.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         if t.device.type == "meta" or t.numel() == 0:
