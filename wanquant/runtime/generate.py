@@ -86,7 +86,7 @@ def write_video(frames, path: str | Path, fps: int = 16) -> Path:
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     # macro_block_size=1 keeps odd testbed sizes; yuv420p keeps browsers able to play it.
     with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1, quality=8,
-                            ffmpeg_params=["-pix_fmt", "yuv420p"]) as w:
+                            pixelformat="yuv420p") as w:
         for f in arr:
             w.append_data(f)
     tmp.replace(path)
