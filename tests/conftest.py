@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 
 # Subprocesses (CLI tests) inherit this; see the set_num_threads note below.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -36,6 +37,15 @@ def fast_config() -> QuantConfig:
     return QuantConfig(smooth=SmoothConfig(alpha_grid=[0.4, 0.6]), lowrank=LowRankConfig(rank=8),
                        gptq=GPTQConfig(block_size=32), clip=ClipConfig(clip_ratios=[0.8, 1.0], exp_offsets=[0, 1],
                                                                         max_tokens=512))
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh torch seed for the test, printed so a failure can be reproduced."""
+    s = int(os.environ.get("WANQUANT_TEST_SEED", secrets.randbelow(2**31)))
+    torch.manual_seed(s)
+    print(f"torch seed {s} (reproduce with WANQUANT_TEST_SEED={s})")
+    return s
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 
 import pytest
 import torch
@@ -15,12 +13,8 @@ from wanquant.numerics.formats import fake_quantize, make_format
 RATIOS, OFFSETS = [0.6, 0.7, 0.8, 0.9, 1.0], [-1, 0, 1]
 
 
-@pytest.fixture(autouse=True)
-def seed() -> int:
-    s = int(os.environ.get("WANQUANT_TEST_SEED", secrets.randbelow(2**31)))
-    torch.manual_seed(s)
-    print(f"torch seed {s} (reproduce with WANQUANT_TEST_SEED={s})")
-    return s
+# A fresh torch seed per test, printed for reproduction (conftest.py).
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def _groups(pattern: list[float], tokens: int, groups: int) -> torch.Tensor:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import secrets
 
 import pytest
 import torch
@@ -15,12 +13,8 @@ from wanquant.numerics.formats import (
 )
 
 
-@pytest.fixture(autouse=True)
-def seed() -> int:
-    s = int(os.environ.get("WANQUANT_TEST_SEED", secrets.randbelow(2**31)))
-    torch.manual_seed(s)
-    print(f"torch seed {s} (reproduce with WANQUANT_TEST_SEED={s})")
-    return s
+# A fresh torch seed per test, printed for reproduction (conftest.py).
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 # Every E2M1 code: value -> code (bit 3 sign, bits 0-2 magnitude index).

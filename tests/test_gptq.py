@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 
 import pytest
 import torch
@@ -12,12 +10,8 @@ from wanquant.numerics.formats import E2M1_VALUES, QuantFormat, dequantize, e2m1
 from wanquant.numerics.gptq import _e2m1_value, gptq_quantize, hessian_weighted_error
 
 
-@pytest.fixture(autouse=True)
-def seed() -> int:
-    s = int(os.environ.get("WANQUANT_TEST_SEED", secrets.randbelow(2**31)))
-    torch.manual_seed(s)
-    print(f"torch seed {s} (reproduce with WANQUANT_TEST_SEED={s})")
-    return s
+# A fresh torch seed per test, printed for reproduction (conftest.py).
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 FORMATS = [make_format("mxfp4"), make_format("mxfp4", scale_rule="safe_ceil"), make_format("int4")]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
 
 import pytest
 import torch
@@ -17,12 +15,8 @@ from wanquant.numerics.stats import LayerStats, LayerStatsAccumulator
 N, K, BINS = 48, 128, 3
 
 
-@pytest.fixture(autouse=True)
-def seed() -> int:
-    s = int(os.environ.get("WANQUANT_TEST_SEED", secrets.randbelow(2**31)))
-    torch.manual_seed(s)
-    print(f"torch seed {s} (reproduce with WANQUANT_TEST_SEED={s})")
-    return s
+# A fresh torch seed per test, printed for reproduction (conftest.py).
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def _layer(bins: int = BINS) -> tuple[torch.Tensor, torch.Tensor, LayerStats]:

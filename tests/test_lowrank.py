@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 
 import pytest
 import torch
@@ -11,12 +9,8 @@ import torch
 from wanquant.numerics.lowrank import damped_cholesky, lowrank_split
 
 
-@pytest.fixture(autouse=True)
-def seed() -> int:
-    s = int(os.environ.get("WANQUANT_TEST_SEED", secrets.randbelow(2**31)))
-    torch.manual_seed(s)
-    print(f"torch seed {s} (reproduce with WANQUANT_TEST_SEED={s})")
-    return s
+# A fresh torch seed per test, printed for reproduction (conftest.py).
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def _decaying(n: int, k: int, r: int = 0) -> torch.Tensor:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import secrets
 
 import pytest
 import torch
@@ -14,12 +12,8 @@ from wanquant.numerics.smooth import search_smoothing, smoothing_scales
 from wanquant.numerics.stats import LayerStats, LayerStatsAccumulator
 
 
-@pytest.fixture(autouse=True)
-def seed() -> int:
-    s = int(os.environ.get("WANQUANT_TEST_SEED", secrets.randbelow(2**31)))
-    torch.manual_seed(s)
-    print(f"torch seed {s} (reproduce with WANQUANT_TEST_SEED={s})")
-    return s
+# A fresh torch seed per test, printed for reproduction (conftest.py).
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def test_scales_formula() -> None:
