@@ -36,7 +36,6 @@ from wanquant.numerics.params import QuantizedLinearParams
 FORMAT_NAME = "wanquant"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_PARAM_FIELDS = ("qweight", "wscales", "smooth", "l1", "l2", "bias", "clip_table")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 QUANT_METHOD = "wanquant"
 
@@ -104,13 +103,7 @@ def fingerprint_module(module: torch.nn.Module) -> str:
 
 
 def _flatten_layers(layers: dict[str, QuantizedLinearParams]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in layers.items():
-        for f in _PARAM_FIELDS:
-            t = getattr(p, f)
-            if t is not None:
-                out[f"{name}.{f}"] = t.detach().contiguous().cpu()
-    return out
+    return {k: v for name, p in layers.items() for k, v in p.flat(name).items()}
 
 
 def save_checkpoint(out_dir: str | Path, experts: list[ExpertArtifact], config: dict[str, Any],
@@ -228,11 +221,11 @@ def load_expert_files(qdir: str | Path, attr: str, manifest: dict[str, Any]) -> 
     layers = {}
     for name, info in manifest["experts"][attr]["layers"].items():
         try:
-            tensors = {f: flat.get(f"{name}.{f}") for f in _PARAM_FIELDS}
-            missing = [f for f in _PARAM_FIELDS if f != "bias" and tensors[f] is None]
+            p = QuantizedLinearParams.from_flat(flat, name, info.get("report", {}))
+            missing = [f for f in p.TENSORS if f != "bias" and getattr(p, f) is None]
             if missing:
                 raise CheckpointError(f"{d / WEIGHTS_NAME} lacks {missing} for layer {name}")
-            layers[name] = QuantizedLinearParams(**tensors, report=info.get("report", {}))
+            layers[name] = p
         except TypeError as e:
             raise CheckpointError(f"layer {name} in {d} is malformed: {e}") from e
     return layers, rest, config

@@ -474,6 +474,4 @@ def _params_to_main(dist: DistContext, experts, names: list[str], owner: dict[st
 
 
 def _cpu(p):
-    from wanquant.calibration.run import _to
-
-    return _to(p, torch.device("cpu"))
+    return p.to(torch.device("cpu"))

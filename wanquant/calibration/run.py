@@ -25,9 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -44,7 +42,6 @@ from wanquant.runtime.linear import W4A4Linear
 from wanquant.runtime.load import bind_expert, export_rest
 
 log = logging.getLogger(__name__)
-_FIELDS = ("qweight", "wscales", "smooth", "l1", "l2", "bias", "clip_table")
 
 
 @dataclass
@@ -88,7 +85,7 @@ def quantize_pipeline(pipe, samples: list[CalibSample], cfg: QuantConfig, run: C
     targets = {e.attr: quant_targets(e.module, cfg) for e in experts}
     fingerprints = {e.attr: fingerprint_module(e.module) for e in experts}
     work = out_dir.with_name(out_dir.name + ".partial")
-    run_id = _run_id(cfg, run, samples, {e.attr: _weights_fingerprint(e.module) for e in experts})
+    run_id = _run_id(cfg, run, samples, {e.attr: fingerprint_module(e.module) for e in experts})
     if dist is not None:
         dist.check_agree("the run id (settings, calibration samples and model weights)", run_id)
     done = _on_main(dist, _open_work_dir, work, run_id, restart)
@@ -211,7 +208,7 @@ def _install_expert(e: ExpertSpec, layers: dict[str, QuantizedLinearParams], cfg
                     fingerprint: str, seen: dict) -> ExpertArtifact:
     device = next(e.module.parameters()).device
     for name, p in layers.items():
-        layer = W4A4Linear.from_params(_to(p, device), cfg.wfmt, cfg.afmt)
+        layer = W4A4Linear.from_params(p.to(device), cfg.wfmt, cfg.afmt)
         install_layer(e.module, name, layer)
     bins = e.timestep_bins(cfg)
     bind_expert(e.module, bins)
@@ -220,18 +217,9 @@ def _install_expert(e: ExpertSpec, layers: dict[str, QuantizedLinearParams], cfg
                           calibration=seen)
 
 
-def _to(p: QuantizedLinearParams, device) -> QuantizedLinearParams:
-    moved = {f: (getattr(p, f).to(device) if getattr(p, f) is not None else None) for f in _FIELDS}
-    return QuantizedLinearParams(**moved, report=p.report)
-
-
 def _save_layers(path: Path, layers: dict[str, QuantizedLinearParams]) -> None:
-    tensors, reports = {}, {}
-    for name, p in layers.items():
-        for f in _FIELDS:
-            if getattr(p, f) is not None:
-                tensors[f"{name}.{f}"] = getattr(p, f).detach().contiguous().cpu()
-        reports[name] = p.report
+    tensors = {k: v for name, p in layers.items() for k, v in p.flat(name).items()}
+    reports = {name: p.report for name, p in layers.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"reports": json.dumps(reports, default=str)})
     os.replace(tmp, path)
@@ -243,7 +231,7 @@ def _load_layers(path: Path, targets) -> dict[str, QuantizedLinearParams]:
     flat = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         reports = json.loads(f.metadata()["reports"])
-    return {t.name: QuantizedLinearParams(**{f: flat.get(f"{t.name}.{f}") for f in _FIELDS}, report=reports[t.name])
+    return {t.name: QuantizedLinearParams.from_flat(flat, t.name, reports[t.name])
             for t in targets if f"{t.name}.qweight" in flat}
 
 
@@ -254,17 +242,6 @@ def _run_id(cfg, run: CalibrationRun, samples, fingerprints) -> str:
         d["shards"] = run.shards
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _weights_fingerprint(module) -> str:
-    """``fingerprint_module`` without diffusers' private config keys, for the run id.
-
-    ``config._use_default_values`` is a list made from a set: its order follows each
-    process's hash seed, so the plain fingerprint can differ between two processes that
-    hold the same model (torchrun ranks, or a resumed run).
-    """
-    config = {k: v for k, v in dict(getattr(module, "config", {}) or {}).items() if not str(k).startswith("_")}
-    return fingerprint_module(SimpleNamespace(config=config, state_dict=module.state_dict))
 
 
 def _open_work_dir(work: Path, run_id: str, restart: bool) -> dict:

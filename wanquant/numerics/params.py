@@ -8,7 +8,7 @@ on-disk layout of a layer (see DESIGN.md section 6); kernels repack it at load t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -26,6 +26,21 @@ class QuantizedLinearParams:
     clip_table: torch.Tensor  # fp32 [bins, 2]: (clip_ratio, exp_offset) per timestep bin
     # Free-form, JSON-serialisable facts from quantization (chosen alpha, errors, fallbacks).
     report: dict[str, Any] = field(default_factory=dict)
+
+    TENSORS: ClassVar[tuple[str, ...]] = ("qweight", "wscales", "smooth", "l1", "l2", "bias", "clip_table")
+
+    def to(self, device) -> "QuantizedLinearParams":
+        moved = {f: (None if getattr(self, f) is None else getattr(self, f).to(device)) for f in self.TENSORS}
+        return QuantizedLinearParams(**moved, report=self.report)
+
+    def flat(self, prefix: str) -> dict[str, torch.Tensor]:
+        """``{prefix.field: tensor}`` for safetensors (contiguous, on the CPU)."""
+        return {f"{prefix}.{f}": getattr(self, f).detach().contiguous().cpu()
+                for f in self.TENSORS if getattr(self, f) is not None}
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, torch.Tensor], prefix: str, report: dict[str, Any]) -> "QuantizedLinearParams":
+        return cls(**{f: flat.get(f"{prefix}.{f}") for f in cls.TENSORS}, report=report)
 
     @property
     def out_features(self) -> int:
