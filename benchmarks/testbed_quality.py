@@ -250,7 +250,10 @@ def markdown(p: dict) -> str:
     if acc:
         lines += ["", "Acceptance bars (ours vs bf16):", ""]
         d = acc["vbench_style_drop_pct"]
-        lines.append(f"- VBench-style average drop: {d['value']:.3f} % (bar <= 0.5 %): {'met' if d['met'] else 'NOT met'}")
+        se = f" +- {d['paired_se']:.2f} % (paired standard error over the eval videos)" if d.get("paired_se") else ""
+        lines.append(f"- VBench-style average drop: {d['value']:.3f} %{se} (bar <= 0.5 %): "
+                     f"{'met' if d['met'] else 'NOT met'}; drop per dimension (%, positive = worse than bf16): "
+                     + ", ".join(f"{k} {v:+.2f}" for k, v in acc.get("vbench_style_drop_pct_per_dim", {}).items()))
         for m in ("gt_psnr_loss", "trajectory_err_loss"):
             if m in acc:
                 a = acc[m]
@@ -259,11 +262,30 @@ def markdown(p: dict) -> str:
                              f"(bar: ours <= 0.25 x rtn): {'met' if a['met'] else 'NOT met'}")
     if p.get("components"):
         lines += ["", "Components (PSNR vs bf16, higher is better; wins = eval videos where the row beats the one "
-                      "before it):", "", "| component | before | after | delta (dB) | wins | delta SSIM | "
+                      "before it; +- is the paired standard error over the eval videos):", "",
+                      "| component | before | after | delta (dB) | wins | delta SSIM | "
                       "delta GT PSNR (dB) | delta traj err (px) |", "|---|---|---|---|---|---|---|---|"]
         for c in p["components"]:
-            lines.append(f"| {c['component']} | {c['before']:.2f} | {c['after']:.2f} | {c['delta']:+.2f} | {c['wins']} "
-                         f"| {c['delta_ssim']:+.4f} | {c['delta_gt_psnr']:+.2f} | {c['delta_traj_err']:+.2f} |")
+            se = f" +- {c['delta_paired_se']:.2f}" if c.get("delta_paired_se") is not None else ""
+            lines.append(f"| {c['component']} | {c['before']:.2f} | {c['after']:.2f} | {c['delta']:+.2f}{se} | "
+                         f"{c['wins']} | {c['delta_ssim']:+.4f} | {c['delta_gt_psnr']:+.2f} | {c['delta_traj_err']:+.2f} |")
+    les = p.get("layer_error_summary") or {}
+    if les:
+        lines += ["", "Per-layer relative output error (mean over layers; recorded during generation with the "
+                      "16-bit layer fed the same inputs) and the relative error of each expert's output per timestep "
+                      "bin (0 = the expert's noisiest steps):", "",
+                  "| config | calibration layer err | generation layer err (high / low expert) | "
+                  "expert output err, high: bins 0/1/2 | low: bins 0/1/2 |", "|---|---|---|---|---|"]
+        for r in p["rows"]:
+            e = les.get(r["config"])
+            if not e:
+                continue
+            parts = []
+            for attr in e.values():
+                parts.append("/".join(f"{v:.4f}" for _, v in sorted(attr["expert_output_rel_err_per_bin"].items())))
+            gen = " / ".join(f"{np.mean(list(a['mean_layer_rel_err_per_bin'].values())):.4f}" for a in e.values())
+            lines.append(f"| {r['config']} | {_f(r.get('calibration_mean_layer_rel_err'), '.4f')} | {gen} | "
+                         + " | ".join(parts) + " |")
     lines += ["", "Notes:", ""] + [f"- {n}" for n in NOTES]
     lines += ["", "Metric definitions: " + "; ".join(f"{k}: {v}" for k, v in p["metric_notes"].items() if v)]
     return "\n".join(lines)
@@ -339,6 +361,8 @@ def _expert_bins_plot(per_config: dict[str, list[dict]], path: Path) -> None:
             if sel:
                 ax.plot([b for b, _ in sel], [e for _, e in sel], marker="o", label=c)
         ax.set_yscale("log")
+        bins = sorted({r["bin"] for rs in per_config.values() for r in rs if r["expert"] == attr})
+        ax.set_xticks(bins)
         ax.set_xlabel("timestep bin (0 = the expert's noisiest steps)")
         ax.set_ylabel("rel. error of the expert output")
         ax.set_title(attr, fontsize=9)

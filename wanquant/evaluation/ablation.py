@@ -60,7 +60,8 @@ ALL_CONFIGS: tuple[str, ...] = ABLATION_ORDER + EXTRA_CONFIGS
 # Each component row and the row it adds to (for "does the component help").
 LADDER: tuple[tuple[str, str], ...] = (("smooth", "rtn"), ("svdquant", "smooth"), ("gptq", "svdquant"),
                                        ("global_clip", "gptq"), ("per_bin_clip", "global_clip"),
-                                       ("per_bin_clip", "shared_policy"))
+                                       ("per_bin_clip", "shared_policy"), ("ours", "per_bin_clip"),
+                                       ("ours_rank16", "per_bin_clip"), ("ours", "ours_rank16"))
 BASELINE = "bf16"
 # Bump when a metric's definition changes: cached rows are then re-measured.
 METRICS_VERSION = 1
@@ -414,6 +415,11 @@ def acceptance(rows: dict[str, dict], ours: str = "ours", rtn: str = "rtn", base
     out: dict = {}
     drop = (b["vbench_style_avg"] - o["vbench_style_avg"]) / b["vbench_style_avg"] * 100.0
     out["vbench_style_drop_pct"] = {"value": drop, "bar": 0.5, "met": drop <= 0.5}
+    if b.get("per_sample") and o.get("per_sample"):
+        # Paired over the eval videos: how precisely this many videos pin the drop down.
+        per = [(pb["vbench_style"]["average"] - po["vbench_style"]["average"]) / b["vbench_style_avg"] * 100.0
+               for pb, po in zip(b["per_sample"], o["per_sample"])]
+        out["vbench_style_drop_pct"]["paired_se"] = _se(per)
     per_dim = {k: (b["vbench_style"][k] - o["vbench_style"][k]) / b["vbench_style"][k] * 100.0
                for k in VB.DIMENSIONS if b["vbench_style"][k]}
     out["vbench_style_drop_pct_per_dim"] = per_dim
@@ -437,12 +443,20 @@ def component_verdicts(rows: dict[str, dict], metric: str = "psnr_vs_bf16") -> l
         pa = [p[metric] for p in a["per_sample"]]
         pb = [p[metric] for p in b["per_sample"]]
         wins = sum(x > y for x, y in zip(pa, pb))
+        se = _se([x - y for x, y in zip(pa, pb)])
         out.append({"component": f"{new} vs {old}", "metric": metric, "before": b[metric], "after": a[metric],
-                    "delta": a[metric] - b[metric], "wins": f"{wins}/{len(pa)}", "helps": a[metric] > b[metric],
+                    "delta": a[metric] - b[metric], "delta_paired_se": se, "wins": f"{wins}/{len(pa)}",
+                    "helps": a[metric] > b[metric],
                     "delta_ssim": a["ssim_vs_bf16"] - b["ssim_vs_bf16"],
                     "delta_gt_psnr": a["gt_psnr"] - b["gt_psnr"],
                     "delta_traj_err": a["trajectory_err"] - b["trajectory_err"]})
     return out
+
+
+def _se(values) -> float | None:
+    """Standard error of the mean of paired differences (None for fewer than 2)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
 
 
 def clean_checkpoints(out: Path) -> None:
