@@ -145,10 +145,6 @@ def quant_targets(transformer: nn.Module, cfg: QuantConfig) -> list[QuantTarget]
     return [t for t in targets if not any(fnmatch.fnmatchcase(t.name, p) for p in policy.skip_layers)]
 
 
-def layer_shapes(transformer: nn.Module, cfg: QuantConfig) -> dict[str, tuple[int, int]]:
-    return {t.name: t.shape for t in quant_targets(transformer, cfg)}
-
-
 def install_layer(transformer: nn.Module, name: str, layer: nn.Module) -> None:
     """Put a quantized layer in place of its source linears (diffusers' fused attributes)."""
     group = _group_of(name)
