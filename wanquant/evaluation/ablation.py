@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 ABLATION_ORDER: tuple[str, ...] = ("bf16", "rtn", "smooth", "svdquant", "gptq", "global_clip", "per_bin_clip",
                                    "shared_policy", "ours")
-EXTRA_CONFIGS: tuple[str, ...] = ("ours_rank16",)
+EXTRA_CONFIGS: tuple[str, ...] = ("ours_rank16", "ours_wide_clip")
 ALL_CONFIGS: tuple[str, ...] = ABLATION_ORDER + EXTRA_CONFIGS
 # Each component row and the row it adds to (for "does the component help").
 LADDER: tuple[tuple[str, str], ...] = (("smooth", "rtn"), ("svdquant", "smooth"), ("gptq", "svdquant"),
@@ -85,9 +85,14 @@ def ablation_configs() -> dict[str, QuantConfig | None]:
     # Extra row (not in the default run): ours at the paper's rank, to separate what the
     # searched alpha buys from what the larger low-rank branch buys.
     ours_rank16 = replace(ours, lowrank=replace(ours.lowrank, rank=16))
+    # Extra row: the clip search kept landing on the grid's corner (0.6, +1); with the OCP
+    # floor rule, (c, +1) raises the exponent once amax / 2^e >= 4 / c, so smaller c and a
+    # +2 offset continue the grid past that corner.
+    ours_wide_clip = replace(ours, clip=replace(ours.clip, clip_ratios=[0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0],
+                                                exp_offsets=[-1, 0, 1, 2]))
     return {"bf16": None, "rtn": rtn, "smooth": smooth, "svdquant": svdquant, "gptq": gptq,
             "global_clip": global_clip, "per_bin_clip": per_bin_clip, "shared_policy": shared_policy, "ours": ours,
-            "ours_rank16": ours_rank16}
+            "ours_rank16": ours_rank16, "ours_wide_clip": ours_wide_clip}
 
 
 def switches(cfg: QuantConfig | None) -> dict:
