@@ -243,9 +243,11 @@ def worker_generate(args, dist) -> dict:
     if dist:
         dist.barrier()
     t0 = time.perf_counter()
-    run_pipeline(pipe, image, "a red ball moves left", settings, 0, output_type=out_type)
+    frames = run_pipeline(pipe, image, "a red ball moves left", settings, 0, output_type=out_type)
     _sync(device)
     wall = time.perf_counter() - t0
+    if dist is None or dist.is_main:  # what the 1-GPU row is compared with
+        torch.save(torch.as_tensor(frames).float().cpu(), args.part + ".output.pt")
     med = {a: (statistics.median(v) if v else None) for a, v in times.items()}
     return {"wall_s": wall, "forward_median_s": med, "forwards": {a: len(v) for a, v in times.items()},
             "peak_gb": _peak(device), "device": str(device), "cp": cp}
@@ -347,19 +349,39 @@ def run_calibration(args, work: Path) -> dict:
                          "reservoir_tokens": args.reservoir_tokens}, "rows": rows}
 
 
+def output_difference(a: Path, b: Path) -> dict | None:
+    """How far output ``b`` is from the 1-GPU output ``a``: max |diff|, relative L2, PSNR."""
+    import torch
+
+    if not a.exists() or not b.exists():
+        return None
+    x, y = torch.load(a).double(), torch.load(b).double()
+    if x.shape != y.shape:
+        return {"error": f"shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}"}
+    err = (y - x).pow(2).mean()
+    peak = x.abs().max()
+    return {"max_abs": float((y - x).abs().max()), "rel_l2": float(err.sqrt() / x.pow(2).mean().sqrt()),
+            "psnr_db": float(10 * torch.log10(peak**2 / err)) if err > 0 else float("inf"),
+            "finite": bool(torch.isfinite(y).all())}
+
+
 def run_generation(args, work: Path, qdir: str | None) -> dict:
-    gpus = [int(g) for g in args.gpus.split(",")]
+    # (GPUs, ring degree): Ulysses over all N by default; --ring-gpus adds pure-ring rows
+    layouts = [(int(g), args.ring if int(g) > 1 else 1) for g in args.gpus.split(",")]
+    layouts += [(int(g), int(g)) for g in args.ring_gpus.split(",") if g]
     base = _common(args) + ["--res", args.res, "--frames", str(args.frames), "--steps", str(args.steps),
-                            "--warmup", str(args.warmup), "--ring", str(args.ring)]
+                            "--warmup", str(args.warmup)]
     if args.decode:
         base.append("--decode")
     if qdir:
         base += ["--quantized", qdir]
     rows = []
-    for n in gpus:
-        extra = ["--ulysses", str(n // args.ring)] if n > 1 else []
-        job = _launch(args, "generate", n, work / f"gen_{n}.json", base + extra)
-        rows.append({"gpus": n, **job})
+    for n, ring in layouts:
+        extra = ["--ring", str(ring), "--ulysses", str(n // ring)] if n > 1 else ["--ring", "1"]
+        part = work / f"gen_{n}_ring{ring}.json"
+        job = _launch(args, "generate", n, part, base + extra)
+        rows.append({"gpus": n, "ring": ring, "ulysses": n // ring, **job})
+        rows[-1]["vs_1_gpu"] = output_difference(work / "gen_1_ring1.json.output.pt", Path(str(part) + ".output.pt"))
     one = next((r for r in rows if r["gpus"] == 1 and "ranks" in r), None)
     for r in rows:
         if "ranks" not in r:
@@ -383,6 +405,13 @@ def _f(v, nd=2) -> str:
     return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
+def _vs(row: dict) -> str:
+    d = row.get("vs_1_gpu")
+    if not d or row["gpus"] == 1:
+        return "-"
+    return d.get("error") or f"{d['rel_l2']:.2e}, {d['psnr_db']:.1f}"
+
+
 def markdown(payload: dict) -> str:
     lines = []
     c = payload.get("calibration")
@@ -399,14 +428,14 @@ def markdown(payload: dict) -> str:
     g = payload.get("generation")
     if g:
         lines += ["## Quantized generation (context parallel)", "", f"settings: `{json.dumps(g['settings'])}`", "",
-                  "| GPUs | CP | wall s | high fwd s | low fwd s | speed-up | efficiency | peak GB per rank |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| GPUs | CP | wall s | high fwd s | low fwd s | speed-up | efficiency | peak GB per rank | "
+                  "vs 1 GPU: rel L2, PSNR dB |", "|---|---|---|---|---|---|---|---|---|"]
         for r in g["rows"]:
             fm = r.get("forward_median_s") or {}
             cp = ((r.get("ranks") or [{}])[0]).get("cp")
             lines.append(f"| {r['gpus']} | {_f(cp)} | {_f(r.get('wall_s'))} | {_f(fm.get('transformer'), 3)} | "
                          f"{_f(fm.get('transformer_2'), 3)} | {_f(r.get('speedup'))} | "
-                         f"{_f(r.get('scaling_efficiency'))} | {_f(r.get('peak_gb_per_rank'))} |")
+                         f"{_f(r.get('scaling_efficiency'))} | {_f(r.get('peak_gb_per_rank'))} | {_vs(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -438,6 +467,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--ring", type=int, default=1, help="ring degree (the rest of N is Ulysses)")
     p.add_argument("--ulysses", type=int, default=0)
+    p.add_argument("--ring-gpus", default="", help="extra generation rows with ring attention over all N GPUs")
     p.add_argument("--decode", action="store_true", help="include VAE decoding (redundant on every rank)")
     p.add_argument("--job-timeout", type=int, default=3600)
     p.add_argument("--threads", type=int, default=None,
