@@ -69,8 +69,12 @@ def _settings(args, calib: bool):
 def _random_a14b(device, layers: int | None, quantized: bool, qcfg, max_len: int):
     """The A14B pipeline with random weights on ``device`` (full_scale.py's builders)."""
     import full_scale as fs
+    import torch
     from diffusers import WanImageToVideoPipeline
 
+    # Every rank (and every GPU count) must build the same weights: the run id checks it
+    # for calibration, and context parallelism is only the 1-GPU model split if they agree.
+    torch.manual_seed(0)
     cfg = dict(fs.A14B, num_layers=layers or fs.A14B["num_layers"])
     experts = [fs.build_expert(cfg, quantized, device, qcfg) for _ in range(2)]
     pipe = WanImageToVideoPipeline(tokenizer=fs.build_tokenizer(max_len),
