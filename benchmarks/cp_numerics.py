@@ -39,7 +39,9 @@ def flash_chunked(chunks: int):
     """An SDPA drop-in: flash attention over ``chunks`` key blocks, merged by log-sum-exp."""
 
     def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if attn_mask is not None or is_causal or dropout_p or not q.is_cuda:
+        # the VAE's fp32 attention and masked calls are not what ring attention splits
+        if attn_mask is not None or is_causal or dropout_p or not q.is_cuda or q.dtype not in (torch.float16,
+                                                                                                 torch.bfloat16):
             return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         outs, lses = [], []
         for kc, vc in zip(k.chunk(chunks, dim=2), v.chunk(chunks, dim=2)):
