@@ -41,11 +41,11 @@ def _device_name() -> str:
 
 
 def _git_commit() -> str:
-    """HEAD's hash, with '-dirty' when tracked files differ; outside git (a copied tree on a
-    GPU machine) ``$WANQUANT_COMMIT`` as given by whoever sent the tree, else 'unknown'."""
+    """``$WANQUANT_COMMIT`` when set (a tree copied to a GPU machine, whose .git, if any, is
+    not the sender's), else HEAD's hash with '-dirty' when tracked files differ, else 'unknown'."""
+    if os.environ.get("WANQUANT_COMMIT"):
+        return os.environ["WANQUANT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
-    if not (root / ".git").exists():
-        return os.environ.get("WANQUANT_COMMIT", "unknown")
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
