@@ -43,6 +43,12 @@ def test_configs_are_the_documented_ladder():
     assert cfgs["ours"] == wanquant_preset()
     # Same formats and bins everywhere: only the method's switches move.
     assert _diff(cfgs["ours_rank16"], cfgs["ours"]) == {"lowrank"} and cfgs["ours_rank16"].lowrank.rank == 16
+    narrow = cfgs["ours_narrow_clip"]
+    assert _diff(narrow, cfgs["ours"]) == {"clip"} and narrow.clip == cfgs["per_bin_clip"].clip
+    # ours' clip grid contains the paper's and extends it past its corner (0.6, +1)
+    ours_clip = cfgs["ours"].clip
+    assert set(narrow.clip.clip_ratios) < set(ours_clip.clip_ratios) and min(ours_clip.clip_ratios) < 0.6
+    assert set(narrow.clip.exp_offsets) < set(ours_clip.exp_offsets) and max(ours_clip.exp_offsets) > 1
     for c in list(cfgs.values())[1:]:
         assert (c.weight_format, c.act_format, c.group_size, c.bins) == (rtn.weight_format, rtn.act_format,
                                                                         rtn.group_size, rtn.bins)
