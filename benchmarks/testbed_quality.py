@@ -217,7 +217,7 @@ NOTES = (
     "VMAF's model was fitted on HD viewing: the 64x64 clips are scaled to 256x256 first; read VMAF as a "
     "ranking, not as an absolute quality level.",
     "Fidelity numbers are means over the eval videos of per-video values; 'wins' counts paired per-video "
-    "improvements, which is the more robust signal with 8 videos.",
+    "improvements, which is the more robust signal with few videos.",
 )
 
 

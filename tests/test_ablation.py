@@ -54,7 +54,8 @@ def test_configs_are_the_documented_ladder():
                                                                         rtn.group_size, rtn.bins)
     sw = A.switches(cfgs["global_clip"])
     assert sw == {"quantized": True, "format": "W:mxfp4 A:mxfp4 g32", "smooth": "alpha 0.5", "rank": 16,
-                  "gptq": True, "clip": "global", "clip_per_expert": True}
+                  "gptq": True, "clip": "global", "clip_per_expert": True,
+                  "clip_grid": "ratios 0.6-1.0, offsets -1..+1"}
     assert A.switches(None) == {"quantized": False}
 
 

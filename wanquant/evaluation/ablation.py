@@ -112,6 +112,9 @@ def switches(cfg: QuantConfig | None) -> dict:
         "gptq": cfg.gptq.enabled,
         "clip": ("per-bin" if cfg.clip.per_bin else "global") if cfg.clip.enabled else "off",
         "clip_per_expert": cfg.clip.per_expert,
+        "clip_grid": (f"ratios {min(cfg.clip.clip_ratios)}-{max(cfg.clip.clip_ratios)}, "
+                      f"offsets {min(cfg.clip.exp_offsets):+d}..{max(cfg.clip.exp_offsets):+d}")
+        if cfg.clip.enabled else None,
     }
 
 
@@ -119,7 +122,8 @@ def short_switches(cfg: QuantConfig | None) -> str:
     sw = switches(cfg)
     if not sw["quantized"]:
         return "16-bit"
-    clip = sw["clip"] if sw["clip"] == "off" else f"{sw['clip']}{'' if sw['clip_per_expert'] else ', shared'}"
+    clip = sw["clip"] if sw["clip"] == "off" else (f"{sw['clip']}{'' if sw['clip_per_expert'] else ', shared'} "
+                                                   f"({sw['clip_grid']})")
     return f"smooth {sw['smooth']}; rank {sw['rank']}; GPTQ {'on' if sw['gptq'] else 'off'}; clip {clip}"
 
 
