@@ -55,11 +55,6 @@ def flash_chunked(chunks: int):
     return attention
 
 
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", default="720x1280")
@@ -99,8 +94,8 @@ def main(argv=None) -> int:
             torch.nn.functional.scaled_dot_product_attention = _SDPA
             h.remove()
         print(name, "done", flush=True)
-    rows = [{"variant": n, "first_forward_rel_l2": rel_l2(first[n], first["sdpa"]),
-             "final_latent_rel_l2": rel_l2(outputs[n], outputs["sdpa"])} for n in variants]
+    rows = [{"variant": n, "first_forward_rel_l2": mg.tensor_difference(first["sdpa"], first[n])["rel_l2"],
+             "final_latent_rel_l2": mg.tensor_difference(outputs["sdpa"], outputs[n])["rel_l2"]} for n in variants]
     payload = {**run_metadata(), "settings": vars(args), "rows": rows,
                "ring_2gpu_final_latent_rel_l2": "see multi_gpu.json (ring row, vs_1_gpu.rel_l2)"}
     md = "| variant | first forward rel L2 vs sdpa | final latent rel L2 vs sdpa |\n|---|---|---|\n" + "\n".join(

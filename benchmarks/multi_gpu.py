@@ -354,12 +354,19 @@ def run_calibration(args, work: Path) -> dict:
 
 
 def output_difference(a: Path, b: Path) -> dict | None:
-    """How far output ``b`` is from the 1-GPU output ``a``: max |diff|, relative L2, PSNR."""
+    """How far the output saved in ``b`` is from the 1-GPU output saved in ``a``."""
     import torch
 
     if not a.exists() or not b.exists():
         return None
-    x, y = torch.load(a).double(), torch.load(b).double()
+    return tensor_difference(torch.load(a), torch.load(b))
+
+
+def tensor_difference(x, y) -> dict:
+    """How far ``y`` is from the reference ``x``: max |diff|, relative L2, PSNR (fp64)."""
+    import torch
+
+    x, y = x.double(), y.double()
     if x.shape != y.shape:
         return {"error": f"shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}"}
     err = (y - x).pow(2).mean()
