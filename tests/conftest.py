@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from wanquant.config import ClipConfig, GPTQConfig, LowRankConfig, QuantConfig, SmoothConfig
-from wanquant.runtime.generate import GenerationSettings
+from wanquant.model.pipeline import GenerationSettings
 
 # Tiny tensors run fastest on one thread, and a loaded 2-core machine punishes more.
 torch.set_num_threads(1)
@@ -26,7 +26,7 @@ TINY_SETTINGS = GenerationSettings(height=32, width=32, num_frames=5, num_infere
 
 
 def build_tiny_pipeline(seed: int = 0):
-    from wanquant.testbed.build import TestbedConfig, build_testbed_pipeline
+    from wanquant.model.testbed import TestbedConfig, build_testbed_pipeline
 
     pipe = build_testbed_pipeline(seed=seed, config=TestbedConfig(**TINY))
     return pipe.to("cpu", torch.float32)

@@ -15,7 +15,7 @@ from conftest import TINY, TINY_SETTINGS, build_tiny_pipeline, fast_config
 from wanquant.artifacts.checkpoint import CheckpointError, read_manifest
 from wanquant.calibration.run import CalibrationRun, quantize_pipeline
 from wanquant.calibration.samples import load_manifest
-from wanquant.runtime.load import load_quantized
+from wanquant.loading import load_quantized
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +98,7 @@ def test_checkpoint_for_other_weights_is_refused(copy):
 
 
 def test_checkpoint_for_other_architecture_is_refused(copy):
-    from wanquant.testbed.build import TestbedConfig, build_testbed_pipeline
+    from wanquant.model.testbed import TestbedConfig, build_testbed_pipeline
 
     wider = build_testbed_pipeline(seed=0, config=TestbedConfig(**{**TINY, "ffn_dim": 256}))
     with pytest.raises(CheckpointError, match="made for another model.*ffn_dim"):

@@ -32,9 +32,9 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TINY_SETTINGS, build_tiny_pipeline, fast_config  # noqa: E402
-from wanquant.calibration.distributed import (  # noqa: E402
-    DistContext, assign_layers, fold_shards, init_distributed, local_shards, reduce_layer_stats, resolve_shards,
-    shard_ranges, shard_seed)
+from wanquant.calibration.shards import (  # noqa: E402
+    assign_layers, fold_shards, local_shards, reduce_layer_stats, resolve_shards, shard_ranges, shard_seed)
+from wanquant.distributed import DistContext, init_distributed  # noqa: E402
 from wanquant.numerics.stats import LayerStatsAccumulator  # noqa: E402
 
 WORLD = 2
@@ -253,9 +253,9 @@ def test_two_rank_calibration_equals_one_process_with_two_shards(two_rank_checkp
 
 
 def _interrupted_worker(dist, out: str):
-    from wanquant.calibration import run as run_mod
+    from wanquant.calibration import passes, run as run_mod
 
-    real, calls = run_mod._calibrate_pass, {"n": 0}
+    real, calls = passes.calibrate_pass, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -263,7 +263,7 @@ def _interrupted_worker(dist, out: str):
             raise KeyboardInterrupt("simulated interruption")  # every rank, at the same point
         return real(*args, **kwargs)
 
-    run_mod._calibrate_pass = flaky
+    passes.calibrate_pass = flaky
     try:
         run_mod.quantize_pipeline(build_tiny_pipeline(), _samples(), fast_config(), _calib_run(blocks_per_pass=1),
                                   out, dist=dist)
@@ -275,7 +275,7 @@ def _interrupted_worker(dist, out: str):
 @pytest.mark.slow
 def test_interrupted_two_rank_run_resumes_in_one_process(two_rank_checkpoints, tmp_path, monkeypatch):
     """The work directory's run id holds the shards, not the processes: resume anywhere."""
-    from wanquant.calibration import run as run_mod
+    from wanquant.calibration import passes, run as run_mod
 
     multi, _, _ = two_rank_checkpoints
     out = tmp_path / "resumed"
@@ -284,13 +284,13 @@ def test_interrupted_two_rank_run_resumes_in_one_process(two_rank_checkpoints, t
     assert list(progress["done"]) == ["0-1"] and not out.exists()
 
     calls = {"n": 0}
-    real = run_mod._calibrate_pass
+    real = passes.calibrate_pass
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run_mod, "_calibrate_pass", counting)
+    monkeypatch.setattr(passes, "calibrate_pass", counting)
     run_mod.quantize_pipeline(build_tiny_pipeline(), _samples(), fast_config(),
                               _calib_run(blocks_per_pass=1, shards=2), out)
     assert calls["n"] == 1  # only the second pass ran
@@ -352,9 +352,9 @@ def _snapshot(rec: dict) -> dict:
 
 
 def _cp_worker(dist, qdir: str, degrees: list[tuple[int, int]], device=None):
-    from wanquant.runtime.generate import run_pipeline
-    from wanquant.runtime.load import load_quantized
-    from wanquant.runtime.parallel import check_context_parallel, enable_context_parallel, video_tokens
+    from wanquant.model.pipeline import run_pipeline, video_tokens
+    from wanquant.loading import load_quantized
+    from wanquant.model.parallel import check_context_parallel, enable_context_parallel
     from wanquant.testbed.dataset import list_samples
 
     ev = list_samples("eval", 1, num_frames=5, height=32, width=32)[0]
@@ -415,7 +415,7 @@ def test_context_parallel_w4a4_keeps_bins_and_kv_cache_and_reproduces_the_video(
 
 
 def test_context_parallel_needs_a_process_group():
-    from wanquant.runtime.parallel import check_context_parallel_shape, enable_context_parallel
+    from wanquant.model.parallel import check_context_parallel_shape, enable_context_parallel
 
     if tdist.is_initialized():
         pytest.skip("a process group is already initialised in this process")

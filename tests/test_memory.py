@@ -10,7 +10,9 @@ from wanquant.numerics.formats import MXFP4
 from wanquant.numerics.params import QuantizedLinearParams
 from wanquant.runtime import memory
 from wanquant.runtime.linear import W4A4Linear
-from wanquant.runtime.load import bind_expert, quantized_layers, set_backend
+from wanquant.model import block as chunking
+from wanquant.model.wan import bind_expert, blocks_of, set_static_kv_cache
+from wanquant.runtime.expert import quantized_layers, set_backend
 from wanquant.runtime.state import TimestepBins
 
 torch.set_num_threads(1)
@@ -77,12 +79,12 @@ def test_block_chunking_matches_bf16_path(chunk):
     model = tiny_transformer()
     x, t, ctx = inputs()  # 3 x 3 x 5 = 45 tokens: 16 and 7 do not divide it
     ref = run(model, x, t, ctx)
-    memory.enable_token_chunking(model, chunk)
-    assert memory.token_chunking_of(model) == (chunk, "block")
+    chunking.enable_token_chunking(model, chunk)
+    assert chunking.token_chunking_of(model) == (chunk, "block")
     out = run(model, x, t, ctx)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    memory.disable_token_chunking(model)
-    assert memory.token_chunking_of(model) is None
+    chunking.disable_token_chunking(model)
+    assert chunking.token_chunking_of(model) is None
     assert all("forward" not in b.__dict__ and "forward" not in b.ffn.__dict__ for b in model.blocks)
     torch.testing.assert_close(run(model, x, t, ctx), ref, rtol=0, atol=0)
 
@@ -91,10 +93,10 @@ def test_ffn_scope_matches():
     model = tiny_transformer()
     x, t, ctx = inputs()
     ref = run(model, x, t, ctx)
-    memory.enable_token_chunking(model, 16, scope="ffn")
+    chunking.enable_token_chunking(model, 16, scope="ffn")
     assert "forward" in model.blocks[0].ffn.__dict__ and "forward" not in model.blocks[0].__dict__
     torch.testing.assert_close(run(model, x, t, ctx), ref, rtol=1e-5, atol=1e-5)
-    memory.enable_token_chunking(model, 10)  # switching scope replaces the wrappers
+    chunking.enable_token_chunking(model, 10)  # switching scope replaces the wrappers
     assert "forward" not in model.blocks[0].ffn.__dict__ and "forward" in model.blocks[0].__dict__
     torch.testing.assert_close(run(model, x, t, ctx), ref, rtol=1e-5, atol=1e-5)
 
@@ -105,18 +107,18 @@ def test_chunking_quantized_expert_and_cache_policy():
     x, t, ctx = inputs(frames=2, height=8, width=6)  # 2 x 4 x 3 = 24 tokens
     ref = run(model, x, t, ctx)
     assert memory.static_cache_bytes(model) > 0  # attn2.to_kv cached its output per context
-    memory.enable_token_chunking(model, 10)
+    chunking.enable_token_chunking(model, 10)
     torch.testing.assert_close(run(model, x, t, ctx), ref, rtol=1e-5, atol=1e-5)
-    assert memory.set_static_kv_cache(model, False) == 2
+    assert set_static_kv_cache(model, False) == 2
     assert memory.static_cache_bytes(model) == 0
     torch.testing.assert_close(run(model, x, t, ctx), ref, rtol=1e-5, atol=1e-5)
     assert memory.static_cache_bytes(model) == 0
-    memory.set_static_kv_cache(model, True)
+    set_static_kv_cache(model, True)
     run(model, x, t, ctx)
     held = memory.static_cache_bytes(model)
     assert held == 2 * 7 * 2 * DIM * 4  # two blocks, 7 context tokens, k and v, fp32 here
     assert memory.release_static_caches(model) == held and memory.static_cache_bytes(model) == 0
-    parts = memory.expert_memory_breakdown(model)
+    parts = memory.expert_memory_breakdown(model, blocks_of(model))
     assert parts["quantized_layers"] > 0 and parts["rest_16bit"] > 0 and parts["static_kv_cache"] == 0
 
 
@@ -147,20 +149,20 @@ def test_per_token_modulation_block():
     cos, sin = (torch.randn(1, s, 1, DIM // HEADS, generator=g, dtype=torch.float64) for _ in range(2))
     with torch.no_grad():
         ref = block(h, ctx, temb, (cos, sin))
-        memory.enable_token_chunking(model, 8)
+        chunking.enable_token_chunking(model, 8)
         out = block(h, ctx, temb, (cos, sin))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_token_chunks():
     for n, c in [(45, 16), (32760, 8192), (75600, 8192), (5, 100), (129, 128)]:
-        parts = memory.token_chunks(n, c)
+        parts = chunking.token_chunks(n, c)
         assert parts[0].start == 0 and parts[-1].stop == n
         assert all(p.stop == q.start for p, q in zip(parts, parts[1:]))
         assert all(0 < p.stop - p.start <= c for p in parts)
         assert len(parts) == -(-n // c)
-    assert [p.stop - p.start for p in memory.token_chunks(32760, 8192)] == [8192, 8192, 8192, 8184]
+    assert [p.stop - p.start for p in chunking.token_chunks(32760, 8192)] == [8192, 8192, 8192, 8184]
     with pytest.raises(ValueError):
-        memory.token_chunks(10, 0)
+        chunking.token_chunks(10, 0)
     with pytest.raises(ValueError):
-        memory.enable_token_chunking(tiny_transformer(), 8, scope="attention")
+        chunking.enable_token_chunking(tiny_transformer(), 8, scope="attention")

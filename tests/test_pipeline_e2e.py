@@ -16,7 +16,7 @@ import torch
 from conftest import TINY, TINY_SETTINGS, build_tiny_pipeline, fast_config
 from wanquant.artifacts.checkpoint import read_manifest
 from wanquant.calibration.run import CalibrationRun, quantize_pipeline
-from wanquant.runtime.generate import run_pipeline
+from wanquant.model.pipeline import run_pipeline
 from wanquant.runtime.linear import W4A4Linear
 from wanquant.testbed.dataset import list_samples
 
@@ -83,8 +83,8 @@ def test_reload_in_fresh_process_matches_in_memory(quantized, tmp_path):
         import sys, numpy as np, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from conftest import TINY_SETTINGS, build_tiny_pipeline
-        from wanquant.runtime.load import load_quantized
-        from wanquant.runtime.generate import run_pipeline
+        from wanquant.loading import load_quantized
+        from wanquant.model.pipeline import run_pipeline
         from wanquant.testbed.dataset import list_samples
         pipe = build_tiny_pipeline()
         pipe.register_modules(transformer=None, transformer_2=None)
@@ -117,14 +117,14 @@ def test_cli_inspect_and_generate(quantized, tmp_path):
 
 def test_resume_skips_finished_passes(tmp_path, tiny_samples, monkeypatch):
     """A run interrupted after its first pass resumes there and ends with the same checkpoint."""
-    from wanquant.calibration import run as run_mod
+    from wanquant.calibration import passes
 
     settings = CalibrationRun(TINY_SETTINGS, blocks_per_pass=1, reservoir_tokens=256, progress=False)
     full = tmp_path / "full"
     quantize_pipeline(build_tiny_pipeline(), tiny_samples, fast_config(), settings, full)
 
     calls = {"n": 0}
-    real = run_mod._calibrate_pass
+    real = passes.calibrate_pass
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -133,7 +133,7 @@ def test_resume_skips_finished_passes(tmp_path, tiny_samples, monkeypatch):
         return real(*args, **kwargs)
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(run_mod, "_calibrate_pass", flaky)
+    monkeypatch.setattr(passes, "calibrate_pass", flaky)
     with pytest.raises(KeyboardInterrupt):
         quantize_pipeline(build_tiny_pipeline(), tiny_samples, fast_config(), settings, out)
     assert not out.exists() and (tmp_path / "resumed.partial" / "progress.json").exists()
@@ -161,7 +161,7 @@ def test_shared_policy_gives_both_experts_one_clip_table(tmp_path, tiny_samples)
 
 def test_diffusers_from_pretrained_loads_the_quantized_experts(quantized):
     """The diffusers way: each expert directory loads with WanTransformer3DModel.from_pretrained."""
-    import wanquant.runtime.diffusers_quant  # noqa: F401  (registers quant_method "wanquant")
+    import wanquant.model.diffusers_quantizer  # noqa: F401  (registers quant_method "wanquant")
     from diffusers import WanTransformer3DModel
 
     pipe, qdir = quantized
@@ -180,8 +180,8 @@ def test_single_expert_text_to_video_pipeline(tmp_path, tiny_samples):
     """A one-expert Wan pipeline (T2V, as Wan2.1) calibrates, quantizes and reloads too."""
     from diffusers import WanPipeline
 
-    from wanquant.runtime.load import load_quantized
-    from wanquant.testbed.build import TestbedConfig, build_expert
+    from wanquant.loading import load_quantized
+    from wanquant.model.testbed import TestbedConfig, build_expert
 
     i2v = build_tiny_pipeline()
     torch.manual_seed(3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -10,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from wanquant.artifacts.checkpoint import CheckpointError
-from wanquant.config import PRESETS
+from wanquant import api
 
 log = logging.getLogger("wanquant")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -27,23 +27,11 @@ def _gen_args(p: argparse.ArgumentParser, steps: int) -> None:
     g.add_argument("--negative-prompt", default="", help="negative prompt")
 
 
-def _settings(args, pipe):
-    from wanquant.runtime.generate import GenerationSettings
-
-    d = _model_defaults(pipe)
-    return GenerationSettings(
-        height=args.height or d["height"], width=args.width or d["width"], num_frames=args.frames or d["frames"],
-        num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-        max_sequence_length=d["max_len"])
-
-
-def _model_defaults(pipe) -> dict:
-    if getattr(pipe, "_wanquant_testbed", False):  # set by wanquant.testbed.build
-        from wanquant.testbed.build import TestbedConfig
-
-        c = TestbedConfig()
-        return {"height": c.height, "width": c.width, "frames": c.num_frames, "max_len": c.max_sequence_length}
-    return {"height": 480, "width": 832, "frames": 81, "max_len": 512}
+def _settings(args):
+    d = api.default_settings(args.model)
+    return dataclasses.replace(
+        d, height=args.height or d.height, width=args.width or d.width, num_frames=args.frames or d.num_frames,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSONL manifest of {\"image\", \"prompt\"} lines, or 'testbed' (its calibration split)")
     q.add_argument("--num-samples", type=int, help="use only the first N calibration samples")
     q.add_argument("--out", required=True, help="output checkpoint directory")
-    q.add_argument("--preset", default="wanquant", choices=sorted(PRESETS), help="method preset")
+    q.add_argument("--preset", default="wanquant", choices=sorted(api.PRESETS), help="method preset")
     q.add_argument("--config", help="JSON file with a full QuantConfig (overrides --preset)")
-    q.add_argument("--skip-blocks", type=int, nargs="*", default=[], help="blocks kept 16-bit (e.g. 0 -1)")
+    q.add_argument("--skip-blocks", type=int, nargs="*",
+                   help="blocks kept 16-bit (e.g. 0 -1); replaces the preset's or --config's list")
     q.add_argument("--blocks-per-pass", type=int, help="blocks calibrated per pass (bounds memory; resumable)")
     q.add_argument("--reservoir-tokens", type=int, default=4096, help="sampled tokens kept per layer and bin")
     q.add_argument("--calib-shards", type=int,
@@ -99,53 +88,50 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-calib", type=int, default=4, help="calibration samples")
     d.add_argument("--num-eval", type=int, default=2, help="evaluation samples shown in the report")
     d.add_argument("--steps", type=int, default=10, help="denoising steps")
-    d.add_argument("--preset", default="wanquant", choices=sorted(PRESETS))
+    d.add_argument("--preset", default="wanquant", choices=sorted(api.PRESETS))
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
 
-def cmd_quantize(args) -> int:
-    from wanquant import api
-    from wanquant.calibration.distributed import init_distributed
-    from wanquant.config import QuantConfig, preset
+def _quant_config(args) -> api.QuantConfig:
+    """``--config`` (a whole QuantConfig) or ``--preset``; ``--skip-blocks`` only when given."""
+    cfg = api.QuantConfig.from_dict(json.loads(Path(args.config).read_text())) if args.config else api.preset(args.preset)
+    if args.skip_blocks is not None:
+        if args.config and cfg.precision.skip_blocks and cfg.precision.skip_blocks != args.skip_blocks:
+            log.warning("--skip-blocks %s replaces skip_blocks %s from %s", args.skip_blocks,
+                        cfg.precision.skip_blocks, args.config)
+        cfg.precision.skip_blocks = list(args.skip_blocks)
+    return cfg
 
-    cfg = QuantConfig.from_dict(json.loads(Path(args.config).read_text())) if args.config else preset(args.preset)
-    cfg.precision.skip_blocks = list(args.skip_blocks)
+
+def cmd_quantize(args) -> int:
+    cfg = _quant_config(args)
     # Under torchrun: one process per GPU (cuda:LOCAL_RANK, NCCL) or CPU process (gloo).
-    dist = init_distributed(args.device)
+    dist = api.init_distributed(args.device)
+    main = dist is None or dist.is_main
     try:
-        if dist is not None and not dist.is_main:
+        if not main:
             logging.getLogger().setLevel(logging.WARNING)
         device = dist.device if dist is not None else args.device
         samples = api.load_calibration(args.calib, args.num_samples)
         pipe = api.load_base_pipeline(args.model, device, DTYPES[args.dtype])
-        if dist is None and (args.calib_shards or 1) == 1:
-            out = api.quantize(pipe, samples, args.out, cfg, _settings(args, pipe), args.blocks_per_pass,
-                               args.reservoir_tokens, overwrite=args.overwrite, restart=args.restart)
-        else:
-            from wanquant.calibration.run import CalibrationRun, quantize_pipeline
-
-            run = CalibrationRun(_settings(args, pipe), args.blocks_per_pass, args.reservoir_tokens,
-                                 progress=dist is None or dist.is_main, shards=args.calib_shards)
-            out = quantize_pipeline(pipe, samples, cfg, run, args.out, overwrite=args.overwrite,
-                                    restart=args.restart, dist=dist)
+        out = api.quantize(pipe, samples, args.out, cfg, _settings(args), args.blocks_per_pass,
+                           args.reservoir_tokens, overwrite=args.overwrite, restart=args.restart,
+                           shards=args.calib_shards, dist=dist)
     finally:
         if dist is not None:
             dist.close()
-    if dist is None or dist.is_main:
+    if main:
         print(f"wrote {out}")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from wanquant import api
-    from wanquant.calibration.distributed import init_distributed
-
     # Under torchrun: every rank runs the same generation with the sequence split across
     # ranks (diffusers context parallelism); rank 0 writes the files.
-    dist = init_distributed(args.device)
+    dist = api.init_distributed(args.device)
+    main = dist is None or dist.is_main
     try:
-        main = dist is None or dist.is_main
         if not main:
             logging.getLogger().setLevel(logging.WARNING)
         device = dist.device if dist is not None else args.device
@@ -155,12 +141,10 @@ def cmd_generate(args) -> int:
         if args.quantized:
             api.load_quantized(pipe, args.quantized, device=device, backend=args.backend,
                                allow_mismatch=args.allow_mismatch)
-        settings = _settings(args, pipe)
+        settings = _settings(args)
         if dist is not None:  # after the W4A4 experts are in place: CP hooks live on module instances
-            from wanquant.runtime.parallel import check_context_parallel_shape, enable_context_parallel
-
-            check_context_parallel_shape(pipe, settings.height, settings.width, settings.num_frames)
-            enable_context_parallel(pipe, args.ulysses_degree, args.ring_degree)
+            api.check_context_parallel_shape(pipe, settings.height, settings.width, settings.num_frames)
+            api.enable_context_parallel(pipe, args.ulysses_degree, args.ring_degree)
         api.generate(pipe, args.image, args.prompt, settings, args.seed, out=args.out if main else None,
                      progress=main)
     finally:
@@ -172,8 +156,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from wanquant import api
-
     rows = api.inspect(args.checkpoint, verify=not args.no_verify)
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
@@ -211,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError, KeyError) as e:
+    except (api.CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError, KeyError) as e:
         print(f"wanquant {args.command}: error: {e}", file=sys.stderr)
         if args.verbose:
             raise

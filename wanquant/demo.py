@@ -8,40 +8,25 @@ plots).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
+from wanquant import api
 from wanquant.artifacts.checkpoint import read_manifest
-from wanquant.calibration.run import CalibrationRun, quantize_pipeline
-from wanquant.calibration.samples import CalibSample
-from wanquant.config import preset
-from wanquant.evaluation.report import clip_table_plot, error_map, layer_error_plot, psnr, write_report
-from wanquant.runtime.generate import GenerationSettings, run_pipeline, write_frame_strip, write_video
-from wanquant.runtime.load import load_quantized
+from wanquant.evaluation.metrics import psnr
+from wanquant.evaluation.report import clip_table_plot, error_map, layer_error_plot, write_report
+from wanquant.media import write_frame_strip, write_video
+from wanquant.testbed.dataset import list_samples, trajectory_error
 
 log = logging.getLogger(__name__)
 
 
-def testbed_pipeline(device: str, dtype: torch.dtype):
-    """The trained testbed; an untrained one (with a warning) if the weights are absent."""
-    from wanquant.testbed.build import build_testbed_pipeline, load_testbed_pipeline
-
-    try:
-        return load_testbed_pipeline(device=device, dtype=dtype), True
-    except FileNotFoundError as e:
-        warnings.warn(f"{e} Using an untrained testbed: the demo runs, but its videos show noise.", stacklevel=2)
-        return build_testbed_pipeline(seed=0).to(device, dtype), False
-
-
 def run_demo(out: Path, num_calib: int = 4, num_eval: int = 2, steps: int = 10, preset_name: str = "wanquant",
              device: str = "cpu") -> Path:
-    from wanquant.testbed.build import TestbedConfig
-    from wanquant.testbed.dataset import list_samples, trajectory_error
-
     out.mkdir(parents=True, exist_ok=True)
     if not device.startswith("cuda"):
         # The testbed's tensors are tiny: one thread is fastest, and several threads
@@ -50,30 +35,28 @@ def run_demo(out: Path, num_calib: int = 4, num_eval: int = 2, steps: int = 10, 
     # CPUs run the baseline in fp32 (bf16 matmuls are slow there); GPUs in bf16.
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     base_name = "bf16" if dtype == torch.bfloat16 else "fp32"
-    tb = TestbedConfig()
-    settings = GenerationSettings(height=tb.height, width=tb.width, num_frames=tb.num_frames,
-                                  num_inference_steps=steps, guidance_scale=4.0,
-                                  max_sequence_length=tb.max_sequence_length)
-    pipe, trained = testbed_pipeline(device, dtype)
-    calib = [CalibSample(s.first_frame(), s.prompt, 1000 + i, f"testbed-calib:{i}")
-             for i, s in enumerate(list_samples("calib", num_calib))]
+    settings = dataclasses.replace(api.default_settings("testbed"), num_inference_steps=steps, guidance_scale=4.0)
+    pipe = api.load_base_pipeline("testbed", device, dtype)
+    calib = api.load_calibration("testbed", num_calib)
     evals = list_samples("eval", num_eval)
 
+    def generate_all(p) -> list:
+        return [api.generate(p, s.first_frame(), s.prompt, settings, seed=i, progress=False)
+                for i, s in enumerate(evals)]
+
     t0 = time.perf_counter()
-    baseline = [run_pipeline(pipe, s.first_frame(), s.prompt, settings, seed=i) for i, s in enumerate(evals)]
+    baseline = generate_all(pipe)
     t_base = time.perf_counter() - t0
 
     qdir = out / "quantized"
     t0 = time.perf_counter()
-    quantize_pipeline(pipe, calib, preset(preset_name), CalibrationRun(settings, reservoir_tokens=2048), qdir,
-                      overwrite=True, restart=True)
+    api.quantize(pipe, calib, qdir, preset_name, settings, reservoir_tokens=2048, overwrite=True, restart=True)
     t_quant = time.perf_counter() - t0
 
-    fresh, _ = testbed_pipeline(device, dtype)
-    fresh.register_modules(transformer=None, transformer_2=None)
-    load_quantized(fresh, qdir, device=device)
+    fresh = api.load_base_pipeline("testbed", device, dtype, with_experts=False)
+    api.load_quantized(fresh, qdir, device=device)
     t0 = time.perf_counter()
-    quant = [run_pipeline(fresh, s.first_frame(), s.prompt, settings, seed=i) for i, s in enumerate(evals)]
+    quant = generate_all(fresh)
     t_q = time.perf_counter() - t0
 
     rows = []
@@ -101,7 +84,7 @@ def run_demo(out: Path, num_calib: int = 4, num_eval: int = 2, steps: int = 10, 
                clip_table_plot(manifest, out / "clip_tables.png").name]
     mean = lambda k: sum(r["metrics"][k] for r in rows) / len(rows)  # noqa: E731
     summary = {
-        "model": "trained testbed" if trained else "UNTRAINED testbed (weights missing)",
+        "model": "trained testbed",
         "device": device, "baseline": base_name, "preset": preset_name, "calibration samples": num_calib,
         "steps": steps, "psnr W4A4 vs baseline (dB, mean)": mean("psnr_w4a4_vs_baseline_db"),
         "ground-truth PSNR baseline / W4A4 (dB)": f"{mean('gt_psnr_baseline_db'):.2f} / {mean('gt_psnr_w4a4_db'):.2f}",

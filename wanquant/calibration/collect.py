@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from wanquant.config import QuantConfig
-from wanquant.model.wan import ExpertSpec, QuantTarget
+from wanquant.model.wan import ExpertSpec, QuantTarget, forward_inputs
 from wanquant.numerics.stats import LayerStats, LayerStatsAccumulator
 
 
@@ -78,8 +78,7 @@ class StatsCollector:
 
     def _expert_hook(self, attr: str):
         def hook(module, args, kwargs):
-            t = kwargs["timestep"] if "timestep" in kwargs else args[1]
-            ctx = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+            t, ctx = forward_inputs(args, kwargs)
             t_val = float(t.max().item()) if isinstance(t, torch.Tensor) else float(t)
             b = self.bins[attr].bin_of(t_val)
             branch = "cond" if self._cond_context is None or ctx is self._cond_context else "uncond"

@@ -8,10 +8,10 @@ that has not finished. Layers are installed only after every pass, so all statis
 come from the BF16 model.
 
 With ``CalibrationRun.shards > 1`` or a process group (``dist``, see
-:mod:`wanquant.calibration.distributed`), the samples are split into contiguous shards
-whose statistics are merged in shard order, and the layers are quantized by several
-processes; a run's artifacts depend on its number of shards, not on its number of
-processes.
+:mod:`wanquant.distributed` and :mod:`wanquant.calibration.shards`), the samples are split
+into contiguous shards whose statistics are merged in shard order, and the layers are
+quantized by several processes; a run's artifacts depend on its number of shards, not on
+its number of processes. One pass is :func:`wanquant.calibration.passes.calibrate_pass`.
 """
 
 from __future__ import annotations
@@ -23,47 +23,31 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from wanquant.artifacts.checkpoint import ExpertArtifact, fingerprint_module, save_checkpoint
-from wanquant.calibration.collect import StatsCollector
-from wanquant.calibration.shared_policy import shared_clip_table
+from wanquant.calibration import passes
+from wanquant.calibration.config import CalibrationRun
 from wanquant.calibration.samples import CalibSample, check_samples, samples_fingerprint
+from wanquant.calibration.shards import resolve_shards
 from wanquant.config import QuantConfig
-from wanquant.model.wan import ExpertSpec, experts_of, install_layer, quant_targets
-from wanquant.numerics.layer_ptq import quantize_layer
+from wanquant.distributed import DistContext
+from wanquant.model.wan import ExpertSpec, bind_expert, blocks_of, experts_of, export_rest, install_layer, quant_targets
 from wanquant.numerics.params import QuantizedLinearParams
-from wanquant.runtime.generate import GenerationSettings, encode_prompts, run_pipeline
 from wanquant.runtime.linear import W4A4Linear
-from wanquant.runtime.load import bind_expert, export_rest
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class CalibrationRun:
-    """How to run calibration (not what the method is: that is :class:`QuantConfig`)."""
-
-    settings: GenerationSettings
-    blocks_per_pass: int | None = None  # None: every block in one pass
-    reservoir_tokens: int = 4096
-    seed: int = 0
-    progress: bool = True
-    # Calibration shards (contiguous sample ranges, merged in shard order). None: one per
-    # process (1 without a process group). Same shards -> same artifacts on any number
-    # of processes that divides them; see wanquant.calibration.distributed.
-    shards: int | None = None
-
-
 def quantize_pipeline(pipe, samples: list[CalibSample], cfg: QuantConfig, run: CalibrationRun,
-                      out_dir: str | Path, overwrite: bool = False, restart: bool = False, dist=None) -> Path:
+                      out_dir: str | Path, overwrite: bool = False, restart: bool = False,
+                      dist: DistContext | None = None) -> Path:
     """Calibrate, quantize and save; afterwards ``pipe`` holds the quantized experts.
 
-    ``dist``: a :class:`wanquant.calibration.distributed.DistContext` when this process is
+    ``dist``: a :class:`wanquant.distributed.DistContext` when this process is
     one of several (torchrun). Every rank calls this with the same model, samples and
     settings; rank 0 owns the work directory and writes the checkpoint, and only its
     ``pipe`` gets the quantized experts (the other ranks keep theirs in 16-bit).
@@ -72,8 +56,6 @@ def quantize_pipeline(pipe, samples: list[CalibSample], cfg: QuantConfig, run: C
     out_dir = Path(out_dir)
     main = dist is None or dist.is_main
     if dist is not None or (run.shards or 1) > 1:
-        from wanquant.calibration.distributed import resolve_shards
-
         run = dataclasses.replace(run, shards=resolve_shards(run.shards, dist, len(samples)))
 
     def check_out() -> None:
@@ -90,19 +72,17 @@ def quantize_pipeline(pipe, samples: list[CalibSample], cfg: QuantConfig, run: C
         dist.check_agree("the run id (settings, calibration samples and model weights)", run_id)
     done = _on_main(dist, _open_work_dir, work, run_id, restart)
 
-    n_blocks = max(len(e.module.blocks) for e in experts)
+    n_blocks = max(len(blocks_of(e.module)) for e in experts)
     step = run.blocks_per_pass or n_blocks
-    passes = [range(s, min(s + step, n_blocks)) for s in range(0, n_blocks, step)]
-    for blocks in tqdm(passes, desc="calibration passes", disable=not run.progress or not main or len(passes) == 1):
+    block_ranges = [range(s, min(s + step, n_blocks)) for s in range(0, n_blocks, step)]
+    for blocks in tqdm(block_ranges, desc="calibration passes",
+                       disable=not run.progress or not main or len(block_ranges) == 1):
         key = f"{blocks.start}-{blocks.stop}"
         if key in done:
             log.info("blocks %s already done in %s: skipping", key, work)
             continue
         sel = {a: [t for t in ts if t.block in blocks] for a, ts in targets.items()}
-        if dist is None and (run.shards or 1) == 1:
-            params, report = _calibrate_pass(pipe, experts, sel, samples, cfg, run)
-        else:
-            params, report = _calibrate_pass(pipe, experts, sel, samples, cfg, run, dist=dist)
+        params, report = passes.calibrate_pass(pipe, experts, sel, samples, cfg, run, dist)
         if not main:  # rank 0 holds every layer of the pass and writes them
             continue
         for attr, layers in params.items():
@@ -137,71 +117,6 @@ def _finish(pipe, experts, targets, cfg, run, samples, fingerprints, done, work,
 def _on_main(dist, fn, *args):
     """``fn(*args)`` here, or on rank 0 with its result (or error) given to every rank."""
     return fn(*args) if dist is None else dist.on_main(fn, *args)
-
-
-def _calibrate_pass(pipe, experts: list[ExpertSpec], targets, samples, cfg: QuantConfig, run: CalibrationRun,
-                    dist=None):
-    if dist is not None or (run.shards or 1) > 1:
-        from wanquant.calibration.distributed import sharded_calibrate_pass
-
-        return sharded_calibrate_pass(pipe, experts, targets, samples, cfg, run, dist)
-    collector = _collect(pipe, experts, targets, samples, cfg, run, run.seed, run.progress)
-    report = {attr: rec.to_dict() for attr, rec in collector.records.items()}
-    params = _quantize_layers(experts, targets, _layer_names(experts, targets), collector.finalize,
-                              collector.release, cfg, run.progress)
-    return params, report
-
-
-def _collect(pipe, experts: list[ExpertSpec], targets, samples, cfg: QuantConfig, run: CalibrationRun, seed: int,
-             progress: bool) -> StatsCollector:
-    """Run the BF16 pipeline over ``samples`` with a collector attached; returns the collector."""
-    collector = StatsCollector(experts, targets, cfg, run.reservoir_tokens, seed=seed)
-    device = pipe._execution_device
-    with collector:
-        for s in tqdm(samples, desc="calibration samples", disable=not progress):
-            pos, neg = encode_prompts(pipe, s.prompt, run.settings.negative_prompt, run.settings, device)
-            collector.set_cond_context(pos)
-            run_pipeline(pipe, s.image, s.prompt, run.settings, s.seed, output_type="latent",
-                         prompt_embeds=pos, negative_prompt_embeds=neg)
-    return collector
-
-
-def _layer_names(experts: list[ExpertSpec], targets) -> list[str]:
-    return list(dict.fromkeys(t.name for e in experts for t in targets[e.attr]))
-
-
-def _quantize_layers(experts: list[ExpertSpec], targets, names: list[str], stats_of, release, cfg: QuantConfig,
-                     progress: bool) -> dict[str, dict[str, QuantizedLinearParams]]:
-    """Quantize the layers ``names`` of every expert; ``stats_of(attr, name)`` gives their statistics."""
-    params: dict[str, dict[str, QuantizedLinearParams]] = {e.attr: {} for e in experts}
-    shared = not cfg.clip.per_expert and len(experts) > 1
-    for name in tqdm(names, desc="quantizing layers", disable=not progress):
-        owners = [(e, t) for e in experts for t in targets[e.attr] if t.name == name]
-        reservoirs = []
-        for e, t in owners:
-            stats = stats_of(e.attr, name)
-            if stats.n_tokens == 0:
-                raise RuntimeError(f"{e.attr}.{name} saw no calibration tokens: the {e.role} expert never ran; "
-                                   "use more inference steps so that every expert runs")
-            w, b = t.fused_weight()
-            num_bins = e.timestep_bins(cfg).num_bins
-            params[e.attr][name] = quantize_layer(w, b, stats, cfg, num_bins, name=f"{e.attr}.{name}")
-            reservoirs.append(stats.reservoirs)
-            release(e.attr, name)
-        if shared:
-            _share_clip_table([params[e.attr][name] for e, _ in owners], reservoirs, cfg,
-                              owners[0][0].timestep_bins(cfg).num_bins)
-    return params
-
-
-def _share_clip_table(layers: list[QuantizedLinearParams], reservoirs: list[dict], cfg: QuantConfig,
-                      num_bins: int) -> None:
-    table, report = shared_clip_table(list(zip(layers, reservoirs)), cfg, num_bins)
-    for p in layers:
-        if p.clip_table.shape[0] != num_bins:
-            raise ValueError("a shared clip policy needs the same number of timestep bins in every expert")
-        p.clip_table = table.to(p.clip_table.device)
-        p.report["clip_shared"] = report
 
 
 def _install_expert(e: ExpertSpec, layers: dict[str, QuantizedLinearParams], cfg: QuantConfig,

@@ -7,7 +7,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from wanquant.media import open_image
 
 
 @dataclass
@@ -36,20 +38,9 @@ def load_manifest(path: str | Path, base_seed: int = 0) -> list[CalibSample]:
         if not isinstance(rec, dict) or "image" not in rec or "prompt" not in rec:
             raise ValueError(f"{path}:{lineno}: each line needs \"image\" and \"prompt\" keys")
         img_path = (path.parent / rec["image"]).resolve()
-        samples.append(CalibSample(open_image(img_path), str(rec["prompt"]), int(rec.get("seed", base_seed + lineno)),
+        samples.append(CalibSample(open_image(img_path, "calibration image"), str(rec["prompt"]), int(rec.get("seed", base_seed + lineno)),
                                    f"{path.name}:{lineno}"))
     return check_samples(samples, str(path))
-
-
-def open_image(path: str | Path) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration image {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}; use a PNG or JPEG file") from e
 
 
 def check_samples(samples: list[CalibSample], where: str = "calibration set") -> list[CalibSample]:

@@ -61,9 +61,13 @@ def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def psnr(video, reference) -> float:
-    """PSNR in dB over every frame, pixel and channel (peak 255); ``inf`` if identical."""
+def psnr(video, reference, skip_first: bool = False) -> float:
+    """PSNR in dB over every frame, pixel and channel (peak 255); ``inf`` if identical.
+
+    ``skip_first``: leave out frame 0 (in image-to-video it is the given image)."""
     x, y = _pair(video, reference)
+    if skip_first:
+        x, y = x[1:], y[1:]
     mse = float(np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2))
     return math.inf if mse == 0.0 else 10.0 * math.log10(255.0**2 / mse)
 
@@ -180,11 +184,10 @@ def fidelity(video, reference, with_vmaf: bool = True) -> dict[str, float | None
 
 def ground_truth_accuracy(video, sample) -> dict[str, float]:
     """PSNR against the true clip and the object-trajectory error (testbed ground truth)."""
-    from wanquant.testbed.dataset import psnr as gt_psnr
     from wanquant.testbed.dataset import trajectory_error
 
     traj = trajectory_error(as_uint8(video), sample)
-    return {"gt_psnr": gt_psnr(as_uint8(video), sample.frames), "trajectory_err": traj["traj_err_px"],
+    return {"gt_psnr": psnr(video, sample.frames, skip_first=True), "trajectory_err": traj["traj_err_px"],
             "trajectory_err_rel": traj["traj_err_rel"], "missing_frac": traj["missing_frac"]}
 
 

@@ -1,4 +1,7 @@
-"""Report pages: videos side by side, error maps, per-layer error plots, as HTML + JSON."""
+"""Report pages: videos side by side, error maps, per-layer error plots, as HTML + JSON.
+
+Plots need matplotlib (the ``eval`` extra); it is imported when a plot is drawn.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +10,24 @@ import json
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from wanquant.runtime.generate import to_uint8  # noqa: E402
+from wanquant.media import to_uint8
 
 
-def psnr(a, b) -> float:
-    """PSNR in dB between two uint8-range videos (inf if identical)."""
-    x, y = to_uint8(a).astype(np.float64), to_uint8(b).astype(np.float64)
-    mse = float(np.mean((x - y) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def error_map(a, b, path: Path) -> Path:
     """Mean absolute difference over frames and channels, as a heat map PNG."""
     diff = np.abs(to_uint8(a).astype(np.float32) - to_uint8(b).astype(np.float32)).mean(axis=(0, 3))
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(3.2, 3))
     im = ax.imshow(diff, cmap="magma", vmin=0)
     ax.set_axis_off()
@@ -39,6 +41,7 @@ def error_map(a, b, path: Path) -> Path:
 def layer_error_plot(manifest: dict, path: Path) -> Path:
     """Per-layer relative output error of each expert (from the quantization reports)."""
     experts = manifest["experts"]
+    plt = _pyplot()
     fig, axes = plt.subplots(len(experts), 1, figsize=(10, 2.6 * len(experts)), squeeze=False)
     for ax, (attr, info) in zip(axes[:, 0], experts.items()):
         names = list(info["layers"])
@@ -57,6 +60,7 @@ def layer_error_plot(manifest: dict, path: Path) -> Path:
 def clip_table_plot(manifest: dict, path: Path) -> Path:
     """Chosen clip ratio per layer and timestep bin, one panel per expert."""
     experts = manifest["experts"]
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(experts), figsize=(4.5 * len(experts), 4), squeeze=False)
     for ax, (attr, info) in zip(axes[0], experts.items()):
         names = list(info["layers"])

@@ -1,39 +1,21 @@
-"""The trained testbed: a small Wan2.2-I2V-A14B-form two-expert pipeline and its data.
+"""The embedded testbed: a small trained Wan2.2-I2V-A14B-form two-expert model and its data.
 
-- ``dataset``: procedural clips with ground truth (splits ``train``/``calib``/``eval``),
-  trajectory error and PSNR metrics.
+- ``weights/``: the trained pipeline, a diffusers directory like any other model
+  (``wanquant.api.load_base_pipeline("testbed")`` resolves the name to it);
+- ``dataset``: procedural clips with ground truth (splits ``train``/``calib``/``eval``)
+  and the trajectory error;
 - ``tokenizer``: the word-level tokenizer of the closed prompt vocabulary.
-- ``build``: build (untrained) / load (trained, from ``weights/``) the pipeline; generate.
-- ``train``: the training recipe (``python -m wanquant.testbed.train --out DIR``).
 
-Names are imported lazily so that ``import wanquant.testbed`` does not import diffusers.
+Its architecture (built untrained, for tests) is :mod:`wanquant.model.testbed`; its
+training recipe is ``benchmarks/testbed_training.py``.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pathlib import Path
 
-_EXPORTS = {
-    "get_sample": "dataset",
-    "list_samples": "dataset",
-    "trajectory_error": "dataset",
-    "psnr": "dataset",
-    "Sample": "dataset",
-    "build_tokenizer": "tokenizer",
-    "TestbedConfig": "build",
-    "WEIGHTS_DIR": "build",
-    "build_testbed_pipeline": "build",
-    "load_testbed_pipeline": "build",
-    "encode_prompts": "build",
-    "generate": "build",
-    "evaluate_prompt_following": "train",
-}
+from wanquant.testbed.dataset import DEFAULT_FRAMES, DEFAULT_SIZE
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# What the testbed was trained to generate (GenerationSettings fields).
+SAMPLING = {"height": DEFAULT_SIZE, "width": DEFAULT_SIZE, "num_frames": DEFAULT_FRAMES, "max_sequence_length": 512}

@@ -444,12 +444,3 @@ def trajectory_error(frames, sample: Sample, skip_first: bool = True) -> dict[st
         "traj_err_rel": float(err.mean() / width),
         "missing_frac": float(np.concatenate(missing).mean()),
     }
-
-
-def psnr(frames, reference, skip_first: bool = True) -> float:
-    """PSNR (dB) of a video against a reference, both as accepted by ``to_uint8_frames``."""
-    a = to_uint8_frames(frames).astype(np.float64) / 255.0
-    b = to_uint8_frames(reference).astype(np.float64) / 255.0
-    start = 1 if skip_first else 0
-    mse = float(((a[start:] - b[start:]) ** 2).mean())
-    return float(10.0 * np.log10(1.0 / max(mse, 1e-12)))

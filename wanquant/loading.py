@@ -1,0 +1,116 @@
+"""Loading a quantized checkpoint into a Wan pipeline.
+
+Experts are rebuilt from the checkpoint alone (config + quantized layers + 16-bit rest),
+with parameters created on the meta device, so a quantized expert never exists in BF16
+in memory. The pipeline's own experts, if loaded, are used only to check that the
+checkpoint was made from the same model, and are then replaced.
+
+Sits above the checkpoint files (:mod:`wanquant.artifacts`), the runtime layers and the
+model adapter (:mod:`wanquant.model.wan`), which it combines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wanquant.artifacts.checkpoint import CheckpointError, fingerprint_module, load_expert_files, read_manifest
+from wanquant.config import QuantConfig
+from wanquant.model.wan import (
+    architecture_differences, bind_expert, component_mismatch, empty_expert, experts_of, install_layer,
+    restore_buffers, split_saved_buffers,
+)
+from wanquant.runtime.expert import quantized_layers, refresh, set_backend
+from wanquant.runtime.linear import Backend, W4A4Linear
+from wanquant.runtime.state import TimestepBins
+
+log = logging.getLogger(__name__)
+
+
+def build_quantized_expert(qdir: str | Path, attr: str, manifest: dict, device: torch.device | str = "cpu",
+                           backend: Backend = "auto") -> nn.Module:
+    """Rebuild one expert from the checkpoint, on ``device``."""
+    cfg = QuantConfig.from_dict(manifest["config"])
+    layers, rest, config = load_expert_files(qdir, attr, manifest)
+    model = empty_expert(config)
+    for name, params in layers.items():
+        install_layer(model, name, W4A4Linear.from_params(params, cfg.wfmt, cfg.afmt))
+    rest, buffers = split_saved_buffers(rest)
+    restore_buffers(model, buffers)
+    expected = set(model.state_dict())
+    quant_keys = {k for k in expected if any(k.startswith(n + ".") for n in layers)}
+    missing = sorted(expected - quant_keys - set(rest))
+    unexpected = sorted(set(rest) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{qdir}/{attr} does not match the expert's architecture: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}; re-quantize with this wanquant")
+    # Fresh allocations: tensors straight from the file are views into one mapping at
+    # arbitrary offsets, and CPU GEMMs round differently on unaligned memory.
+    model.load_state_dict({k: v.clone() for k, v in rest.items()}, strict=False, assign=True)
+    model.to(device)
+    refresh(model)
+    set_backend(model, backend)
+    bind_expert(model, TimestepBins.from_dict(manifest["experts"][attr]["timestep_bins"]))
+    model.eval()
+    return model
+
+
+def check_compatible(pipe, manifest: dict, qdir: str | Path, allow_mismatch: bool = False) -> None:
+    """Refuse a checkpoint made for another model or another expert layout."""
+    roles = {e.attr: e.role for e in experts_of(pipe)} if getattr(pipe, "transformer", None) is not None else None
+    for attr, info in manifest["experts"].items():
+        if roles is not None and attr not in roles:
+            raise CheckpointError(f"{qdir} has expert {attr!r} but the pipeline has no such expert "
+                                  f"(it has {sorted(roles)}); use the pipeline the checkpoint was made for")
+        if roles is not None and roles[attr] != info["role"]:
+            raise CheckpointError(f"{qdir}: expert {attr} was quantized as the {info['role']!r} expert but the "
+                                  f"pipeline runs it as {roles[attr]!r}; check the pipeline's boundary_ratio")
+        ck_config = _read_config(qdir, attr)
+        why = component_mismatch(pipe, ck_config)
+        if why is not None:
+            raise CheckpointError(f"{qdir} was made for another model: {why}")
+        existing = getattr(pipe, attr, None)
+        if existing is None:
+            continue
+        diffs = architecture_differences(ck_config, dict(existing.config))
+        if diffs:
+            raise CheckpointError(f"{qdir} was made for another model: {attr} config differs in "
+                                  + ", ".join(f"{k} (checkpoint {a}, pipeline {b})" for k, (a, b) in diffs.items()))
+        if quantized_layers(existing) or next(existing.parameters()).device.type == "meta":
+            continue
+        fp = fingerprint_module(existing)
+        if fp != info["source_fingerprint"] and not allow_mismatch:
+            raise CheckpointError(
+                f"{qdir} was quantized from different {attr} weights (fingerprint {info['source_fingerprint']}, "
+                f"pipeline {fp}); load the base model it was made from, or pass allow_mismatch=True "
+                "(--allow-mismatch) if you know the weights are equivalent")
+
+
+def _read_config(qdir, attr) -> dict:
+    config = json.loads((Path(qdir) / attr / "config.json").read_text())
+    config.pop("quantization_config", None)
+    return config
+
+
+def load_quantized(pipe, qdir: str | Path, device: torch.device | str | None = None, backend: Backend = "auto",
+                   allow_mismatch: bool = False, verify: bool = True):
+    """Replace the pipeline's experts by the quantized ones from ``qdir``; returns ``pipe``."""
+    manifest = read_manifest(qdir, verify=verify)
+    check_compatible(pipe, manifest, qdir, allow_mismatch)
+    if device is None:
+        existing = getattr(pipe, "transformer", None)
+        device = next(existing.parameters()).device if existing is not None else "cpu"
+        if torch.device(device).type == "meta":
+            device = "cpu"
+    for attr in manifest["experts"]:
+        old = getattr(pipe, attr, None)
+        if old is not None:
+            pipe.register_modules(**{attr: None})  # free the 16-bit expert before building
+            del old
+        pipe.register_modules(**{attr: build_quantized_expert(qdir, attr, manifest, device, backend)})
+    log.info("loaded %s: experts %s on %s", qdir, sorted(manifest["experts"]), device)
+    return pipe

@@ -1,0 +1,115 @@
+"""Wan pipelines in diffusers: loading one from a directory, encoding prompts, one generation.
+
+Part of the model adapter (:mod:`wanquant.model`): the only place that calls a diffusers
+pipeline. :class:`GenerationSettings` records what a generation (or a calibration run)
+asks of it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+# The pipeline classes wanquant runs; image-to-video ones take a first frame.
+IMAGE_TO_VIDEO = ("WanImageToVideoPipeline",)
+TEXT_TO_VIDEO = ("WanPipeline",)
+
+
+@dataclass
+class GenerationSettings:
+    """What a generation (or a calibration run) asks of the pipeline."""
+
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    num_inference_steps: int = 40
+    guidance_scale: float = 3.5
+    guidance_scale_2: float | None = None
+    negative_prompt: str = ""
+    max_sequence_length: int = 512
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pipeline_class(path: str | Path) -> type:
+    """The Wan pipeline class named in a diffusers directory's ``model_index.json``."""
+    import diffusers
+
+    index_file = Path(path) / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json); "
+                                "download the model first (wanquant never downloads at run time)")
+    name = json.loads(index_file.read_text()).get("_class_name")
+    if name not in IMAGE_TO_VIDEO + TEXT_TO_VIDEO:
+        raise ValueError(f"{path} holds a {name!r}; wanquant runs {', '.join(IMAGE_TO_VIDEO + TEXT_TO_VIDEO)}")
+    return getattr(diffusers, name)
+
+
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                  with_experts: bool = True, vae_dtype: torch.dtype | None = None):
+    """A Wan pipeline from a local diffusers directory, never from the network.
+
+    ``with_experts=False`` does not read the 16-bit experts at all (the pipeline class's
+    own ``from_pretrained`` honours ``transformer=None``; the generic
+    ``DiffusionPipeline.from_pretrained`` would load them anyway). ``vae_dtype``: the VAE's
+    dtype when it differs from ``dtype``.
+    """
+    cls = pipeline_class(path)
+    dtypes = dtype if vae_dtype is None else {"default": dtype, "vae": vae_dtype}
+    skip = {} if with_experts else {"transformer": None, "transformer_2": None}
+    pipe = cls.from_pretrained(str(path), dtype=dtypes, local_files_only=True, **skip)
+    return pipe.to(device)
+
+
+def is_image_to_video(pipe) -> bool:
+    return type(pipe).__name__ in IMAGE_TO_VIDEO
+
+
+def encode_prompts(pipe, prompt: str, negative_prompt: str, settings: GenerationSettings,
+                   device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text embeddings in the experts' dtype, so the pipeline passes these exact tensors on."""
+    cfg = settings.guidance_scale > 1.0
+    pos, neg = pipe.encode_prompt(prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=cfg,
+                                  max_sequence_length=settings.max_sequence_length, device=device)
+    expert = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+    dtype = next(p.dtype for p in expert.parameters() if p.is_floating_point())
+    return pos.to(dtype), (neg.to(dtype) if neg is not None else None)
+
+
+def run_pipeline(pipe, image: Image.Image | None, prompt: str, settings: GenerationSettings, seed: int,
+                 output_type: str = "np", prompt_embeds=None, negative_prompt_embeds=None, progress: bool = False):
+    """One generation; returns the pipeline's frames (``np``: [F, H, W, 3] floats in [0, 1])."""
+    device = pipe._execution_device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if prompt_embeds is None:
+        prompt_embeds, negative_prompt_embeds = encode_prompts(pipe, prompt, settings.negative_prompt, settings, device)
+    pipe.set_progress_bar_config(disable=not progress)
+    kwargs = dict(
+        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+        height=settings.height, width=settings.width, num_frames=settings.num_frames,
+        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+        generator=generator, output_type=output_type,
+    )
+    if is_image_to_video(pipe):
+        if image is None:
+            raise ValueError(f"{type(pipe).__name__} is image-to-video: give it a first frame")
+        kwargs["image"] = image
+    if getattr(pipe.config, "boundary_ratio", None) is not None:
+        kwargs["guidance_scale_2"] = settings.guidance_scale_2
+    with torch.inference_mode():
+        out = pipe(**kwargs)
+    return out.frames[0]
+
+
+def video_tokens(pipe, height: int, width: int, num_frames: int) -> int:
+    """Tokens of one transformer forward for a video of this size."""
+    expert = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.transformer_2
+    p_t, p_h, p_w = expert.config.patch_size
+    st, ss = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+    frames = (num_frames - 1) // st + 1
+    return (frames // p_t) * (height // ss // p_h) * (width // ss // p_w)
