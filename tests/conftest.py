@@ -11,7 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from wanquant.config import ClipConfig, GPTQConfig, LowRankConfig, QuantConfig, SmoothConfig
+from wanquant.method.config import ClipConfig, GPTQConfig, LowRankConfig, QuantConfig, SmoothConfig
 from wanquant.model.pipeline import GenerationSettings
 
 # Tiny tensors run fastest on one thread, and a loaded 2-core machine punishes more.

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wanquant.config import ClipConfig
+from wanquant.formats import make_format
 from wanquant.numerics.clip import clip_table, search_clip
-from wanquant.numerics.formats import fake_quantize, make_format
 
 RATIOS, OFFSETS = [0.6, 0.7, 0.8, 0.9, 1.0], [-1, 0, 1]
 
@@ -60,7 +59,7 @@ def test_objective_vs_brute_force(name: str) -> None:
         for j, o in enumerate(OFFSETS):
             if name == "int4" and o:
                 continue
-            want = float(((fake_quantize(x, fmt, c, o) @ w.T - y).double().square().sum() / y.double().square().sum()))
+            want = float(((fmt.fake_quantize(x, c, o) @ w.T - y).double().square().sum() / y.double().square().sum()))
             assert abs(float(r.grid[i, j]) - want) <= 1e-5 * want
     assert r.error == float(torch.nan_to_num(r.grid, nan=float("inf")).min())
     assert r.baseline_error == float(r.grid[-1, 1])
@@ -82,20 +81,19 @@ def test_clip_table_modes() -> None:
     clipped = _groups([7.0] + [0.6] * 63, 32, 4)  # best 0.8
     flat = _groups([1.0] * 64, 32, 4)  # exact at 1.0: anything else loses
     res = {0: clipped, 1: flat}
-    cfg = ClipConfig(clip_ratios=RATIOS, exp_offsets=OFFSETS)
-    table, rep = clip_table(res, w, fmt, cfg, 3)
+    table, rep = clip_table(res, w, fmt, 3, RATIOS, OFFSETS)
     assert table.dtype == torch.float32 and table.shape == (3, 2)
     assert table[0].tolist() == [pytest.approx(0.8), 0.0] and table[1].tolist() == [1.0, 0.0]
     assert rep["fallback_bins"] == [2] and table[2].tolist() == pytest.approx([rep["pooled"]["clip_ratio"], rep["pooled"]["exp_offset"]])
-    glob, grep_ = clip_table(res, w, fmt, ClipConfig(clip_ratios=RATIOS, exp_offsets=OFFSETS, per_bin=False), 3)
+    glob, grep_ = clip_table(res, w, fmt, 3, RATIOS, OFFSETS, per_bin=False)
     assert (glob == glob[0]).all() and grep_["fallback_bins"] == []
-    off, _ = clip_table(res, w, fmt, ClipConfig(enabled=False), 3)
+    off, _ = clip_table(res, w, fmt, 3, RATIOS, OFFSETS, enabled=False)
     assert off.tolist() == [[1.0, 0.0]] * 3
-    none, nrep = clip_table({}, w, fmt, cfg, 2)
+    none, nrep = clip_table({}, w, fmt, 2, RATIOS, OFFSETS)
     assert none.tolist() == [[1.0, 0.0]] * 2 and nrep["fallback_bins"] == [0, 1]
     # smoothing is applied as x * (1 / s) before the search
     s = torch.exp2(torch.randint(-2, 3, (256,)).float())
-    t_s, _ = clip_table({0: clipped * s}, w, fmt, cfg, 1, smooth=s)
+    t_s, _ = clip_table({0: clipped * s}, w, fmt, 1, RATIOS, OFFSETS, smooth=s)
     assert t_s[0].tolist() == [pytest.approx(0.8), 0.0]
     with pytest.raises(ValueError, match="outside"):
-        clip_table({5: flat}, w, fmt, cfg, 3)
+        clip_table({5: flat}, w, fmt, 3, RATIOS, OFFSETS)

@@ -38,7 +38,7 @@ def test_child(monkeypatch):
     from test_runtime import random_params
     from wanquant.kernels import dispatch
     from wanquant.kernels.gemm import GemmConfig
-    from wanquant.numerics.formats import MXFP4
+    from wanquant.formats import MXFP4
     from wanquant.runtime import linear
     from wanquant.runtime.linear import W4A4Linear
 
@@ -49,7 +49,7 @@ def test_child(monkeypatch):
     monkeypatch.setattr(linear, "_fast_status", lambda device, w, a: (True, "interpreted fast path (test)"))
     small = dispatch.FastW4A4.prepare
     monkeypatch.setattr(dispatch.FastW4A4, "prepare", classmethod(
-        lambda cls, p, rule, dev: small.__func__(cls, p, rule, dev, backend="triton",
+        lambda cls, p, afmt, dev: small.__func__(cls, p, afmt, dev, backend="triton",
                                                  gemm_config=GemmConfig(16, 16, 64, 2, 4, 2))))
     x = (torch.randn(5, 64, generator=gen) * 2).to(torch.bfloat16)
     for b in range(3):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
-from wanquant.numerics.formats import (
-    E2M1_VALUES, Quantized, QuantFormat, dequantize, e2m1_decode, e2m1_round, fake_quantize, make_format,
-    mx_group_exponents, pack_nibbles, quantize, unpack_nibbles,
+from wanquant.formats import (
+    FORMATS, INT4, MXFP4, GroupFormat, INT4Format, MXFP4Format, Quantized, format_from_dict, make_format,
+    pack_nibbles, register_format, unpack_nibbles,
 )
+from wanquant.formats.mxfp4 import E2M1_VALUES, e2m1_decode, e2m1_nearest, e2m1_round, mx_group_exponents
 
 
 # A fresh torch seed per test, printed for reproduction (conftest.py).
@@ -77,23 +79,23 @@ def test_e8m0_rules_vs_brute_force(rule: str) -> None:
 def test_mx_quantize_vs_brute_force(rule: str) -> None:
     fmt = make_format("mxfp4", scale_rule=rule)
     x = torch.randn(16, 128) * torch.exp(torch.randn(16, 1) * 3)
-    q = quantize(x, fmt)
+    q = fmt.quantize(x)
     e = q.scales.to(torch.int32) - 127
     assert e.tolist() == [[_brute_exp(float(a), rule) for a in row] for row in x.reshape(16, 4, 32).abs().amax(-1)]
     mags = torch.tensor(sorted({s * m for m in E2M1_VALUES for s in (1.0, -1.0)}))
     step = torch.exp2(e.float()).repeat_interleave(32, 1)
     cand = mags[None, None, :] * step[..., None]
     best = cand.gather(-1, (x[..., None] - cand).abs().argmin(-1, keepdim=True))[..., 0]
-    assert torch.equal(dequantize(q, fmt), best)
-    assert torch.equal(fake_quantize(fake_quantize(x, fmt), fmt), fake_quantize(x, fmt))  # idempotent
+    assert torch.equal(fmt.dequantize(q), best)
+    assert torch.equal(fmt.fake_quantize(fmt.fake_quantize(x)), fmt.fake_quantize(x))  # idempotent
 
 
 @pytest.mark.parametrize("qmax", [7, 8])
 def test_int4_vs_brute_force(qmax: int) -> None:
-    fmt = QuantFormat("int4", 64, int_qmax=qmax)
+    fmt = INT4Format(64, qmax=qmax)
     x = torch.randn(8, 256) * torch.exp(torch.randn(8, 1))
     for clip in (1.0, 0.6):
-        q = quantize(x, fmt, clip_ratio=clip)
+        q = fmt.quantize(x, clip_ratio=clip)
         amax = x.reshape(8, 4, 64).abs().amax(-1)
         step = (amax * clip / qmax).to(torch.bfloat16).float()
         assert torch.equal(q.scales.float(), step)
@@ -101,11 +103,11 @@ def test_int4_vs_brute_force(qmax: int) -> None:
         ints = torch.tensor([i for i in range(-8, 8) if -qmax <= i <= 7]).float()
         cand = ints * step.repeat_interleave(64, 1)[..., None]
         best = cand.gather(-1, (x[..., None] - cand).abs().argmin(-1, keepdim=True))[..., 0]
-        assert torch.equal(dequantize(q, fmt), best)
+        assert torch.equal(fmt.dequantize(q), best)
 
 
 def test_int4_zero_group() -> None:
-    q = quantize(torch.zeros(2, 64), make_format("int4"))
+    q = INT4.quantize(torch.zeros(2, 64))
     assert q.codes.eq(0).all() and q.scales.float().eq(0).all()
 
 
@@ -131,24 +133,73 @@ def test_errors(name: str) -> None:
         y = x.clone()
         y[1, 7] = bad
         with pytest.raises(ValueError, match="NaN or Inf"):
-            quantize(y, fmt)
+            fmt.quantize(y)
     with pytest.raises(ValueError, match="divisible"):
-        quantize(torch.randn(4, 2 * fmt.group_size + fmt.group_size // 2), fmt)
+        fmt.quantize(torch.randn(4, 2 * fmt.group_size + fmt.group_size // 2))
     with pytest.raises(TypeError):
-        quantize(torch.ones(4, 128, dtype=torch.int32), fmt)
+        fmt.quantize(torch.ones(4, 128, dtype=torch.int32))
     with pytest.raises(ValueError):
-        quantize(x, fmt, clip_ratio=1.5)
+        fmt.quantize(x, clip_ratio=1.5)
     if name == "int4":
         with pytest.raises(ValueError, match="exp_offset"):
-            quantize(x, fmt, exp_offset=1)
+            fmt.quantize(x, exp_offset=1)
 
 
 def test_bf16_input_and_shapes() -> None:
     fmt = make_format("mxfp4")
     x = torch.randn(3, 5, 64).bfloat16()
-    q = quantize(x, fmt)
+    q = fmt.quantize(x)
     assert q.codes.shape == (3, 5, 64) and q.scales.shape == (3, 5, 2) and q.scales.dtype == torch.uint8
-    assert fake_quantize(x, fmt).dtype == torch.bfloat16
+    assert fmt.fake_quantize(x).dtype == torch.bfloat16
     assert fmt.bits_per_element == 4.25 and math.isclose(make_format("int4").bits_per_element, 4.25)
     # codes and scales describe the values exactly
-    assert torch.equal(dequantize(Quantized(q.codes, q.scales), fmt), fake_quantize(x.float(), fmt))
+    assert torch.equal(fmt.dequantize(Quantized(q.codes, q.scales)), fmt.fake_quantize(x.float()))
+
+
+def test_e2m1_nearest_matches_codes() -> None:
+    mids = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.5, 100.0]
+    v = torch.cat([torch.randn(50000) * 3, torch.tensor(mids), -torch.tensor(mids), torch.zeros(1)])
+    assert torch.equal(e2m1_nearest(v), e2m1_decode(e2m1_round(v)))
+
+
+@pytest.mark.parametrize("fmt", [MXFP4, MXFP4Format(64, "safe_ceil"), INT4, INT4Format(32, qmax=8)],
+                         ids=lambda f: f.describe())
+def test_static_scale_methods_agree_with_quantize(fmt: GroupFormat) -> None:
+    """GPTQ's view of a format (group_scale, round_to_step, codes_at_step) is quantize at clip 1."""
+    x = torch.randn(6, 4 * fmt.group_size) * torch.exp(torch.randn(6, 1) * 2)
+    x[0, : fmt.group_size] = 0.0  # an all-zero group
+    q = fmt.quantize(x)
+    stored, step = fmt.group_scale(fmt.grouped(x).abs().amax(-1))
+    assert stored.dtype == fmt.scale_dtype and torch.equal(stored, q.scales)
+    steps = step.repeat_interleave(fmt.group_size, dim=-1)
+    values = fmt.round_to_step(x, steps)
+    assert torch.equal(values, fmt.dequantize(q))
+    assert torch.equal(fmt.codes_at_step(values, steps), q.codes)
+
+
+def test_registry_round_trip() -> None:
+    assert {"mxfp4", "int4"} <= set(FORMATS)
+    assert make_format("mxfp4") == MXFP4 and MXFP4.group_size == 32
+    assert make_format("int4") == INT4 and INT4.group_size == 64
+    for fmt in (MXFP4, INT4, MXFP4Format(16, "safe_ceil"), INT4Format(128, qmax=8), make_format("int4", 32)):
+        d = json.loads(json.dumps(fmt.to_dict()))
+        assert d["name"] == fmt.name and format_from_dict(d) == fmt
+    assert MXFP4.to_dict() == {"name": "mxfp4", "group_size": 32, "scale_rule": "ocp_floor"}
+    assert MXFP4Format(32, "safe_ceil") != MXFP4 and MXFP4Format(64) != INT4Format(64)
+    assert make_format("mxfp4", scale_rule="safe_ceil").describe() == "mxfp4 g32 scale_rule=safe_ceil"
+    with pytest.raises(ValueError, match="unknown format 'nvfp4'.*int4.*mxfp4"):
+        make_format("nvfp4")
+    with pytest.raises(ValueError, match="scale_rule"):
+        MXFP4Format(32, "round_up")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="group_size"):
+        make_format("int4", 7)
+    with pytest.raises(ValueError, match="qmax"):
+        INT4Format(qmax=6)
+    register_format(MXFP4Format)  # idempotent
+
+    class Impostor(INT4Format):
+        name = "mxfp4"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_format(Impostor)
+    assert FORMATS["mxfp4"] is MXFP4Format

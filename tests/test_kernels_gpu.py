@@ -20,16 +20,8 @@ from wanquant.kernels import act_quant as A  # noqa: E402
 from wanquant.kernels import dispatch as D  # noqa: E402
 from wanquant.kernels import gemm as G  # noqa: E402
 from wanquant.kernels import weight_prep as W  # noqa: E402
-from wanquant.numerics.formats import (  # noqa: E402
-    MXFP4,
-    Quantized,
-    dequantize,
-    fake_quantize,
-    pack_nibbles,
-    quantize,
-    unpack_nibbles,
-)
-from wanquant.numerics.params import QuantizedLinearParams  # noqa: E402
+from wanquant.formats import MXFP4, Quantized, pack_nibbles, unpack_nibbles  # noqa: E402
+from wanquant.method.params import QuantizedLinearParams  # noqa: E402
 
 CUDA = torch.device("cuda")
 FP8_OK = torch.cuda.get_device_capability() >= (8, 9)
@@ -52,7 +44,7 @@ def _params(n: int, k: int, r: int, seed: int) -> QuantizedLinearParams:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * torch.exp(torch.randn(n, 1, generator=g) * 0.5) * 0.02
     w[0, 32:64] *= 2.0**-20  # a lossy group (more than 14 binades below its row maximum)
-    q = quantize(w, MXFP4)
+    q = MXFP4.quantize(w)
     return QuantizedLinearParams(
         pack_nibbles(q.codes), q.scales, torch.rand(k, generator=g) * 1.5 + 0.5,
         (torch.randn(r, k, generator=g) * 0.02).to(torch.bfloat16),
@@ -112,8 +104,8 @@ def _layer_ref64(x: torch.Tensor, p: QuantizedLinearParams, clip: float, off: in
     """The reference forward on the GPU: fp32 quantization math, fp64 products."""
     x, smooth = x.to(CUDA), p.smooth.to(CUDA)
     xs = x.float() * (1.0 / smooth)
-    xq = fake_quantize(xs, MXFP4, clip, off).double()
-    w = dequantize(Quantized(unpack_nibbles(p.qweight.to(CUDA)), p.wscales.to(CUDA)), MXFP4).double()
+    xq = MXFP4.fake_quantize(xs, clip, off).double()
+    w = MXFP4.dequantize(Quantized(unpack_nibbles(p.qweight.to(CUDA)), p.wscales.to(CUDA))).double()
     l1, l2, bias = p.l1.to(CUDA).double(), p.l2.to(CUDA).double(), p.bias.to(CUDA).double()
     return xq @ w.T + (xs.double() @ l1.T) @ l2.T + bias
 
@@ -130,7 +122,7 @@ GEMM_CONFIGS = [
 @pytest.mark.parametrize("m,k,n", [(77, 5120, 15360), (1000, 13824, 5120), (1, 5120, 5120)])
 def test_triton_gemm_vs_fp64(cfg, m, k, n):
     p = _params(n, k, 32, seed=k)
-    fast = D.FastW4A4.prepare(p, "ocp_floor", CUDA, backend="triton", gemm_config=cfg)
+    fast = D.FastW4A4.prepare(p, MXFP4, CUDA, backend="triton", gemm_config=cfg)
     aq = fast.quantize_input(_x(m, k, seed=3).to(CUDA), 0.9, 0)
     w8 = fast.expand_weight()
     ref = G.gemm_reference(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias,
@@ -155,7 +147,7 @@ def test_triton_gemm_vs_fp64(cfg, m, k, n):
 @pytest.mark.parametrize("m,k,n", [(1, 5120, 15360), (77, 13824, 5120), (1000, 5120, 13824)])
 def test_fast_layer_vs_reference(backend, m, k, n):
     p = _params(n, k, 32, seed=m + n)
-    fast = D.FastW4A4.prepare(p, "ocp_floor", CUDA, backend=backend)
+    fast = D.FastW4A4.prepare(p, MXFP4, CUDA, backend=backend)
     x = _x(m, k, seed=m)
     for clip, off in p.clip_table.tolist():
         y = fast(x.to(CUDA).view(1, m, k), clip, int(off))
@@ -168,5 +160,5 @@ def test_fast_layer_vs_reference(backend, m, k, n):
 
 
 def test_fast_path_status_on_this_gpu():
-    ok, why = D.fast_path_status(CUDA, "mxfp4", "mxfp4", 32)
+    ok, why = D.fast_path_status(CUDA, MXFP4, MXFP4)
     assert ok == FP8_OK, why

@@ -15,17 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wanquant.numerics.formats import (
-    MXFP4,
-    QuantFormat,
-    Quantized,
-    dequantize,
-    fake_quantize,
-    pack_nibbles,
-    quantize,
-    unpack_nibbles,
-)
-from wanquant.numerics.params import QuantizedLinearParams
+from wanquant.formats import INT4, MXFP4, MXFP4Format, Quantized, pack_nibbles, unpack_nibbles
+from wanquant.method.params import QuantizedLinearParams
 
 
 # Triton decides when it is imported whether kernels (and its own library functions such as
@@ -98,7 +89,7 @@ def test_fp8_rows_reproduce_mx_values_exactly(K):
         for clip, off in ((1.0, 0), (0.7, -1), (0.9, 1)):
             ref = K.act_quant.act_quant_reference(x, inv, None, clip, off, rule, m_pad=9)
             xs = x.float() * inv
-            fq = fake_quantize(xs, QuantFormat("mxfp4", 32, rule), clip, off).double()
+            fq = MXFP4Format(32, rule).fake_quantize(xs, clip, off).double()
             s = torch.log2(ref.row_scale.double()).round()
             got = ref.q.double() * torch.exp2(s)[:, None]
             e = ref.exps.double()
@@ -115,7 +106,7 @@ def test_fp8_rows_reproduce_mx_values_exactly(K):
 
 def test_row_exponent_is_max_group_exponent(K):
     x = _activations(6, 128, seed=3).float()
-    q = quantize(x, MXFP4, 0.8, 1)
+    q = MXFP4.quantize(x, 0.8, 1)
     e = q.scales.to(torch.int32) - 127
     s = K.act_quant.row_exponents_from_group_exponents(e)
     assert torch.equal(s, (e.amax(1) - K.act_quant.HEADROOM).clamp_min(K.act_quant.ROW_EXP_MIN))
@@ -126,11 +117,11 @@ def test_weight_reference_matches_dequantize(K):
     g = torch.Generator().manual_seed(4)
     w = torch.randn(24, 128, generator=g) * torch.exp(torch.randn(24, 1, generator=g))
     w[0, :32] *= 2.0**-20  # lossy group
-    q = quantize(w, MXFP4)
+    q = MXFP4.quantize(w)
     qw = pack_nibbles(q.codes)
     s_w = K.weight_prep.weight_row_exponents(q.scales)
     w8 = K.weight_prep.expand_weight_reference(qw, q.scales, s_w)
-    deq = dequantize(q, MXFP4).double()
+    deq = MXFP4.dequantize(q).double()
     got = w8.double() * torch.exp2(s_w.double())[:, None]
     assert torch.equal(got[1:], deq[1:])
     assert torch.equal(got[0, 32:], deq[0, 32:])
@@ -144,11 +135,11 @@ def test_fp8_dot_equals_mxfp4_dot(K):
     w = torch.randn(12, 256, generator=g)
     inv = torch.ones(256)
     a = K.act_quant.act_quant_reference(x, inv, None, 0.9, 0, m_pad=7)
-    q = quantize(w, MXFP4)
+    q = MXFP4.quantize(w)
     s_w = K.weight_prep.weight_row_exponents(q.scales)
     w8 = K.weight_prep.expand_weight_reference(pack_nibbles(q.codes), q.scales, s_w)
     y = K.gemm.gemm_reference(a.q, a.row_scale, w8, torch.exp2(s_w.float()))
-    want = fake_quantize(x.float(), MXFP4, 0.9, 0).double() @ dequantize(q, MXFP4).double().T
+    want = MXFP4.fake_quantize(x.float(), 0.9, 0).double() @ MXFP4.dequantize(q).double().T
     assert torch.allclose(y, want, rtol=1e-12, atol=0)
 
 
@@ -196,7 +187,7 @@ def test_expand_kernel_bit_exact(K, n, k):
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g) * torch.exp(torch.randn(n, 1, generator=g))
     w[0, :32] *= 2.0**-20
-    q = quantize(w, MXFP4)
+    q = MXFP4.quantize(w)
     for qw in (pack_nibbles(q.codes), torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)):
         s_w = K.weight_prep.weight_row_exponents(q.scales)
         out = torch.full((n, k), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)
@@ -210,7 +201,7 @@ def _gemm_operands(K, m, n, k, r, seed):
     x = _activations(m, k, seed)
     inv = 1.0 / (torch.rand(k, generator=g) + 0.5)
     w = torch.randn(n, k, generator=g) * torch.exp(torch.randn(n, 1, generator=g) * 0.5)
-    q = quantize(w, MXFP4)
+    q = MXFP4.quantize(w)
     l1 = (torch.randn(r, k, generator=g) * 0.05).to(torch.bfloat16)
     l2 = (torch.randn(n, r, generator=g) * 0.05).to(torch.bfloat16)
     bias = torch.randn(n, generator=g).to(torch.bfloat16)
@@ -224,7 +215,7 @@ def _gemm_operands(K, m, n, k, r, seed):
 def test_gemm_kernel_vs_fp64(K, split):
     m, n, k, r = 37, 48, 128, 8
     x, p = _gemm_operands(K, m, n, k, r, seed=7)
-    fast = K.dispatch.FastW4A4.prepare(p, "ocp_floor", "cpu", backend="triton")
+    fast = K.dispatch.FastW4A4.prepare(p, MXFP4, "cpu", backend="triton")
     aq = fast.quantize_input(x, 1.0, 0)
     w8 = fast.expand_weight()
     cfg = K.gemm.GemmConfig(block_m=32, block_n=16, block_k=64, group_m=2, num_warps=4, num_stages=2,
@@ -243,8 +234,8 @@ def test_gemm_kernel_vs_fp64(K, split):
 def _layer_reference(x, p, clip, off):
     """The reference forward of a quantized layer (what W4A4Linear computes), in fp64."""
     xs = x.float() * (1.0 / p.smooth)
-    xq = fake_quantize(xs, MXFP4, clip, off).double()
-    w = dequantize(Quantized(unpack_nibbles(p.qweight), p.wscales), MXFP4).double()
+    xq = MXFP4.fake_quantize(xs, clip, off).double()
+    w = MXFP4.dequantize(Quantized(unpack_nibbles(p.qweight), p.wscales)).double()
     return xq @ w.T + (xs.double() @ p.l1.double().T) @ p.l2.double().T + p.bias.double()
 
 
@@ -252,7 +243,7 @@ def _layer_reference(x, p, clip, off):
 @pytest.mark.parametrize("m,k", [(1, 64), (21, 256), (3, 5120)])
 def test_fast_layer_matches_reference(K, m, k):
     x, p = _gemm_operands(K, m, 32, k, 32, seed=m + k)
-    fast = K.dispatch.FastW4A4.prepare(p, "ocp_floor", "cpu", backend="triton",
+    fast = K.dispatch.FastW4A4.prepare(p, MXFP4, "cpu", backend="triton",
                                        gemm_config=K.gemm.GemmConfig(16, 16, 64, 2, 4, 2))
     for clip, off in p.clip_table.tolist():
         y = fast(x.view(1, m, k), clip, int(off))
@@ -265,19 +256,24 @@ def test_fast_layer_matches_reference(K, m, k):
 
 
 def test_fast_path_status_reasons(K):
-    ok, why = K.dispatch.fast_path_status(torch.device("cpu"), "mxfp4", "mxfp4", 32)
+    ok, why = K.dispatch.fast_path_status(torch.device("cpu"), MXFP4, MXFP4)
     assert not ok and "CUDA" in why
-    ok, why = K.dispatch.fast_path_status(torch.device("cuda"), "int4", "int4", 64)
+    ok, why = K.dispatch.fast_path_status(torch.device("cuda"), INT4, INT4)
     assert not ok and "int4" in why
-    ok, why = K.dispatch.fast_path_status(torch.device("cuda"), "mxfp4", "mxfp4", 16)
+    ok, why = K.dispatch.fast_path_status(torch.device("cuda"), MXFP4Format(16), MXFP4Format(16))
     assert not ok and "group size" in why
+    ok, why = K.dispatch.fast_path_status(torch.device("cuda"), MXFP4, INT4)  # each operand is checked
+    assert not ok and "activation format int4" in why
 
 
 def test_prepare_rejects_int4(K):
     x, p = _gemm_operands(K, 3, 16, 64, 4, seed=1)
     p.wscales = p.wscales.to(torch.bfloat16)
     with pytest.raises(ValueError, match="int4"):
-        K.dispatch.FastW4A4.prepare(p, "ocp_floor", "cpu")
+        K.dispatch.FastW4A4.prepare(p, MXFP4, "cpu")
+    p.wscales = p.wscales.to(torch.uint8)
+    with pytest.raises(ValueError, match="activation format int4"):
+        K.dispatch.FastW4A4.prepare(p, INT4, "cpu")
 
 
 def test_act_launch_follows_measurements(K):

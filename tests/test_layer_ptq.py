@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from wanquant.config import ClipConfig, GPTQConfig, LowRankConfig, QuantConfig, SmoothConfig
-from wanquant.numerics.formats import Quantized, dequantize, unpack_nibbles
-from wanquant.numerics.layer_ptq import output_error, quantize_layer, simulate_forward
+from wanquant.formats import INT4, Quantized, unpack_nibbles
+from wanquant.method.config import ClipConfig, GPTQConfig, LowRankConfig, QuantConfig, SmoothConfig
+from wanquant.method.layer import output_error, quantize_layer, reference_forward
 from wanquant.numerics.stats import LayerStats, LayerStatsAccumulator
 
 N, K, BINS = 48, 128, 3
@@ -41,7 +41,7 @@ def test_pipeline_dtypes_report_and_quality() -> None:
     w, b, stats = _layer()
     cfg = _small_cfg()
     p = quantize_layer(w.bfloat16(), b, stats, cfg, BINS, name="blocks.0.attn1.to_q")
-    p.validate(cfg.wfmt)
+    p.validate(cfg.weight_format)
     assert p.qweight.dtype == torch.uint8 and p.qweight.shape == (N, K // 2)
     assert p.wscales.dtype == torch.uint8 and p.wscales.shape == (N, K // 32)
     assert p.smooth.dtype == torch.float32 and p.l1.dtype == p.l2.dtype == p.bias.dtype == torch.bfloat16
@@ -68,11 +68,9 @@ def test_runtime_convention_and_reconstruction() -> None:
     # x' = x.float() * (1.0 / smooth): multiply by the fp32 reciprocal, not divide
     xs = x.float() * (1.0 / p.smooth)
     c, o = p.clip_table[bin_].tolist()
-    from wanquant.numerics.formats import fake_quantize
-
-    wq = dequantize(Quantized(unpack_nibbles(p.qweight), p.wscales), cfg.wfmt)
-    want = fake_quantize(xs, cfg.afmt, c, int(o)) @ wq.T + (xs @ p.l1.float().T) @ p.l2.float().T + p.bias.float()
-    assert torch.equal(simulate_forward(p, x, bin_, cfg), want)
+    wq = cfg.weight_format.dequantize(Quantized(unpack_nibbles(p.qweight), p.wscales))
+    want = cfg.act_format.fake_quantize(xs, c, int(o)) @ wq.T + (xs @ p.l1.float().T) @ p.l2.float().T + p.bias.float()
+    assert torch.equal(reference_forward(p, x, cfg.weight_format, cfg.act_format, c, int(o)), want)
     # the stored pieces rebuild W diag(s) up to the 4-bit residual error
     w_rebuilt = (wq + p.l2.float() @ p.l1.float()) / p.smooth
     assert float((w_rebuilt - w).norm() / w.norm()) < 0.2
@@ -82,7 +80,7 @@ def test_runtime_convention_and_reconstruction() -> None:
 
 def test_int4_and_variants() -> None:
     w, b, stats = _layer()
-    cfg = _small_cfg(weight_format="int4", act_format="int4", group_size=64)
+    cfg = _small_cfg(weight_format=INT4, act_format=INT4)
     p = quantize_layer(w, None, stats, cfg, BINS)
     assert p.wscales.dtype == torch.bfloat16 and p.wscales.shape == (N, 2) and p.bias is None
     assert (p.clip_table[:, 1] == 0).all()

@@ -7,7 +7,7 @@ import torch
 
 from wanquant.model.wan import BLOCK_TABLE, BLOCKS_ATTR, install_layer
 from wanquant.numerics.formats import MXFP4
-from wanquant.numerics.params import QuantizedLinearParams
+from wanquant.method.params import QuantizedLinearParams
 from wanquant.runtime import memory
 from wanquant.runtime.linear import W4A4Linear
 from wanquant.model import block as chunking

@@ -7,10 +7,11 @@ import random
 import pytest
 import torch
 
-from wanquant.config import QuantConfig
+from wanquant.formats import MXFP4, pack_nibbles
+from wanquant.formats.mxfp4 import E2M1_VALUES
+from wanquant.method.config import QuantConfig
+from wanquant.method.params import QuantizedLinearParams
 from wanquant.model.wan import BLOCK_TABLE, quant_targets
-from wanquant.numerics.formats import E2M1_VALUES, MXFP4, pack_nibbles
-from wanquant.numerics.params import QuantizedLinearParams
 from wanquant.runtime.linear import W4A4Linear
 from wanquant.runtime.state import ExpertState, TimestepBins
 

@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
-from wanquant.config import LowRankConfig, QuantConfig, SmoothConfig
+from wanquant.formats import MXFP4
 from wanquant.numerics.smooth import search_smoothing, smoothing_scales
 from wanquant.numerics.stats import LayerStats, LayerStatsAccumulator
+
+
+ALPHAS = [0.3, 0.4, 0.5, 0.6, 0.7]
 
 
 # A fresh torch seed per test, printed for reproduction (conftest.py).
@@ -60,9 +63,8 @@ def _outlier_layer(n: int = 64, k: int = 256, outliers: int = 4):
 @pytest.mark.parametrize("rank", [0, 8])
 def test_smoothing_improves_outlier_channels(rank: int) -> None:
     w, stats = _outlier_layer()
-    cfg = QuantConfig(lowrank=LowRankConfig(rank=rank))
-    r = search_smoothing(w, stats, cfg)
-    assert set(r.errors) == set(cfg.smooth.alpha_grid) and r.objective == "output"
+    r = search_smoothing(w, stats, MXFP4, MXFP4, ALPHAS, rank=rank)
+    assert set(r.errors) == set(ALPHAS) and r.objective == "output"
     assert r.errors[r.alpha] == min(r.errors.values())
     assert r.errors[r.alpha] < 0.5 * r.identity_error, (r.errors, r.identity_error)
     assert r.smooth.dtype == torch.float32 and r.smooth.shape == (256,)
@@ -71,12 +73,14 @@ def test_smoothing_improves_outlier_channels(rank: int) -> None:
 
 def test_disabled_quantile_and_hessian_fallback() -> None:
     w, stats = _outlier_layer()
-    off = search_smoothing(w, stats, QuantConfig(smooth=SmoothConfig(enabled=False)))
+    off = search_smoothing(w, stats, MXFP4, MXFP4, None, rank=32)
     assert torch.equal(off.smooth, torch.ones(256)) and off.alpha is None and off.errors == {}
-    q = search_smoothing(w, stats, QuantConfig(smooth=SmoothConfig(alpha_grid=[0.5], act_quantile=0.99)))
+    q = search_smoothing(w, stats, MXFP4, MXFP4, [0.5], act_quantile=0.99, rank=32)
     torch.testing.assert_close(q.smooth, smoothing_scales(stats.act_quantile, w.abs().amax(0), 0.5))
     no_tokens = LayerStats(stats.act_absmax, None, stats.hessian, stats.n_tokens)
-    h = search_smoothing(w, no_tokens, QuantConfig(lowrank=LowRankConfig(rank=4)))
+    h = search_smoothing(w, no_tokens, MXFP4, MXFP4, ALPHAS, rank=4)
     assert h.objective == "hessian" and all(math.isfinite(e) for e in h.errors.values())
-    aware = search_smoothing(w, stats, QuantConfig(lowrank=LowRankConfig(rank=4, method="activation_aware")))
+    aware = search_smoothing(w, stats, MXFP4, MXFP4, ALPHAS, rank=4, lowrank_method="activation_aware")
+    with pytest.raises(ValueError, match="empty"):
+        search_smoothing(w, stats, MXFP4, MXFP4, [], rank=4)
     assert all(math.isfinite(e) for e in aware.errors.values())

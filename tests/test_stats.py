@@ -40,8 +40,6 @@ def test_absmax_and_hessian_merge_equal_single_pass() -> None:
     torch.testing.assert_close(h0.hessian, allx.T @ allx)
     torch.testing.assert_close(one_h.hessian, allx.T @ allx)
     torch.testing.assert_close(one_h.mean(), allx.T @ allx / allx.shape[0])
-    back = HessianAccumulator.from_state_dict(one_h.state_dict())
-    assert torch.equal(back.hessian, one_h.hessian) and back.n_tokens == one_h.n_tokens
 
 
 def test_histogram_quantile_bounds_and_exact_merge() -> None:
@@ -61,8 +59,6 @@ def test_histogram_quantile_bounds_and_exact_merge() -> None:
     est = one.quantile(q)
     assert (est >= true).all() and (est <= true * 2 ** (1 / 8) * (1 + 1e-6)).all()
     assert torch.equal(one.quantile(1.0), allx.amax(0))
-    back = LogHistogram.from_state_dict(one.state_dict())
-    assert torch.equal(back.quantile(q), est)
 
 
 def test_nan_rejected_with_layer_name() -> None:
@@ -107,7 +103,7 @@ def test_reservoir_bounded_uniform_deterministic() -> None:
     assert torch.equal(again.tokens, r.tokens)
 
 
-def test_reservoir_merge_weighting_and_resume() -> None:
+def test_reservoir_merge_weighting() -> None:
     k, cap = 3, 500
     a, b = TokenReservoir(k, cap, seed=1), TokenReservoir(k, cap, seed=2)
     for _ in range(9):
@@ -119,17 +115,6 @@ def test_reservoir_merge_weighting_and_resume() -> None:
     assert abs(frac_b - 0.1) < 6 * (0.1 * 0.9 / cap) ** 0.5
     with pytest.raises(ValueError, match="same seed"):
         _fed(TokenReservoir(k, cap, 5)).merge(_fed(TokenReservoir(k, cap, 5)))
-    # resume: save mid-stream, restore, continue == uninterrupted
-    xs = [torch.randn(300, k) for _ in range(4)]
-    full, half = TokenReservoir(k, 200, 7), TokenReservoir(k, 200, 7)
-    for x in xs:
-        full.update(x)
-    for x in xs[:2]:
-        half.update(x)
-    resumed = TokenReservoir.from_state_dict(half.state_dict())
-    for x in xs[2:]:
-        resumed.update(x)
-    assert torch.equal(resumed.tokens, full.tokens) and resumed.n_seen == full.n_seen
 
 
 def _fed(r: TokenReservoir) -> TokenReservoir:
@@ -145,7 +130,7 @@ def test_layer_stats_accumulator_shards_merge() -> None:
     for i, (x, b) in enumerate(feed):
         one.update(x, b)
         (s1 if i % 2 else s2).update(x, b)
-    merged = LayerStatsAccumulator.from_state_dict(s1.state_dict()).merge(s2).finalize()
+    merged = s1.merge(s2).finalize()
     ref = one.finalize()
     assert torch.equal(merged.act_absmax, ref.act_absmax) and torch.equal(merged.act_quantile, ref.act_quantile)
     torch.testing.assert_close(merged.hessian, ref.hessian, rtol=1e-4, atol=1e-3)  # fp32 sums, other order

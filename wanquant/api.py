@@ -32,7 +32,7 @@ from wanquant.artifacts.checkpoint import CheckpointError, read_manifest
 from wanquant.calibration.config import CalibrationRun
 from wanquant.calibration.run import quantize_pipeline
 from wanquant.calibration.samples import CalibSample, load_manifest
-from wanquant.config import PRESETS, QuantConfig, preset
+from wanquant.method.config import PRESETS, QuantConfig, preset
 from wanquant.distributed import DistContext, init_distributed
 from wanquant.loading import load_quantized
 from wanquant.media import open_image, write_frame_strip, write_video
@@ -117,14 +117,14 @@ def generate(pipe, image: Image.Image | str | Path, prompt: str, settings: Gener
 def inspect(qdir: str | Path, verify: bool = True) -> list[dict]:
     """One row per quantized layer: expert, name, shape, format, rank, clip table, errors."""
     manifest = read_manifest(qdir, verify=verify)
-    cfg = manifest["config"]
+    formats = QuantConfig.from_dict(manifest["config"]).describe_formats()
     rows = []
     for attr, info in manifest["experts"].items():
         for name, layer in info["layers"].items():
             rep = layer.get("report", {})
             rows.append({
                 "expert": attr, "role": info["role"], "layer": name, "shape": layer["shape"],
-                "format": f"W:{cfg['weight_format']} A:{cfg['act_format']} g{cfg['group_size']}",
+                "format": formats,
                 "rank": layer["rank"], "alpha": rep.get("smooth", {}).get("alpha"), "clip": layer.get("clip_table"),
                 "rel_err": rep.get("final", {}).get("rel_err"),
                 "rel_err_per_bin": rep.get("final", {}).get("rel_err_per_bin"),

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from wanquant.artifacts.checkpoint import CheckpointError, fingerprint_module, load_expert_files, read_manifest
-from wanquant.config import QuantConfig
+from wanquant.method.config import QuantConfig
 from wanquant.model.wan import (
     architecture_differences, bind_expert, component_mismatch, empty_expert, experts_of, install_layer,
     restore_buffers, split_saved_buffers,
@@ -38,7 +38,7 @@ def build_quantized_expert(qdir: str | Path, attr: str, manifest: dict, device: 
     layers, rest, config = load_expert_files(qdir, attr, manifest)
     model = empty_expert(config)
     for name, params in layers.items():
-        install_layer(model, name, W4A4Linear.from_params(params, cfg.wfmt, cfg.afmt))
+        install_layer(model, name, W4A4Linear.from_params(params, cfg.weight_format, cfg.act_format))
     rest, buffers = split_saved_buffers(rest)
     restore_buffers(model, buffers)
     expected = set(model.state_dict())

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import wanquant
-from wanquant.numerics.params import QuantizedLinearParams
+from wanquant.method.params import QuantizedLinearParams
 
 FORMAT_NAME = "wanquant"
 FORMAT_VERSION = 1

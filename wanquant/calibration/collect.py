@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wanquant.config import QuantConfig
+from wanquant.method.config import QuantConfig
 from wanquant.model.wan import ExpertSpec, QuantTarget, forward_inputs
 from wanquant.numerics.stats import LayerStats, LayerStatsAccumulator
 

@@ -19,11 +19,11 @@ from wanquant.calibration.shards import (
     assign_layers, gather_to_main, layer_cost, local_shards, merge_records, params_to_main, reduce_layer_stats,
     shard_ranges, shard_seed,
 )
-from wanquant.config import QuantConfig
+from wanquant.method.config import QuantConfig
 from wanquant.distributed import DistContext
-from wanquant.calibration.shared_policy import shared_clip_table
-from wanquant.numerics.layer_ptq import quantize_layer
-from wanquant.numerics.params import QuantizedLinearParams
+from wanquant.method.shared_clip import shared_clip_table
+from wanquant.method.layer import quantize_layer
+from wanquant.method.params import QuantizedLinearParams
 from wanquant.model.pipeline import encode_prompts, run_pipeline
 from wanquant.model.wan import ExpertSpec
 from wanquant.numerics.stats import LayerStatsAccumulator

@@ -33,10 +33,10 @@ from wanquant.calibration import passes
 from wanquant.calibration.config import CalibrationRun
 from wanquant.calibration.samples import CalibSample, check_samples, samples_fingerprint
 from wanquant.calibration.shards import resolve_shards
-from wanquant.config import QuantConfig
+from wanquant.method.config import QuantConfig
 from wanquant.distributed import DistContext
 from wanquant.model.wan import ExpertSpec, bind_expert, blocks_of, experts_of, export_rest, install_layer, quant_targets
-from wanquant.numerics.params import QuantizedLinearParams
+from wanquant.method.params import QuantizedLinearParams
 from wanquant.runtime.linear import W4A4Linear
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _install_expert(e: ExpertSpec, layers: dict[str, QuantizedLinearParams], cfg
                     fingerprint: str, seen: dict) -> ExpertArtifact:
     device = next(e.module.parameters()).device
     for name, p in layers.items():
-        layer = W4A4Linear.from_params(p.to(device), cfg.wfmt, cfg.afmt)
+        layer = W4A4Linear.from_params(p.to(device), cfg.weight_format, cfg.act_format)
         install_layer(e.module, name, layer)
     bins = e.timestep_bins(cfg)
     bind_expert(e.module, bins)

@@ -32,7 +32,7 @@ range), done by adding and subtracting ``1.5 * 2^(23 + spacing)``; saturation is
 ``min(., 6 * 2^d)``; the cast to e4m3 then rounds to nearest even (a no-op unless
 ``d < -8``). About 20 instructions per element in the second pass.
 
-Every kernel here has a PyTorch reference built from :mod:`wanquant.numerics.formats`.
+Every kernel here has a PyTorch reference built from :mod:`wanquant.formats.mxfp4`.
 Kernel code avoids the two things Triton's CPU interpreter does differently from the
 GPU (fp32->bf16/fp8 conversions truncate there, bf16 dots are wrong there): values are
 rounded explicitly with integer/float arithmetic before any narrowing conversion, so
@@ -46,13 +46,7 @@ from typing import NamedTuple
 
 import torch
 
-from wanquant.numerics.formats import (
-    E8M0_MIN_EXP,
-    QuantFormat,
-    ScaleRule,
-    dequantize,
-    quantize,
-)
+from wanquant.formats.mxfp4 import E8M0_BIAS, E8M0_MIN_EXP, MXFP4Format, ScaleRule
 
 try:  # triton is optional: the references below need only torch
     import triton
@@ -64,7 +58,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     tl = None
     HAS_TRITON = False
 
-GROUP = 32  # MX group size; the fast path supports MXFP4 with g32 only
+GROUP = 32  # the MX group size these kernels implement (MXFP4 g32 only)
 HEADROOM = 6  # 6 * 2^6 = 384 fits e4m3 (max 448); 2^7 would not
 ROW_EXP_MIN = -100  # keeps 2^s and 2^-s normal in fp32 and bf16 for all-zero/tiny rows
 SHIFT_MIN = -30  # shifts below about -13 give 0 in e4m3 already; clamping keeps 2^d normal
@@ -154,7 +148,7 @@ def act_quant_reference(
     nsplit: int = 2,
     m_pad: int | None = None,
 ) -> ActQuantOut:
-    """What :func:`act_quant` computes, from :mod:`wanquant.numerics.formats` (CPU, fp32).
+    """What :func:`act_quant` computes, from :mod:`wanquant.formats.mxfp4` (CPU, fp32).
 
     ``x [M, K]``; ``inv_smooth = 1 / smooth`` (fp32 [K]); ``l1s`` from
     :func:`lowrank_weights` or None. The low-rank output is the fp64 product of the
@@ -163,12 +157,12 @@ def act_quant_reference(
     """
     m, k = x.shape
     m_pad = pad_rows(m) if m_pad is None else m_pad
-    fmt = QuantFormat("mxfp4", GROUP, scale_rule)
+    fmt = MXFP4Format(GROUP, scale_rule)
     xs = x.float() * inv_smooth.float()
-    qz = quantize(xs, fmt, clip_ratio, exp_offset)
-    e = qz.scales.to(torch.int32) - 127
+    qz = fmt.quantize(xs, clip_ratio, exp_offset)
+    e = qz.scales.to(torch.int32) - E8M0_BIAS
     s = row_exponents_from_group_exponents(e)
-    q8 = fp8_rows_reference(dequantize(qz, fmt), s)
+    q8 = fp8_rows_reference(fmt.dequantize(qz), s)
 
     out_q = torch.zeros(m_pad, k, dtype=torch.float8_e4m3fn)
     out_q[:m] = q8
@@ -199,7 +193,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _mx_exponent(amax, clip_ratio, exp_offset, SAFE_CEIL: tl.constexpr):
-        """formats.mx_group_exponents on fp32 maxima (int32 result), read from the bits."""
+        """formats.mxfp4.mx_group_exponents on fp32 maxima (int32 result), read from the bits."""
         bits = (amax * clip_ratio).to(tl.int32, bitcast=True)
         e = ((bits >> 23) & 0xFF) - 127 - 2  # floor(log2(a)) - E2M1_EMAX
         if SAFE_CEIL:

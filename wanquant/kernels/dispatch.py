@@ -12,6 +12,10 @@
 
 The backend defaults to :data:`DEFAULT_BACKEND`; ``WANQUANT_GEMM=triton|cublas``
 overrides it (benchmarks/KERNEL_NOTES.md says which won and by how much).
+
+Which formats the kernels implement is data next to them (:data:`FAST_FORMATS`, group
+size :data:`~wanquant.kernels.act_quant.GROUP`); dispatch checks format objects by type.
+Layering: ``formats`` -> ``numerics`` -> ``method`` -> ``kernels`` (here) / ``runtime``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from wanquant.formats import GroupFormat
+from wanquant.formats.mxfp4 import MXFP4Format
 from wanquant.kernels.act_quant import (
     GROUP,
     HAS_TRITON,
@@ -34,7 +40,7 @@ from wanquant.kernels.gemm import GemmConfig, gemm_cublas, gemm_triton
 from wanquant.kernels.weight_prep import expand_weight, weight_row_exponents
 
 if TYPE_CHECKING:
-    from wanquant.numerics.params import QuantizedLinearParams
+    from wanquant.method.params import QuantizedLinearParams
 
 FAST_PATH_NAME = "hopper-fp8: triton act-quant + fused triton FP8 GEMM"
 DEFAULT_BACKEND = "triton"
@@ -45,6 +51,10 @@ BACKENDS = ("triton", "cublas")
 ACT_LAUNCH_LARGE = (128, 64, 8, 3)
 ACT_LAUNCH_SMALL = (64, 128, 8, 3)
 NSPLIT = 2  # low-rank activations as a bf16 hi/lo pair: ~fp32-accurate branch for ~1 % time
+# The formats the kernels implement, for weights and activations alike (either MX scale
+# rule), at group size GROUP. Only power-of-two group scales fold exactly into per-row
+# FP8 scales (DESIGN.md section 4); every other format stays on the reference path.
+FAST_FORMATS: tuple[type[GroupFormat], ...] = (MXFP4Format,)
 
 
 def _describe(backend: str) -> str:
@@ -53,16 +63,23 @@ def _describe(backend: str) -> str:
     return FAST_PATH_NAME
 
 
-def fast_path_status(device: torch.device, weight_format: str, act_format: str, group_size: int) -> tuple[bool, str]:
-    """(True, description) when :class:`FastW4A4` can run this layer here, else (False, why)."""
+def _format_problem(role: str, fmt: GroupFormat) -> str | None:
+    """Why the kernels cannot run ``fmt`` as the ``role`` operand, or None."""
+    if not isinstance(fmt, FAST_FORMATS):
+        names = ", ".join(c.name for c in FAST_FORMATS)
+        return (f"{role} format {fmt.describe()} stays on the reference path: the fast path implements {names} "
+                "(power-of-two group scales fold exactly into per-row FP8 scales, DESIGN.md section 4)")
+    if fmt.group_size != GROUP:
+        return f"{role} group size {fmt.group_size}: the fast path needs MX group size {GROUP}"
+    return None
+
+
+def fast_path_status(device: torch.device, wfmt: GroupFormat, afmt: GroupFormat) -> tuple[bool, str]:
+    """(True, description) when :class:`FastW4A4` can run a ``wfmt`` x ``afmt`` layer here, else (False, why)."""
     device = torch.device(device)
-    if weight_format == "int4" or act_format == "int4":
-        return False, ("int4 stays on the reference path: arbitrary 16-bit group scales do not fold "
-                       "into per-row FP8 scales (DESIGN.md section 4)")
-    if weight_format != "mxfp4" or act_format != "mxfp4":
-        return False, f"unsupported formats w={weight_format} a={act_format}: the fast path is MXFP4 x MXFP4"
-    if group_size != GROUP:
-        return False, f"group size {group_size}: the fast path needs MX group size {GROUP}"
+    problem = _format_problem("weight", wfmt) or _format_problem("activation", afmt)
+    if problem:
+        return False, problem
     if not HAS_TRITON:
         return False, "triton missing: install triton for the fast path"
     if device.type != "cuda":
@@ -110,11 +127,6 @@ def weight_scratch(device: torch.device, numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
-def scratch_bytes() -> int:
-    """Bytes held by the shared weight scratch buffers (all devices)."""
-    return sum(b.numel() for b in _SCRATCH.values())
-
-
 class FastW4A4:
     """A quantized linear prepared for the Hopper FP8 path; call it like the layer.
 
@@ -124,25 +136,26 @@ class FastW4A4:
     """
 
     def __init__(self) -> None:
-        raise TypeError("use FastW4A4.prepare(params, act_scale_rule, device)")
+        raise TypeError("use FastW4A4.prepare(params, act_format, device)")
 
     @classmethod
-    def prepare(cls, params: "QuantizedLinearParams", act_scale_rule: str, device,
+    def prepare(cls, params: "QuantizedLinearParams", act_format: GroupFormat, device,
                 backend: str | None = None, gemm_config: GemmConfig | None = None) -> "FastW4A4":
-        """Repack ``params`` for ``device`` (done once per layer, at load time)."""
+        """Repack ``params`` for ``device`` (done once per layer, at load time); activations in ``act_format``."""
         device = torch.device(device)
-        if params.wscales.dtype != torch.uint8:
+        if params.wscales.dtype != MXFP4Format.scale_dtype:
             raise ValueError("FastW4A4 needs MXFP4 weights (uint8 E8M0 scales); int4 stays on the reference path")
+        problem = _format_problem("activation", act_format)
+        if problem:
+            raise ValueError(problem)
         if device.type != "cuda" and not interpreting():
             raise RuntimeError("FastW4A4 needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
-        if act_scale_rule not in ("ocp_floor", "safe_ceil"):
-            raise ValueError(f"unknown act scale rule {act_scale_rule!r}")
         n, k = params.out_features, params.in_features
         if params.wscales.shape != (n, k // GROUP):
             raise ValueError(f"wscales shape {tuple(params.wscales.shape)} != {(n, k // GROUP)}: group size must be {GROUP}")
         self = object.__new__(cls)
         self.n, self.k, self.rank = n, k, params.rank
-        self.act_scale_rule = act_scale_rule
+        self.act_format = act_format
         self.backend = backend or _backend_choice()
         self.gemm_config = gemm_config or LAYER_GEMM_CONFIG
         self.act_launch: tuple[int, int, int, int] | None = None  # None: act_launch_for(M)
@@ -179,7 +192,7 @@ class FastW4A4:
     def quantize_input(self, x2: torch.Tensor, clip_ratio: float, exp_offset: int):
         """Step 1 alone (benchmarks time it separately)."""
         bm, bk, nw, ns = self.act_launch or act_launch_for(x2.shape[0], self.device)
-        return act_quant(x2, self.inv_smooth, self.l1s, clip_ratio, exp_offset, self.act_scale_rule,
+        return act_quant(x2, self.inv_smooth, self.l1s, clip_ratio, exp_offset, self.act_format.scale_rule,
                          nsplit=NSPLIT, m_pad=pad_rows(x2.shape[0]), block_m=bm, block_k=bk,
                          num_warps=nw, num_stages=ns)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from wanquant.formats import MXFP4, Quantized, unpack_nibbles
+from wanquant.formats.mxfp4 import E8M0_BIAS
 from wanquant.kernels.act_quant import (
     GROUP,
     HAS_TRITON,
@@ -22,7 +24,6 @@ from wanquant.kernels.act_quant import (
     fp8_rows_reference,
     row_exponents_from_group_exponents,
 )
-from wanquant.numerics.formats import E8M0_BIAS, MXFP4, Quantized, dequantize, unpack_nibbles
 
 if HAS_TRITON:
     import triton
@@ -41,7 +42,7 @@ def weight_row_exponents(wscales: torch.Tensor) -> torch.Tensor:
 def expand_weight_reference(qweight: torch.Tensor, wscales: torch.Tensor, s_w: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch reference of :func:`expand_weight`: e4m3 ``[N, K]`` from packed codes and scales."""
     s_w = weight_row_exponents(wscales) if s_w is None else s_w
-    values = dequantize(Quantized(unpack_nibbles(qweight), wscales), MXFP4)
+    values = MXFP4.dequantize(Quantized(unpack_nibbles(qweight), wscales))
     return fp8_rows_reference(values, s_w)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from wanquant.config import QuantConfig
+from wanquant.method.config import QuantConfig
 from wanquant.model.wan import BUFFER_PREFIX, bind_expert, install_layer, restore_buffers
 from wanquant.runtime.expert import refresh
 from wanquant.runtime.linear import W4A4Linear
@@ -78,7 +78,7 @@ def _classes():
             cfg = QuantConfig.from_dict(qc.config)
             for name, info in qc.layers.items():
                 n, k = info["shape"]
-                layer = W4A4Linear(k, n, info["rank"], info["num_bins"], cfg.wfmt, cfg.afmt, bias=info["bias"])
+                layer = W4A4Linear(k, n, info["rank"], info["num_bins"], cfg.weight_format, cfg.act_format, bias=info["bias"])
                 install_layer(model, name, layer)
             self._names = tuple(f"{n}." for n in qc.layers)
 

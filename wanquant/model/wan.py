@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from wanquant.config import QuantConfig
+from wanquant.method.config import QuantConfig
 from wanquant.runtime.expert import quantized_layers, share_state
 from wanquant.runtime.memory import release_static_caches
 from wanquant.runtime.state import ExpertState, TimestepBins

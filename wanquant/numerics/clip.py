@@ -7,6 +7,9 @@ objective of a setting ``(c, o)`` (clip ratio, MX exponent offset) is
 
 i.e. the output error caused by quantizing the activations alone. The low-rank branch
 reads the unquantized ``x'`` in both terms, so it cancels and is left out.
+
+Layering: ``formats`` -> ``numerics`` (here) -> ``method``: grids and switches arrive as
+explicit arguments; :func:`wanquant.method.layer.search_clip_table` reads them from a config.
 """
 
 from __future__ import annotations
@@ -15,8 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from wanquant.config import ClipConfig
-from wanquant.numerics.formats import QuantFormat, fake_quantize
+from wanquant.formats import GroupFormat
 
 
 class ClipResult(NamedTuple):
@@ -44,13 +46,14 @@ def subsample(tokens: torch.Tensor, max_tokens: int, seed: int = 0) -> torch.Ten
 
 
 def search_clip(
-    tokens: torch.Tensor, w_deq: torch.Tensor, fmt: QuantFormat, clip_ratios: list[float],
+    tokens: torch.Tensor, w_deq: torch.Tensor, fmt: GroupFormat, clip_ratios: list[float],
     exp_offsets: list[int], max_tokens: int = 4096, seed: int = 0,
 ) -> ClipResult:
     """Grid-search ``(clip_ratio, exp_offset)`` for smoothed input ``tokens [T, K]``.
 
-    Runs on ``w_deq``'s device. INT4 has no exponent: offsets other than 0 are skipped
-    (NaN in the grid). Ties go to the mildest setting (closest to ``(1.0, 0)``).
+    Runs on ``w_deq``'s device. Offsets the format cannot use (INT4 has no exponent: all
+    but 0) are skipped (NaN in the grid). Ties go to the mildest setting (closest to
+    ``(1.0, 0)``).
     """
     if tokens.ndim != 2 or tokens.shape[1] != w_deq.shape[1]:
         raise ValueError(f"tokens must be [T, {w_deq.shape[1]}], got {tuple(tokens.shape)}")
@@ -63,9 +66,9 @@ def search_clip(
     best: tuple[float, float, int, int] | None = None  # (error, distance from (1, 0), i, j)
     for i, c in enumerate(clip_ratios):
         for j, o in enumerate(exp_offsets):
-            if not fmt.is_mx and o != 0:
+            if not fmt.accepts_exp_offset(o):
                 continue
-            d = (fake_quantize(x, fmt, c, o) - x) @ w.T
+            d = (fmt.fake_quantize(x, c, o) - x) @ w.T
             err = float(torch.linalg.matrix_norm(d).double() ** 2) / den if den > 0 else 0.0
             grid[i, j] = err
             key = (err, abs(1.0 - c) + abs(o), i, j)
@@ -84,23 +87,25 @@ def _summary(r: ClipResult) -> dict[str, Any]:
 
 
 def clip_table(
-    reservoirs: dict[int, torch.Tensor], w_deq: torch.Tensor, fmt: QuantFormat, cfg: ClipConfig, num_bins: int,
-    smooth: torch.Tensor | None = None, seed: int = 0,
+    reservoirs: dict[int, torch.Tensor], w_deq: torch.Tensor, fmt: GroupFormat, num_bins: int,
+    clip_ratios: list[float], exp_offsets: list[int], *, max_tokens: int = 4096, per_bin: bool = True,
+    enabled: bool = True, smooth: torch.Tensor | None = None, seed: int = 0,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Per-bin clip settings as an fp32 ``[num_bins, 2]`` table and a JSON-able report.
 
     ``reservoirs`` maps bin -> raw input tokens; with ``smooth`` they are smoothed here
-    exactly as at run time (``x.float() * (1.0 / smooth)``). ``cfg.per_bin`` False: one
-    setting from the pooled tokens for every bin. ``cfg.enabled`` False: ``(1.0, 0)``
+    exactly as at run time (``x.float() * (1.0 / smooth)``). ``per_bin`` False: one
+    setting from the pooled tokens for every bin. ``enabled`` False: ``(1.0, 0)``
     everywhere. A bin without tokens gets the pooled setting (listed in
-    ``report["fallback_bins"]``); with no tokens at all, ``(1.0, 0)``.
+    ``report["fallback_bins"]``); with no tokens at all, ``(1.0, 0)``. Every search sees
+    at most ``max_tokens`` tokens.
     """
     table = torch.tensor([[1.0, 0.0]] * num_bins, dtype=torch.float32)
-    report: dict[str, Any] = {"enabled": cfg.enabled, "per_bin": cfg.per_bin, "bins": {}, "fallback_bins": []}
+    report: dict[str, Any] = {"enabled": enabled, "per_bin": per_bin, "bins": {}, "fallback_bins": []}
     bad = [b for b in reservoirs if not 0 <= b < num_bins]
     if bad:
         raise ValueError(f"reservoir bins {bad} outside [0, {num_bins})")
-    if not cfg.enabled:
+    if not enabled:
         return table, report
     inv = None if smooth is None else (1.0 / smooth.float()).to(w_deq.device)
 
@@ -109,7 +114,7 @@ def clip_table(
         return t if inv is None else t * inv
 
     def run(t: torch.Tensor, s: int) -> ClipResult:
-        return search_clip(prep(t), w_deq, fmt, cfg.clip_ratios, cfg.exp_offsets, cfg.max_tokens, s)
+        return search_clip(prep(t), w_deq, fmt, clip_ratios, exp_offsets, max_tokens, s)
 
     live = {b: t for b, t in sorted(reservoirs.items()) if t.shape[0] > 0}
     if not live:
@@ -117,18 +122,18 @@ def clip_table(
         report["note"] = "no calibration tokens: clip disabled"
         return table, report
     pooled = None
-    if not cfg.per_bin or len(live) < num_bins:
+    if not per_bin or len(live) < num_bins:
         # Subsample each bin before concatenating so the pooled set stays bounded.
-        parts = [subsample(t, cfg.max_tokens, seed + b) for b, t in live.items()]
+        parts = [subsample(t, max_tokens, seed + b) for b, t in live.items()]
         pooled = run(torch.cat(parts), seed)
         report["pooled"] = _summary(pooled)
     for b in range(num_bins):
-        if cfg.per_bin and b in live:
+        if per_bin and b in live:
             r = run(live[b], seed + 1 + b)
             report["bins"][b] = _summary(r)
         else:
             r = pooled
-            if cfg.per_bin:
+            if per_bin:
                 report["fallback_bins"].append(b)
         table[b, 0], table[b, 1] = r.clip_ratio, float(r.exp_offset)
     return table, report

@@ -1,11 +1,16 @@
-"""GPTQ (Frantar et al. 2023) for MXFP4 and INT4 weights with group scales.
+"""GPTQ (Frantar et al. 2023) for weights in any group-scaled 4-bit format.
+
+The format is injected as an object (as in IST-DASLab's ``gptq.py``): the loop asks it
+for a group's static scale (:meth:`~wanquant.formats.GroupFormat.group_scale`), for a
+column quantized at fixed steps (:meth:`~wanquant.formats.GroupFormat.round_to_step`)
+and for the final codes (:meth:`~wanquant.formats.GroupFormat.codes_at_step`).
 
 Columns (input channels) are quantized one at a time; each one's rounding error is
 spread over the not-yet-quantized columns through the upper Cholesky factor ``U`` of
 ``H^-1``, so that ``tr(dW H dW^T)`` (the output error on the calibration inputs) stays
 small. Updates are applied lazily per block of columns, as in IST-DASLab's code.
 
-Group scales are "static" once set: a group's scale (E8M0 exponent, or bf16 step) is
+Group scales are "static" once set: a group's scale (e.g. E8M0 exponent, or bf16 step) is
 chosen from the *current*, error-updated values of all its columns at the moment the
 first of them is quantized, and every column of the group then uses it.
 
@@ -18,6 +23,8 @@ the original column order, so the output is indistinguishable from the plain ord
 Dead columns (``diag H == 0``: the input channel was always zero) get a unit Hessian
 entry; their weights are kept (not zeroed: the channel may be live at inference) and
 are in effect rounded to nearest, their error propagating nowhere.
+
+Layering: ``formats`` -> ``numerics`` (here) -> ``method``; imports only the formats.
 """
 
 from __future__ import annotations
@@ -27,41 +34,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from wanquant.numerics.formats import (
-    E8M0_BIAS, QuantFormat, Quantized, check_quantizable, dequantize, e2m1_round, mx_group_exponents, quantize,
-)
+from wanquant.formats import GroupFormat, Quantized
 
 
 class GPTQResult(NamedTuple):
     quantized: Quantized  # codes [N, K] uint8, scales [N, K/g]
     dequantized: torch.Tensor  # fp32 [N, K], exactly dequantize(quantized)
     info: dict[str, Any]  # damping, retries, fallback, dead columns, errors
-
-
-def _e2m1_value(v: torch.Tensor) -> torch.Tensor:
-    """E2M1 value nearest to ``v`` (ties to even, saturating): the grid step is 0.5, 1 or 2
-    by binade and torch.round breaks ties to even, which is the even E2M1 code."""
-    a = v.abs()
-    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
-    return torch.copysign(torch.clamp(torch.round(a / step) * step, max=6.0), v)
-
-
-def _group_step(cols: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale of a group from its columns ``[N, g]``: (stored scale [N], fp32 step [N])."""
-    amax = cols.abs().amax(1)
-    if fmt.is_mx:
-        e = mx_group_exponents(amax, fmt.scale_rule)
-        return (e + E8M0_BIAS).to(torch.uint8), torch.exp2(e.float())
-    s = (amax / fmt.int_qmax).to(torch.bfloat16)
-    return s, s.float()
-
-
-def _quant_column(w: torch.Tensor, step: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """Quantize-dequantize one column with fixed per-row steps, as formats.quantize does."""
-    if fmt.is_mx:
-        return _e2m1_value(w * (1.0 / step)) * step  # powers of two: exact
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    return torch.round(w / safe).clamp(-fmt.int_qmax, min(fmt.int_qmax, 7)) * step
 
 
 def _factor(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor | None, float, int, str]:
@@ -81,7 +60,7 @@ def _factor(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor | 
     return None, rel / 10.0, retries, f"Cholesky failed with damping up to {rel / 10.0:g} x mean(diag H)"
 
 
-def _gptq_loop(w: torch.Tensor, u: torch.Tensor, perm: list[int], fmt: QuantFormat, block: int):
+def _gptq_loop(w: torch.Tensor, u: torch.Tensor, perm: list[int], fmt: GroupFormat, block: int):
     """The core: ``w`` and ``u`` in processing order; returns values, scales, steps, loss."""
     n, k = w.shape
     g = fmt.group_size
@@ -102,9 +81,9 @@ def _gptq_loop(w: torch.Tensor, u: torch.Tensor, perm: list[int], fmt: QuantForm
             if i1 + i in first:  # a group starts: scale from its columns' current values
                 G = first[i1 + i]
                 cur = _current_columns(w, w1, err1, u, pos[G], i1, i2, i)
-                scales[:, G], steps[:, G] = _group_step(cur, fmt)
+                scales[:, G], steps[:, G] = fmt.group_scale(cur.abs().amax(1))
             col = w1[:, i]
-            qc = _quant_column(col, steps[:, group[i1 + i]], fmt)
+            qc = fmt.round_to_step(col, steps[:, group[i1 + i]])
             err1[:, i] = (col - qc) / u1[i, i]
             w1[:, i:].addr_(err1[:, i], u1[i, i:], alpha=-1.0)
             q[:, i1 + i] = qc
@@ -129,7 +108,7 @@ def _current_columns(w, w1, err1, u, ps: list[int], i1: int, i2: int, i: int) ->
 
 
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, block_size: int = 128, damp: float = 0.01,
+    weight: torch.Tensor, hessian: torch.Tensor, fmt: GroupFormat, block_size: int = 128, damp: float = 0.01,
     max_damp_retries: int = 5, act_order: bool = False, name: str = "", dtype: torch.dtype = torch.float32,
 ) -> GPTQResult:
     """GPTQ-quantize ``weight [N, K]`` given the input Hessian ``X^T X [K, K]`` (any scale).
@@ -141,7 +120,7 @@ def gptq_quantize(
     when the Hessian has NaN/Inf or cannot be factorised with any allowed damping.
     """
     who = f"layer {name!r}: " if name else ""
-    check_quantizable(weight, fmt, f"{who}weight")
+    fmt.check_quantizable(weight, f"{who}weight")
     n, k = weight.shape
     if hessian.shape != (k, k):
         raise ValueError(f"{who}Hessian has shape {tuple(hessian.shape)}, expected ({k}, {k})")
@@ -156,14 +135,14 @@ def gptq_quantize(
     info.update(damp=rel, damp_retries=tries)
     if u is None:
         warnings.warn(f"{who}GPTQ impossible ({why}); falling back to round-to-nearest", RuntimeWarning, stacklevel=2)
-        qz = quantize(weight.float(), fmt)
-        deq = dequantize(qz, fmt)
+        qz = fmt.quantize(weight.float())
+        deq = fmt.dequantize(qz)
         info.update(fallback="rtn", reason=why)
         return GPTQResult(qz, deq, info)
     perm_l = perm.tolist()
     w = weight.to(dtype)[:, perm].clone()
     q, scales, steps, loss = _gptq_loop(w, u.to(dtype), perm_l, fmt, block_size)
-    q = q.float()  # exact: every value is an E2M1 / INT4 code times a power of two / bf16 step
+    q = q.float()  # exact: every value is a 4-bit level times its group's (fp32) step
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
     codes[:, perm] = _codes(q, steps, perm_l, fmt)
     deq = torch.empty_like(q)
@@ -172,13 +151,9 @@ def gptq_quantize(
     return GPTQResult(Quantized(codes, scales), deq, info)
 
 
-def _codes(q: torch.Tensor, steps: torch.Tensor, perm: list[int], fmt: QuantFormat) -> torch.Tensor:
+def _codes(q: torch.Tensor, steps: torch.Tensor, perm: list[int], fmt: GroupFormat) -> torch.Tensor:
     """Codes of the processing-order values ``q``, each column with its own group's step."""
-    st = steps[:, [c // fmt.group_size for c in perm]]
-    if fmt.is_mx:
-        return e2m1_round(q * (1.0 / st))
-    r = torch.round(q / torch.where(st > 0, st, torch.ones_like(st)))
-    return (r.to(torch.int16) & 0xF).to(torch.uint8)
+    return fmt.codes_at_step(q, steps[:, [c // fmt.group_size for c in perm]])
 
 
 def hessian_weighted_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -23,6 +23,8 @@ For ``randomized`` and ``activation_aware``, and ``exact`` with ``N > K``, ``L1`
 orthonormal rows and ``L2`` carries the singular values; ``exact`` with ``N <= K``
 returns orthonormal columns in ``L2`` and ``L1 = L2^T W`` (no division by small
 singular values). Only the product ``L2 @ L1`` is meaningful.
+
+Layering: ``formats`` -> ``numerics`` (here) -> ``method``; plain tensors in and out.
 """
 
 from __future__ import annotations

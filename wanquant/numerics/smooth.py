@@ -5,19 +5,22 @@
 matching weight columns grow, which the low-rank branch then absorbs. The exponent
 ``a`` is searched with the whole quantizer in the loop (low-rank branch, 4-bit
 weights, 4-bit activations) because the best value depends on all three.
+
+Layering: ``formats`` -> ``numerics`` (here) -> ``method``: the formats, the alpha grid and
+the low-rank settings arrive as explicit arguments.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
-from wanquant.config import QuantConfig
+from wanquant.formats import GroupFormat
 from wanquant.numerics.clip import subsample
-from wanquant.numerics.formats import fake_quantize
-from wanquant.numerics.lowrank import lowrank_split
+from wanquant.numerics.lowrank import Method, lowrank_split
 from wanquant.numerics.stats import LayerStats
 
 
@@ -52,8 +55,8 @@ class SmoothResult(NamedTuple):
     objective: str  # "output" (reservoir tokens) or "hessian" (weight error only, no tokens)
 
 
-def _act_amax(stats: LayerStats, cfg: QuantConfig) -> torch.Tensor:
-    if cfg.smooth.act_quantile < 1.0 and stats.act_quantile is not None:
+def _act_amax(stats: LayerStats, act_quantile: float) -> torch.Tensor:
+    if act_quantile < 1.0 and stats.act_quantile is not None:
         return stats.act_quantile
     return stats.act_absmax
 
@@ -64,25 +67,29 @@ def _pooled_tokens(stats: LayerStats, max_tokens: int, seed: int) -> torch.Tenso
 
 
 def search_smoothing(
-    weight: torch.Tensor, stats: LayerStats, cfg: QuantConfig, seed: int = 0, lowrank_method: str = "randomized",
+    weight: torch.Tensor, stats: LayerStats, wfmt: GroupFormat, afmt: GroupFormat, alphas: Sequence[float] | None,
+    *, act_quantile: float = 1.0, max_tokens: int = 4096, rank: int = 0, lowrank_method: Method = "randomized",
+    oversample: int = 16, n_iter: int = 4, seed: int = 0,
 ) -> SmoothResult:
-    """Try each ``a`` in ``cfg.smooth.alpha_grid``; return the best scales and all errors.
+    """Try each ``a`` in ``alphas``; return the best scales and all errors (``alphas`` None: s = 1).
 
     Objective: ``||y - y_ref||^2 / ||y_ref||^2`` on pooled reservoir tokens (at most
-    ``cfg.clip.max_tokens``), ``y_ref = x W^T``, ``y = Q(x') Q(R)^T + x' L1^T L2^T`` with
-    round-to-nearest weights and unclipped activations (GPTQ and clip search are too
-    slow for the loop and refine later). The branch is found with ``lowrank_method``
-    (randomized by default: the search only needs to rank alphas). Without tokens the
-    objective falls back to the Hessian-weighted weight error ``tr(dW H dW^T)``, which
-    ignores activation quantization.
+    ``max_tokens``), ``y_ref = x W^T``, ``y = Q(x') Q(R)^T + x' L1^T L2^T`` with
+    round-to-nearest weights in ``wfmt`` and unclipped activations in ``afmt`` (GPTQ and
+    clip search are too slow for the loop and refine later). The rank-``rank`` branch is
+    found with ``lowrank_method`` (``oversample``, ``n_iter`` for ``randomized``);
+    ``activation_aware`` uses the Hessian moved into each candidate's smoothed space.
+    Without tokens the objective falls back to the Hessian-weighted weight error
+    ``tr(dW H dW^T)``, which ignores activation quantization. ``act_quantile < 1`` uses
+    the stats' per-channel quantile instead of the maximum, where there is one.
     """
     w = weight.float()
     dev = w.device
-    act = _act_amax(stats, cfg).to(dev)
+    act = _act_amax(stats, act_quantile).to(dev)
     w_amax = w.abs().amax(0)
-    x = _pooled_tokens(stats, cfg.clip.max_tokens, seed)
+    x = _pooled_tokens(stats, max_tokens, seed)
     objective = "output" if x is not None else "hessian"
-    aware = cfg.lowrank.method == "activation_aware"
+    aware = lowrank_method == "activation_aware"
     h = stats.hessian.to(dev, torch.float32) if (x is None or aware) else None
     if x is not None:
         x = x.to(dev, torch.float32)
@@ -94,26 +101,25 @@ def search_smoothing(
     def err(s: torch.Tensor) -> float:
         inv = 1.0 / s
         hs = h * inv[:, None] * inv[None, :] if aware else None  # Hessian of x' = x / s
-        l1, l2, r = lowrank_split(w * s, cfg.lowrank.rank, "activation_aware" if aware else lowrank_method, hs,
-                                  cfg.lowrank.randomized_oversample, cfg.lowrank.randomized_iters, seed)
-        rq = fake_quantize(r, cfg.wfmt)
+        l1, l2, r = lowrank_split(w * s, rank, lowrank_method, hs, oversample, n_iter, seed)
+        rq = wfmt.fake_quantize(r)
         if x is None:
             d = (rq + l2 @ l1) * inv - w  # back in the original space
             return float(((d @ h) * d).sum()) / den if den > 0 else 0.0
         xs = x * inv
-        y = fake_quantize(xs, cfg.afmt) @ rq.T + (xs @ l1.T) @ l2.T
+        y = afmt.fake_quantize(xs) @ rq.T + (xs @ l1.T) @ l2.T
         return float((y - y_ref).double().square().sum()) / den if den > 0 else 0.0
 
     ident = err(torch.ones_like(w_amax))
-    if not cfg.smooth.enabled:
+    if alphas is None:
         return SmoothResult(torch.ones_like(w_amax), None, {}, ident, objective)
     errors: dict[float, float] = {}
     best, best_s = None, None
-    for a in cfg.smooth.alpha_grid:
+    for a in alphas:
         s = smoothing_scales(act, w_amax, a)
         errors[float(a)] = e = err(s)
         if best is None or e < errors[best]:
             best, best_s = float(a), s
     if best_s is None:
-        raise ValueError("cfg.smooth.alpha_grid is empty")
+        raise ValueError("alphas is empty; pass None to turn smoothing off")
     return SmoothResult(best_s.float(), best, errors, ident, objective)

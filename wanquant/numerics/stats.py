@@ -1,15 +1,15 @@
 """Streaming, mergeable calibration statistics of a linear layer's input.
 
-Every accumulator takes batches ``[..., K]`` (any leading shape), can be merged with
-another of its kind (sums across processes or calibration shards) and saved/restored
-through ``state_dict()`` / ``from_state_dict()`` for resumable runs. Whole activations
+Every accumulator takes batches ``[..., K]`` (any leading shape) and can be merged with
+another of its kind (sums across processes or calibration shards). Whole activations
 are never kept: only maxima, a histogram, a Hessian and a bounded token reservoir.
+Part of ``numerics`` (formats -> numerics -> method -> kernels/runtime): plain tensors,
+no configuration.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -41,15 +41,6 @@ class AbsMax:
     def merge(self, other: "AbsMax") -> "AbsMax":
         self.value = torch.maximum(self.value, other.value)
         return self
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "value": self.value.clone()}
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, Any], name: str = "") -> "AbsMax":
-        out = cls(int(sd["k"]), name)
-        out.value = sd["value"].float().clone()
-        return out
 
 
 class LogHistogram:
@@ -100,17 +91,6 @@ class LogHistogram:
         edge = torch.exp2(self.min_exp + j.double() / self.bpo).float()
         return torch.minimum(edge, self.amax.value)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "bins_per_octave": self.bpo, "min_exp": self.min_exp, "max_exp": self.max_exp,
-                "counts": self.counts.clone(), "amax": self.amax.state_dict()}
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, Any], name: str = "") -> "LogHistogram":
-        out = cls(int(sd["k"]), int(sd["bins_per_octave"]), int(sd["min_exp"]), int(sd["max_exp"]), name)
-        out.counts = sd["counts"].long().clone()
-        out.amax = AbsMax.from_state_dict(sd["amax"], name)
-        return out
-
 
 class HessianAccumulator:
     """The sum ``X^T X`` over all tokens (fp32, or fp64 for long runs) and the token count.
@@ -139,17 +119,6 @@ class HessianAccumulator:
 
     def mean(self) -> torch.Tensor:
         return self.hessian / max(self.n_tokens, 1)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "hessian": self.hessian.cpu().clone(), "n_tokens": self.n_tokens}
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, Any], device: torch.device | str = "cpu", name: str = "") -> "HessianAccumulator":
-        h = sd["hessian"]
-        out = cls(int(sd["k"]), h.dtype, device, name)
-        out.hessian.copy_(h)
-        out.n_tokens = int(sd["n_tokens"])
-        return out
 
 
 class TokenReservoir:
@@ -199,17 +168,6 @@ class TokenReservoir:
         self._absorb(other.keys, other.tokens)
         self.n_seen += other.n_seen
         return self
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "capacity": self.capacity, "seed": self.seed, "n_seen": self.n_seen,
-                "keys": self.keys.clone(), "tokens": self.tokens.clone(), "generator": self.gen.get_state()}
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, Any], name: str = "") -> "TokenReservoir":
-        out = cls(int(sd["k"]), int(sd["capacity"]), int(sd["seed"]), sd["tokens"].dtype, name)
-        out.keys, out.tokens, out.n_seen = sd["keys"].clone(), sd["tokens"].clone(), int(sd["n_seen"])
-        out.gen.set_state(sd["generator"])
-        return out
 
 
 @dataclass
@@ -297,20 +255,6 @@ class LayerStatsAccumulator:
         for a, b in zip(self.reservoirs, other.reservoirs):
             a.merge(b)
         return self
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "num_bins": self.num_bins, "quantile": self.quantile,
-                "absmax": self.absmax.state_dict(), "hist": self.hist.state_dict() if self.hist else None,
-                "hessian": self.hessian.state_dict(), "reservoirs": [r.state_dict() for r in self.reservoirs]}
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, Any], device: torch.device | str = "cpu", name: str = "") -> "LayerStatsAccumulator":
-        out = cls(int(sd["k"]), int(sd["num_bins"]), 0, sd["quantile"], device=device, name=name)
-        out.absmax = AbsMax.from_state_dict(sd["absmax"], name)
-        out.hist = LogHistogram.from_state_dict(sd["hist"], name) if sd["hist"] is not None else None
-        out.hessian = HessianAccumulator.from_state_dict(sd["hessian"], device, name)
-        out.reservoirs = [TokenReservoir.from_state_dict(r, name) for r in sd["reservoirs"]]
-        return out
 
     def finalize(self) -> LayerStats:
         """The :class:`LayerStats` seen so far (bins with no tokens are left out)."""

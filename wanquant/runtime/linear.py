@@ -4,7 +4,8 @@ The module stores the canonical parameters (:class:`QuantizedLinearParams`) as b
 so ``state_dict`` round-trips them unchanged. Its forward has three backends:
 
 * ``reference``: fp32 PyTorch math (dequantize the weight, quantize-dequantize the
-  activation). The ground truth every kernel is tested against; what CPUs run.
+  activation): :func:`wanquant.method.layer.reference_forward`. The ground truth every
+  kernel is tested against; what CPUs run.
 * ``unpack_bf16``: the paper's way: unpack the weight to bf16 on every call, fake-quantize
   the activation, bf16 GEMM. Same numerics up to bf16 rounding; for comparison.
 * ``fast``: the Hopper FP8 path from :mod:`wanquant.kernels` (exact MXFP4 numerics).
@@ -12,6 +13,9 @@ so ``state_dict`` round-trips them unchanged. Its forward has three backends:
 ``backend="auto"`` picks ``fast`` where :func:`wanquant.kernels.dispatch.fast_path_status`
 allows it, else ``reference`` on CPU and ``unpack_bf16`` on other GPUs; the choice and its
 reason are logged once and shown by ``wanquant inspect``.
+
+Layering: ``formats`` -> ``numerics`` -> ``method`` -> ``kernels`` / ``runtime`` (here): the
+layer holds its weight and activation format objects and hands them to the dispatch.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from wanquant.numerics.formats import QuantFormat, Quantized, dequantize, fake_quantize, unpack_nibbles
-from wanquant.numerics.params import QuantizedLinearParams
+from wanquant.formats import GroupFormat
+from wanquant.method.layer import reference_forward
+from wanquant.method.params import QuantizedLinearParams
 from wanquant.runtime.state import ExpertState
 
 log = logging.getLogger(__name__)
@@ -41,14 +46,15 @@ class W4A4Linear(nn.Module):
         out_features: int,
         rank: int,
         num_bins: int,
-        wfmt: QuantFormat,
-        afmt: QuantFormat,
+        wfmt: GroupFormat,
+        afmt: GroupFormat,
         bias: bool = True,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if in_features % wfmt.group_size or in_features % afmt.group_size:
-            raise ValueError(f"in_features {in_features} must be divisible by the group size {wfmt.group_size}")
+            raise ValueError(f"in_features {in_features} must be divisible by the group sizes of "
+                             f"{wfmt.describe()} and {afmt.describe()}")
         self.in_features, self.out_features = in_features, out_features
         self.wfmt, self.afmt = wfmt, afmt
         g = wfmt.group_size
@@ -75,7 +81,7 @@ class W4A4Linear(nn.Module):
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_params(cls, params: QuantizedLinearParams, wfmt: QuantFormat, afmt: QuantFormat) -> "W4A4Linear":
+    def from_params(cls, params: QuantizedLinearParams, wfmt: GroupFormat, afmt: GroupFormat) -> "W4A4Linear":
         params.validate(wfmt)
         m = cls(
             params.in_features, params.out_features, params.rank, params.clip_table.shape[0], wfmt, afmt,
@@ -88,15 +94,6 @@ class W4A4Linear(nn.Module):
         m.report = dict(params.report)
         m.refresh()
         return m
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, stats, cfg, num_bins: int, name: str = "") -> "W4A4Linear":
-        """Run the per-layer pipeline (smoothing search, SVD, GPTQ, clip search) on ``linear``."""
-        from wanquant.numerics.layer_ptq import quantize_layer
-
-        params = quantize_layer(linear.weight.data, linear.bias.data if linear.bias is not None else None,
-                                stats, cfg, num_bins, name=name)
-        return cls.from_params(params, cfg.wfmt, cfg.afmt)
 
     def to_params(self) -> QuantizedLinearParams:
         return QuantizedLinearParams(
@@ -155,23 +152,14 @@ class W4A4Linear(nn.Module):
         # Multiply by the fp32 reciprocal: the kernels do exactly this, so codes match bit for bit.
         return x.float() * (1.0 / self.smooth)
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(Quantized(unpack_nibbles(self.qweight), self.wscales), self.wfmt, dtype=dtype)
-
     def forward_reference(self, x: torch.Tensor, clip_ratio: float, exp_offset: int) -> torch.Tensor:
-        xs = self._smoothed(x)
-        xq = fake_quantize(xs, self.afmt, clip_ratio, exp_offset)
-        y = xq @ self.dequantized_weight().T
-        if self.rank:
-            y = y + (xs @ self.l1.to(xs.device, torch.float32).T) @ self.l2.to(xs.device, torch.float32).T
-        if self.bias is not None:
-            y = y + self.bias.float()
+        y = reference_forward(self.to_params(), x, self.wfmt, self.afmt, clip_ratio, exp_offset)
         return y.to(x.dtype)
 
     def forward_unpack_bf16(self, x: torch.Tensor, clip_ratio: float, exp_offset: int) -> torch.Tensor:
         xs = self._smoothed(x)
-        xq = fake_quantize(xs, self.afmt, clip_ratio, exp_offset).to(torch.bfloat16)
-        y = xq @ self.dequantized_weight(torch.bfloat16).T
+        xq = self.afmt.fake_quantize(xs, clip_ratio, exp_offset).to(torch.bfloat16)
+        y = xq @ self.to_params().dequantized_weight(self.wfmt, torch.bfloat16).T
         if self.rank:
             y = y + (xs.to(torch.bfloat16) @ self.l1.to(xs.device).T) @ self.l2.to(xs.device).T
         if self.bias is not None:
@@ -187,7 +175,7 @@ class W4A4Linear(nn.Module):
             if ok:
                 from wanquant.kernels.dispatch import FastW4A4
 
-                self._fast = FastW4A4.prepare(self.to_params(), self.afmt.scale_rule, device)
+                self._fast = FastW4A4.prepare(self.to_params(), self.afmt, device)
                 choice, reason = "fast", why
                 if self.lowrank_to_host:
                     # The fast path holds its own repacked low-rank operands; keep the
@@ -204,14 +192,14 @@ class W4A4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bins={self.num_bins}, "
-                f"w={self.wfmt.name}/g{self.wfmt.group_size}, a={self.afmt.name}, backend={self._resolved or self.backend}")
+                f"w={self.wfmt.describe()}, a={self.afmt.describe()}, backend={self._resolved or self.backend}")
 
 
-def _fast_status(device: torch.device, wfmt: QuantFormat, afmt: QuantFormat) -> tuple[bool, str]:
+def _fast_status(device: torch.device, wfmt: GroupFormat, afmt: GroupFormat) -> tuple[bool, str]:
     if device.type != "cuda":
         return False, f"device is {device.type}: fast path needs a CUDA GPU with FP8 tensor cores"
     try:
         from wanquant.kernels.dispatch import fast_path_status
     except ImportError as e:  # kernels not importable (no triton): stay on the reference path
         return False, f"kernels unavailable: {e}"
-    return fast_path_status(device, wfmt.name, afmt.name, wfmt.group_size)
+    return fast_path_status(device, wfmt, afmt)
