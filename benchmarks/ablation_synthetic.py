@@ -9,25 +9,23 @@ outlier magnitude and tail weight drift over the bins, differently per expert.
 Calibrate on one draw, evaluate the relative output error ``|y_q - y|^2 / |y|^2`` on a
 fresh draw, averaged over the 6 (expert, bin) pairs.
 
-    python benchmarks/ablation_synthetic.py [--k 1024] [--tokens 2048] [--threads 1]
+    python -m benchmarks.ablation_synthetic [--k 1024] [--tokens 2048] [--threads 1]
+    python -m benchmarks.ablation_synthetic --k 128 --tokens 256 --no-extras --results-dir /tmp/abl   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks._meta import run_metadata, write_results  # noqa: E402
-from wanquant.config import ClipConfig, GPTQConfig, LowRankConfig, QuantConfig, SmoothConfig  # noqa: E402
-from wanquant.numerics.layer_ptq import output_error, quantize_layer  # noqa: E402
-from wanquant.numerics.stats import LayerStatsAccumulator  # noqa: E402
+from benchmarks.common.meta import run_metadata, write_results
+from wanquant.formats import make_format
+from wanquant.method.config import ClipConfig, GPTQConfig, LowRankConfig, QuantConfig, SmoothConfig
+from wanquant.method.layer import output_error, quantize_layer
+from wanquant.numerics.stats import LayerStatsAccumulator
 
 BINS = 3
 # Per expert and bin: (overall scale, outlier magnitude, Student-t dof).
@@ -113,6 +111,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-extras", action="store_true", help="main ladder only")
+    ap.add_argument("--results-dir", default=None, help="where the result files go (default: benchmarks/results)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,11 +122,12 @@ def main() -> None:
     evals = [[draw(prob, e, b, args.tokens, g) for b in range(BINS)] for e in range(2)]
     base = QuantConfig(clip=ClipConfig(max_tokens=1024))
     variants = [("mxfp4 (w ocp_floor, a ocp_floor)", base)]
+    safe_ceil = make_format("mxfp4", scale_rule="safe_ceil")
     if not args.no_extras:
         variants += [
-            ("mxfp4 (w safe_ceil, a ocp_floor)", _with(base, weight_scale_rule="safe_ceil")),
-            ("mxfp4 (w safe_ceil, a safe_ceil)", _with(base, weight_scale_rule="safe_ceil", act_scale_rule="safe_ceil")),
-            ("int4 g64", _with(base, weight_format="int4", act_format="int4", group_size=64)),
+            ("mxfp4 (w safe_ceil, a ocp_floor)", _with(base, weight_format=safe_ceil)),
+            ("mxfp4 (w safe_ceil, a safe_ceil)", _with(base, weight_format=safe_ceil, act_format=safe_ceil)),
+            ("int4 g64", _with(base, weight_format=make_format("int4", 64), act_format=make_format("int4", 64))),
         ]
     sections, rows = [], []
     for label, vcfg in variants:
@@ -154,7 +154,7 @@ def main() -> None:
     payload = {**meta, "rows": rows, "variants": sections, "options": options,
                "setup": {"k": args.k, "n": args.k, "tokens_per_bin": args.tokens, "bins_per_expert": BINS,
                          "experts": 2, "drift": DRIFT, "seed": args.seed}}
-    write_results("ablation_synthetic", payload, _markdown(sections, options))
+    write_results("ablation_synthetic", payload, _markdown(sections, options), args.results_dir)
 
 
 def _with(cfg: QuantConfig, **kw) -> QuantConfig:

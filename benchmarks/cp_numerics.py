@@ -1,14 +1,13 @@
-#!/usr/bin/env python
 """How far bf16-level changes to attention move the random-weight A14B's output, on ONE GPU.
 
-``multi_gpu.py`` found Ulysses context parallelism bit-identical to one GPU but ring
+``benchmarks.multi_gpu`` found Ulysses context parallelism bit-identical to one GPU but ring
 attention 17.5 dB away (relative L2 0.67 of the final latent). Ulysses runs the same
 attention kernel on whole sequences; ring attention splits the keys into one chunk per
 rank and merges the partial results by their log-sum-exp. This script replays exactly
 that arithmetic on one GPU, so a distributed bug can be told apart from the model's own
 sensitivity:
 
-* ``sdpa``: the default attention (the 1-GPU reference of ``multi_gpu.py``);
+* ``sdpa``: the default attention (the 1-GPU reference of ``benchmarks.multi_gpu``);
 * ``flash``: the same through the flash kernel that ring attention uses, one chunk;
 * ``chunks2``: the keys in 2 chunks, flash on each, merged by log-sum-exp in fp32 (ring
   attention over 2 ranks, without the ranks).
@@ -17,20 +16,20 @@ For each it reports the relative L2 of the first transformer output and of the f
 latent against ``sdpa``. If ``chunks2`` lands where 2-GPU ring did, the difference is
 rounding amplified by the random weights, not the parallel code.
 
-    python benchmarks/cp_numerics.py --res 720x1280 --frames 81 --steps 2
+    python -m benchmarks.cp_numerics --res 720x1280 --frames 81 --steps 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import run_metadata, write_results  # noqa: E402
+from benchmarks.common.a14b import random_a14b_pipeline
+from benchmarks.common.compare import tensor_difference
+from benchmarks.common.inputs import random_image
+from benchmarks.common.meta import run_metadata, write_results
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 
@@ -66,17 +65,14 @@ def main(argv=None) -> int:
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
 
-    import multi_gpu as mg
+    from wanquant.method.config import preset
+    from wanquant.model.pipeline import GenerationSettings, run_pipeline
 
-    from wanquant.config import preset
-    from wanquant.runtime.generate import run_pipeline
-
-    mg_args = argparse.Namespace(res=args.res, frames=args.frames, steps=args.steps, guidance=args.guidance,
-                                 max_len=args.max_len, calib_res=args.res, calib_frames=args.frames,
-                                 calib_steps=args.steps)
-    settings = mg._settings(mg_args, calib=False)
-    pipe = mg._random_a14b(torch.device("cuda"), None, True, preset(args.preset), args.max_len)
-    image = mg._samples(1, settings.height, settings.width)[0].image
+    height, width = (int(v) for v in args.res.split("x"))
+    settings = GenerationSettings(height=height, width=width, num_frames=args.frames, num_inference_steps=args.steps,
+                                  guidance_scale=args.guidance, max_sequence_length=args.max_len)
+    pipe = random_a14b_pipeline(torch.device("cuda"), None, True, preset(args.preset), args.max_len)
+    image = random_image(height, width)  # the image of the multi_gpu generation rows
     first: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
     variants = {"sdpa": _SDPA, "flash": flash_chunked(1), "chunks2": flash_chunked(2)}
@@ -94,8 +90,8 @@ def main(argv=None) -> int:
             torch.nn.functional.scaled_dot_product_attention = _SDPA
             h.remove()
         print(name, "done", flush=True)
-    rows = [{"variant": n, "first_forward_rel_l2": mg.tensor_difference(first["sdpa"], first[n])["rel_l2"],
-             "final_latent_rel_l2": mg.tensor_difference(outputs["sdpa"], outputs[n])["rel_l2"]} for n in variants]
+    rows = [{"variant": n, "first_forward_rel_l2": tensor_difference(first["sdpa"], first[n])["rel_l2"],
+             "final_latent_rel_l2": tensor_difference(outputs["sdpa"], outputs[n])["rel_l2"]} for n in variants]
     payload = {**run_metadata(), "settings": vars(args), "rows": rows,
                "ring_2gpu_final_latent_rel_l2": "see multi_gpu.json (ring row, vs_1_gpu.rel_l2)"}
     md = "| variant | first forward rel L2 vs sdpa | final latent rel L2 vs sdpa |\n|---|---|---|\n" + "\n".join(

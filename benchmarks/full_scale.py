@@ -1,17 +1,14 @@
-#!/usr/bin/env python
 """Full-scale memory and speed of Wan2.2-I2V-A14B: stock BF16 vs W4A4 vs unpack-to-BF16.
 
-Builds the real A14B configuration of the whole ``WanImageToVideoPipeline`` (two
-``WanTransformer3DModel`` experts, UMT5-XXL encoder, Wan VAE, UniPC flow-matching
-scheduler with shift 5) with RANDOM weights directly on the GPU, then runs the real
+Builds the real A14B configuration of the whole ``WanImageToVideoPipeline`` with RANDOM
+weights directly on the GPU (:mod:`benchmarks.common.a14b`: two experts, UMT5-XXL
+encoder, Wan VAE, UniPC flow-matching scheduler with shift 5), then runs the real
 diffusers pipeline end to end: text encoding, image (condition) encoding, denoising
 with classifier-free guidance (two forwards per step), tiled VAE decoding.
 
 Random values change neither memory nor kernel time (DESIGN.md section 7); every result
-row says so. Nothing big is ever built on the CPU: modules are constructed on the meta
-device and materialised in place on the GPU; quantized layers are created directly as
-``W4A4Linear`` (random packed MXFP4 codes, E8M0 scales around 2^-8, rank-r BF16 branch,
-bias, three-bin clip tables), so no BF16 copy of a quantized expert ever exists.
+row says so. Quantized layers are created directly as ``W4A4Linear``, so no BF16 copy
+of a quantized expert ever exists.
 
 Memory policy, the same for every mode (except ``bf16_all_gpu``):
 * the text encoder is built on the GPU, encodes the prompt and the negative prompt, and
@@ -19,7 +16,7 @@ Memory policy, the same for every mode (except ``bf16_all_gpu``):
   CPU); the row also gives the text-encoding peak as it would be with the experts already
   resident (measured encoder peak + measured expert bytes: allocations add exactly);
 * both experts stay resident on the GPU from then on; VAE tiled encoding and decoding;
-* ``wanquant.runtime.memory`` token chunking (whole block) for ``w4a4`` and
+* ``wanquant.model.block`` token chunking (whole block) for ``w4a4`` and
   ``unpack_bf16``; ``bf16`` is stock diffusers (no chunking) since that is the baseline
   of the targets; ``--breakdown`` measures one forward of BF16 with chunking and of W4A4
   without it, so both comparisons are available;
@@ -36,293 +33,37 @@ cond + uncond forward pair of each step, with the expert that ran it. Before the
 run, the high-noise expert runs one warm-up forward at the real shape (Triton compiles,
 cuBLAS heuristics) and every W4A4 layer prepares its kernel operands.
 
-    python benchmarks/full_scale.py --tiny                         # CPU dry run
-    python benchmarks/full_scale.py --resolutions 480x832 --out OUT --breakdown
-    python benchmarks/full_scale.py --merge OUT1/rows.json OUT2/rows.json   # tables
+    python -m benchmarks.full_scale --tiny                         # CPU dry run
+    python -m benchmarks.full_scale --resolutions 480x832 --out OUT --breakdown
+    python -m benchmarks.full_scale --merge OUT1/rows.json OUT2/rows.json   # tables
     (results/full_scale.json records the exact command of every device run)
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))  # appended: a wanquant earlier on PYTHONPATH (a snapshot) wins
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _meta import run_metadata, write_results  # noqa: E402
-
-GB = 1e9
-HIGH, LOW = "high", "low"
-
-# ---------------------------------------------------------------------------------------
-# configurations
-A14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
-            text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
-# google/umt5-xxl as transformers defines it (encoder only is used by the pipeline).
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24,
-                num_heads=64, relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                dropout_rate=0.1, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu",
-                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-VAE_FULL: dict = {}  # AutoencoderKLWan() defaults = the Wan2.1 VAE that A14B uses
-
-TINY_EXPERT = dict(A14B, num_attention_heads=2, attention_head_dim=32, text_dim=32, freq_dim=32, ffn_dim=128,
-                   num_layers=2, rope_max_seq_len=64)
-TINY_UMT5 = dict(UMT5_XXL, vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
-                 num_heads=2)
-TINY_VAE = dict(base_dim=16, num_res_blocks=1)
-
-BOUNDARY_RATIO = 0.9
-FLOW_SHIFT = 5.0
-PROMPT = "a cat walks on the grass in the sunlight"
-NEGATIVE = "blurry static low quality"
-WORDS = sorted(set((PROMPT + " " + NEGATIVE).split()))
+from benchmarks.common.a14b import (A14B, BOUNDARY_RATIO, FLOW_SHIFT, HIGH, LOW, NEGATIVE, PROMPT, TINY_EXPERT,
+                                    TINY_UMT5, TINY_VAE, UMT5_XXL, VAE_FULL, build_expert, build_scheduler,
+                                    build_text_encoder, build_tokenizer, build_vae)
+from benchmarks.common.inputs import random_image
+from benchmarks.common.meta import REPO_ROOT, RESULTS_DIR, run_metadata, write_results
+from benchmarks.common.meters import GB, ForwardTimer, Meter, free, profile_forward, wrap_method
 
 MODES = ("bf16", "bf16_all_gpu", "w4a4", "w4a4_lean", "unpack_bf16")
 QUANT_MODES = ("w4a4", "w4a4_lean", "unpack_bf16")
 LEAN_NOTE = ("experiment, not a supported runtime mode: w4a4 with each layer's canonical L1/L2 buffers dropped "
              "after the fast path repacked them (state_dict and .to() would break), i.e. the memory of a fast path "
              "that owns the low-rank operands instead of holding a second copy")
-
-
-# ---------------------------------------------------------------------------------------
-# building on the device without a CPU copy
-def _init_(t: torch.Tensor, pname: str, module: nn.Module) -> None:
-    """Random values of a realistic magnitude: norms 1, biases 0, weights ~ N(0, 1/fan_in)."""
-    cls = type(module).__name__.lower()
-    if pname in ("gamma",) or ("norm" in cls and pname == "weight"):
-        t.fill_(1.0)
-    elif pname in ("bias", "beta"):
-        t.zero_()
-    elif t.ndim >= 2 and "embedding" not in cls:
-        t.normal_(0.0, 1.0 / math.sqrt(max(1, t.numel() // t.shape[0])))
-    else:
-        t.normal_(0.0, 0.02 if t.ndim < 2 else 1.0)
-
-
-def materialize_(module: nn.Module, device: torch.device, dtype_of: Callable[[str], torch.dtype]) -> None:
-    """Give every meta parameter real storage on ``device`` (random values), keep ties,
-    and move real buffers (rotary tables, ...) there in their own dtype."""
-    memo: dict[int, nn.Parameter] = {}
-    for mname, mod in module.named_modules():
-        for pname, p in list(mod._parameters.items()):
-            if p is None or not p.is_meta:
-                continue
-            if id(p) not in memo:
-                full = f"{mname}.{pname}" if mname else pname
-                t = torch.empty(p.shape, dtype=dtype_of(full), device=device)
-                with torch.no_grad():
-                    _init_(t, pname, mod)
-                memo[id(p)] = nn.Parameter(t, requires_grad=False)
-            mod._parameters[pname] = memo[id(p)]
-        for bname, b in list(mod._buffers.items()):
-            if b is not None and (b.is_meta or b.device.type != device.type):
-                if b.is_meta:
-                    raise RuntimeError(f"buffer {mname}.{bname} is on meta: build with include_buffers=False")
-                mod._buffers[bname] = b.to(device)
-    module.requires_grad_(False)
-
-
-def build_text_encoder(cfg: dict, device: torch.device) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    with init_empty_weights(include_buffers=False):
-        model = UMT5EncoderModel(UMT5Config(**cfg))
-    materialize_(model, device, lambda name: torch.bfloat16)
-    emb = model.get_input_embeddings()
-    if model.encoder.embed_tokens is not None and model.encoder.embed_tokens.weight is not emb.weight:
-        model.encoder.embed_tokens.weight = emb.weight  # the tie the checkpoint would have
-    return model.eval()
-
-
-def build_vae(cfg: dict, device: torch.device) -> nn.Module:
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLWan
-
-    with init_empty_weights(include_buffers=False):
-        vae = AutoencoderKLWan(**cfg)
-    materialize_(vae, device, lambda name: torch.float32)  # diffusers' Wan examples load the VAE in fp32
-    return vae.eval()
-
-
-def expert_dtype_rule(model_cls) -> Callable[[str], torch.dtype]:
-    """bf16 except diffusers' ``_keep_in_fp32_modules`` (what from_pretrained(torch_dtype=bf16) gives)."""
-    keep = tuple(getattr(model_cls, "_keep_in_fp32_modules", None) or ())
-
-    def rule(name: str) -> torch.dtype:
-        return torch.float32 if any(k in name.split(".") for k in keep) else torch.bfloat16
-
-    return rule
-
-
-def random_qparams(n: int, k: int, rank: int, bins: int, device: torch.device):
-    from wanquant.numerics.params import QuantizedLinearParams
-
-    return QuantizedLinearParams(
-        qweight=torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device),
-        wscales=torch.randint(118, 121, (n, k // 32), dtype=torch.uint8, device=device),  # 2^-9 .. 2^-7
-        smooth=torch.rand(k, device=device) + 0.5,
-        l1=(torch.randn(rank, k, device=device) / math.sqrt(k)).to(torch.bfloat16),
-        l2=(torch.randn(n, rank, device=device) * 0.01).to(torch.bfloat16),
-        bias=(torch.randn(n, device=device) * 0.01).to(torch.bfloat16),
-        clip_table=torch.tensor([[1.0, 0.0], [0.9, 0.0], [0.8, 1.0]][:bins], device=device),
-    )
-
-
-def build_expert(cfg: dict, quantized: bool, device: torch.device, qcfg) -> nn.Module:
-    """One Wan expert on ``device``; ``quantized``: block linears are W4A4Linear from the start."""
-    from accelerate import init_empty_weights
-    from diffusers import WanTransformer3DModel
-
-    from wanquant.model.wan import BLOCK_TABLE, BLOCKS_ATTR, install_layer
-    from wanquant.runtime.linear import W4A4Linear
-
-    with init_empty_weights(include_buffers=False):
-        model = WanTransformer3DModel.from_config(cfg)
-    if quantized:
-        bins = qcfg.bins_for(HIGH).num_bins
-        for i, block in enumerate(getattr(model, BLOCKS_ATTR)):
-            for group in BLOCK_TABLE:
-                members = [block.get_submodule(m) for m in group.members]
-                n, k = sum(m.out_features for m in members), members[0].in_features
-                params = random_qparams(n, k, qcfg.lowrank.rank, bins, device)
-                install_layer(model, f"{BLOCKS_ATTR}.{i}.{group.name}", W4A4Linear.from_params(params, qcfg.wfmt, qcfg.afmt))
-                del params
-    materialize_(model, device, expert_dtype_rule(WanTransformer3DModel))
-    return model.eval()
-
-
-def build_tokenizer(max_length: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length, padding_side="right")
-
-
-def build_scheduler():
-    from diffusers import UniPCMultistepScheduler
-
-    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT,
-                                   num_train_timesteps=1000)
-
-
-# ---------------------------------------------------------------------------------------
-# measuring
-class Meter:
-    """Per-stage peak memory (reset between stages), resident memory at stage start, time."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.stages: dict[str, dict] = {}
-        self.current: str | None = None
-        self.t0 = 0.0
-        self.resident0 = 0
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def allocated(self) -> int:
-        return torch.cuda.memory_allocated(self.device) if self.cuda else 0
-
-    def enter(self, stage: str | None) -> None:
-        if stage is not None and stage == self.current:
-            return
-        self.sync()
-        now = time.perf_counter()
-        if self.current is not None:
-            peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
-            reserved = torch.cuda.max_memory_reserved(self.device) if self.cuda else 0
-            self.stages[self.current] = {"peak_allocated": peak, "peak_reserved": reserved,
-                                         "resident_at_start": self.resident0, "seconds": now - self.t0}
-        self.current = stage
-        if stage is not None:
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats(self.device)
-            self.resident0 = self.allocated()
-            self.t0 = time.perf_counter()
-
-    def stop(self) -> None:
-        self.enter(None)
-
-
-class ForwardTimer:
-    """CUDA-synchronised wall time of every expert forward, with its timestep."""
-
-    def __init__(self, meter: Meter):
-        self.meter = meter
-        self.records: list[dict] = []
-        self.handles = []
-        self._t0 = 0.0
-
-    def attach(self, model: nn.Module, role: str) -> None:
-        def pre(module, args, kwargs):
-            if self.meter.current != "denoising" and self.meter.current is not None:
-                self.meter.enter("denoising")
-            self.meter.sync()
-            self._t0 = time.perf_counter()
-
-        def post(module, args, kwargs, output):
-            self.meter.sync()
-            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-            t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-            self.records.append({"expert": role, "timestep": t, "seconds": time.perf_counter() - self._t0})
-
-        self.handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
-        self.handles.append(model.register_forward_hook(post, with_kwargs=True))
-
-    def detach(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def steps(self) -> list[dict]:
-        """Group the forwards of one step (same expert and timestep): the cond+uncond pair."""
-        out: list[dict] = []
-        for r in self.records:
-            if out and out[-1]["expert"] == r["expert"] and out[-1]["timestep"] == r["timestep"]:
-                out[-1]["seconds"] += r["seconds"]
-                out[-1]["forwards"] += 1
-            else:
-                out.append(dict(r, forwards=1))
-        return out
-
-
-def wrap_method(obj, name: str, before: Callable[[], None]):
-    orig = getattr(obj, name)
-
-    def wrapper(*args, **kwargs):
-        before()
-        return orig(*args, **kwargs)
-
-    setattr(obj, name, wrapper)
-    return lambda: obj.__dict__.pop(name, None)
-
-
-def free(*_):
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,7 +76,7 @@ class Bench:
         self.expert_cfg = TINY_EXPERT if args.tiny else A14B
         self.te_cfg = TINY_UMT5 if args.tiny else UMT5_XXL
         self.vae_cfg = TINY_VAE if args.tiny else VAE_FULL
-        from wanquant.config import wanquant_preset
+        from wanquant.method.config import wanquant_preset
 
         self.qcfg = wanquant_preset()
         self.max_seq = 32 if args.tiny else 512
@@ -344,8 +85,6 @@ class Bench:
         self.experts: dict[str, nn.Module] = {}
         self.experts_kind: str | None = None
         self.log = args.log
-        import os
-
         self._gemm_env = os.environ.get("WANQUANT_GEMM")
 
     def say(self, msg: str) -> None:
@@ -379,13 +118,6 @@ class Bench:
                                        transformer=self.experts.get(HIGH), transformer_2=self.experts.get(LOW),
                                        boundary_ratio=BOUNDARY_RATIO, expand_timesteps=False)
 
-    def image(self, height: int, width: int):
-        import numpy as np
-        from PIL import Image
-
-        rng = np.random.default_rng(0)
-        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
     def latent_shape(self, height: int, width: int, frames: int) -> tuple[int, ...]:
         f = (frames - 1) // 4 + 1
         return (1, self.expert_cfg["in_channels"], f, height // 8, width // 8)
@@ -396,8 +128,9 @@ class Bench:
 
     # -- policies ----------------------------------------------------------------------
     def configure(self, mode: str) -> dict:
-        from wanquant.runtime import memory
-        from wanquant.runtime.load import bind_expert, set_backend
+        from wanquant.model import block
+        from wanquant.model.wan import bind_expert, set_static_kv_cache
+        from wanquant.runtime.expert import set_backend
 
         a = self.args
         policy = {"text_encoder": "built on the GPU, freed after encoding, before the experts are built",
@@ -409,9 +142,9 @@ class Bench:
         chunk = mode in QUANT_MODES and a.chunk_tokens > 0
         for role, model in self.experts.items():
             if chunk:
-                memory.enable_token_chunking(model, a.chunk_tokens, scope=a.chunk_scope)
+                block.enable_token_chunking(model, a.chunk_tokens, scope=a.chunk_scope)
             else:
-                memory.disable_token_chunking(model)
+                block.disable_token_chunking(model)
         if chunk:
             policy["token_chunking"] = f"{a.chunk_scope} scope, {a.chunk_tokens} tokens"
         if mode in QUANT_MODES:
@@ -422,7 +155,7 @@ class Bench:
                 model = self.experts[spec.role]
                 bind_expert(model, spec.timestep_bins(self.qcfg))
                 set_backend(model, "unpack_bf16" if mode == "unpack_bf16" else "auto")
-                memory.set_static_kv_cache(model, a.kv_cache)
+                set_static_kv_cache(model, a.kv_cache)
                 # Prepare every layer's kernel operands now, not inside a timed step.
                 for layer in _quant_layers(model):
                     layer._resolve_backend(self.device)
@@ -492,7 +225,7 @@ class Bench:
                     wrap_method(self.vae, "decode", lambda: meter.enter("decoding"))]
             pipe.scheduler.set_timesteps(a.steps)
             row["timesteps"] = [float(t) for t in pipe.scheduler.timesteps]
-            kwargs = dict(image=self.image(height, width), height=height, width=width, num_frames=a.frames,
+            kwargs = dict(image=random_image(height, width), height=height, width=width, num_frames=a.frames,
                           num_inference_steps=a.steps, guidance_scale=a.guidance, output_type="np",
                           generator=torch.Generator(self.device).manual_seed(0), max_sequence_length=self.max_seq)
             if mode == "bf16_all_gpu":
@@ -576,10 +309,11 @@ class Bench:
         * with ``--profile``, at ``--profile-resolution``: GPU kernel time by category for
           every setting (after one untimed forward of that setting).
         """
+        from wanquant.model import block
         from wanquant.runtime import memory
 
         model = self.experts[HIGH]
-        was = memory.token_chunking_of(model)
+        was = block.token_chunking_of(model)
         ck = self.args.chunk_tokens
         alt = self.args.alt_gemm if mode == "w4a4" else ""
         extra = [(f"chunked {n}", int(n), "") for n in self.args.alt_chunk.split(",") if n]
@@ -594,9 +328,9 @@ class Bench:
 
         def apply(chunk: int, gemm: str) -> None:
             if chunk:
-                memory.enable_token_chunking(model, chunk, scope=self.args.chunk_scope)
+                block.enable_token_chunking(model, chunk, scope=self.args.chunk_scope)
             else:
-                memory.disable_token_chunking(model)
+                block.disable_token_chunking(model)
             if mode == "w4a4":
                 self.set_gemm(model, gemm)
             free()
@@ -640,9 +374,9 @@ class Bench:
                 memory.release_static_caches(model)
             del x
         if was:
-            memory.enable_token_chunking(model, was[0], scope=was[1])
+            block.enable_token_chunking(model, was[0], scope=was[1])
         else:
-            memory.disable_token_chunking(model)
+            block.disable_token_chunking(model)
         if mode == "w4a4":
             self.set_gemm(model, "")
         free()
@@ -650,8 +384,6 @@ class Bench:
 
     def set_gemm(self, model: nn.Module, gemm: str) -> None:
         """Re-prepare the fast path of every layer with ``WANQUANT_GEMM=gemm`` ('' = default)."""
-        import os
-
         if gemm:
             os.environ["WANQUANT_GEMM"] = gemm
         else:
@@ -677,57 +409,8 @@ class Bench:
         return f"steps (UniPC flow shift {FLOW_SHIFT}, boundary {BOUNDARY_RATIO}): {pairs}"
 
 
-def kernel_category(name: str) -> str:
-    n = name.lower()
-    if "act_quant" in n:
-        return "w4a4 act-quant (triton)"
-    if "expand" in n and "kernel" in n:
-        return "w4a4 weight expand (triton)"
-    if "fp8_gemm" in n:
-        return "w4a4 FP8 GEMM (triton)"
-    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "attn")):
-        return "attention"
-    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "scaled_mm")):
-        return "cuBLAS GEMM"
-    if "memcpy" in n or "memset" in n:
-        return "memcpy/memset"
-    if any(k in n for k in ("norm", "reduce")):
-        return "norm/reduce"
-    return "elementwise/other"
-
-
-def profile_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict:
-    """GPU kernel time of one forward by category (torch.profiler, CUDA activity only)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad():  # one untimed forward first (this setting's kernels, allocator state)
-        model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        with torch.no_grad():
-            model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    cats: dict[str, float] = {}
-    kernels: dict[str, list] = {}
-    for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None)
-        if us is None:
-            us = getattr(e, "self_cuda_time_total", 0.0)
-        if not us:
-            continue
-        cat = kernel_category(e.key)
-        cats[cat] = cats.get(cat, 0.0) + us / 1e6
-        kernels[e.key] = [us / 1e6, e.count, cat]
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
-    return {"wall_s_profiled": wall, "kernel_s": sum(cats.values()),
-            "by_category_s": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{"name": k[:120], "seconds": v[0], "count": v[1], "category": v[2]} for k, v in top]}
-
-
 def _quant_layers(model: nn.Module):
-    from wanquant.runtime.load import quantized_layers
+    from wanquant.runtime.expert import quantized_layers
 
     return list(quantized_layers(model).values())
 
@@ -739,9 +422,11 @@ def _module_bytes(m: nn.Module) -> int:
 
 
 def _expert_breakdown(experts: dict) -> dict:
+    from wanquant.model.wan import blocks_of
     from wanquant.runtime.memory import expert_memory_breakdown
 
-    return {role: {k: v / GB for k, v in expert_memory_breakdown(m).items()} for role, m in experts.items()}
+    return {role: {k: v / GB for k, v in expert_memory_breakdown(m, blocks_of(m)).items()}
+            for role, m in experts.items()}
 
 
 def _last(xs: list[float]) -> float | None:
@@ -989,7 +674,7 @@ def main(argv=None) -> int:
 
     if args.merge:
         analysis = Path(args.analysis).read_text() if args.analysis else None
-        merge(args.merge, Path(args.results_dir) if args.results_dir else ROOT / "benchmarks" / "results", analysis)
+        merge(args.merge, Path(args.results_dir) if args.results_dir else RESULTS_DIR, analysis)
         return 0
     if args.tiny:
         args.resolutions = "64x64" if args.resolutions == p.get_default("resolutions") else args.resolutions
@@ -999,7 +684,7 @@ def main(argv=None) -> int:
     elif not torch.cuda.is_available():
         print("no CUDA device: use --tiny for a CPU dry run", file=sys.stderr)
         return 2
-    out = Path(args.out or ("/tmp/full_scale_tiny" if args.tiny else ROOT / "benchmarks" / "results" / "raw"))
+    out = Path(args.out or ("/tmp/full_scale_tiny" if args.tiny else RESULTS_DIR / "raw"))
     out.mkdir(parents=True, exist_ok=True)
     args.log = str(out / "log.txt")
     meta = run_metadata()
@@ -1044,13 +729,11 @@ def main(argv=None) -> int:
 
 
 def environment() -> dict:
-    import os
-
     import wanquant
 
     env = {"torch": torch.__version__, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-           "wanquant_path": str(Path(wanquant.__file__).resolve().parent.relative_to(ROOT))
-           if Path(wanquant.__file__).resolve().is_relative_to(ROOT) else wanquant.__file__,
+           "wanquant_path": str(Path(wanquant.__file__).resolve().parent.relative_to(REPO_ROOT))
+           if Path(wanquant.__file__).resolve().is_relative_to(REPO_ROOT) else wanquant.__file__,
            "wanquant_source": os.environ.get("WANQUANT_SOURCE", "working tree")}
     for name in ("diffusers", "transformers", "accelerate", "triton"):
         try:

@@ -5,29 +5,39 @@ per-layer quantization run on CUDA, the checkpoint reloads, and the fast (FP8) b
 reproduces the reference backend's video within rounding. Writes
 ``benchmarks/results/gpu_e2e.{json,md}``.
 
-    python benchmarks/gpu_e2e.py [--steps 10] [--out runs/gpu_e2e]
+    python -m benchmarks.gpu_e2e [--steps 10] [--out runs/gpu_e2e]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import run_metadata, write_results  # noqa: E402
+from benchmarks.common.meta import run_metadata, write_results
+from wanquant.calibration.run import CalibrationRun, quantize_pipeline
+from wanquant.calibration.samples import CalibSample
+from wanquant.evaluation.metrics import psnr
+from wanquant.loading import load_quantized
+from wanquant.method.config import preset
+from wanquant.model.pipeline import GenerationSettings, run_pipeline
+from wanquant.runtime.expert import set_backend
+from wanquant.runtime.linear import W4A4Linear
 
-from wanquant.calibration.run import CalibrationRun, quantize_pipeline  # noqa: E402
-from wanquant.calibration.samples import CalibSample  # noqa: E402
-from wanquant.config import preset  # noqa: E402
-from wanquant.evaluation.report import psnr  # noqa: E402
-from wanquant.runtime.generate import GenerationSettings, run_pipeline  # noqa: E402
-from wanquant.runtime.linear import W4A4Linear  # noqa: E402
-from wanquant.runtime.load import load_quantized, set_backend  # noqa: E402
+
+def testbed_pipeline(device: str, dtype: torch.dtype):
+    """(pipeline, trained?): the trained testbed; an untrained one, with a warning, without its weights."""
+    from wanquant.model.testbed import build_testbed_pipeline, load_testbed_pipeline
+
+    try:
+        return load_testbed_pipeline(device=device, dtype=dtype), True
+    except FileNotFoundError as e:
+        warnings.warn(f"{e} Using an untrained testbed: its videos show noise.", stacklevel=2)
+        return build_testbed_pipeline(seed=0).to(device, dtype), False
 
 
 def main() -> None:
@@ -37,8 +47,7 @@ def main() -> None:
     ap.add_argument("--num-eval", type=int, default=2)
     ap.add_argument("--out", default="runs/gpu_e2e")
     args = ap.parse_args()
-    from wanquant.demo import testbed_pipeline
-    from wanquant.testbed.build import TestbedConfig
+    from wanquant.model.testbed import TestbedConfig
     from wanquant.testbed.dataset import list_samples
 
     device, dtype = "cuda", torch.bfloat16

@@ -6,22 +6,22 @@ warm-up, two rotating inputs):
 * ``bf16``: ``F.linear(x, W_bf16, bias)`` (cuBLAS);
 * ``w4a4``: the whole fast layer (:class:`wanquant.kernels.dispatch.FastW4A4`), with the
   variant chosen below, and its pieces (activation kernel, weight expansion, GEMM);
-* ``unpack_bf16``: the paper's simulation path (dequantize the packed weight to bf16 each
-  call, quantize-dequantize the activation in PyTorch, bf16 matmul);
+* ``unpack_bf16``: the paper's simulation path, the library's own
+  :meth:`~wanquant.runtime.linear.W4A4Linear.forward_unpack_bf16` (dequantize the packed
+  weight to bf16 each call, quantize-dequantize the activation in PyTorch, bf16 matmul);
 * at the middle M it also sweeps activation-kernel and GEMM variants (Triton pointer/TMA
   tiles, cuBLAS ``_scaled_mm`` + ``addmm_``) and keeps the fastest for the other Ms.
 
 Usage (on the GPU machine)::
 
-    python benchmarks/kernels.py --out benchmarks/results            # full run
-    python benchmarks/kernels.py --quick                             # one shape, one M
+    python -m benchmarks.kernels --out benchmarks/results            # full run
+    python -m benchmarks.kernels --quick --out /tmp/kernels          # one shape, one M
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -30,14 +30,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from wanquant.kernels import act_quant as A  # noqa: E402
-from wanquant.kernels import dispatch as D  # noqa: E402
-from wanquant.kernels import gemm as G  # noqa: E402
-from wanquant.numerics.formats import MXFP4, Quantized, dequantize, fake_quantize, unpack_nibbles  # noqa: E402
-from wanquant.numerics.params import QuantizedLinearParams  # noqa: E402
+from benchmarks.common.meta import RESULTS_DIR, run_metadata
+from wanquant.formats import MXFP4
+from wanquant.kernels import act_quant as A
+from wanquant.kernels import dispatch as D
+from wanquant.kernels import gemm as G
+from wanquant.method.params import QuantizedLinearParams
+from wanquant.runtime.linear import W4A4Linear
 
 SHAPES = {  # layer: (K, N)
     "qkv": (5120, 15360),
@@ -113,20 +112,14 @@ def rotating(fn: Callable[[torch.Tensor], object], xs: list[torch.Tensor]) -> Ca
 
 
 def reference_rows(x: torch.Tensor, p: QuantizedLinearParams, w_deq: torch.Tensor, clip: float, off: int) -> torch.Tensor:
-    """fp64 reference forward for a few rows (GPU; fp32 quantization math, fp64 products)."""
+    """fp64 reference forward for a few rows (GPU; fp32 quantization math, fp64 products).
+
+    Not :func:`wanquant.method.layer.reference_forward`: the same quantization math, but
+    its products accumulate in fp32, and the results (KERNEL_NOTES.md) are errors against fp64.
+    """
     xs = x.float() * (1.0 / p.smooth)
-    xq = fake_quantize(xs, MXFP4, clip, off).double()
+    xq = MXFP4.fake_quantize(xs, clip, off).double()
     return xq @ w_deq.T + (xs.double() @ p.l1.double().T) @ p.l2.double().T + p.bias.double()
-
-
-def unpack_bf16_forward(x: torch.Tensor, p: QuantizedLinearParams, clip: float, off: int) -> torch.Tensor:
-    """The paper's simulation path, same math as W4A4Linear.forward_unpack_bf16."""
-    xs = x.float() * (1.0 / p.smooth)
-    xq = fake_quantize(xs, MXFP4, clip, off).to(torch.bfloat16)
-    w = dequantize(Quantized(unpack_nibbles(p.qweight), p.wscales), MXFP4, dtype=torch.bfloat16)
-    y = xq @ w.T
-    y = y + (xs.to(torch.bfloat16) @ p.l1.T) @ p.l2.T
-    return y + p.bias
 
 
 def try_time(name: str, fn: Callable[[], object], row: dict, rep_ms: int = 150) -> float | None:
@@ -171,14 +164,14 @@ def bench_shape(layer: str, m: int, device: torch.device, choice: dict, sweep: b
     p = make_params(k, n, device)
     clip, off = 0.9, 0
     xs = make_inputs(m, k, device)
-    w_deq = dequantize(Quantized(unpack_nibbles(p.qweight), p.wscales), MXFP4)  # fp32, exact
+    w_deq = p.dequantized_weight(MXFP4)  # fp32, exact
     w_bf16 = w_deq.to(torch.bfloat16)
 
     bf16 = try_time("bf16_ms", rotating(lambda x: F.linear(x, w_bf16, p.bias), xs), row)
     del w_bf16
 
-    fast_t = D.FastW4A4.prepare(p, "ocp_floor", device, backend="triton")
-    fast_c = D.FastW4A4.prepare(p, "ocp_floor", device, backend="cublas")
+    fast_t = D.FastW4A4.prepare(p, MXFP4, device, backend="triton")
+    fast_c = D.FastW4A4.prepare(p, MXFP4, device, backend="cublas")
     row["w4a4_memory_bytes"] = fast_t.memory_bytes()
     row["bf16_weight_bytes"] = n * k * 2
 
@@ -255,11 +248,14 @@ def bench_shape(layer: str, m: int, device: torch.device, choice: dict, sweep: b
         row["bf16_TFLOPs"] = round(flops / bf16 / 1e9, 1)
     row["w4a4_TFLOPs"] = round(flops / best[0] / 1e9, 1)
     try:
-        up = try_time("unpack_bf16_ms", rotating(lambda x: unpack_bf16_forward(x, p, clip, off), xs), row, rep_ms=100)
+        unpack = W4A4Linear.from_params(p, MXFP4, MXFP4)
+        up = try_time("unpack_bf16_ms", rotating(lambda x: unpack.forward_unpack_bf16(x, clip, off), xs), row,
+                      rep_ms=100)
         if up:
             row["speedup_vs_unpack"] = round(up / best[0], 3)
     except torch.OutOfMemoryError:
         row["unpack_bf16_ms"] = None
+    unpack = None
     torch.cuda.empty_cache()
 
     # ---- error vs the fp64 reference on the first rows ----
@@ -295,7 +291,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(RESULTS_DIR))
     ap.add_argument("--quick", action="store_true", help="one shape at M=8192, no sweep")
     ap.add_argument("--layers", default=",".join(SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
@@ -303,14 +299,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda")
     t0 = time.time()
-    try:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from _meta import run_metadata  # type: ignore
-
-        meta = run_metadata()
-    except Exception:  # pragma: no cover - metadata helper missing
-        meta = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "commit": "unknown",
-                "command": " ".join(sys.argv)}
+    meta = run_metadata()
     import triton
 
     if args.commit:

@@ -1,6 +1,6 @@
 """Speed of the per-layer PTQ pipeline at Wan2.2 A14B shapes (GPU).
 
-Times :func:`wanquant.numerics.layer_ptq.quantize_layer` (smoothing search, SVD, GPTQ,
+Times :func:`wanquant.method.layer.quantize_layer` (smoothing search, SVD, GPTQ,
 clip search, final evaluation) on synthetic statistics: a Hessian from random
 correlated tokens and 3 bins of token reservoirs. Estimates one expert's 40 blocks:
 
@@ -9,25 +9,22 @@ correlated tokens and 3 bins of token reservoirs. Estimates one expert's 40 bloc
 * fused self-attention q/k/v (one N=15360 call sharing smooth and L1):
   1 x qkv + 5 x (5120 x 5120) + up + down = 8 calls a block (still the same 400 weights).
 
-    python benchmarks/layer_ptq.py [--out-dir DIR] [--commit HASH]
+    python -m benchmarks.layer_ptq [--out-dir DIR] [--commit HASH]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks._meta import run_metadata, write_results  # noqa: E402
-from wanquant.config import QuantConfig  # noqa: E402
-from wanquant.numerics.layer_ptq import quantize_layer  # noqa: E402
-from wanquant.numerics.lowrank import lowrank_split  # noqa: E402
-from wanquant.numerics.stats import LayerStats  # noqa: E402
+from benchmarks.common.meta import run_metadata, write_results
+from benchmarks.common.meters import cuda_sync
+from wanquant.method.config import QuantConfig
+from wanquant.method.layer import quantize_layer
+from wanquant.numerics.lowrank import lowrank_split
+from wanquant.numerics.stats import LayerStats
 
 SHAPES = {"5120x5120": (5120, 5120), "N13824xK5120 (ffn up)": (13824, 5120),
           "N5120xK13824 (ffn down)": (5120, 13824), "N15360xK5120 (fused qkv)": (15360, 5120)}
@@ -58,26 +55,21 @@ def synthetic_stats(k: int, bins: int, res_tokens: int, h_tokens: int, dev: torc
     return LayerStats(amax, None, h, h_tokens, res, {b: res_tokens for b in res})
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_layer(n: int, k: int, cfg: QuantConfig, args, dev: torch.device) -> dict:
     stats = synthetic_stats(k, 3, args.reservoir, args.hessian_tokens, dev, seed=k + n)
     w = (torch.randn(n, k, device=dev) / k**0.5).bfloat16()
     b = torch.randn(n, device=dev).bfloat16()
-    _sync(dev)
+    cuda_sync(dev)
     t = time.perf_counter()
     p = quantize_layer(w, b, stats, cfg, 3, name=f"{n}x{k}")
-    _sync(dev)
+    cuda_sync(dev)
     seconds = time.perf_counter() - t
     # The SVD alternative: how long the randomized split takes on the same matrix.
     ws = w.float() * p.smooth
-    _sync(dev)
+    cuda_sync(dev)
     t = time.perf_counter()
     lowrank_split(ws, cfg.lowrank.rank, "randomized", None, cfg.lowrank.randomized_oversample, cfg.lowrank.randomized_iters)
-    _sync(dev)
+    cuda_sync(dev)
     rnd = time.perf_counter() - t
     return {"seconds": seconds, "stages": p.report["seconds"], "randomized_lowrank_seconds": rnd,
             "final_rel_err": p.report["final"]["rel_err"], "alpha": p.report["smooth"]["alpha"],
@@ -90,10 +82,10 @@ def svd_probe(n: int, k: int, rank: int, dev: torch.device) -> dict[str, float]:
     out = {}
 
     def clock(name: str, fn) -> None:
-        _sync(dev)
+        cuda_sync(dev)
         t = time.perf_counter()
         fn()
-        _sync(dev)
+        cuda_sync(dev)
         out[name] = time.perf_counter() - t
 
     clock("linalg.svd", lambda: torch.linalg.svd(w, full_matrices=False))

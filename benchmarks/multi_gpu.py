@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """Multi-GPU scaling: calibration wall time on 1 vs 2 GPUs, quantized 720p generation on 1/2/4 GPUs.
 
 Every measurement is a real ``torchrun`` job of this script (``--worker``), using the
 code paths users run: :func:`wanquant.calibration.run.quantize_pipeline` with a process
 group (sample shards, exact statistics merge, layers quantized across ranks) and
-:func:`wanquant.runtime.parallel.enable_context_parallel` (diffusers Ulysses/ring
+:func:`wanquant.model.parallel.enable_context_parallel` (diffusers Ulysses/ring
 attention) over W4A4 experts. The driver starts one job per GPU count and writes
 ``benchmarks/results/multi_gpu.{json,md}``:
 
@@ -17,13 +16,13 @@ attention) over W4A4 experts. The driver starts one job per GPU count and writes
 
 Models: ``--model DIR`` (a diffusers Wan2.2-I2V directory; with ``--quantized Q`` for
 generation) or, by default, the real A14B configuration with RANDOM weights built on each
-GPU by ``benchmarks/full_scale.py``'s builders (values change neither time nor memory;
+GPU by :mod:`benchmarks.common.a14b` (values change neither time nor memory;
 DESIGN.md section 7). For calibration the random model keeps ``--calib-layers`` blocks
 per expert (every block costs the same, so scaling is unchanged; the row says how many).
 
-    python benchmarks/multi_gpu.py --tiny                 # CPU/gloo dry run of every path (not results)
-    python benchmarks/multi_gpu.py                        # on a host with >= 4 GPUs
-    python benchmarks/multi_gpu.py --parts calibrate --gpus 1,2 --check-identical
+    python -m benchmarks.multi_gpu --tiny                 # CPU/gloo dry run of every path (not results)
+    python -m benchmarks.multi_gpu                        # on a host with >= 4 GPUs
+    python -m benchmarks.multi_gpu --parts calibrate --gpus 1,2 --check-identical
 """
 
 from __future__ import annotations
@@ -38,26 +37,19 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _meta import run_metadata, write_results  # noqa: E402
-
-GB = 1e9
-# The testbed architecture at test size (tests/conftest.py's TINY): what --tiny runs.
-TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=64, text_layers=1,
-            text_heads=2, text_ff=128, vae_base_dim=16, height=32, width=32, num_frames=5, max_sequence_length=32)
-WORDS = "a red blue green ball square circle moves left right up down slowly quickly over the grass sky".split()
+from benchmarks.common.a14b import random_a14b_pipeline, tiny_testbed_pipeline
+from benchmarks.common.compare import saved_difference
+from benchmarks.common.inputs import random_calib_samples, random_image
+from benchmarks.common.meta import REPO_ROOT, run_metadata, write_results
+from benchmarks.common.meters import cuda_sync, peak_gb
 
 
 # ---------------------------------------------------------------------------------------
-# building pipelines and samples (in a worker)
+# settings (in a worker)
 
 
 def _settings(args, calib: bool):
-    from wanquant.runtime.generate import GenerationSettings
+    from wanquant.model.pipeline import GenerationSettings
 
     res = args.calib_res if calib else args.res
     h, w = (int(v) for v in res.split("x"))
@@ -66,65 +58,12 @@ def _settings(args, calib: bool):
                               guidance_scale=args.guidance, max_sequence_length=args.max_len)
 
 
-def _random_a14b(device, layers: int | None, quantized: bool, qcfg, max_len: int):
-    """The A14B pipeline with random weights on ``device`` (full_scale.py's builders)."""
-    import full_scale as fs
-    import torch
-    from diffusers import WanImageToVideoPipeline
-
-    # Every rank (and every GPU count) must build the same weights: the run id checks it
-    # for calibration, and context parallelism is only the 1-GPU model split if they agree.
-    torch.manual_seed(0)
-    cfg = dict(fs.A14B, num_layers=layers or fs.A14B["num_layers"])
-    experts = [fs.build_expert(cfg, quantized, device, qcfg) for _ in range(2)]
-    pipe = WanImageToVideoPipeline(tokenizer=fs.build_tokenizer(max_len),
-                                   text_encoder=fs.build_text_encoder(fs.UMT5_XXL, device),
-                                   vae=fs.build_vae(fs.VAE_FULL, device), scheduler=fs.build_scheduler(),
-                                   transformer=experts[0], transformer_2=experts[1], boundary_ratio=0.9)
-    pipe.vae.enable_tiling()
-    if quantized:
-        _bind(pipe, qcfg)
-    return pipe
-
-
-def _bind(pipe, qcfg) -> None:
-    from wanquant.model.wan import experts_of
-    from wanquant.runtime.load import bind_expert
-
-    for e in experts_of(pipe):
-        bind_expert(e.module, e.timestep_bins(qcfg))
-
-
-def _tiny_pipeline(device, dtype):
-    import torch
-
-    from wanquant.testbed.build import TestbedConfig, build_testbed_pipeline
-
-    torch.manual_seed(0)
-    return build_testbed_pipeline(seed=0, config=TestbedConfig(**TINY)).to(device, dtype)
-
-
-def _samples(n: int, height: int, width: int):
-    import numpy as np
-    from PIL import Image
-
-    from wanquant.calibration.samples import CalibSample
-
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-        prompt = " ".join(rng.choice(WORDS, 8))
-        out.append(CalibSample(img, prompt, 1000 + i, f"bench:{i}"))
-    return out
-
-
 def _quant_config(args):
-    from wanquant.config import preset
+    from wanquant.method.config import preset
 
     if not args.tiny:
         return preset(args.preset)
-    from wanquant.config import ClipConfig, GPTQConfig, LowRankConfig, QuantConfig, SmoothConfig
+    from wanquant.method.config import ClipConfig, GPTQConfig, LowRankConfig, QuantConfig, SmoothConfig
 
     return QuantConfig(smooth=SmoothConfig(alpha_grid=[0.4, 0.6]), lowrank=LowRankConfig(rank=8),
                        gptq=GPTQConfig(block_size=32), clip=ClipConfig(clip_ratios=[0.8, 1.0], exp_offsets=[0, 1],
@@ -135,49 +74,37 @@ def _quant_config(args):
 # workers (one per rank, started by torchrun)
 
 
-def _peak(device) -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def worker_calibrate(args, dist) -> dict:
     import torch
 
+    from wanquant.calibration import passes
     from wanquant.calibration import run as run_mod
 
     device = dist.device if dist else torch.device(args.device if args.device != "cuda" else "cuda:0")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     qcfg = _quant_config(args)
     if args.tiny:
-        pipe = _tiny_pipeline(device, dtype)
+        pipe = tiny_testbed_pipeline(device, dtype)
     elif args.model:
         from wanquant.api import load_base_pipeline
 
         pipe = load_base_pipeline(args.model, device, dtype)
     else:
-        pipe = _random_a14b(device, args.calib_layers, False, qcfg, args.max_len)
+        pipe = random_a14b_pipeline(device, args.calib_layers, False, qcfg, args.max_len)
     settings = _settings(args, calib=True)
-    samples = _samples(args.calib_samples, settings.height, settings.width)
+    samples = random_calib_samples(args.calib_samples, settings.height, settings.width)
     parts = {"collect": 0.0, "quantize": 0.0}
-    for name in ("_collect", "_quantize_layers"):  # time the two halves of every pass
-        real = getattr(run_mod, name)
+    for name, key in (("collect", "collect"), ("quantize_layers", "quantize")):  # the two halves of every pass
+        real = getattr(passes, name)
 
-        def timed(*a, _real=real, _key="collect" if name == "_collect" else "quantize", **k):
+        def timed(*a, _real=real, _key=key, **k):
             t = time.perf_counter()
             out = _real(*a, **k)
-            _sync(device)
+            cuda_sync(device)
             parts[_key] += time.perf_counter() - t
             return out
 
-        setattr(run_mod, name, timed)
+        setattr(passes, name, timed)  # this worker process only
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run = run_mod.CalibrationRun(settings, args.blocks_per_pass, args.reservoir_tokens, progress=False,
@@ -186,25 +113,25 @@ def worker_calibrate(args, dist) -> dict:
         dist.barrier()
     t0 = time.perf_counter()
     run_mod.quantize_pipeline(pipe, samples, qcfg, run, args.work_out, overwrite=True, restart=True, dist=dist)
-    _sync(device)
+    cuda_sync(device)
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "collect_s": parts["collect"], "quantize_s": parts["quantize"],
-            "peak_gb": _peak(device), "device": str(device)}
+            "peak_gb": peak_gb(device), "device": str(device)}
 
 
 def worker_generate(args, dist) -> dict:
     import torch
 
-    from wanquant.runtime.generate import run_pipeline
+    from wanquant.model.pipeline import run_pipeline
 
     device = dist.device if dist else torch.device(args.device if args.device != "cuda" else "cuda:0")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     qcfg = _quant_config(args)
     settings = _settings(args, calib=False)
     if args.tiny:
-        from wanquant.runtime.load import load_quantized
+        from wanquant.loading import load_quantized
 
-        pipe = _tiny_pipeline(device, dtype)
+        pipe = tiny_testbed_pipeline(device, dtype)
         pipe.register_modules(transformer=None, transformer_2=None)
         load_quantized(pipe, args.quantized, device=device)
     elif args.model:
@@ -213,10 +140,10 @@ def worker_generate(args, dist) -> dict:
         pipe = load_base_pipeline(args.model, device, dtype, with_experts=False)
         load_quantized(pipe, args.quantized, device=device)
     else:
-        pipe = _random_a14b(device, None, True, qcfg, args.max_len)
+        pipe = random_a14b_pipeline(device, None, True, qcfg, args.max_len)
     cp = None
     if dist is not None:  # after the W4A4 experts are in place
-        from wanquant.runtime.parallel import check_context_parallel_shape, enable_context_parallel
+        from wanquant.model.parallel import check_context_parallel_shape, enable_context_parallel
 
         check_context_parallel_shape(pipe, settings.height, settings.width, settings.num_frames)
         info = enable_context_parallel(pipe, args.ulysses or None, args.ring)
@@ -227,16 +154,16 @@ def worker_generate(args, dist) -> dict:
         start = {}
 
         def pre(mod, a, k, _s=start):
-            _sync(device)
+            cuda_sync(device)
             _s["t"] = time.perf_counter()
 
         def post(mod, a, k, out, _s=start, _attr=attr):
-            _sync(device)
+            cuda_sync(device)
             times[_attr].append(time.perf_counter() - _s["t"])
 
         m.register_forward_pre_hook(pre, with_kwargs=True)
         m.register_forward_hook(post, with_kwargs=True)
-    image = _samples(1, settings.height, settings.width)[0].image
+    image = random_image(settings.height, settings.width)
     out_type = "np" if args.decode else "latent"
     for _ in range(args.warmup):  # kernels, autotuning, NCCL communicators
         run_pipeline(pipe, image, "a red ball moves left", settings, 0, output_type=out_type)
@@ -248,17 +175,17 @@ def worker_generate(args, dist) -> dict:
         dist.barrier()
     t0 = time.perf_counter()
     frames = run_pipeline(pipe, image, "a red ball moves left", settings, 0, output_type=out_type)
-    _sync(device)
+    cuda_sync(device)
     wall = time.perf_counter() - t0
     if dist is None or dist.is_main:  # what the 1-GPU row is compared with
         torch.save(torch.as_tensor(frames).float().cpu(), args.part + ".output.pt")
     med = {a: (statistics.median(v) if v else None) for a, v in times.items()}
     return {"wall_s": wall, "forward_median_s": med, "forwards": {a: len(v) for a, v in times.items()},
-            "peak_gb": _peak(device), "device": str(device), "cp": cp}
+            "peak_gb": peak_gb(device), "device": str(device), "cp": cp}
 
 
 def worker_main(args) -> int:
-    from wanquant.calibration.distributed import init_distributed
+    from wanquant.distributed import init_distributed
 
     dist = init_distributed(args.device)
     try:
@@ -278,13 +205,14 @@ def worker_main(args) -> int:
 
 
 def _launch(args, worker: str, nproc: int, part: Path, extra: list[str]) -> dict:
+    # --module: each rank runs ``python -m benchmarks.multi_gpu`` from the repository root.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), "--worker", worker, "--part", str(part), *extra]
+           "--module", "benchmarks.multi_gpu", "--worker", worker, "--part", str(part), *extra]
     # torchrun sets OMP_NUM_THREADS=1 only when it starts several processes: give every
     # job the same CPU threads per process, or the 1-process rows are not comparable.
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.job_timeout, cwd=ROOT, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.job_timeout, cwd=REPO_ROOT, env=env)
     job = {"command": " ".join(cmd[1:]), "returncode": r.returncode, "job_s": time.perf_counter() - t,
            "omp_threads": args.threads}
     if r.returncode != 0 or not part.exists():
@@ -353,29 +281,6 @@ def run_calibration(args, work: Path) -> dict:
                          "reservoir_tokens": args.reservoir_tokens}, "rows": rows}
 
 
-def output_difference(a: Path, b: Path) -> dict | None:
-    """How far the output saved in ``b`` is from the 1-GPU output saved in ``a``."""
-    import torch
-
-    if not a.exists() or not b.exists():
-        return None
-    return tensor_difference(torch.load(a), torch.load(b))
-
-
-def tensor_difference(x, y) -> dict:
-    """How far ``y`` is from the reference ``x``: max |diff|, relative L2, PSNR (fp64)."""
-    import torch
-
-    x, y = x.double(), y.double()
-    if x.shape != y.shape:
-        return {"error": f"shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}"}
-    err = (y - x).pow(2).mean()
-    peak = x.abs().max()
-    return {"max_abs": float((y - x).abs().max()), "rel_l2": float(err.sqrt() / x.pow(2).mean().sqrt()),
-            "psnr_db": float(10 * torch.log10(peak**2 / err)) if err > 0 else float("inf"),
-            "finite": bool(torch.isfinite(y).all())}
-
-
 def run_generation(args, work: Path, qdir: str | None) -> dict:
     # (GPUs, ring degree): Ulysses over all N by default; --ring-gpus adds pure-ring rows
     layouts = [(int(g), args.ring if int(g) > 1 else 1) for g in args.gpus.split(",")]
@@ -392,7 +297,7 @@ def run_generation(args, work: Path, qdir: str | None) -> dict:
         part = work / f"gen_{n}_ring{ring}.json"
         job = _launch(args, "generate", n, part, base + extra)
         rows.append({"gpus": n, "ring": ring, "ulysses": n // ring, **job})
-        rows[-1]["vs_1_gpu"] = output_difference(work / "gen_1_ring1.json.output.pt", Path(str(part) + ".output.pt"))
+        rows[-1]["vs_1_gpu"] = saved_difference(work / "gen_1_ring1.json.output.pt", Path(str(part) + ".output.pt"))
     one = next((r for r in rows if r["gpus"] == 1 and "ranks" in r), None)
     for r in rows:
         if "ranks" not in r:

@@ -1,8 +1,8 @@
 """Quality of W4A4 on the trained testbed: the paper's ablation, ours, and the acceptance bars.
 
-    python benchmarks/testbed_quality.py --out runs/quality [--num-calib 8 --num-eval 8 --steps 40]
+    python -m benchmarks.testbed_quality --out runs/quality [--num-calib 8 --num-eval 8 --steps 40]
 
-Calibrates every config of :mod:`wanquant.evaluation.ablation` on the testbed's
+Calibrates every config of :mod:`benchmarks.quality.ablation` on the testbed's
 calibration split, generates the evaluation split with fixed seeds (the same for every
 config), and measures fidelity to the 16-bit output (PSNR, SSIM, VMAF), accuracy against
 the ground truth (PSNR, object-trajectory error) and the offline VBench-style dimensions.
@@ -20,30 +20,26 @@ import json
 import logging
 import math
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._meta import RESULTS_DIR, run_metadata, write_results  # noqa: E402
+from benchmarks.common.meta import RESULTS_DIR, run_metadata, write_results  # noqa: E402
+from benchmarks.quality import ablation as A  # noqa: E402
+from benchmarks.quality import layer_errors as LE  # noqa: E402
+from benchmarks.quality import vbench_style as VB  # noqa: E402
 from wanquant.calibration.samples import CalibSample  # noqa: E402
-from wanquant.evaluation import ablation as A  # noqa: E402
-from wanquant.evaluation import layer_errors as LE  # noqa: E402
 from wanquant.evaluation import metrics as M  # noqa: E402
-from wanquant.evaluation import vbench_style as VB  # noqa: E402
 from wanquant.evaluation.report import clip_table_plot, write_report  # noqa: E402
-from wanquant.runtime.generate import GenerationSettings, write_video  # noqa: E402
+from wanquant.media import write_video  # noqa: E402
+from wanquant.model.pipeline import GenerationSettings  # noqa: E402
 
 log = logging.getLogger("testbed_quality")
 NAME = "testbed_quality"
@@ -52,7 +48,8 @@ NAME = "testbed_quality"
 def testbed_factory(device: str = "cpu", weights: Path | None = None):
     """(make_pipeline, trained?): the trained testbed (``weights``, default the committed
     one), else an untrained one."""
-    from wanquant.testbed.build import WEIGHTS_DIR, build_testbed_pipeline, load_testbed_pipeline
+    from wanquant.model.testbed import build_testbed_pipeline, load_testbed_pipeline
+    from wanquant.testbed import WEIGHTS_DIR
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     path = Path(weights or WEIGHTS_DIR)
@@ -72,7 +69,7 @@ def weights_id(path: Path | None = None) -> str:
     """sha256 over the testbed's weight files (names and bytes); 'untrained' without them."""
     import hashlib
 
-    from wanquant.testbed.build import WEIGHTS_DIR
+    from wanquant.testbed import WEIGHTS_DIR
 
     root = Path(path or WEIGHTS_DIR)
     if not (root / "model_index.json").is_file():
@@ -98,7 +95,7 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
     ``measure=False`` only generates and caches videos (returns ``{}``); ``generate=False``
     only measures videos already cached in ``out`` (see :func:`ablation.run_ablation`).
     """
-    from wanquant.testbed.build import TestbedConfig
+    from wanquant.model.testbed import TestbedConfig
     from wanquant.testbed.dataset import list_samples
 
     out = Path(out)
@@ -137,7 +134,7 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
     payload = {
         **meta,
         "generated_on": gen_on,
-        "reproduce": (f"python benchmarks/testbed_quality.py --out {out} --num-calib {num_calib} --num-eval {num_eval} "
+        "reproduce": (f"python -m benchmarks.testbed_quality --out {out} --num-calib {num_calib} --num-eval {num_eval} "
                       f"--steps {steps} --guidance {guidance} --reservoir-tokens {reservoir_tokens}"
                       + (f" --weights {weights}" if weights else "") + f" --configs {' '.join(settings.configs)}"
                       + " (one process; the same with --generate-only in several processes, then --measure-only)"),
@@ -158,7 +155,7 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
             "vmaf_unavailable_reason": None if M.vmaf_status().available else M.vmaf_status().reason,
             "ground_truth": "gt_psnr and trajectory_err (px, object centroid by colour vs true centre; "
                             "frame 0 skipped) from wanquant.testbed.dataset",
-            "vbench_style": "see wanquant/evaluation/vbench_style.py; average = mean of "
+            "vbench_style": "see benchmarks/quality/vbench_style.py; average = mean of "
                             + ", ".join(VB.DIMENSIONS) + "; imaging_quality_brisque reported, not averaged",
             "layer_errors": "sum|y_q - y_ref|^2 / sum|y_ref|^2 per (expert, bin, layer) with the 16-bit layer "
                             "fed the quantized model's own inputs, recorded while generating the first "

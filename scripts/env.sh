@@ -10,4 +10,5 @@ fi
 python -m pip install -q --upgrade pip >/dev/null
 # torch first and pinned: an unpinned torch would pull the newest CUDA build (GBs).
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+# eval: matplotlib (the demo's report figures) plus OpenCV and brisque (benchmarks/quality and its tests).
 python -m pip install -q -e ".[test,kernels,eval]"

@@ -30,7 +30,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# pytest and torchrun (this file as a script) both put tests/ on the path: conftest imports.
 from conftest import TINY_SETTINGS, build_tiny_pipeline, fast_config  # noqa: E402
 from wanquant.calibration.shards import (  # noqa: E402
     assign_layers, fold_shards, local_shards, reduce_layer_stats, resolve_shards, shard_ranges, shard_seed)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wanquant.model.wan import BLOCK_TABLE, BLOCKS_ATTR, install_layer
-from wanquant.numerics.formats import MXFP4
+from wanquant.formats import MXFP4
 from wanquant.method.params import QuantizedLinearParams
 from wanquant.runtime import memory
 from wanquant.runtime.linear import W4A4Linear

@@ -1,0 +1,1 @@
+"""The quantized checkpoint directory: atomic writing, the manifest, verification, reading."""

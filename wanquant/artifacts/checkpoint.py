@@ -10,7 +10,7 @@ Layout (DESIGN.md section 6)::
                                          clip_table; and every tensor that stays 16-bit
 
 ``<expert>`` is the pipeline attribute (``transformer``, ``transformer_2``). Each expert
-directory is also a diffusers model directory: with :mod:`wanquant.runtime.diffusers_quant`
+directory is also a diffusers model directory: with :mod:`wanquant.model.diffusers_quantizer`
 registered, ``WanTransformer3DModel.from_pretrained(out / "transformer")`` loads it. The
 layout is kernel-independent; kernels repack at load time.
 """

@@ -1,4 +1,4 @@
-"""How a calibration run is carried out (what the method is: :class:`wanquant.config.QuantConfig`)."""
+"""How a calibration run is carried out (what the method is: :class:`wanquant.method.config.QuantConfig`)."""
 
 from __future__ import annotations
 

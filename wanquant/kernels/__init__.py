@@ -1,0 +1,12 @@
+"""Hopper (sm_90) Triton kernels that run MXFP4 x MXFP4 layers as exact FP8 GEMMs.
+
+* :mod:`~wanquant.kernels.act_quant`: smoothing + low-rank down projection + activation
+  quantization to e4m3 rows with one scale per row (the "quantize" step);
+* :mod:`~wanquant.kernels.weight_prep`: packed 4-bit weights to e4m3 rows;
+* :mod:`~wanquant.kernels.gemm`: the FP8 GEMM with the low-rank up projection and bias
+  fused in its epilogue (the "GEMM" step);
+* :mod:`~wanquant.kernels.dispatch`: which formats and devices the fast path serves, and
+  ``FastW4A4``, a layer prepared for it.
+
+Every kernel has a PyTorch reference beside it; DESIGN.md section 4 gives the identity.
+"""

@@ -12,19 +12,16 @@ latents, 8x8 tokens per latent frame: small shapes survive the compression.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
 from wanquant.model.pipeline import load_pipeline
 from wanquant.testbed import WEIGHTS_DIR
-from wanquant.testbed.dataset import DEFAULT_FRAMES, DEFAULT_SIZE, Sample, to_uint8_frames
+from wanquant.testbed.dataset import DEFAULT_FRAMES, DEFAULT_SIZE
 from wanquant.testbed.tokenizer import DEFAULT_MAX_LENGTH, build_tokenizer
 
 # Wan2.2 I2V: the high-noise expert runs while t >= boundary_ratio * num_train_timesteps.
@@ -165,29 +162,6 @@ def build_testbed_pipeline(seed: int = 0, config: TestbedConfig | None = None) -
     return pipe
 
 
-def testbed_config_of(pipe: WanImageToVideoPipeline) -> TestbedConfig:
-    """Recover the TestbedConfig sizes of a built or loaded pipeline."""
-    t = pipe.transformer.config
-    te = pipe.text_encoder.config
-    v = pipe.vae.config
-    return dataclasses.replace(
-        TestbedConfig(),
-        num_layers=t.num_layers,
-        num_attention_heads=t.num_attention_heads,
-        attention_head_dim=t.attention_head_dim,
-        ffn_dim=t.ffn_dim,
-        freq_dim=t.freq_dim,
-        text_dim=te.d_model,
-        text_layers=te.num_layers,
-        text_heads=te.num_heads,
-        text_ff=te.d_ff,
-        vae_base_dim=v.base_dim,
-        vae_dim_mult=tuple(v.dim_mult),
-        vae_res_blocks=v.num_res_blocks,
-        z_dim=v.z_dim,
-    )
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -198,85 +172,3 @@ def load_testbed_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype
     pipeline loader. The VAE runs in ``vae_dtype`` (float32, as Wan's own examples run
     their VAE), or in ``dtype`` if None."""
     return load_pipeline(path or WEIGHTS_DIR, device, dtype, with_experts=with_experts, vae_dtype=vae_dtype)
-
-
-# ------------------------------------------------------------------------- generation
-
-
-@torch.no_grad()
-def encode_prompts(
-    pipe: WanImageToVideoPipeline,
-    prompts: Sequence[str],
-    max_sequence_length: int = DEFAULT_MAX_LENGTH,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Prompt embeddings ``[B, max_sequence_length, text_dim]`` exactly as the pipeline.
-
-    Mirrors ``WanImageToVideoPipeline._get_t5_prompt_embeds`` (tokenize to
-    ``max_sequence_length``, encode with the mask, zero every position past the prompt)
-    without its ``ftfy`` text cleaning, which diffusers calls unconditionally although
-    ``ftfy`` is an optional package (absent on the GPU machine, for one); the cleaning
-    is the identity on our ASCII prompts.
-    """
-    device = device or pipe.text_encoder.device
-    dtype = dtype or pipe.text_encoder.dtype
-    tokens = pipe.tokenizer(
-        [" ".join(p.split()) for p in prompts],
-        padding="max_length",
-        max_length=max_sequence_length,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
-    ids, mask = tokens.input_ids.to(pipe.text_encoder.device), tokens.attention_mask.to(pipe.text_encoder.device)
-    hidden = pipe.text_encoder(ids, mask).last_hidden_state
-    keep = mask.gt(0).unsqueeze(-1)
-    return torch.where(keep, hidden, torch.zeros_like(hidden)).to(device=device, dtype=dtype)
-
-
-@torch.no_grad()
-def generate(
-    pipe: WanImageToVideoPipeline,
-    sample: Sample,
-    seed: int = 0,
-    steps: int = 40,
-    prompts: Sequence[str] | None = None,
-    guidance_scale: float = 4.0,
-    negative_prompt: str = "",
-) -> np.ndarray:
-    """Generate videos from a sample's first frame; uint8 ``[P, F, H, W, 3]``.
-
-    One video per prompt in ``prompts`` (default: the sample's own prompt), all from the
-    same initial noise (drawn on the CPU from ``seed``, so results do not depend on the
-    device), which makes prompt comparisons paired.
-    """
-    prompts = list(prompts) if prompts is not None else [sample.prompt]
-    num_frames, height, width = sample.frames.shape[:3]
-    device = pipe._execution_device
-    tdtype = pipe.transformer.dtype
-    embeds = encode_prompts(pipe, prompts, device=device, dtype=tdtype)
-    negative = encode_prompts(pipe, [negative_prompt] * len(prompts), device=device, dtype=tdtype)
-    cfg = testbed_config_of(pipe)
-    lat_shape = (
-        1,
-        cfg.z_dim,
-        (num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
-        height // pipe.vae_scale_factor_spatial,
-        width // pipe.vae_scale_factor_spatial,
-    )
-    noise = torch.randn(lat_shape, generator=torch.Generator("cpu").manual_seed(seed))
-    out = pipe(
-        image=sample.first_frame(),
-        prompt_embeds=embeds,
-        negative_prompt_embeds=negative if guidance_scale > 1 else None,
-        height=height,
-        width=width,
-        num_frames=num_frames,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        latents=noise.repeat(len(prompts), 1, 1, 1, 1).to(device),
-        output_type="np",
-    ).frames
-    return np.stack([to_uint8_frames(v) for v in out])

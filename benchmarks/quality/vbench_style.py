@@ -36,6 +36,8 @@ through the ``brisque`` wheel, whose SVM parameters ship inside it) is reported 
 them but kept out of the average: on the testbed's 64 x 64 synthetic clips it is outside
 the natural-image statistics it was fitted on and ranks wrongly (adding Gaussian noise to
 a clean testbed frame *improves* its score). ``None`` with a reason when unavailable.
+
+OpenCV and ``brisque`` come with the ``eval`` extra (``pip install -e ".[eval]"``).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _cv2():
     try:
         import cv2
     except ImportError as e:  # pragma: no cover - dependency missing
-        raise ImportError("the optical-flow dimensions need OpenCV: pip install opencv-python-headless") from e
+        raise ImportError('the optical-flow dimensions need OpenCV: pip install -e ".[eval]"') from e
     return cv2
 
 

@@ -2,7 +2,7 @@
 
 Every configuration is built from a preset with ``dataclasses.replace``, so each row of
 the ladder differs from the one before it in exactly one switch, and the paper's full
-method is :func:`~wanquant.config.paper_preset` itself:
+method is :func:`~wanquant.method.config.paper_preset` itself:
 
 =============  ===========================================================================
 ``bf16``       the unquantized model (the CPU runs it in fp32: bf16 matmuls are slow there)
@@ -30,6 +30,8 @@ All configs are calibrated on the same calibration samples and evaluated on the 
 evaluation samples with the same seeds. Per config, the videos' metrics are written to
 ``OUT/configs/NAME.json`` and the frames to ``OUT/frames/NAME.npz``, so an interrupted
 run resumes, and several processes may each run some configs into one ``OUT``.
+
+Driven by ``python -m benchmarks.testbed_quality`` (which writes the result tables).
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,14 +47,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from benchmarks.quality import vbench_style as VB
+from benchmarks.quality.layer_errors import LayerErrorRecorder, summarize
 from wanquant.calibration.run import CalibrationRun, quantize_pipeline
 from wanquant.calibration.samples import CalibSample
-from wanquant.config import QuantConfig, paper_preset, wanquant_preset
 from wanquant.evaluation import metrics as M
-from wanquant.evaluation import vbench_style as VB
-from wanquant.evaluation.layer_errors import LayerErrorRecorder, summarize
-from wanquant.runtime.generate import GenerationSettings, run_pipeline
-from wanquant.runtime.load import load_quantized
+from wanquant.loading import load_quantized
+from wanquant.method.config import QuantConfig, paper_preset, wanquant_preset
+from wanquant.model.pipeline import GenerationSettings, run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def switches(cfg: QuantConfig | None) -> dict:
     s = cfg.smooth
     return {
         "quantized": True,
-        "format": f"W:{cfg.weight_format} A:{cfg.act_format} g{cfg.group_size}",
+        "format": cfg.describe_formats(),
         "smooth": (f"alpha {s.alpha_grid[0]}" if len(s.alpha_grid) == 1 else f"alpha searched {s.alpha_grid}")
         if s.enabled else "off",
         "rank": cfg.lowrank.rank,
@@ -469,11 +470,6 @@ def _se(values) -> float | None:
     """Standard error of the mean of paired differences (None for fewer than 2)."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
-
-
-def clean_checkpoints(out: Path) -> None:
-    """Remove the per-config checkpoints (they are large next to the results)."""
-    shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
 
 
 __all__ = ["ABLATION_ORDER", "LADDER", "AblationSettings", "ablation_configs", "switches", "short_switches",

@@ -21,7 +21,8 @@ Components are rounded to their bf16 storage precision before their outputs are 
 downstream, so the experts train on exactly the latents and embeddings the saved VAE
 and text encoder produce.
 
-Usage: ``python -m wanquant.testbed.train --out DIR [--steps N --seed S ...]``.
+Usage, from the repository root: ``python -m benchmarks.testbed_training --out DIR [--steps N --seed S ...]``;
+``benchmarks/train_testbed.sh`` holds the exact recipe of the committed weights.
 """
 
 from __future__ import annotations
@@ -47,19 +48,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .build import (
+from benchmarks.common.prompt_following import encode_prompts, evaluate_prompt_following, format_eval
+from wanquant.model.testbed import (
     BOUNDARY_RATIO,
     FLOW_SHIFT,
     NUM_TRAIN_TIMESTEPS,
     TestbedConfig,
     build_testbed_pipeline,
-    encode_prompts,
-    generate,
     load_testbed_pipeline,
 )
-from .dataset import OBJECT_COLOURS, list_samples, psnr, render_clip, sample_spec, split_seed, trajectory_error
+from wanquant.testbed.dataset import OBJECT_COLOURS, render_clip, sample_spec, split_seed
 
-log = logging.getLogger("wanquant.testbed.train")
+log = logging.getLogger("benchmarks.testbed_training")
 STORAGE_DTYPE = torch.bfloat16
 
 # ------------------------------------------------------------------------------ data
@@ -410,73 +410,6 @@ def train_experts(pipe, data: dict, args, device: torch.device, log_path: Path |
         emas[name].copy_to(model)
         model.eval()
     return records
-
-
-# ------------------------------------------------------------------------- evaluation
-
-
-def shuffled(prompts: Sequence[str]) -> list[str]:
-    """A derangement: every sample gets the next sample's prompt."""
-    return [prompts[(i + 1) % len(prompts)] for i in range(len(prompts))]
-
-
-def evaluate_prompt_following(
-    pipe,
-    num_samples: int = 32,
-    steps: int = 40,
-    guidance_scale: float = 4.0,
-    seed: int = 0,
-    seconds: float | None = None,
-    **render_kwargs,
-) -> dict:
-    """Ground-truth accuracy on the ``eval`` split with right, shuffled and empty prompts.
-
-    The three videos of a sample share their initial noise. Also reports two references:
-    the first frame held still (what a model ignoring motion gets) and the VAE's own
-    reconstruction of the true clip (the best the latent space allows).
-    """
-    cfg = pipe.vae.config
-    samples = list_samples("eval", num_samples, **render_kwargs)
-    wrong = shuffled([s.prompt for s in samples])
-    rows: dict[str, list[dict]] = {"right": [], "shuffled": [], "empty": [], "static": [], "vae_recon": []}
-    t0 = time.time()
-    device = pipe._execution_device
-    for i, sample in enumerate(samples):
-        if seconds is not None and time.time() - t0 > seconds:
-            log.warning("evaluation stopped at its time budget after %d samples", i)
-            break
-        videos = generate(pipe, sample, seed=seed + i, steps=steps, prompts=[sample.prompt, wrong[i], ""], guidance_scale=guidance_scale)
-        for name, video in zip(("right", "shuffled", "empty"), videos):
-            rows[name].append({**trajectory_error(video, sample), "psnr": psnr(video, sample.frames)})
-        still = np.repeat(sample.frames[:1], sample.num_frames, axis=0)
-        rows["static"].append({**trajectory_error(still, sample), "psnr": psnr(still, sample.frames)})
-        with torch.no_grad():
-            x = sample.video_tensor().permute(1, 0, 2, 3)[None].to(device, pipe.vae.dtype)
-            rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample[0].permute(1, 0, 2, 3)
-        rows["vae_recon"].append({**trajectory_error(rec, sample), "psnr": psnr(rec, sample.frames)})
-    summary = {
-        name: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for name, rs in rows.items() if rs
-    }
-    summary["settings"] = {
-        "num_samples": len(rows["right"]),
-        "steps": steps,
-        "guidance_scale": guidance_scale,
-        "seed": seed,
-        "frames": samples[0].num_frames,
-        "size": list(samples[0].frames.shape[1:3]),
-        "z_dim": cfg.z_dim,
-    }
-    return summary
-
-
-def format_eval(summary: dict) -> str:
-    """A markdown table of an evaluation summary."""
-    lines = ["| prompts | trajectory error (px) | missing frames | PSNR vs ground truth (dB) |", "|---|---|---|---|"]
-    for name in ("right", "shuffled", "empty", "static", "vae_recon"):
-        if name in summary:
-            r = summary[name]
-            lines.append(f"| {name} | {r['traj_err_px']:.2f} | {100 * r['missing_frac']:.1f} % | {r['psnr']:.2f} |")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- main

@@ -1,4 +1,4 @@
-"""Shared helpers for benchmark scripts: run metadata and atomic result files.
+"""Run metadata and atomic result files, for every benchmark driver.
 
 Every result file carries the device it ran on, the ISO date, the git commit of the
 tree and the exact command line, so a number can always be traced back to its run.
@@ -17,7 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent
+REPO_ROOT = BENCHMARKS_DIR.parent
+RESULTS_DIR = BENCHMARKS_DIR / "results"
 
 
 def _device_name() -> str:
@@ -45,13 +47,12 @@ def _git_commit() -> str:
     not the sender's), else HEAD's hash with '-dirty' when tracked files differ, else 'unknown'."""
     if os.environ.get("WANQUANT_COMMIT"):
         return os.environ["WANQUANT_COMMIT"]
-    root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
         ).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -61,16 +62,27 @@ def _git_commit() -> str:
 def run_metadata(command: str | None = None) -> dict[str, str]:
     """{"device", "date", "commit", "command"} for the current run.
 
-    ``command`` defaults to this process's command line, shell-quoted.
+    ``command`` defaults to this process's command line, shell-quoted; a driver started
+    with ``python -m`` is recorded that way (``sys.argv[0]`` is then the file's path).
     """
     if command is None:
-        command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+        command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *_invocation()])
     return {
         "device": _device_name(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(),
         "command": command,
     }
+
+
+def _invocation() -> list[str]:
+    """``sys.argv`` with a module's file path turned back into ``-m package.module``."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and sys.argv and sys.argv[0] != "-c":
+        name = spec.name.removesuffix(".__main__")
+        return ["-m", name, *sys.argv[1:]]
+    return list(sys.argv)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,22 +1,21 @@
-"""The ablation's config ladder and a smoke run of the quality benchmark on a tiny pipeline."""
+"""benchmarks.quality: the ablation's config ladder, the VBench-style dimensions on videos with
+known answers, and a smoke run of the quality benchmark on a tiny pipeline."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import sys
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from benchmarks.quality import ablation as A
+from benchmarks.quality import vbench_style as VB
+from benchmarks.quality.layer_errors import EXPERT_OUTPUT, plot_layer_bin_heatmap
 from conftest import TINY_SETTINGS, build_tiny_pipeline
-from wanquant.config import paper_preset, wanquant_preset
-from wanquant.evaluation import ablation as A
-from wanquant.evaluation.layer_errors import EXPERT_OUTPUT, plot_layer_bin_heatmap
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from wanquant.method.config import paper_preset, wanquant_preset
 
 
 def _diff(a, b) -> set[str]:
@@ -50,10 +49,9 @@ def test_configs_are_the_documented_ladder():
     assert set(narrow.clip.clip_ratios) < set(ours_clip.clip_ratios) and min(ours_clip.clip_ratios) < 0.6
     assert set(narrow.clip.exp_offsets) < set(ours_clip.exp_offsets) and max(ours_clip.exp_offsets) > 1
     for c in list(cfgs.values())[1:]:
-        assert (c.weight_format, c.act_format, c.group_size, c.bins) == (rtn.weight_format, rtn.act_format,
-                                                                        rtn.group_size, rtn.bins)
+        assert (c.weight_format, c.act_format, c.bins) == (rtn.weight_format, rtn.act_format, rtn.bins)
     sw = A.switches(cfgs["global_clip"])
-    assert sw == {"quantized": True, "format": "W:mxfp4 A:mxfp4 g32", "smooth": "alpha 0.5", "rank": 16,
+    assert sw == {"quantized": True, "format": "W:mxfp4 g32 A:mxfp4 g32", "smooth": "alpha 0.5", "rank": 16,
                   "gptq": True, "clip": "global", "clip_per_expert": True,
                   "clip_grid": "ratios 0.6-1.0, offsets -1..+1"}
     assert A.switches(None) == {"quantized": False}
@@ -73,6 +71,97 @@ def test_acceptance_arithmetic():
     assert acc["trajectory_err_loss"]["ratio"] == pytest.approx(0.2)
     rows["ours"]["trajectory_err"] = 1.6  # 0.6 px > a quarter of 2.0 px
     assert not A.acceptance(rows)["trajectory_err_loss"]["met"]
+
+
+# ---------------------------------------------------------------------- VBench-style dims
+
+
+def test_flicker_static_vs_flickering():
+    static = np.full((6, 16, 16, 3), 100, dtype=np.uint8)
+    assert VB.temporal_flickering(static) == 1.0
+    flicker = static.copy()
+    flicker[1::2] = 120  # every other frame 20 levels brighter
+    assert VB.temporal_flickering(flicker) == pytest.approx((255 - 20) / 255)
+    # Restricted to a mask, only its pixels count.
+    part = static.copy()
+    part[1::2, :, :8] = 140
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[:, 8:] = True
+    assert VB.temporal_flickering(part, mask) == 1.0
+    assert VB.temporal_flickering(part, ~mask) == pytest.approx((255 - 40) / 255)
+
+
+def _square_video(velocity: float, frames: int = 9, size: int = 64, jitter: np.ndarray | None = None) -> np.ndarray:
+    """A textured 14 px square moving right by ``velocity`` px a frame over a smooth background."""
+    rng = np.random.default_rng(1)
+    tex = rng.integers(120, 256, size=(14, 14, 3)).astype(np.uint8)
+    y, x = np.mgrid[0:size, 0:size]
+    bg = np.stack([40 + x // 4, 40 + y // 4, 60 + 0 * x], -1).astype(np.uint8)
+    out = []
+    for t in range(frames):
+        fr = bg.copy()
+        x0 = int(round(8 + velocity * t + (jitter[t] if jitter is not None else 0)))
+        fr[25:39, x0:x0 + 14] = tex
+        out.append(fr)
+    return np.stack(out)
+
+
+def test_optical_flow_recovers_a_translating_square():
+    v = _square_video(2.0)
+    flow = VB.optical_flow(v[3], v[4])
+    x0 = 8 + 2 * 3
+    inner = flow[28:36, x0 + 3:x0 + 11]
+    assert inner[..., 0].mean() == pytest.approx(2.0, abs=0.35)
+    assert abs(inner[..., 1].mean()) < 0.3
+
+
+def test_motion_metrics_on_known_motion():
+    moving, still = _square_video(2.0), _square_video(0.0)
+    thr = VB.dynamic_threshold(64, 64)
+    assert thr == pytest.approx(1.5)
+    assert VB.dynamic_degree(moving) == 1.0
+    assert VB.dynamic_degree(still) == 0.0
+    jerky = _square_video(2.0, jitter=np.array([0, 4, -3, 5, -4, 3, -5, 4, 0]))
+    smooth_s, jerky_s, still_s = (VB.motion_smoothness(v) for v in (moving, jerky, still))
+    assert still_s == pytest.approx(1.0, abs=1e-6)
+    assert smooth_s > 0.99
+    assert jerky_s < smooth_s - 0.005
+
+
+def test_subject_and_background_consistency():
+    v = _square_video(2.0)
+    v[..., :] = np.where(v.sum(-1, keepdims=True) > 400, [230, 40, 40], v).astype(np.uint8)  # a red object
+    base = VB.subject_consistency(v, [(230, 40, 40)])
+    gone = v.copy()
+    gone[4:6] = gone[0, :, :1]  # the object vanishes for two frames
+    assert VB.subject_consistency(gone, [(230, 40, 40)]) < base - 0.1
+    assert VB.background_consistency(np.repeat(v[:1], 5, 0)) == pytest.approx(1.0)
+
+
+def test_vbench_style_on_a_testbed_clip():
+    from wanquant.testbed.dataset import get_sample
+
+    s = get_sample("eval", 0)
+    dims = VB.vbench_style(s.frames, s, with_brisque=False)
+    assert set(VB.DIMENSIONS) <= set(dims)
+    assert all(0.0 <= dims[k] <= 1.0 for k in VB.DIMENSIONS)
+    assert dims["temporal_flickering"] == 1.0  # the true clip's background never changes
+    assert dims["average"] == pytest.approx(np.mean([dims[k] for k in VB.DIMENSIONS]))
+    mask = VB.static_mask(s)
+    assert 0 < mask.sum() < mask.size
+
+
+def test_brisque_reports_a_number_or_why_not():
+    from wanquant.testbed.dataset import get_sample
+
+    out = VB.imaging_quality_brisque(get_sample("eval", 0).frames[:4], every=4)
+    if out["score"] is None:
+        assert out["reason"]
+    else:
+        assert np.isfinite(out["raw"]) and 0.0 <= out["score"] <= 1.0
+
+
+# ----------------------------------------------------------------------- the benchmark
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from wanquant.model.wan import BLOCKS_ATTR, _group_of, experts_of  # noqa: E402
-from wanquant.runtime.load import quantized_layers  # noqa: E402
+from wanquant.runtime.expert import quantized_layers  # noqa: E402
 
 EXPERT_OUTPUT = "expert_output"
 
@@ -125,18 +125,6 @@ def _sort_key(key: tuple[str, int, str]):
     parts = name.split(".")
     block = int(parts[1]) if parts[0] == BLOCKS_ATTR and parts[1].isdigit() else 10**5
     return (attr, b, block, name)
-
-
-def merge_rows(rows: list[dict]) -> list[dict]:
-    """Sum per-(expert, bin, layer) rows recorded over several runs (weights: calls)."""
-    acc: dict[tuple, list[float]] = {}
-    for r in rows:
-        k = (r["expert"], r["role"], r["bin"], r["layer"])
-        a = acc.setdefault(k, [0.0, 0])
-        a[0] += r["rel_err"] * r["calls"]
-        a[1] += r["calls"]
-    return [{"expert": e, "role": role, "bin": b, "layer": name, "rel_err": s / n if n else 0.0, "calls": n}
-            for (e, role, b, name), (s, n) in acc.items()]
 
 
 def summarize(rows: list[dict]) -> dict:
