@@ -15,8 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wanquant"
 LAYERS = {
     "media": 0, "distributed": 0, "testbed": 0, "evaluation": 0,
     "formats": 1, "numerics": 2, "method": 3, "kernels": 4, "artifacts": 4, "runtime": 5,
-    "model": 6, "loading": 7, "lora": 7, "calibration": 8,
-    "validate": 9, "api": 9, "demo": 10, "cli": 10,
+    "model": 6, "loading": 7, "lora": 7, "validate": 7, "calibration": 8,
+    "api": 9, "demo": 10, "cli": 10,
 }
 DIFFUSERS_HOME = "model"
 

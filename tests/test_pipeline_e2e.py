@@ -100,8 +100,11 @@ def test_inspect_lists_every_layer(quantized):
     from wanquant.api import inspect
 
     _, qdir = quantized
-    rows = inspect(qdir)
+    info = inspect(qdir)
+    rows = info["layers"]
     assert len(rows) == 2 * 2 * 7
+    for cov in info["experts"].values():
+        assert cov["complete"] and cov["quantized"] == cov["expected"] == 2 * 7 and not cov["missing"]
     assert {r["expert"] for r in rows} == {"transformer", "transformer_2"}
     assert all(r["rank"] == 8 and len(r["clip"]) == 3 and r["rel_err"] is not None for r in rows)
     assert all(0 < r["rel_err"] < 1 for r in rows)
@@ -112,7 +115,7 @@ def test_cli_inspect_and_generate(quantized, tmp_path):
     r = subprocess.run([sys.executable, "-m", "wanquant.cli", "inspect", str(qdir), "--json"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert len(json.loads(r.stdout)) == 28
+    assert len(json.loads(r.stdout)["layers"]) == 28
 
 
 def test_resume_skips_finished_passes(tmp_path, tiny_samples, monkeypatch):

@@ -9,7 +9,8 @@ Where things are (dependencies point down this list, never up):
 * ``runtime``      ``W4A4Linear`` and the per-expert timestep-bin state
 * ``artifacts``    the checkpoint directory
 * ``model``        the Wan/diffusers adapter (the only importer of diffusers)
-* ``loading``      a checkpoint into a pipeline
+* ``loading``      a checkpoint into a pipeline; ``lora``: LoRA files onto the experts;
+                   ``validate``: checks of user input shared by the API and the CLI
 * ``calibration``  statistics from BF16 runs and the resumable quantize job
 * ``api`` / ``cli`` the Python API and the command line over it
 

@@ -3,24 +3,37 @@
 Typical use::
 
     import wanquant.api as wq
-    pipe = wq.load_base_pipeline("path/to/Wan2.2-I2V-A14B-Diffusers", device="cuda")
+    model = "path/to/Wan2.2-I2V-A14B-Diffusers"                 # or "testbed", the embedded model
+    pipe = wq.load_base_pipeline(model, device="cuda")
     samples = wq.load_calibration("calib.jsonl")
     wq.quantize(pipe, samples, "wan22-w4a4")                    # calibrate, quantize, save
-    pipe = wq.load_base_pipeline(path, device="cuda", with_experts=False)
+    pipe = wq.load_base_pipeline(model, device="cuda", with_experts=False)
     wq.load_quantized(pipe, "wan22-w4a4")                       # quantized experts in place
     frames = wq.generate(pipe, "cat.png", "a cat surfing", out="cat.mp4")
+
+LoRAs (diffusers/PEFT, original Wan, ComfyUI or Kohya files) go into the 16-bit branch of
+the W4A4 layers, per expert, switchable without reloading (also on a BF16 pipeline)::
+
+    wq.load_lora(pipe, "lightning_high.safetensors", expert="transformer")    # high noise
+    wq.load_lora(pipe, "lightning_low.safetensors", expert="transformer_2")   # low noise
+    wq.load_lora(pipe, "style.safetensors", strength=0.8)                     # both experts
+    wq.set_lora_strengths(pipe, {"style": 0.5}); wq.list_loras(pipe); wq.unload_loras(pipe, ["style"])
 
 Several GPUs (every rank of a torchrun job runs the same calls): ``dist =
 init_distributed()`` first, then ``quantize(..., dist=dist)``, or, after
 ``load_quantized``, ``enable_context_parallel(pipe)`` before ``generate``.
 
 ``"testbed"`` names the embedded model (a diffusers directory inside the package) and
-its calibration split; every other model is a local diffusers directory.
+its calibration split; every other model is a local diffusers directory. Settings left
+out (``quantize``/``generate`` without ``settings``) are the model's own
+(:func:`default_settings`: the testbed's size and 10 steps, Wan2.2's 480x832x81 and 40
+steps), remembered by the pipeline :func:`load_base_pipeline` returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -28,16 +41,24 @@ import torch
 from PIL import Image
 
 from wanquant import testbed
-from wanquant.artifacts.checkpoint import CheckpointError, read_manifest
+from wanquant.artifacts.checkpoint import CheckpointError, OutputBusyError, check_output_free, read_manifest
 from wanquant.calibration.config import CalibrationRun
 from wanquant.calibration.run import quantize_pipeline
-from wanquant.calibration.samples import CalibSample, load_manifest
+from wanquant.calibration.samples import CalibSample, check_samples, load_manifest
 from wanquant.method.config import PRESETS, QuantConfig, preset
 from wanquant.distributed import DistContext, init_distributed
-from wanquant.loading import load_quantized
+from wanquant.loading import expected_layers, layer_coverage, load_quantized
+from wanquant.lora.apply import list_loras, load_lora, set_lora_strengths, unload_loras
+from wanquant.lora.files import LoraError
 from wanquant.media import open_image, write_frame_strip, write_video
 from wanquant.model.parallel import check_context_parallel_shape, enable_context_parallel
-from wanquant.model.pipeline import GenerationSettings, load_pipeline, run_pipeline
+from wanquant.model.pipeline import (
+    GenerationSettings, PipelineSource, load_pipeline, pipeline_class, run_pipeline, show_progress, source_of,
+)
+from wanquant.validate import (
+    InputError, check_backend, check_blocks_left, check_calibration_run, check_checkpoint_out, check_prompt,
+    check_settings, check_video_out, positive_int,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,35 +68,98 @@ class LocalModel:
     """A model that ships with wanquant: where it is and how it likes to be run."""
 
     path: Path
-    settings: GenerationSettings  # its sampling defaults
-    vae_dtype: torch.dtype | None = None  # None: the pipeline's dtype
+    settings: GenerationSettings  # its sampling defaults (quantize and generate)
 
 
 LOCAL_MODELS = {
-    "testbed": LocalModel(testbed.WEIGHTS_DIR, GenerationSettings(**testbed.SAMPLING), vae_dtype=torch.float32),
+    "testbed": LocalModel(testbed.WEIGHTS_DIR, GenerationSettings(**testbed.SAMPLING, num_inference_steps=10)),
 }
+# Every model's VAE runs in fp32 unless asked otherwise, as Wan's own examples run it: the
+# VAE is small next to the experts and decodes visibly better in fp32.
+VAE_DTYPE = torch.float32
+
+
+def _local_model(model: str | Path) -> LocalModel | None:
+    """The :data:`LOCAL_MODELS` entry for a name, or for a path to one of their directories."""
+    if str(model) in LOCAL_MODELS:
+        return LOCAL_MODELS[str(model)]
+    resolved = Path(model).resolve()
+    return next((m for m in LOCAL_MODELS.values() if m.path.resolve() == resolved), None)
+
+
+def model_path(model: str | Path) -> Path:
+    """The diffusers directory of a model name or path."""
+    local = _local_model(model)
+    return local.path if local else Path(model)
 
 
 def load_base_pipeline(model: str | Path = "testbed", device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.bfloat16, with_experts: bool = True):
+                       dtype: torch.dtype = torch.bfloat16, with_experts: bool = True,
+                       vae_dtype: torch.dtype | None = VAE_DTYPE, progress: bool | None = None):
     """A diffusers Wan pipeline from a local directory, or a model in :data:`LOCAL_MODELS`.
 
     ``with_experts=False`` does not read the 16-bit experts (use it before
-    :func:`load_quantized`, which brings its own).
+    :func:`load_quantized`, which brings its own). The VAE runs in ``vae_dtype`` (fp32 by
+    default, for every model; None: ``dtype``). The pipeline remembers the model's
+    :func:`default_settings`, which :func:`quantize` and :func:`generate` use when given
+    no settings (see :func:`pipeline_defaults`).
     """
-    local = LOCAL_MODELS.get(str(model))
-    path = local.path if local else Path(model)
-    return load_pipeline(path, device, dtype, with_experts=with_experts, vae_dtype=local.vae_dtype if local else None)
+    return load_pipeline(model_path(model), device, dtype, with_experts=with_experts, vae_dtype=vae_dtype,
+                         defaults=default_settings(model), progress=progress)
+
+
+def pipeline_defaults(pipe) -> GenerationSettings:
+    """The settings :func:`quantize` and :func:`generate` use without ``settings``: those of
+    the model :func:`load_base_pipeline` loaded (recorded on the pipeline as its
+    ``wanquant_source``), or Wan2.2's for a pipeline built another way."""
+    source = source_of(pipe)
+    return dataclasses.replace(source.defaults) if source is not None else GenerationSettings()
+
+
+def check_quantize_inputs(model: str | Path, out_dir: str | Path, config: QuantConfig | str = "wanquant",
+                          settings: GenerationSettings | None = None, blocks_per_pass: int | None = None,
+                          reservoir_tokens: int = 4096, shards: int | None = None, overwrite: bool = False) -> None:
+    """Every check of a quantize run that needs no loaded model: numbers, the model
+    directory, blocks left to quantize, and an output that is writable, replaceable and
+    not being written by another run. The CLI runs it before loading anything;
+    :func:`quantize` repeats what applies once the pipeline is loaded."""
+    cfg = preset(config) if isinstance(config, str) else config
+    check_settings(settings or default_settings(model))
+    check_calibration_run(blocks_per_pass, reservoir_tokens, shards)
+    path = model_path(model)
+    pipeline_class(path)  # a diffusers directory of a Wan pipeline
+    for attr in ("transformer", "transformer_2"):
+        expert = PipelineSource(path).expert_config(attr)
+        if expert is not None:
+            check_blocks_left(cfg.precision.skip_blocks, int(expert["num_layers"]))
+    check_checkpoint_out(out_dir, overwrite)
+    check_output_free(out_dir)
+
+
+def check_generate_inputs(settings: GenerationSettings, prompt: str, image: str | Path | None = None,
+                          out: str | Path | None = None, backend: str = "auto",
+                          device: str | torch.device = "cpu") -> None:
+    """Every check of a generation that needs no loaded model (the CLI runs it first)."""
+    check_settings(settings)
+    check_prompt(prompt, "--prompt (prompt)")
+    check_backend(backend, device)
+    if image is not None:
+        open_image(image, "--image")
+    if out is not None:
+        check_video_out(out)
 
 
 def default_settings(model: str | Path = "testbed") -> GenerationSettings:
-    """Sampling defaults of a model: its own for :data:`LOCAL_MODELS`, Wan2.2's otherwise."""
-    local = LOCAL_MODELS.get(str(model))
+    """Sampling defaults of a model (steps too, for quantize and generate alike): its own
+    for :data:`LOCAL_MODELS` (by name or path), Wan2.2's otherwise."""
+    local = _local_model(model)
     return dataclasses.replace(local.settings) if local else GenerationSettings()
 
 
 def load_calibration(source: str | Path, count: int | None = None) -> list[CalibSample]:
-    """Calibration samples from a JSONL manifest, or ``testbed`` (its calibration split)."""
+    """Calibration samples from a JSONL manifest, or ``testbed`` (its calibration split);
+    ``count``: only the first ``count`` (every line is still checked)."""
+    positive_int(count, "--num-samples (count)", allow_none=True)
     if str(source) == "testbed":
         from wanquant.testbed.dataset import list_samples
 
@@ -88,38 +172,68 @@ def load_calibration(source: str | Path, count: int | None = None) -> list[Calib
 def quantize(pipe, samples: list[CalibSample], out_dir: str | Path, config: QuantConfig | str = "wanquant",
              settings: GenerationSettings | None = None, blocks_per_pass: int | None = None,
              reservoir_tokens: int = 4096, overwrite: bool = False, restart: bool = False,
-             progress: bool = True, shards: int | None = None, dist: DistContext | None = None) -> Path:
+             progress: bool | None = None, shards: int | None = None, dist: DistContext | None = None) -> Path:
     """Calibrate on ``samples``, quantize both experts and write the checkpoint to ``out_dir``.
 
-    ``shards``: split the samples into this many shards merged in shard order (the same
-    shards give the same checkpoint on any number of processes); ``dist``: this process's
-    place in a torchrun job (:func:`init_distributed`).
+    ``settings``: the calibration forwards' sampling settings (default: the model's,
+    :func:`pipeline_defaults`); ``shards``: split the samples into this many shards merged
+    in shard order (the same shards give the same checkpoint on any number of processes);
+    ``dist``: this process's place in a torchrun job (:func:`init_distributed`);
+    ``progress``: bars (None: when stderr is a terminal). Arguments and the output are
+    checked before any work; the output is locked while the run writes it.
     """
     cfg = preset(config) if isinstance(config, str) else config
-    run = CalibrationRun(settings or GenerationSettings(), blocks_per_pass, reservoir_tokens,
-                         progress=progress and (dist is None or dist.is_main), shards=shards)
+    settings = check_settings(settings or pipeline_defaults(pipe))
+    check_calibration_run(blocks_per_pass, reservoir_tokens, shards)
+    check_samples(samples)
+    main = dist is None or dist.is_main
+    if main:
+        check_checkpoint_out(out_dir, overwrite)
+    run = CalibrationRun(settings, blocks_per_pass, reservoir_tokens, progress=show_progress(progress) and main,
+                         shards=shards)
     return quantize_pipeline(pipe, samples, cfg, run, out_dir, overwrite=overwrite, restart=restart, dist=dist)
 
 
 def generate(pipe, image: Image.Image | str | Path, prompt: str, settings: GenerationSettings | None = None,
-             seed: int = 0, out: str | Path | None = None, progress: bool = True):
-    """Generate a video; with ``out`` also write it as MP4 and a frame-strip PNG beside it."""
+             seed: int = 0, out: str | Path | None = None, progress: bool | None = None):
+    """Generate a video; with ``out`` also write it (MP4, or another suffix of
+    :data:`wanquant.media.VIDEO_SUFFIXES`) and a frame-strip PNG beside it.
+
+    ``settings``: default the model's (:func:`pipeline_defaults`); ``progress``: a labelled
+    denoising bar (None: when stderr is a terminal). Arguments, the image and ``out`` are
+    checked before generating.
+    """
+    settings = check_settings(settings or pipeline_defaults(pipe))
+    check_prompt(prompt)
+    if out is not None:
+        out = check_video_out(out)
     if not isinstance(image, Image.Image):
         image = open_image(image)
-    frames = run_pipeline(pipe, image, prompt, settings or GenerationSettings(), seed, progress=progress)
+    frames = run_pipeline(pipe, image, prompt, settings, seed, progress=progress)
     if out is not None:
-        out = Path(out)
         write_video(frames, out)
         write_frame_strip(frames, out.with_suffix(".png"))
     return frames
 
 
-def inspect(qdir: str | Path, verify: bool = True) -> list[dict]:
-    """One row per quantized layer: expert, name, shape, format, rank, clip table, errors."""
+def inspect(qdir: str | Path, verify: bool = True) -> dict:
+    """What a checkpoint holds: ``{"experts": {attr: coverage}, "layers": [row, ...]}``.
+
+    Coverage per expert: role, ``quantized`` of ``expected`` layers (what its config and
+    the precision policy call for), and the names ``missing``, ``unexpected`` or with a
+    ``wrong_shape``; ``complete`` is False on any shortfall. One row per quantized layer:
+    expert, name, shape, format, rank, clip table, errors.
+    """
     manifest = read_manifest(qdir, verify=verify)
-    formats = QuantConfig.from_dict(manifest["config"]).describe_formats()
-    rows = []
+    cfg = QuantConfig.from_dict(manifest["config"])
+    formats = cfg.describe_formats()
+    experts, rows = {}, []
     for attr, info in manifest["experts"].items():
+        config = json.loads((Path(qdir) / attr / "config.json").read_text())
+        config.pop("quantization_config", None)
+        cov = layer_coverage(info["layers"], expected_layers(config, cfg))
+        cov["complete"] = not (cov["missing"] or cov["unexpected"] or cov["wrong_shape"])
+        experts[attr] = {"role": info["role"], **cov}
         for name, layer in info["layers"].items():
             rep = layer.get("report", {})
             rows.append({
@@ -130,9 +244,11 @@ def inspect(qdir: str | Path, verify: bool = True) -> list[dict]:
                 "rel_err_per_bin": rep.get("final", {}).get("rel_err_per_bin"),
                 "gptq_fallback": rep.get("gptq", {}).get("fallback"),
             })
-    return rows
+    return {"experts": experts, "layers": rows}
 
 
-__all__ = ["load_base_pipeline", "default_settings", "load_calibration", "quantize", "load_quantized", "generate",
-           "inspect", "init_distributed", "enable_context_parallel", "check_context_parallel_shape",
-           "GenerationSettings", "QuantConfig", "PRESETS", "preset", "CheckpointError", "LOCAL_MODELS"]
+__all__ = ["load_base_pipeline", "default_settings", "pipeline_defaults", "model_path", "load_calibration",
+           "quantize", "load_quantized", "generate", "inspect", "check_quantize_inputs", "check_generate_inputs",
+           "InputError", "OutputBusyError", "init_distributed", "enable_context_parallel", "check_context_parallel_shape",
+           "GenerationSettings", "QuantConfig", "PRESETS", "preset", "CheckpointError", "LOCAL_MODELS",
+           "load_lora", "set_lora_strengths", "unload_loras", "list_loras", "LoraError"]

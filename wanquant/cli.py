@@ -17,26 +17,36 @@ log = logging.getLogger("wanquant")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _gen_args(p: argparse.ArgumentParser, steps: int) -> None:
+def _gen_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--height", type=int, help="frame height (default: the model's)")
-    g.add_argument("--width", type=int, help="frame width (default: the model's)")
+    g.add_argument("--height", type=int, help="frame height, a multiple of 16 (default: the model's)")
+    g.add_argument("--width", type=int, help="frame width, a multiple of 16 (default: the model's)")
     g.add_argument("--frames", type=int, help="number of frames (default: the model's)")
-    g.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
+    g.add_argument("--steps", type=int,
+                   help="denoising steps (default: the model's; testbed 10, Wan2.2 40)")
+    g.add_argument("--vae-dtype", default="fp32", choices=sorted(DTYPES),
+                   help="the VAE's dtype (default fp32 for every model, as Wan's own examples)")
     g.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale")
     g.add_argument("--negative-prompt", default="", help="negative prompt")
 
 
 def _settings(args):
+    """The model's defaults, with the options given (a given 0 stays 0, to be refused)."""
     d = api.default_settings(args.model)
+
+    def given(value, default):
+        return default if value is None else value
+
     return dataclasses.replace(
-        d, height=args.height or d.height, width=args.width or d.width, num_frames=args.frames or d.num_frames,
-        num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt)
+        d, height=given(args.height, d.height), width=given(args.width, d.width),
+        num_frames=given(args.frames, d.num_frames), num_inference_steps=given(args.steps, d.num_inference_steps),
+        guidance_scale=args.guidance, negative_prompt=args.negative_prompt)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanquant", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks on errors)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="calibrate a Wan pipeline and write a W4A4 checkpoint")
@@ -58,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--restart", action="store_true", help="discard an unfinished run instead of resuming it")
-    _gen_args(q, steps=10)
+    _gen_args(q)
 
     g = sub.add_parser("generate", help="generate a video with a quantized (or BF16) pipeline")
     g.add_argument("--model", default="testbed", help="diffusers pipeline directory, or 'testbed'")
@@ -76,7 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ulysses-degree", type=int,
                    help="under torchrun: Ulysses context-parallel degree (default: processes / ring degree)")
     g.add_argument("--ring-degree", type=int, default=1, help="under torchrun: ring-attention degree (default 1)")
-    _gen_args(g, steps=40)
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="a LoRA file (diffusers/PEFT, original Wan, ComfyUI or Kohya keys), strength default 1; "
+                        "repeatable. Without --lora-2 it goes to both experts; with --lora-2 only to the high-noise "
+                        "expert (transformer). E.g. a 4-step Lightning pair: --lora high.safetensors "
+                        "--lora-2 low.safetensors --steps 4 --guidance 1")
+    g.add_argument("--lora-2", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="a LoRA file for the low-noise expert (transformer_2); repeatable")
+    _gen_args(g)
 
     i = sub.add_parser("inspect", help="per-layer table of a checkpoint (format, rank, clip tables, errors)")
     i.add_argument("checkpoint")
@@ -106,16 +123,27 @@ def _quant_config(args) -> api.QuantConfig:
 
 def cmd_quantize(args) -> int:
     cfg = _quant_config(args)
+    settings = _settings(args)
     # Under torchrun: one process per GPU (cuda:LOCAL_RANK, NCCL) or CPU process (gloo).
     dist = api.init_distributed(args.device)
     main = dist is None or dist.is_main
     try:
         if not main:
             logging.getLogger().setLevel(logging.WARNING)
+        # Everything that can be wrong without a model is found before one is loaded;
+        # rank 0 checks (the output's lock is one file) and tells the others.
+        def check() -> None:
+            api.check_quantize_inputs(args.model, args.out, cfg, settings, args.blocks_per_pass,
+                                      args.reservoir_tokens, args.calib_shards, args.overwrite)
+
+        if dist is not None:
+            dist.on_main(check)
+        else:
+            check()
         device = dist.device if dist is not None else args.device
         samples = api.load_calibration(args.calib, args.num_samples)
-        pipe = api.load_base_pipeline(args.model, device, DTYPES[args.dtype])
-        out = api.quantize(pipe, samples, args.out, cfg, _settings(args), args.blocks_per_pass,
+        pipe = api.load_base_pipeline(args.model, device, DTYPES[args.dtype], vae_dtype=DTYPES[args.vae_dtype])
+        out = api.quantize(pipe, samples, args.out, cfg, settings, args.blocks_per_pass,
                            args.reservoir_tokens, overwrite=args.overwrite, restart=args.restart,
                            shards=args.calib_shards, dist=dist)
     finally:
@@ -124,6 +152,28 @@ def cmd_quantize(args) -> int:
     if main:
         print(f"wrote {out}")
     return 0
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """``PATH[:STRENGTH]`` -> (path, strength); a colon not followed by a number is part of the path."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _load_loras(pipe, args) -> None:
+    """``--lora`` to both experts, or to the high-noise one when ``--lora-2`` is given too."""
+    first = "transformer" if args.lora_2 else "both"
+    for items, expert in ((args.lora, first), (args.lora_2, "transformer_2")):
+        for text in items:
+            path, strength = parse_lora_arg(text)
+            name = api.load_lora(pipe, path, strength=strength, expert=expert,
+                                 name=f"{Path(path).stem}@{expert}")
+            log.info("LoRA %s at strength %g on %s", name, strength, expert)
 
 
 def cmd_generate(args) -> int:
@@ -135,18 +185,21 @@ def cmd_generate(args) -> int:
         if not main:
             logging.getLogger().setLevel(logging.WARNING)
         device = dist.device if dist is not None else args.device
+        settings = _settings(args)
+        out = args.out if main else None
+        api.check_generate_inputs(settings, args.prompt, args.image, out, args.backend, device)
         # With a checkpoint, the 16-bit experts are loaded only to verify the source model.
         with_experts = args.quantized is None or args.verify_source
-        pipe = api.load_base_pipeline(args.model, device, DTYPES[args.dtype], with_experts=with_experts)
+        pipe = api.load_base_pipeline(args.model, device, DTYPES[args.dtype], with_experts=with_experts,
+                                      vae_dtype=DTYPES[args.vae_dtype])
         if args.quantized:
             api.load_quantized(pipe, args.quantized, device=device, backend=args.backend,
                                allow_mismatch=args.allow_mismatch)
-        settings = _settings(args)
+        _load_loras(pipe, args)
         if dist is not None:  # after the W4A4 experts are in place: CP hooks live on module instances
             api.check_context_parallel_shape(pipe, settings.height, settings.width, settings.num_frames)
             api.enable_context_parallel(pipe, args.ulysses_degree, args.ring_degree)
-        api.generate(pipe, args.image, args.prompt, settings, args.seed, out=args.out if main else None,
-                     progress=main)
+        api.generate(pipe, args.image, args.prompt, settings, args.seed, out=out, progress=None if main else False)
     finally:
         if dist is not None:
             dist.close()
@@ -156,14 +209,28 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    rows = api.inspect(args.checkpoint, verify=not args.no_verify)
+    """The per-layer table and, per expert, quantized/expected layers; exit 1 on a shortfall."""
+    info = api.inspect(args.checkpoint, verify=not args.no_verify)
     if args.json:
-        print(json.dumps(rows, indent=1, default=str))
-        return 0
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        _print_layer_table(args.checkpoint, info["layers"])
+        for attr, cov in info["experts"].items():
+            print(f"{attr} ({cov['role']}): {cov['quantized']} of {cov['expected']} layers quantized")
+    short = {a: c for a, c in info["experts"].items() if not c["complete"]}
+    for attr, cov in short.items():
+        print(f"wanquant inspect: error: {args.checkpoint}: {attr} holds {cov['quantized']} of the "
+              f"{cov['expected']} quantized layers its config calls for (missing {cov['missing'][:5]}, unexpected "
+              f"{cov['unexpected'][:5]}, other shape {list(cov['wrong_shape'])[:5]}); the checkpoint is incomplete: "
+              "re-quantize", file=sys.stderr)
+    return 1 if short else 0
+
+
+def _print_layer_table(title, rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=str(args.checkpoint))
+    table = Table(title=str(title))
     for col in ("expert", "layer", "shape", "format", "rank", "alpha", "clip (ratio, offset) per bin", "rel_err"):
         table.add_column(col)
     for r in rows:
@@ -172,7 +239,6 @@ def cmd_inspect(args) -> int:
         table.add_row(f"{r['expert']} ({r['role']})", r["layer"], "x".join(map(str, r["shape"])), r["format"],
                       str(r["rank"]), str(r["alpha"]), clip, err)
     Console(width=200).print(table)
-    return 0
 
 
 def cmd_demo(args) -> int:
@@ -184,6 +250,9 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# Failures a user can fix (bad input, missing or busy files, a wrong checkpoint); anything
+# else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (api.CheckpointError, api.OutputBusyError, OSError, ValueError, TypeError, KeyError)
 COMMANDS = {"quantize": cmd_quantize, "generate": cmd_generate, "inspect": cmd_inspect, "demo": cmd_demo}
 
 
@@ -193,9 +262,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (api.CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError, KeyError) as e:
-        print(f"wanquant {args.command}: error: {e}", file=sys.stderr)
-        if args.verbose:
+    except EXPECTED_ERRORS as e:
+        # One line naming the problem and the fix; the traceback only when asked for.
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"wanquant {args.command}: error: {message}", file=sys.stderr)
+        if args.verbose or args.debug:
             raise
         return 2
 

@@ -21,12 +21,17 @@ from wanquant.evaluation.metrics import psnr
 from wanquant.evaluation.report import clip_table_plot, error_map, layer_error_plot, write_report
 from wanquant.media import write_frame_strip, write_video
 from wanquant.testbed.dataset import list_samples, trajectory_error
+from wanquant.validate import positive_int, writable_location
 
 log = logging.getLogger(__name__)
 
 
 def run_demo(out: Path, num_calib: int = 4, num_eval: int = 2, steps: int = 10, preset_name: str = "wanquant",
              device: str = "cpu") -> Path:
+    positive_int(num_calib, "--num-calib (num_calib)")
+    positive_int(num_eval, "--num-eval (num_eval)")
+    positive_int(steps, "--steps (steps)")
+    writable_location(out, "--out (out)")
     out.mkdir(parents=True, exist_ok=True)
     if not device.startswith("cuda"):
         # The testbed's tensors are tiny: one thread is fastest, and several threads
@@ -76,7 +81,8 @@ def run_demo(out: Path, num_calib: int = 4, num_eval: int = 2, steps: int = 10, 
                         "traj_err_w4a4_px": trajectory_error(fq, s)["traj_err_px"]},
             "videos": {f"baseline ({base_name})": files["baseline"], "W4A4": files["w4a4"],
                        "ground truth": _gt_video(s, out, name)},
-            "images": {"error map": f"{name}_error.png", "frames (baseline)": f"{name}_{base_name}.png",
+            "images": {"error map": f"{name}_error.png"},
+            "strips": {f"frames (baseline, {base_name})": f"{name}_{base_name}.png",
                        "frames (W4A4)": f"{name}_w4a4.png"},
         })
     manifest = read_manifest(qdir)

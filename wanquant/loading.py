@@ -22,8 +22,9 @@ from wanquant.artifacts.checkpoint import CheckpointError, fingerprint_module, l
 from wanquant.method.config import QuantConfig
 from wanquant.model.wan import (
     architecture_differences, bind_expert, component_mismatch, empty_expert, experts_of, install_layer,
-    restore_buffers, split_saved_buffers,
+    quant_targets, restore_buffers, split_saved_buffers,
 )
+from wanquant.model.pipeline import source_of
 from wanquant.runtime.expert import quantized_layers, refresh, set_backend
 from wanquant.runtime.linear import Backend, W4A4Linear
 from wanquant.runtime.state import TimestepBins
@@ -37,6 +38,7 @@ def build_quantized_expert(qdir: str | Path, attr: str, manifest: dict, device: 
     cfg = QuantConfig.from_dict(manifest["config"])
     layers, rest, config = load_expert_files(qdir, attr, manifest)
     model = empty_expert(config)
+    check_layer_coverage(qdir, attr, layers, expected_layers(model, cfg))
     for name, params in layers.items():
         install_layer(model, name, W4A4Linear.from_params(params, cfg.weight_format, cfg.act_format))
     rest, buffers = split_saved_buffers(rest)
@@ -59,6 +61,41 @@ def build_quantized_expert(qdir: str | Path, attr: str, manifest: dict, device: 
     return model
 
 
+def expected_layers(expert: nn.Module | dict, cfg: QuantConfig) -> dict[str, tuple[int, int]]:
+    """Every layer a complete checkpoint of this expert holds (after the precision
+    policy), with its (out, in) shape; ``expert`` is a model or its config."""
+    model = empty_expert(expert) if isinstance(expert, dict) else expert
+    return {t.name: t.shape for t in quant_targets(model, cfg)}
+
+
+def layer_coverage(layers: dict, expected: dict[str, tuple[int, int]]) -> dict:
+    """How a checkpoint's quantized layers (name -> params or manifest entry) cover the
+    expected ones: counts, and the names missing, unexpected or with another shape."""
+    def shape(v):
+        return tuple(v["shape"]) if isinstance(v, dict) else (v.out_features, v.in_features)
+
+    return {"quantized": sum(n in layers for n in expected), "expected": len(expected),
+            "missing": [n for n in expected if n not in layers],
+            "unexpected": [n for n in layers if n not in expected],
+            "wrong_shape": {n: (list(shape(v)), list(expected[n])) for n, v in layers.items()
+                            if n in expected and shape(v) != tuple(expected[n])}}
+
+
+def check_layer_coverage(qdir, attr: str, layers: dict, expected: dict[str, tuple[int, int]]) -> None:
+    """Refuse a checkpoint whose layers are not exactly those its expert config calls for."""
+    cov = layer_coverage(layers, expected)
+    where = f"{qdir}/{attr}"
+    if cov["wrong_shape"]:
+        name, (got, want) = next(iter(cov["wrong_shape"].items()))
+        raise CheckpointError(f"{where}: layer {name} is {got[0]}x{got[1]} but the expert's config.json calls for "
+                              f"{want[0]}x{want[1]} ({len(cov['wrong_shape'])} layers differ): config.json was edited "
+                              "or belongs to another model; restore the checkpoint or re-quantize")
+    if cov["missing"] or cov["unexpected"]:
+        raise CheckpointError(f"{where} holds {cov['quantized']} of the {cov['expected']} quantized layers its config "
+                              f"calls for (missing {cov['missing'][:5]}, unexpected {cov['unexpected'][:5]}): the "
+                              "checkpoint is incomplete or its config.json was edited; re-quantize")
+
+
 def check_compatible(pipe, manifest: dict, qdir: str | Path, allow_mismatch: bool = False) -> None:
     """Refuse a checkpoint made for another model or another expert layout."""
     roles = {e.attr: e.role for e in experts_of(pipe)} if getattr(pipe, "transformer", None) is not None else None
@@ -74,12 +111,18 @@ def check_compatible(pipe, manifest: dict, qdir: str | Path, allow_mismatch: boo
         if why is not None:
             raise CheckpointError(f"{qdir} was made for another model: {why}")
         existing = getattr(pipe, attr, None)
-        if existing is None:
+        # Without its 16-bit expert, the pipeline's model directory still has the config.
+        source = source_of(pipe)
+        base = dict(existing.config) if existing is not None else source.expert_config(attr) if source else None
+        if base is None:
             continue
-        diffs = architecture_differences(ck_config, dict(existing.config))
+        diffs = architecture_differences(ck_config, base)
         if diffs:
             raise CheckpointError(f"{qdir} was made for another model: {attr} config differs in "
-                                  + ", ".join(f"{k} (checkpoint {a}, pipeline {b})" for k, (a, b) in diffs.items()))
+                                  + ", ".join(f"{k} (checkpoint {a}, pipeline {b})" for k, (a, b) in diffs.items())
+                                  + "; load the base model it was made from, or re-quantize")
+        if existing is None:
+            continue
         if quantized_layers(existing) or next(existing.parameters()).device.type == "meta":
             continue
         fp = fingerprint_module(existing)

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm")
+# Video containers wanquant writes, with the codec each gets (WebM holds only VP8/VP9/AV1).
+VIDEO_CODECS = {".mp4": "libx264", ".mkv": "libx264", ".mov": "libx264", ".webm": "libvpx-vp9"}
+VIDEO_SUFFIXES = tuple(VIDEO_CODECS)
 
 
 def open_image(path: str | Path, what: str = "image") -> Image.Image:
@@ -35,28 +37,57 @@ def to_uint8(frames) -> np.ndarray:
 
 
 def write_video(frames, path: str | Path, fps: int = 16) -> Path:
-    """Write frames [F, H, W, 3] as MP4 (H.264 through the ffmpeg imageio-ffmpeg bundles)."""
+    """Write frames [F, H, W, 3] as a video (H.264, VP9 for .webm, through the ffmpeg that
+    imageio-ffmpeg bundles); atomic: nothing is left at ``path`` or beside it on failure."""
     import imageio.v2 as imageio
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    codec = VIDEO_CODECS.get(path.suffix.lower())
+    if codec is None:
+        raise ValueError(f"{path}: write a video as one of {', '.join(VIDEO_SUFFIXES)}, not {path.suffix or 'no suffix'}")
     arr = to_uint8(frames)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    # macro_block_size=1 keeps odd testbed sizes; yuv420p keeps browsers able to play it.
-    with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1, quality=8,
-                            pixelformat="yuv420p") as w:
-        for f in arr:
-            w.append_data(f)
-    tmp.replace(path)
-    return path
+
+    def write(tmp: Path) -> None:
+        # macro_block_size=1 keeps odd testbed sizes; yuv420p keeps browsers able to play it.
+        with imageio.get_writer(tmp, fps=fps, codec=codec, macro_block_size=1, quality=8,
+                                pixelformat="yuv420p", ffmpeg_log_level="error") as w:
+            for f in arr:
+                w.append_data(f)
+        if tmp.stat().st_size == 0 or not _has_video_stream(tmp):
+            raise OSError(f"ffmpeg wrote no video to {path}")
+
+    return _atomic(path, path.with_name(path.stem + ".tmp" + path.suffix), write)
+
+
+def _has_video_stream(path: Path) -> bool:
+    """ffmpeg can leave a header-only file behind on some errors without raising."""
+    import imageio.v2 as imageio
+
+    try:
+        with imageio.get_reader(path) as r:
+            r.get_data(0)
+        return True
+    except (OSError, IndexError, RuntimeError):
+        return False
 
 
 def write_frame_strip(frames, path: str | Path, max_frames: int = 8) -> Path:
-    """A PNG of evenly spaced frames side by side."""
+    """A PNG of evenly spaced frames side by side (atomic)."""
     arr = to_uint8(frames)
     idx = np.linspace(0, len(arr) - 1, num=min(max_frames, len(arr))).round().astype(int)
     strip = np.concatenate([arr[i] for i in idx], axis=1)
     path = Path(path)
+    return _atomic(path, path.with_name(path.stem + ".tmp" + path.suffix),
+                   lambda tmp: Image.fromarray(strip).save(tmp))
+
+
+def _atomic(path: Path, tmp: Path, write) -> Path:
+    """``write(tmp)`` then rename it to ``path``; the temporary file never outlives a failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(strip).save(path)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

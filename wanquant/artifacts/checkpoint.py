@@ -17,11 +17,17 @@ layout is kernel-independent; kernels repack at load time.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import secrets
 import shutil
-import tempfile
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,10 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 QUANT_METHOD = "wanquant"
+# Manifest keys a checkpoint cannot be read without.
+REQUIRED_KEYS = ("config", "experts", "files")
+
+log = logging.getLogger(__name__)
 
 
 def quantization_config_of(config: dict[str, Any], bins: dict[str, Any],
@@ -56,6 +66,82 @@ def quantization_config_of(config: dict[str, Any], bins: dict[str, Any],
 
 class CheckpointError(RuntimeError):
     """A quantized checkpoint is missing, corrupt, or does not fit the model."""
+
+
+class OutputBusyError(RuntimeError):
+    """Another live process is writing the same output."""
+
+
+def is_wanquant_output(path: Path) -> bool:
+    """True for what ``--overwrite`` may replace: an empty directory or a wanquant checkpoint."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def lock_path(out: Path) -> Path:
+    return out.with_name(out.name + ".lock")
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path) -> Iterator[Path]:
+    """Hold ``<out>.lock`` while one run writes ``out`` and its work directory.
+
+    An ``flock`` on the file: the kernel drops it when its process dies, so the file a
+    killed run leaves behind is stale by construction and simply taken over. The file
+    holds the owner's pid and host, for the message another run gets.
+    """
+    path = lock_path(Path(out))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise OutputBusyError(f"{out} is being written by another wanquant run ({_lock_owner(path)}); wait "
+                                  f"for it to finish or choose another --out") from None
+        # The holder we waited on may have removed the file on release: then this lock
+        # guards a name nobody else sees, so start over on the current file.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    previous = os.read(fd, 256).decode(errors="replace").strip()
+    if previous:
+        log.info("taking over the lock %s left by a run that is no longer running (%s)", path, previous)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def check_output_free(out: str | Path) -> None:
+    """Raise :class:`OutputBusyError` now if another run holds ``out``'s lock (takes it for a moment)."""
+    if lock_path(Path(out)).exists():
+        with output_lock(out):
+            pass
+
+
+def _lock_owner(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "owner unknown"
+    except OSError:
+        return "owner unknown"
 
 
 @dataclass
@@ -110,10 +196,17 @@ def save_checkpoint(out_dir: str | Path, experts: list[ExpertArtifact], config: 
                     overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
     """Write the directory atomically: a sibling temp dir renamed into place at the end."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+        if not is_wanquant_output(out):
+            raise CheckpointError(f"{out} is not a wanquant checkpoint: --overwrite replaces only wanquant "
+                                  "checkpoints (or an empty directory); choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # os.mkdir honours the umask (tempfile.mkdtemp would make it 0700: unreadable by the
+    # group or a container running as another user).
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
     try:
         files: dict[str, dict[str, Any]] = {}
         manifest_experts = {}
@@ -149,6 +242,12 @@ def save_checkpoint(out_dir: str | Path, experts: list[ExpertArtifact], config: 
             **(extra or {}),
         }
         _write_json_atomic(tmp / MANIFEST, manifest)
+        # safetensors writes 0600 whatever the umask; give every file the mode the umask
+        # gives a new file (the manifest's, written by plain open()).
+        mode = (tmp / MANIFEST).stat().st_mode & 0o777
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(mode)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -189,8 +288,13 @@ def read_manifest(qdir: str | Path, verify: bool = True) -> dict[str, Any]:
             f"{manifest.get('library_version')}); this wanquant {wanquant.__version__} reads version "
             f"{FORMAT_VERSION}: upgrade wanquant or re-quantize with this version"
         )
+    missing = [k for k in REQUIRED_KEYS if not manifest.get(k)]
+    if missing:
+        raise CheckpointError(f"{mpath} has no {' or '.join(repr(k) for k in missing)}: the manifest is incomplete or "
+                              "was edited, so the checkpoint cannot be checked or rebuilt; restore the original "
+                              "manifest.json (copy the whole directory again) or re-quantize")
     if verify:
-        for rel, info in manifest.get("files", {}).items():
+        for rel, info in manifest["files"].items():
             path = qdir / rel
             if not path.is_file():
                 raise CheckpointError(f"{path} is missing from the checkpoint; copy the whole directory or re-quantize")

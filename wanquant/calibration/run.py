@@ -16,6 +16,7 @@ its number of processes. One pass is :func:`wanquant.calibration.passes.calibrat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,10 +26,13 @@ import shutil
 import time
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from wanquant.artifacts.checkpoint import ExpertArtifact, fingerprint_module, save_checkpoint
+from wanquant.artifacts.checkpoint import (
+    CheckpointError, ExpertArtifact, fingerprint_module, output_lock, save_checkpoint,
+)
 from wanquant.calibration import passes
 from wanquant.calibration.config import CalibrationRun
 from wanquant.calibration.samples import CalibSample, check_samples, samples_fingerprint
@@ -38,6 +42,7 @@ from wanquant.distributed import DistContext
 from wanquant.model.wan import ExpertSpec, bind_expert, blocks_of, experts_of, export_rest, install_layer, quant_targets
 from wanquant.method.params import QuantizedLinearParams
 from wanquant.runtime.linear import W4A4Linear
+from wanquant.validate import check_blocks_left, check_calibration_run, check_checkpoint_out, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +58,35 @@ def quantize_pipeline(pipe, samples: list[CalibSample], cfg: QuantConfig, run: C
     ``pipe`` gets the quantized experts (the other ranks keep theirs in 16-bit).
     """
     check_samples(samples)
+    check_settings(run.settings)
+    check_calibration_run(run.blocks_per_pass, run.reservoir_tokens, run.shards)
     out_dir = Path(out_dir)
-    main = dist is None or dist.is_main
     if dist is not None or (run.shards or 1) > 1:
         run = dataclasses.replace(run, shards=resolve_shards(run.shards, dist, len(samples)))
-
-    def check_out() -> None:
-        if out_dir.exists() and not overwrite:
-            raise FileExistsError(f"{out_dir} already exists; choose another output or pass --overwrite")
-
-    _on_main(dist, check_out)
     experts = experts_of(pipe)
+    for e in experts:
+        check_blocks_left(cfg.precision.skip_blocks, len(blocks_of(e.module)))
     targets = {e.attr: quant_targets(e.module, cfg) for e in experts}
+    # Rank 0 holds the lock on the output (and so on its work directory) until the
+    # checkpoint is written or the run fails: a second run on the same --out stops here.
+    with contextlib.ExitStack() as held:
+        def claim_output() -> None:
+            check_checkpoint_out(out_dir, overwrite)
+            held.enter_context(output_lock(out_dir))
+
+        _on_main(dist, claim_output)
+        return _quantize_locked(pipe, samples, cfg, run, out_dir, overwrite, restart, dist, experts, targets)
+
+
+def _quantize_locked(pipe, samples, cfg, run, out_dir: Path, overwrite: bool, restart: bool, dist,
+                     experts: list[ExpertSpec], targets: dict) -> Path:
+    main = dist is None or dist.is_main
     fingerprints = {e.attr: fingerprint_module(e.module) for e in experts}
     work = out_dir.with_name(out_dir.name + ".partial")
-    run_id = _run_id(cfg, run, samples, {e.attr: fingerprint_module(e.module) for e in experts})
+    run_id = _run_id(cfg, run, samples, fingerprints)
     if dist is not None:
         dist.check_agree("the run id (settings, calibration samples and model weights)", run_id)
-    done = _on_main(dist, _open_work_dir, work, run_id, restart)
+    done = _on_main(dist, _open_work_dir, work, run_id, restart, targets)
 
     n_blocks = max(len(blocks_of(e.module)) for e in experts)
     step = run.blocks_per_pass or n_blocks
@@ -86,7 +102,7 @@ def quantize_pipeline(pipe, samples: list[CalibSample], cfg: QuantConfig, run: C
         if not main:  # rank 0 holds every layer of the pass and writes them
             continue
         for attr, layers in params.items():
-            _save_layers(work / f"{attr}.blocks{key}.safetensors", layers)
+            _save_layers(_pass_file(work, attr, key), layers)
         done[key] = {"finished": time.time(), "seen": report}
         _write_json(work / "progress.json", {"run_id": run_id, "done": done})
     # Rank 0 writes the checkpoint; the others wait for it (or for its error).
@@ -97,14 +113,10 @@ def quantize_pipeline(pipe, samples: list[CalibSample], cfg: QuantConfig, run: C
 def _finish(pipe, experts, targets, cfg, run, samples, fingerprints, done, work, out_dir, overwrite, run_id) -> Path:
     """Install every layer from the work directory and write the checkpoint."""
     seen = next(reversed(done.values()))["seen"]  # every pass runs the same samples
-    artifacts = []
-    for e in experts:
-        layers = {}
-        for key in done:
-            path = work / f"{e.attr}.blocks{key}.safetensors"
-            if path.exists():
-                layers.update(_load_layers(path, targets[e.attr]))
-        artifacts.append(_install_expert(e, layers, cfg, fingerprints[e.attr], seen.get(e.attr, {})))
+    layers = {e.attr: _read_work_layers(work, done, e.attr, targets[e.attr]) for e in experts}
+    for e in experts:  # all experts checked before any is touched
+        _check_complete(work, e.attr, layers[e.attr], targets[e.attr])
+    artifacts = [_install_expert(e, layers[e.attr], cfg, fingerprints[e.attr], seen.get(e.attr, {})) for e in experts]
     calib = {"samples": len(samples), "settings": run.settings.to_dict(), "blocks_per_pass": run.blocks_per_pass,
              "run_id": run_id}
     if (run.shards or 1) != 1:
@@ -112,6 +124,61 @@ def _finish(pipe, experts, targets, cfg, run, samples, fingerprints, done, work,
     save_checkpoint(out_dir, artifacts, cfg.to_dict(), overwrite=overwrite, extra={"calibration": calib})
     shutil.rmtree(work, ignore_errors=True)
     return out_dir
+
+
+def _read_work_layers(work: Path, done: dict, attr: str, targets) -> dict[str, QuantizedLinearParams]:
+    layers = {}
+    for key in done:
+        path = _pass_file(work, attr, key)
+        if path.exists():
+            layers.update(_load_layers(path, targets))
+    return layers
+
+
+def _check_complete(work: Path, attr: str, layers: dict, targets) -> None:
+    """Refuse to write a checkpoint in which some layers silently stayed 16-bit."""
+    missing = [t.name for t in targets if t.name not in layers]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(
+            f"{work} holds {len(targets) - len(missing)} of the {len(targets)} quantized layers of {attr}; missing "
+            f"{shown}. Refusing to write a partly quantized checkpoint: re-run the same command (passes whose "
+            "files are gone are recomputed) or pass --restart")
+
+
+def _pass_file(work: Path, attr: str, key: str) -> Path:
+    return work / f"{attr}.blocks{key}.safetensors"
+
+
+def _pass_blocks(key: str) -> range:
+    start, stop = key.split("-")
+    return range(int(start), int(stop))
+
+
+def _drop_incomplete_passes(work: Path, done: dict, targets: dict) -> dict:
+    """Passes recorded as done whose layer files are missing or lack layers are run again."""
+    from safetensors import safe_open
+
+    kept = {}
+    for key, info in done.items():
+        lost = []
+        for attr, ts in targets.items():
+            names = [t.name for t in ts if t.block in _pass_blocks(key)]
+            if not names:
+                continue
+            path = _pass_file(work, attr, key)
+            try:
+                with safe_open(str(path), "pt") as f:
+                    present = set(f.keys())
+            except (OSError, SafetensorError):
+                present = set()
+            lost += [n for n in names if f"{n}.qweight" not in present]
+        if lost:
+            log.warning("%s: pass %s is recorded as done but %d of its layers are missing (%s...): running it again",
+                        work, key, len(lost), lost[0])
+        else:
+            kept[key] = info
+    return kept
 
 
 def _on_main(dist, fn, *args):
@@ -159,17 +226,22 @@ def _run_id(cfg, run: CalibrationRun, samples, fingerprints) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _open_work_dir(work: Path, run_id: str, restart: bool) -> dict:
+def _open_work_dir(work: Path, run_id: str, restart: bool, targets: dict) -> dict:
     progress = work / "progress.json"
     if restart and work.exists():
         shutil.rmtree(work)
     if progress.exists():
-        state = json.loads(progress.read_text())
+        try:
+            state = json.loads(progress.read_text())
+        except ValueError:
+            state = {}
         if state.get("run_id") != run_id:
-            raise RuntimeError(f"{work} holds an unfinished run with other settings, model or samples; "
-                               "delete it or pass --restart to start over")
-        log.info("resuming from %s: %d pass(es) already done", work, len(state["done"]))
-        return dict(state["done"])
+            # FileExistsError: the CLI reports it on one line, like an existing --out.
+            raise FileExistsError(f"{work} holds an unfinished run with other settings, model or samples; pass "
+                                  "--restart (restart=True) to discard it, or use the settings it was started with")
+        done = _drop_incomplete_passes(work, dict(state["done"]), targets)
+        log.info("resuming from %s: %d pass(es) already done", work, len(done))
+        return done
     work.mkdir(parents=True, exist_ok=True)
     _write_json(progress, {"run_id": run_id, "done": {}})
     return {}

@@ -228,7 +228,7 @@ if HAS_TRITON:
         M, M_pad, K, stride_xm, clip_ratio, exp_offset,
         R: tl.constexpr, NSPLIT_W: tl.constexpr, NSPLIT: tl.constexpr, HAS_LR: tl.constexpr,
         SAFE_CEIL: tl.constexpr, WRITE_EXPS: tl.constexpr,
-        INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+        INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BK1: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * BM + tl.arange(0, BM)
@@ -239,13 +239,16 @@ if HAS_TRITON:
         nk = K // BK
 
         # ---- pass 1: row absmax (-> row exponent) and the low-rank down projection ----
+        # (its own K step BK1: a wide branch, LoRAs appended, needs a shorter weight tile
+        # to fit the pipelined shared memory; see dispatch.fit_act_launch)
         RW: tl.constexpr = NSPLIT_W * R  # hi | lo column blocks of L1 diag(1/smooth)
         amax = tl.zeros((BM,), dtype=tl.float32)
         if HAS_LR:
             acc = tl.zeros((BM, RW), dtype=tl.float32)
             rw = tl.arange(0, RW)
-        for kb in range(nk):
-            cols = kb * BK + cols0
+        cols1 = tl.arange(0, BK1)
+        for kb in range(K // BK1):
+            cols = kb * BK1 + cols1
             x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None], other=0.0)
             xs = x.to(tl.float32) * tl.load(inv_s_ptr + cols)[None, :]
             amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
@@ -328,11 +331,13 @@ def act_quant(
     num_warps: int = 8,
     num_stages: int = 3,
     out: ActQuantOut | None = None,
+    block_k_lr: int | None = None,
 ) -> ActQuantOut:
     """Quantize ``x [M, K]`` (bf16) to e4m3 rows; see the module docstring.
 
     ``l1s``: the folded low-rank projection from :func:`lowrank_weights` (bf16
     ``[K, 2 * R_pad]``), or None. ``out`` lets a caller reuse (or poison) buffers.
+    ``block_k_lr``: the K step of the first pass (the low-rank dot), default ``block_k``.
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
@@ -357,6 +362,7 @@ def act_quant(
             torch.empty(m_pad, k // GROUP, dtype=torch.int8, device=dev) if write_exps else None,
         )
     bk = _pick_bk(k, block_k)
+    bk1 = bk if block_k_lr is None else _pick_bk(k, block_k_lr)
     grid = (triton.cdiv(m_pad, block_m),)
     dummy = out.row_scale
     _act_quant_kernel[grid](
@@ -365,7 +371,7 @@ def act_quant(
         m, m_pad, k, x.stride(0), float(clip_ratio), int(exp_offset),
         R=max(r, 16), NSPLIT_W=nsplit_w, NSPLIT=nsplit, HAS_LR=r > 0,
         SAFE_CEIL=scale_rule == "safe_ceil", WRITE_EXPS=write_exps,
-        INTERPRET=interpreting(), BM=block_m, BK=bk, num_warps=num_warps, num_stages=num_stages,
+        INTERPRET=interpreting(), BM=block_m, BK=bk, BK1=bk1, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -36,7 +36,7 @@ from wanquant.kernels.act_quant import (
     pad_rows,
     padded_rank,
 )
-from wanquant.kernels.gemm import GemmConfig, gemm_cublas, gemm_triton
+from wanquant.kernels.gemm import LR_SINGLE_MAX, GemmConfig, gemm_cublas, gemm_triton, lowrank_chunk_table
 from wanquant.kernels.weight_prep import expand_weight, weight_row_exponents
 
 if TYPE_CHECKING:
@@ -111,6 +111,37 @@ def act_launch_for(m: int, device: torch.device) -> tuple[int, int, int, int]:
     return ACT_LAUNCH_LARGE if 1.5 * sms <= blocks < 3 * sms else ACT_LAUNCH_SMALL
 
 
+# Limits for the activation kernel's first pass when the low-rank branch is wide (LoRAs
+# appended, DESIGN.md section 9): its fp32 accumulator [BM, 2 * R_pad] lives in registers,
+# and each pipeline stage holds an x tile [BM, BK1] and an L1 tile [BK1, 2 * R_pad] (bf16)
+# in shared memory (H100: 227 KB a block). The launches measured for rank <= 32 are within
+# both limits, so they are unchanged.
+ACT_ACC_REGS_PER_THREAD = 128
+ACT_SMEM_BUDGET = 160 * 1024
+
+
+def fit_act_launch(launch: tuple[int, int, int, int], r_pad: int) -> tuple[int, int, int, int, int]:
+    """``(block_m, block_k, block_k_lr, num_warps, num_stages)``: ``launch`` shrunk to fit a rank-``r_pad`` branch.
+
+    Halves block_m until the accumulator fits the register limit, then the first pass's K
+    step (not below one MX group) and the stage count until its tiles fit the budget.
+    """
+    bm, bk, nw, ns = launch
+    rw = 2 * max(r_pad, 16)
+    while bm > 16 and bm * rw > ACT_ACC_REGS_PER_THREAD * 32 * nw:
+        bm //= 2
+    bk1 = bk
+
+    def smem(bk1: int, ns: int) -> int:
+        return ns * (bm * bk1 + bk1 * rw) * 2
+
+    while bk1 > GROUP and smem(bk1, ns) > ACT_SMEM_BUDGET:
+        bk1 //= 2
+    while ns > 2 and smem(bk1, ns) > ACT_SMEM_BUDGET:
+        ns -= 1
+    return bm, bk, bk1, nw, ns
+
+
 # One e4m3 scratch buffer per device, grown to the largest weight seen: weights are
 # expanded into it right before their GEMM, so only one layer's FP8 copy exists at a time.
 _SCRATCH: dict[str, torch.Tensor] = {}
@@ -132,7 +163,8 @@ class FastW4A4:
 
     Holds (persistent): packed codes, E8M0 scales, per-row weight exponents and scales,
     1/smooth, (L1 diag(1/smooth))^T as hi|lo bf16 (padded), [L2|L2] (padded; times 2^-s_w
-    for the Triton GEMM), bias.
+    for the Triton GEMM), bias. :meth:`set_lowrank` replaces the branch and bias alone
+    (LoRAs appended to L1/L2, DESIGN.md section 9): the weight is not repacked.
     """
 
     def __init__(self) -> None:
@@ -166,18 +198,35 @@ class FastW4A4:
         self.w_row_scale = torch.exp2(self.s_w.float()).contiguous()
         # Multiply by the fp32 reciprocal, exactly as the reference layer does.
         self.inv_smooth = (1.0 / params.smooth.to(device=device, dtype=torch.float32)).contiguous()
-        self.bias = None if params.bias is None else params.bias.to(device=device, dtype=torch.bfloat16).contiguous()
-        self.l1s, self.l2cat = self._lowrank_operands(params, device)
+        self.set_lowrank(params.l1, params.l2, params.bias)
         return self
 
-    def _lowrank_operands(self, params: "QuantizedLinearParams", device: torch.device):
+    def set_lowrank(self, l1: torch.Tensor, l2: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Prepare the branch ``L1 [r, K]``, ``L2 [N, r]`` (bf16 or fp32, any rank) and the bias.
+
+        Used at prepare time and whenever LoRAs change the branch; fp32 factors (a LoRA's
+        ``strength * A diag(s)``) keep their precision into the hi|lo split of the folded L1.
+        """
+        if l1.shape[1] != self.k or l2.shape != (self.n, l1.shape[0]):
+            raise ValueError(f"low-rank factors {tuple(l1.shape)}, {tuple(l2.shape)} do not fit a "
+                             f"{self.n}x{self.k} layer")
+        self.rank = l1.shape[0]
+        self.bias = None if bias is None else bias.to(device=self.device, dtype=torch.bfloat16).contiguous()
+        self.l1s, self.l2cat = self._lowrank_operands(l1, l2, self.device)
+        self.lr_chunks = None
+        if self.l2cat is not None and self.backend == "triton" and self.l2cat.shape[1] > LR_SINGLE_MAX:
+            self.lr_chunks = lowrank_chunk_table(self.l2cat, self.gemm_config.block_n)
+
+    def _lowrank_operands(self, l1: torch.Tensor, l2_in: torch.Tensor, device: torch.device):
         """``(L1 diag(1/smooth))^T`` as hi|lo bf16 ``[K, 2*R_pad]`` and ``[L2|L2]`` ``[N, NSPLIT*R_pad]``."""
         if self.rank == 0:
             return None, None
         r_pad = padded_rank(self.rank)
-        l1s = lowrank_weights(params.l1.to(device=device, dtype=torch.bfloat16), self.inv_smooth)
+        # .float(), not .bfloat16(): bf16 factors (the checkpoint's) convert exactly either
+        # way; fp32 ones (LoRA rows) keep their bits until the hi|lo split.
+        l1s = lowrank_weights(l1.to(device=device, dtype=torch.float32), self.inv_smooth)
         l2 = torch.zeros(self.n, r_pad, dtype=torch.float32, device=device)
-        l2[:, : self.rank] = params.l2.to(device=device, dtype=torch.bfloat16).float()
+        l2[:, : self.rank] = l2_in.to(device=device, dtype=torch.float32)
         if self.backend == "triton":  # divided by the row scale: exact (power of two)
             l2 = l2 * torch.exp2(-self.s_w.float())[:, None]
         l2cat = torch.cat([l2] * NSPLIT, dim=1).to(torch.bfloat16).contiguous()
@@ -186,15 +235,16 @@ class FastW4A4:
     def memory_bytes(self) -> int:
         """Persistent device bytes this layer holds (the shared scratch is not counted)."""
         tensors = (self.qweight, self.wscales, self.s_w, self.w_row_scale, self.inv_smooth,
-                   self.bias, self.l1s, self.l2cat)
+                   self.bias, self.l1s, self.l2cat, *(self.lr_chunks or ()))
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def quantize_input(self, x2: torch.Tensor, clip_ratio: float, exp_offset: int):
         """Step 1 alone (benchmarks time it separately)."""
-        bm, bk, nw, ns = self.act_launch or act_launch_for(x2.shape[0], self.device)
+        launch = self.act_launch or act_launch_for(x2.shape[0], self.device)
+        bm, bk, bk1, nw, ns = fit_act_launch(launch, padded_rank(self.rank))
         return act_quant(x2, self.inv_smooth, self.l1s, clip_ratio, exp_offset, self.act_format.scale_rule,
                          nsplit=NSPLIT, m_pad=pad_rows(x2.shape[0]), block_m=bm, block_k=bk,
-                         num_warps=nw, num_stages=ns)
+                         num_warps=nw, num_stages=ns, block_k_lr=bk1)
 
     def expand_weight(self) -> torch.Tensor:
         """Step 2 alone: the e4m3 weight in the shared scratch buffer."""
@@ -205,7 +255,7 @@ class FastW4A4:
         """Step 3 alone: FP8 GEMM + low-rank + bias into ``out [M_pad, N]`` (bf16)."""
         if self.backend == "triton":
             return gemm_triton(aq.q, aq.row_scale, w8, self.w_row_scale, aq.lowrank, self.l2cat, self.bias,
-                               out=out, config=self.gemm_config)
+                               out=out, config=self.gemm_config, lr_chunks=self.lr_chunks)
         return gemm_cublas(aq.q, aq.row_scale, w8, self.w_row_scale, aq.lowrank, self.l2cat, self.bias, out=out)
 
     def __call__(self, x: torch.Tensor, clip_ratio: float, exp_offset: int) -> torch.Tensor:

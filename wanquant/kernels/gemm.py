@@ -15,6 +15,13 @@ Two implementations:
   epilogue multiplies everything by ``2^(s_a + s_w)`` and adds the bias. No second pass
   over the output. (A persistent TMA-descriptor variant was measured and dropped: within
   1 % of this one, and slower when flattened; see benchmarks/KERNEL_NOTES.md.)
+  Widths above :data:`LR_SINGLE_MAX` (LoRAs appended to the branch, DESIGN.md section 9)
+  run the low-rank term as a loop over :data:`LR_CHUNK`-column chunks, visiting per
+  output tile only the chunks whose ``l2cat`` block is not all zero
+  (:func:`lowrank_chunk_table`): a LoRA on one member of a fused q|k|v layer has a
+  block-diagonal up projection, so each tile skips the other members' rank, and the
+  power-of-two padding is skipped too. Chunking also bounds the shared memory the
+  low-rank operands take at any rank.
 * :func:`gemm_cublas`: ``torch._scaled_mm`` with rowwise scales (+ bias), then the
   low-rank term as an in-place bf16 ``addmm_`` (a second pass over the output).
 
@@ -59,6 +66,28 @@ class GemmConfig:
 
 
 DEFAULT_CONFIG = GemmConfig()
+# Low-rank widths (NSPLIT * R_pad) up to this run as one dot before the main loop (the base
+# branch, rank <= 32: unchanged since it was measured); wider ones run chunk by chunk.
+LR_SINGLE_MAX = 64
+LR_CHUNK = 32  # columns per chunk: aligns with LoRA ranks that are multiples of 32 (and 16-rank bases pad to it)
+
+
+def lowrank_chunk_table(l2cat: torch.Tensor, block_n: int, chunk: int = LR_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx [tiles, RC/chunk], count [tiles])`` int32: per ``block_n``-row tile of ``l2cat``
+    the chunks of ``chunk`` columns holding a non-zero, in ascending order (then padding).
+
+    Skipping an all-zero chunk leaves the result unchanged: it would add exact zeros.
+    """
+    n, rc = l2cat.shape
+    if rc % chunk:
+        raise ValueError(f"low-rank width {rc} is not a multiple of the chunk {chunk}")
+    tiles = -(-n // block_n)
+    live = torch.zeros(tiles * block_n, rc // chunk, dtype=torch.bool, device=l2cat.device)
+    live[:n] = (l2cat != 0).view(n, rc // chunk, chunk).any(-1)
+    live = live.view(tiles, block_n, rc // chunk).any(1)
+    # A stable sort on "dead" puts the live chunk indices first, in ascending order.
+    idx = torch.sort((~live).to(torch.int32), dim=1, stable=True).indices.to(torch.int32).contiguous()
+    return idx, live.sum(1).to(torch.int32).contiguous()
 
 
 def gemm_reference(
@@ -122,6 +151,29 @@ if HAS_TRITON:
         return acc * _inv_pow2(tl.load(sa_ptr + rm))[:, None]
 
     @triton.jit
+    def _lowrank_chunks(lr_ptr, l2_ptr, sa_ptr, idx_ptr, cnt_ptr, pid_n, rm, rn, rc, nch,
+                        RCB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr):
+        """:func:`_lowrank_init` over this tile's live ``RCB``-column chunks only (a runtime loop).
+
+        The width ``rc`` and chunk count ``nch`` are runtime values: one compiled kernel
+        serves every LoRA rank (loading a LoRA compiles nothing new here).
+        """
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        rk0 = tl.arange(0, RCB)
+        rm64 = rm.to(tl.int64)
+        rn64 = rn.to(tl.int64)
+        count = tl.load(cnt_ptr + pid_n)
+        for j in range(0, count):
+            rk = tl.load(idx_ptr + pid_n * nch + j) * RCB + rk0
+            lr = tl.load(lr_ptr + rm64[:, None] * rc + rk[None, :])  # [BM, RCB] bf16
+            l2t = tl.load(l2_ptr + rn64[None, :] * rc + rk[:, None])  # [RCB, BN] bf16
+            if INTERPRET:
+                acc = tl.dot(lr.to(tl.float32), l2t.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(lr, l2t, acc)
+        return acc * _inv_pow2(tl.load(sa_ptr + rm))[:, None]
+
+    @triton.jit
     def _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, rn, M, N, stride_cm,
                   HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
         """acc * 2^(s_a + s_w) (+ bias), stored with masks (every in-range element written)."""
@@ -159,9 +211,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp8_gemm_kernel(
-        a_ptr, b_ptr, sa_ptr, sb_ptr, lr_ptr, l2_ptr, bias_ptr, c_ptr,
-        M, N, K, stride_cm,
-        RC: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+        a_ptr, b_ptr, sa_ptr, sb_ptr, lr_ptr, l2_ptr, idx_ptr, cnt_ptr, bias_ptr, c_ptr,
+        M, N, K, stride_cm, rc, nch,
+        RC: tl.constexpr, HAS_LR: tl.constexpr, LR_CHUNKED: tl.constexpr, RCB: tl.constexpr, HAS_BIAS: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
         IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr, SPLIT_EPI: tl.constexpr,
     ):
@@ -175,7 +227,11 @@ if HAS_TRITON:
         rm = tl.where(offs_m < M, offs_m, 0)
         rn = tl.where(offs_n < N, offs_n, 0)
         if HAS_LR:
-            acc = _lowrank_init(lr_ptr, l2_ptr, sa_ptr, rm, rn, RC, BM, BN, INTERPRET)
+            if LR_CHUNKED:
+                acc = _lowrank_chunks(lr_ptr, l2_ptr, sa_ptr, idx_ptr, cnt_ptr, pid_n, rm, rn, rc, nch, RCB, BM, BN,
+                                      INTERPRET)
+            else:
+                acc = _lowrank_init(lr_ptr, l2_ptr, sa_ptr, rm, rn, RC, BM, BN, INTERPRET)
         else:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
         offs_k = tl.arange(0, BK)
@@ -200,11 +256,14 @@ def gemm_triton(
     bias: torch.Tensor | None,
     out: torch.Tensor | None = None,
     config: GemmConfig = DEFAULT_CONFIG,
+    lr_chunks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Fused FP8 GEMM + low-rank + bias (see the module docstring). Returns ``out [M, N]``.
 
     ``lowrank`` is the activation kernel's ``(hi | lo)``; ``l2cat_scaled`` is ``[L2|L2] * 2^-s_w``.
     ``out`` may be bf16 (the layer's output) or fp32 (tests: error before bf16 rounding).
+    ``lr_chunks``: :func:`lowrank_chunk_table` of ``l2cat_scaled`` for ``config.block_n``
+    (layers precompute it; built here when missing and the width exceeds LR_SINGLE_MAX).
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
@@ -224,14 +283,25 @@ def gemm_triton(
     rc = lowrank.shape[1] if has_lr else 16
     if has_lr and (rc & (rc - 1) or rc < 16):
         raise ValueError(f"low-rank width {rc} must be a power of two >= 16 (see act_quant.padded_rank)")
+    chunked = has_lr and rc > LR_SINGLE_MAX
+    if chunked:
+        if lr_chunks is None:
+            lr_chunks = lowrank_chunk_table(l2cat_scaled, cfg.block_n)
+        want = (triton.cdiv(n, cfg.block_n), rc // LR_CHUNK)
+        if tuple(lr_chunks[0].shape) != want or tuple(lr_chunks[1].shape) != want[:1]:
+            raise ValueError(f"lr_chunks shapes {tuple(lr_chunks[0].shape)}, {tuple(lr_chunks[1].shape)} do not fit "
+                             f"{want[0]} tiles of {cfg.block_n} and width {rc}: rebuild with lowrank_chunk_table")
     dummy = sa
     common = dict(
-        RC=rc, HAS_LR=has_lr, HAS_BIAS=bias is not None, BM=cfg.block_m, BN=cfg.block_n, BK=bk,
+        # RC is a compile-time width only on the single-dot path; chunked widths are runtime values.
+        RC=LR_CHUNK if chunked else rc, HAS_LR=has_lr, LR_CHUNKED=chunked, RCB=LR_CHUNK, HAS_BIAS=bias is not None,
+        BM=cfg.block_m, BN=cfg.block_n, BK=bk,
         GROUP_M=cfg.group_m, IMPRECISE_ACC=cfg.imprecise_acc, INTERPRET=interpreting(), SPLIT_EPI=cfg.split_epilogue,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     args = (sa, sw, lowrank if has_lr else dummy, l2cat_scaled if has_lr else dummy,
-            bias if bias is not None else dummy, out, m, n, k, out.stride(0))
+            lr_chunks[0] if chunked else dummy, lr_chunks[1] if chunked else dummy,
+            bias if bias is not None else dummy, out, m, n, k, out.stride(0), rc, rc // LR_CHUNK)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     _fp8_gemm_kernel[(tiles,)](a8, w8, *args, **common)
     return out

@@ -82,13 +82,25 @@ def _classes():
                 install_layer(model, name, layer)
             self._names = tuple(f"{n}." for n in qc.layers)
 
+        def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
+            # The saved non-persistent buffers are not state-dict keys: consumed in
+            # maybe_update_state_dict, so diffusers must not report them as unused.
+            return [k for k in loaded_keys if not k.startswith(BUFFER_PREFIX)]
+
         def maybe_update_state_dict(self, state_dict):
             # Keep exact originals; take the non-persistent buffers out of diffusers' way.
+            # Every tensor is copied out of the file's memory map: views sit at arbitrary
+            # offsets, and CPU GEMMs round differently on unaligned memory, so without the
+            # copy this path would not match load_quantized bit for bit (which copies too).
             for k in list(state_dict):
+                value = state_dict[k].clone()
                 if k.startswith(BUFFER_PREFIX):
-                    self._buffers[k[len(BUFFER_PREFIX):]] = state_dict.pop(k)
-                elif k.startswith(self._names):
-                    self._originals[k] = state_dict[k]
+                    self._buffers[k[len(BUFFER_PREFIX):]] = value
+                    del state_dict[k]
+                    continue
+                state_dict[k] = value
+                if k.startswith(self._names):
+                    self._originals[k] = value
             return state_dict
 
         def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:

@@ -7,8 +7,11 @@ asks of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import asdict, dataclass
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +20,26 @@ from PIL import Image
 # The pipeline classes wanquant runs; image-to-video ones take a first frame.
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline",)
 TEXT_TO_VIDEO = ("WanPipeline",)
+# Frame height and width must be multiples of this: the VAE downsamples 8x, then the
+# experts cut 2x2 patches.
+SIZE_MULTIPLE = 16
+# The attribute under which load_pipeline records a pipeline's PipelineSource.
+SOURCE_ATTR = "wanquant_source"
+
+
+class _TorchvisionFallbackNotice(logging.Filter):
+    """Drops transformers' notice that CLIPImageProcessor falls back to its PIL backend.
+
+    Importing diffusers' Wan pipelines imports CLIPImageProcessor; without torchvision
+    (wanquant needs none) transformers warns about it on every command. Only that one
+    message is dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackNotice())
 
 
 @dataclass
@@ -36,6 +59,51 @@ class GenerationSettings:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class PipelineSource:
+    """Where a pipeline was loaded from, and the sampling defaults of that model.
+
+    :func:`load_pipeline` stores it on the pipeline as ``pipe.wanquant_source``
+    (:data:`SOURCE_ATTR`); read it with :func:`source_of`.
+    """
+
+    path: Path
+    defaults: GenerationSettings = field(default_factory=GenerationSettings)
+
+    def expert_config(self, attr: str) -> dict | None:
+        """The 16-bit expert's config.json in the model directory (None if it has none)."""
+        f = self.path / attr / "config.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+
+def source_of(pipe) -> PipelineSource | None:
+    """The :class:`PipelineSource` :func:`load_pipeline` recorded, or None for a pipeline built otherwise."""
+    return getattr(pipe, SOURCE_ATTR, None)
+
+
+def show_progress(requested: bool | None = None) -> bool:
+    """Whether to draw progress bars: ``None`` means when stderr is a terminal (or a notebook)."""
+    if requested is not None:
+        return requested
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+@contextlib.contextmanager
+def _library_progress_bars(enabled: bool):
+    """diffusers' and transformers' loading bars on or off for the duration (restored after)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    before = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    for lib in (dlog, tlog):
+        lib.enable_progress_bar() if enabled else lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in zip((dlog, tlog), before):
+            lib.enable_progress_bar() if was else lib.disable_progress_bar()
+
+
 def pipeline_class(path: str | Path) -> type:
     """The Wan pipeline class named in a diffusers directory's ``model_index.json``."""
     import diffusers
@@ -51,18 +119,22 @@ def pipeline_class(path: str | Path) -> type:
 
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                  with_experts: bool = True, vae_dtype: torch.dtype | None = None):
+                  with_experts: bool = True, vae_dtype: torch.dtype | None = None,
+                  defaults: GenerationSettings | None = None, progress: bool | None = None):
     """A Wan pipeline from a local diffusers directory, never from the network.
 
     ``with_experts=False`` does not read the 16-bit experts at all (the pipeline class's
     own ``from_pretrained`` honours ``transformer=None``; the generic
     ``DiffusionPipeline.from_pretrained`` would load them anyway). ``vae_dtype``: the VAE's
-    dtype when it differs from ``dtype``.
+    dtype when it differs from ``dtype``. The pipeline records its :class:`PipelineSource`
+    (this path and ``defaults``, Wan2.2's when None); ``progress``: see :func:`show_progress`.
     """
     cls = pipeline_class(path)
     dtypes = dtype if vae_dtype is None else {"default": dtype, "vae": vae_dtype}
     skip = {} if with_experts else {"transformer": None, "transformer_2": None}
-    pipe = cls.from_pretrained(str(path), dtype=dtypes, local_files_only=True, **skip)
+    with _library_progress_bars(show_progress(progress)):
+        pipe = cls.from_pretrained(str(path), dtype=dtypes, local_files_only=True, **skip)
+    setattr(pipe, SOURCE_ATTR, PipelineSource(Path(path), defaults or GenerationSettings()))
     return pipe.to(device)
 
 
@@ -82,13 +154,16 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str, settings: Generation
 
 
 def run_pipeline(pipe, image: Image.Image | None, prompt: str, settings: GenerationSettings, seed: int,
-                 output_type: str = "np", prompt_embeds=None, negative_prompt_embeds=None, progress: bool = False):
-    """One generation; returns the pipeline's frames (``np``: [F, H, W, 3] floats in [0, 1])."""
+                 output_type: str = "np", prompt_embeds=None, negative_prompt_embeds=None,
+                 progress: bool | None = False):
+    """One generation; returns the pipeline's frames (``np``: [F, H, W, 3] floats in [0, 1]).
+
+    ``progress``: a labelled denoising bar (None: when stderr is a terminal)."""
     device = pipe._execution_device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if prompt_embeds is None:
         prompt_embeds, negative_prompt_embeds = encode_prompts(pipe, prompt, settings.negative_prompt, settings, device)
-    pipe.set_progress_bar_config(disable=not progress)
+    pipe.set_progress_bar_config(desc="denoising steps", disable=not show_progress(progress))
     kwargs = dict(
         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
         height=settings.height, width=settings.width, num_frames=settings.num_frames,

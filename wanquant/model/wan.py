@@ -22,6 +22,7 @@ from torch import nn
 
 from wanquant.method.config import QuantConfig
 from wanquant.runtime.expert import quantized_layers, share_state
+from wanquant.runtime.linear import W4A4Linear
 from wanquant.runtime.memory import release_static_caches
 from wanquant.runtime.state import ExpertState, TimestepBins
 
@@ -322,3 +323,64 @@ def component_mismatch(pipe, expert_config: dict) -> str | None:
 
 def layer_input_kind(name: str) -> InputKind:
     return _group_of(name).input
+
+
+# ---------------------------------------------------------------------------------------
+# LoRAs: which layer of an expert a LoRA on a diffusers module lands in
+@dataclass(frozen=True)
+class LoraSite:
+    """Where a LoRA on the diffusers module ``module`` (``blocks.3.attn1.to_k``) acts.
+
+    ``layer`` is the W4A4 layer holding it (``blocks.3.attn1.to_qkv``: the member's output
+    rows are ``row0 .. row0 + rows``) or the module itself when it stayed 16-bit.
+    """
+
+    module: str
+    layer_name: str
+    layer: nn.Module
+    row0: int
+    rows: int
+    in_features: int
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.layer, W4A4Linear)
+
+
+def _module_or_none(model: nn.Module, dotted: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(dotted)
+    except AttributeError:  # missing, or a fused member diffusers' attention set to None
+        return None
+
+
+def lora_site(transformer: nn.Module, module: str) -> LoraSite:
+    """The :class:`LoraSite` of ``module`` in this expert; KeyError when the expert has no such
+    module, TypeError when it is not a linear layer.
+
+    A member of a quantized group maps into the fused layer (:data:`BLOCK_TABLE`). Wan's
+    fused members (q|k|v, k|v) all have ``inner_dim`` outputs, so member ``j`` of ``m``
+    holds rows ``j * N/m .. (j+1) * N/m``. Any other linear (embedders, ``proj_out``,
+    the layers of blocks kept 16-bit) takes the LoRA as it is.
+    """
+    head, _, rest = module.partition(".")
+    block, _, member = rest.partition(".")
+    if head == BLOCKS_ATTR and block.isdigit():
+        for group in BLOCK_TABLE:
+            if member not in group.members:
+                continue
+            holder = f"{BLOCKS_ATTR}.{block}.{group.name}"
+            layer = _module_or_none(transformer, holder)
+            if isinstance(layer, W4A4Linear):
+                m = len(group.members)
+                if layer.out_features % m:
+                    raise ValueError(f"{holder}: {layer.out_features} outputs do not split into {m} equal members")
+                rows = layer.out_features // m
+                return LoraSite(module, holder, layer, group.members.index(member) * rows, rows, layer.in_features)
+    target = _module_or_none(transformer, module)
+    if isinstance(target, nn.Linear):
+        return LoraSite(module, module, target, 0, target.out_features, target.in_features)
+    if target is not None:
+        raise TypeError(f"{module} is a {type(target).__name__}, not a linear layer")
+    raise KeyError(f"this {type(transformer).__name__} has no module {module}")
+

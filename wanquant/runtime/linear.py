@@ -14,6 +14,12 @@ so ``state_dict`` round-trips them unchanged. Its forward has three backends:
 allows it, else ``reference`` on CPU and ``unpack_bf16`` on other GPUs; the choice and its
 reason are logged once and shown by ``wanquant inspect``.
 
+LoRAs (DESIGN.md section 9) are more rank in the 16-bit branch: named
+:class:`~wanquant.numerics.lora.LoraTerm` s live beside the canonical L1/L2 (which stay
+untouched, so ``state_dict`` and unloading give the base layer bit for bit), every
+backend runs :meth:`W4A4Linear.effective_params`, and a change re-prepares only the fast
+path's branch and clears the expert's cached cross-attention k/v.
+
 Layering: ``formats`` -> ``numerics`` -> ``method`` -> ``kernels`` / ``runtime`` (here): the
 layer holds its weight and activation format objects and hands them to the dispatch.
 """
@@ -27,6 +33,7 @@ import torch
 from torch import nn
 
 from wanquant.formats import GroupFormat
+from wanquant.numerics.lora import LoraPiece, LoraTerm, check_pieces, extend_bias, extend_lowrank
 from wanquant.method.layer import reference_forward
 from wanquant.method.params import QuantizedLinearParams
 from wanquant.runtime.state import ExpertState
@@ -78,6 +85,11 @@ class W4A4Linear(nn.Module):
         # With the fast path, move the canonical L1/L2 to host memory (0.27 GB per A14B expert).
         self.lowrank_to_host = True
         self.report: dict = {}
+        # LoRAs by name, in load order (plain attributes: never in state_dict). Their factors
+        # stay in host memory; the effective branch is built on the compute device.
+        self.loras: dict[str, LoraTerm] = {}
+        self._effective: tuple | None = None  # (device, l1, l2, bias) cache of effective_lowrank
+        self._lowrank_stale = False  # the fast path's branch predates a LoRA change
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -112,7 +124,69 @@ class W4A4Linear(nn.Module):
         """Re-read host-side copies after the buffers changed (load_state_dict, .to())."""
         table = self.clip_table.detach().float().cpu().tolist()
         self._clip_host = [(float(c), int(round(o))) for c, o in table]
-        self._resolved, self._fast = None, None
+        self._resolved, self._fast, self._effective = None, None, None
+
+    # ---- LoRA -----------------------------------------------------------------------
+    # ``prepare=False`` defers re-preparing the fast path's branch, so that several changes
+    # (a switch: unload one LoRA, load another) pay for one; :meth:`prepare_lowrank` (or
+    # the next forward) does it.
+    def set_lora(self, name: str, pieces: tuple[LoraPiece, ...], strength: float = 1.0, prepare: bool = True) -> None:
+        """Add (or replace) the LoRA ``name``: ``y[rows] += strength (B A x + bias)`` per piece."""
+        check_pieces(pieces, self.in_features, self.out_features)
+        pieces = tuple(LoraPiece(p.row0, p.down.detach().cpu(), p.up.detach().cpu(),
+                                 None if p.bias is None else p.bias.detach().cpu()) for p in pieces)
+        self.loras[name] = LoraTerm(pieces, float(strength))
+        self._loras_changed(prepare)
+
+    def set_lora_strength(self, name: str, strength: float, prepare: bool = True) -> None:
+        self.loras[name].strength = float(strength)
+        self._loras_changed(prepare)
+
+    def remove_lora(self, name: str, prepare: bool = True) -> None:
+        if self.loras.pop(name, None) is not None:
+            self._loras_changed(prepare)
+
+    def prepare_lowrank(self) -> None:
+        """Give the fast path the current branch (after changes made with ``prepare=False``)."""
+        if self._lowrank_stale and self._fast is not None:
+            self._fast.set_lowrank(*self.effective_lowrank(self._fast.device))
+        self._lowrank_stale = False
+
+    @property
+    def lora_rank(self) -> int:
+        return sum(t.rank for t in self.loras.values())
+
+    def effective_lowrank(self, device: torch.device | str | None = None):
+        """``(L1', L2', bias')`` with every LoRA appended (:func:`~wanquant.numerics.lora.extend_lowrank`).
+
+        Without LoRAs (or all at strength 0, which add exact zeros): the canonical buffers
+        themselves (bf16), so the base layer's numerics are untouched bit for bit (a wider
+        GEMM could sum in another order). With LoRAs: fp32 on ``device`` (default: the
+        canonical L1's), cached.
+        """
+        terms = [t for t in self.loras.values() if t.strength != 0.0]
+        if not terms:
+            return self.l1, self.l2, self.bias
+        device = self.l1.device if device is None else torch.device(device)
+        if self._effective is None or self._effective[0] != device:
+            l1, l2 = extend_lowrank(self.l1, self.l2, self.smooth, terms, device)
+            bias = extend_bias(self.bias, self.out_features, terms, device)
+            self._effective = (device, l1, l2, bias)
+        return self._effective[1:]
+
+    def effective_params(self, device: torch.device | str | None = None) -> QuantizedLinearParams:
+        """:meth:`to_params` with the LoRAs in the branch (and bias): what every backend computes."""
+        p = self.to_params()
+        p.l1, p.l2, p.bias = self.effective_lowrank(device)
+        return p
+
+    def _loras_changed(self, prepare: bool = True) -> None:
+        self._effective = None
+        # Cached cross-attention k/v were computed with the old branch.
+        self.state.clear_cache()
+        self._lowrank_stale = True
+        if prepare:
+            self.prepare_lowrank()
 
     def set_backend(self, backend: Backend) -> None:
         self.backend, self._resolved, self._fast = backend, None, None
@@ -125,7 +199,7 @@ class W4A4Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        self._resolved, self._fast = None, None  # device may have changed
+        self._resolved, self._fast, self._effective = None, None, None  # device may have changed
         return out
 
     # ---- forward ------------------------------------------------------------------
@@ -139,6 +213,8 @@ class W4A4Linear(nn.Module):
         clip_ratio, exp_offset = self._clip_host[self.state.bin_index]
         backend = self._resolve_backend(x.device)
         if backend == "fast":
+            if self._lowrank_stale:
+                self.prepare_lowrank()
             y = self._fast(x, clip_ratio, exp_offset)
         elif backend == "unpack_bf16":
             y = self.forward_unpack_bf16(x, clip_ratio, exp_offset)
@@ -153,17 +229,18 @@ class W4A4Linear(nn.Module):
         return x.float() * (1.0 / self.smooth)
 
     def forward_reference(self, x: torch.Tensor, clip_ratio: float, exp_offset: int) -> torch.Tensor:
-        y = reference_forward(self.to_params(), x, self.wfmt, self.afmt, clip_ratio, exp_offset)
+        y = reference_forward(self.effective_params(x.device), x, self.wfmt, self.afmt, clip_ratio, exp_offset)
         return y.to(x.dtype)
 
     def forward_unpack_bf16(self, x: torch.Tensor, clip_ratio: float, exp_offset: int) -> torch.Tensor:
         xs = self._smoothed(x)
         xq = self.afmt.fake_quantize(xs, clip_ratio, exp_offset).to(torch.bfloat16)
         y = xq @ self.to_params().dequantized_weight(self.wfmt, torch.bfloat16).T
-        if self.rank:
-            y = y + (xs.to(torch.bfloat16) @ self.l1.to(xs.device).T) @ self.l2.to(xs.device).T
-        if self.bias is not None:
-            y = y + self.bias
+        l1, l2, bias = self.effective_lowrank(xs.device)
+        if l1.shape[0]:
+            y = y + (xs.to(torch.bfloat16) @ l1.to(xs.device, torch.bfloat16).T) @ l2.to(xs.device, torch.bfloat16).T
+        if bias is not None:
+            y = y + bias.to(xs.device, torch.bfloat16)
         return y.to(x.dtype)
 
     def _resolve_backend(self, device: torch.device) -> Backend:
@@ -175,7 +252,8 @@ class W4A4Linear(nn.Module):
             if ok:
                 from wanquant.kernels.dispatch import FastW4A4
 
-                self._fast = FastW4A4.prepare(self.to_params(), self.afmt, device)
+                self._fast = FastW4A4.prepare(self.effective_params(device), self.afmt, device)
+                self._lowrank_stale = False
                 choice, reason = "fast", why
                 if self.lowrank_to_host:
                     # The fast path holds its own repacked low-rank operands; keep the
@@ -191,8 +269,9 @@ class W4A4Linear(nn.Module):
         return choice
 
     def extra_repr(self) -> str:
+        loras = f", loras={list(self.loras)} (+rank {self.lora_rank})" if self.loras else ""
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bins={self.num_bins}, "
-                f"w={self.wfmt.describe()}, a={self.afmt.describe()}, backend={self._resolved or self.backend}")
+                f"w={self.wfmt.describe()}, a={self.afmt.describe()}, backend={self._resolved or self.backend}{loras}")
 
 
 def _fast_status(device: torch.device, wfmt: GroupFormat, afmt: GroupFormat) -> tuple[bool, str]:
