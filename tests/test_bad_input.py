@@ -272,6 +272,8 @@ GENERATE_CASES = [
     (["--height", "72"], "--height .* multiple of 16"),
     (["--backend", "fast", "--device", "cpu"], "--backend fast .* needs a CUDA device"),
     (["--prompt", " "], "--prompt .* non-empty text"),
+    (["--quantized", "no-such-checkpoint"], "no-such-checkpoint does not exist; run `wanquant quantize` first"),
+    (["--model", "no-such-model"], "no-such-model is not a diffusers pipeline directory"),
 ]
 
 

@@ -35,8 +35,9 @@ def checkpoint(tmp_path_factory):
 
 
 def test_from_pretrained_matches_load_quantized_bit_for_bit(checkpoint, caplog):
-    import wanquant.model.diffusers_quantizer  # noqa: F401  (registers quant_method "wanquant")
     from diffusers import WanTransformer3DModel
+
+    import wanquant.model.diffusers_quantizer  # noqa: F401  (registers quant_method "wanquant")
 
     ev = list_samples("eval", 1)[0]
     ours = wq.load_quantized(wq.load_base_pipeline("testbed", with_experts=False), checkpoint)

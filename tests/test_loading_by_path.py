@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SETTINGS, build_tiny_pipeline, fast_config
 
 import wanquant.api as wq
-from conftest import TINY_SETTINGS, build_tiny_pipeline, fast_config
 from wanquant.testbed.dataset import list_samples
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def corrupted_model(model_and_checkpoint, tmp_path):
 
 def test_with_experts_false_never_reads_the_experts_weights(corrupted_model):
     model_dir, qdir, ev, expected = corrupted_model
-    with pytest.raises(Exception):  # the control: these files really cannot be read
+    with pytest.raises(OSError, match="Unable to load weights"):  # the control: these files cannot be read
         wq.load_base_pipeline(model_dir, dtype=torch.float32)
     pipe = wq.load_base_pipeline(model_dir, dtype=torch.float32, with_experts=False)
     assert pipe.transformer is None and pipe.transformer_2 is None
@@ -66,7 +66,7 @@ def test_with_experts_false_never_reads_the_experts_weights(corrupted_model):
 
 
 def test_cli_generate_by_path_with_a_checkpoint_never_reads_the_experts(corrupted_model, tmp_path):
-    model_dir, qdir, ev, expected = corrupted_model
+    model_dir, qdir, ev, _ = corrupted_model
     image = tmp_path / "first.png"
     ev.first_frame().save(image)
     out = tmp_path / "video.mp4"

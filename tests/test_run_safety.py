@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_SETTINGS, build_tiny_pipeline, fast_config
 
 import wanquant.api as wq
-from conftest import TINY_SETTINGS, build_tiny_pipeline, fast_config
 from wanquant.artifacts.checkpoint import CheckpointError, OutputBusyError, lock_path, read_manifest, sha256_file
 from wanquant.calibration import passes
 from wanquant.calibration import run as run_mod

@@ -20,11 +20,18 @@ from torch import nn
 
 from wanquant.artifacts.checkpoint import CheckpointError, fingerprint_module, load_expert_files, read_manifest
 from wanquant.method.config import QuantConfig
-from wanquant.model.wan import (
-    architecture_differences, bind_expert, component_mismatch, empty_expert, experts_of, install_layer,
-    quant_targets, restore_buffers, split_saved_buffers,
-)
 from wanquant.model.pipeline import source_of
+from wanquant.model.wan import (
+    architecture_differences,
+    bind_expert,
+    component_mismatch,
+    empty_expert,
+    experts_of,
+    install_layer,
+    quant_targets,
+    restore_buffers,
+    split_saved_buffers,
+)
 from wanquant.runtime.expert import quantized_layers, refresh, set_backend
 from wanquant.runtime.linear import Backend, W4A4Linear
 from wanquant.runtime.state import TimestepBins

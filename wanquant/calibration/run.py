@@ -31,16 +31,20 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from wanquant.artifacts.checkpoint import (
-    CheckpointError, ExpertArtifact, fingerprint_module, output_lock, save_checkpoint,
+    CheckpointError,
+    ExpertArtifact,
+    fingerprint_module,
+    output_lock,
+    save_checkpoint,
 )
 from wanquant.calibration import passes
 from wanquant.calibration.config import CalibrationRun
 from wanquant.calibration.samples import CalibSample, check_samples, samples_fingerprint
 from wanquant.calibration.shards import resolve_shards
-from wanquant.method.config import QuantConfig
 from wanquant.distributed import DistContext
-from wanquant.model.wan import ExpertSpec, bind_expert, blocks_of, experts_of, export_rest, install_layer, quant_targets
+from wanquant.method.config import QuantConfig
 from wanquant.method.params import QuantizedLinearParams
+from wanquant.model.wan import ExpertSpec, bind_expert, blocks_of, experts_of, export_rest, install_layer, quant_targets
 from wanquant.runtime.linear import W4A4Linear
 from wanquant.validate import check_blocks_left, check_calibration_run, check_checkpoint_out, check_settings
 

@@ -84,13 +84,18 @@ def clip_table_figure(manifest: dict):
         table = np.array([info["layers"][n].get("clip_table") or [[1.0, 0.0]] for n in names], dtype=float)
         for j, (what, unit, col, cmap, lo, hi) in enumerate(panels):
             ax = axes[0, 2 * i + j]
-            im = ax.imshow(table[:, :, col], aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
+            values = table[:, :, col]
+            lo, hi = min(lo, values.min()), max(hi, values.max())
+            im = ax.imshow(values, aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
             ax.set_title(f"{attr} ({info['role']}): {what}", fontsize=9)
             ax.set_xlabel("timestep bin")
             ax.set_xticks(range(table.shape[1]))
             ax.set_yticks(range(len(names)))
             ax.set_yticklabels([n.replace("blocks.", "b") for n in names], fontsize=5)
-            fig.colorbar(im, ax=ax, fraction=0.046).set_label(f"{what} ({unit})", fontsize=7)
+            bar = fig.colorbar(im, ax=ax, fraction=0.046)
+            bar.set_label(f"{what} ({unit})", fontsize=7)
+            if col == 1:  # offsets are whole binades
+                bar.set_ticks(np.arange(np.floor(lo), np.ceil(hi) + 1))
     return fig
 
 
