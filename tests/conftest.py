@@ -60,3 +60,52 @@ def tiny_samples():
 
     return [CalibSample(s.first_frame(), s.prompt, 100 + i, f"calib:{i}")
             for i, s in enumerate(list_samples("calib", 2, num_frames=5, height=32, width=32))]
+
+
+# One block, for tests of the testbed's architecture and training code.
+TINY_ONE_BLOCK = dict(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, freq_dim=64,
+                      text_dim=64, text_layers=1, text_heads=2, text_ff=128, vae_base_dim=8, height=32, width=32,
+                      num_frames=5, max_sequence_length=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_one_block():
+    from wanquant.model.testbed import TestbedConfig, build_testbed_pipeline
+
+    pipe = build_testbed_pipeline(seed=0, config=TestbedConfig(**TINY_ONE_BLOCK)).to("cpu", torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sample(split: str = "eval", index: int = 0):
+    """A testbed clip at the tiny pipelines' size."""
+    from wanquant.testbed.dataset import get_sample
+
+    return get_sample(split, index, num_frames=5, height=32, width=32)
+
+
+def quantize_tiny(out, **kwargs):
+    """A checkpoint of the tiny pipeline from one calibration sample (the full method, small grids)."""
+    from wanquant.calibration.run import CalibrationRun, quantize_pipeline
+    from wanquant.calibration.samples import CalibSample
+    from wanquant.testbed.dataset import list_samples
+
+    samples = [CalibSample(s.first_frame(), s.prompt, 7, "c")
+               for s in list_samples("calib", 1, num_frames=5, height=32, width=32)]
+    run = kwargs.pop("run", CalibrationRun(TINY_SETTINGS, reservoir_tokens=128, progress=False))
+    return quantize_pipeline(build_tiny_pipeline(), samples, fast_config(), run, out, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny checkpoint shared by a test module; tests that change it take ``tiny_ckpt_copy``."""
+    return quantize_tiny(tmp_path_factory.mktemp("ckpt") / "q")
+
+
+@pytest.fixture
+def tiny_ckpt_copy(tiny_ckpt, tmp_path):
+    import shutil
+
+    dst = tmp_path / "q"
+    shutil.copytree(tiny_ckpt, dst)
+    return dst

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,24 +20,14 @@ from wanquant.loading import load_quantized
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from wanquant.calibration.samples import CalibSample
-    from wanquant.testbed.dataset import list_samples
-
-    samples = [CalibSample(s.first_frame(), s.prompt, 7, "c") for s in list_samples("calib", 1, num_frames=5,
-                                                                                     height=32, width=32)]
-    qdir = tmp_path_factory.mktemp("bad") / "q"
-    quantize_pipeline(build_tiny_pipeline(), samples, fast_config(),
-                      CalibrationRun(TINY_SETTINGS, reservoir_tokens=128, progress=False), qdir)
-    return qdir
+@pytest.fixture
+def ckpt(tiny_ckpt):
+    return tiny_ckpt
 
 
 @pytest.fixture
-def copy(ckpt, tmp_path):
-    dst = tmp_path / "q"
-    shutil.copytree(ckpt, dst)
-    return dst
+def copy(tiny_ckpt_copy):
+    return tiny_ckpt_copy
 
 
 def _load(qdir, pipe=None):

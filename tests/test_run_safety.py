@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,23 +34,14 @@ def _quantize(out, samples, run=RUN, **kwargs):
     return quantize_pipeline(build_tiny_pipeline(), samples[:1], fast_config(), run, out, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from wanquant.calibration.samples import CalibSample
-    from wanquant.testbed.dataset import list_samples
-
-    samples = [CalibSample(s.first_frame(), s.prompt, 7, "c")
-               for s in list_samples("calib", 1, num_frames=5, height=32, width=32)]
-    qdir = tmp_path_factory.mktemp("safety") / "q"
-    _quantize(qdir, samples)
-    return qdir
+@pytest.fixture
+def ckpt(tiny_ckpt):
+    return tiny_ckpt
 
 
 @pytest.fixture
-def copy(ckpt, tmp_path):
-    dst = tmp_path / "q"
-    shutil.copytree(ckpt, dst)
-    return dst
+def copy(tiny_ckpt_copy):
+    return tiny_ckpt_copy
 
 
 def _edit_manifest(qdir: Path, edit) -> None:

@@ -8,27 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_sample
+
 from wanquant.evaluation.metrics import psnr
 from wanquant.testbed import dataset as ds
 from wanquant.testbed.tokenizer import build_tokenizer
-
-TINY_CFG = dict(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, freq_dim=64, text_dim=64,
-                text_layers=1, text_heads=2, text_ff=128, vae_base_dim=8, height=32, width=32, num_frames=5,
-                max_sequence_length=32)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from wanquant.model.testbed import TestbedConfig, build_testbed_pipeline
-
-    pipe = build_testbed_pipeline(seed=0, config=TestbedConfig(**TINY_CFG)).to("cpu", torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _tiny_sample(split: str = "eval", index: int = 0) -> ds.Sample:
-    return ds.get_sample(split, index, num_frames=5, height=32, width=32)
-
 
 # ------------------------------------------------------------------------------ dataset
 
@@ -141,24 +125,24 @@ def test_tokenizer_round_trip_and_save_load(tmp_path):
 # ----------------------------------------------------------------------------- pipeline
 
 
-def test_untrained_pipeline_has_the_a14b_i2v_layout(tiny):
-    assert tiny.transformer.config.in_channels == 36 and tiny.transformer.config.out_channels == 16
-    assert tiny.transformer.config.image_dim is None and tiny.config.boundary_ratio == 0.9
+def test_untrained_pipeline_has_the_a14b_i2v_layout(tiny_one_block):
+    assert tiny_one_block.transformer.config.in_channels == 36 and tiny_one_block.transformer.config.out_channels == 16
+    assert tiny_one_block.transformer.config.image_dim is None and tiny_one_block.config.boundary_ratio == 0.9
 
 
-def test_experts_run_on_their_timesteps(tiny):
+def test_experts_run_on_their_timesteps(tiny_one_block):
     seen = {"transformer": [], "transformer_2": []}
-    hooks = [getattr(tiny, name).register_forward_pre_hook(
+    hooks = [getattr(tiny_one_block, name).register_forward_pre_hook(
         lambda mod, args, kwargs, name=name: seen[name].append(float(kwargs["timestep"][0])), with_kwargs=True)
         for name in seen]
     try:
-        sample = _tiny_sample()
-        tiny(image=sample.first_frame(), prompt_embeds=torch.zeros(1, 32, 64), height=32, width=32, num_frames=5,
+        sample = tiny_sample()
+        tiny_one_block(image=sample.first_frame(), prompt_embeds=torch.zeros(1, 32, 64), height=32, width=32, num_frames=5,
              num_inference_steps=12, guidance_scale=1.0, output_type="latent")
     finally:
         for h in hooks:
             h.remove()
-    timesteps = [float(t) for t in tiny.scheduler.timesteps]
+    timesteps = [float(t) for t in tiny_one_block.scheduler.timesteps]
     assert sorted(seen["transformer"] + seen["transformer_2"], reverse=True) == timesteps
     assert seen["transformer"] and seen["transformer_2"]
     assert min(seen["transformer"]) >= 900 and max(seen["transformer_2"]) < 900

@@ -1,5 +1,5 @@
 """The testbed's training recipe (benchmarks.testbed_training) and its prompt-following
-evaluation (benchmarks.common.prompt_following), on a tiny testbed (CPU, fast)."""
+evaluation (benchmarks.common.prompt_following), on a one-block testbed (CPU, fast)."""
 
 from __future__ import annotations
 
@@ -10,50 +10,31 @@ import pytest
 import torch
 
 from benchmarks.common import prompt_following as PF  # a module: its testbed_config_of is no test
-from wanquant.testbed import dataset as ds
-
-# The same tiny testbed as test_testbed.py.
-TINY_CFG = dict(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, freq_dim=64, text_dim=64,
-                text_layers=1, text_heads=2, text_ff=128, vae_base_dim=8, height=32, width=32, num_frames=5,
-                max_sequence_length=32)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from wanquant.model.testbed import TestbedConfig, build_testbed_pipeline
-
-    pipe = build_testbed_pipeline(seed=0, config=TestbedConfig(**TINY_CFG)).to("cpu", torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _tiny_sample(split: str = "eval", index: int = 0) -> ds.Sample:
-    return ds.get_sample(split, index, num_frames=5, height=32, width=32)
-
+from conftest import TINY_ONE_BLOCK, tiny_sample
 
 # ------------------------------------------------------------------------ prompt following
 
 
-def test_testbed_config_is_recovered_from_the_pipeline(tiny):
-    cfg = PF.testbed_config_of(tiny)
+def test_testbed_config_is_recovered_from_the_pipeline(tiny_one_block):
+    cfg = PF.testbed_config_of(tiny_one_block)
     for key in ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "freq_dim", "text_dim",
                 "text_layers", "text_heads", "text_ff", "vae_base_dim"):
-        assert getattr(cfg, key) == TINY_CFG[key], key
+        assert getattr(cfg, key) == TINY_ONE_BLOCK[key], key
 
 
-def test_generate_pairs_prompts_on_one_noise(tiny):
-    sample = _tiny_sample()
-    videos = PF.generate(tiny, sample, seed=0, steps=2, prompts=[sample.prompt, "", sample.prompt], guidance_scale=3.0)
+def test_generate_pairs_prompts_on_one_noise(tiny_one_block):
+    sample = tiny_sample()
+    videos = PF.generate(tiny_one_block, sample, seed=0, steps=2, prompts=[sample.prompt, "", sample.prompt], guidance_scale=3.0)
     assert videos.shape == (3, 5, 32, 32, 3) and videos.dtype == np.uint8
     # The same prompt on the shared noise gives the same video; the seed picks the noise.
     assert np.abs(videos[0].astype(int) - videos[2]).max() <= 1
-    other = PF.generate(tiny, sample, seed=1, steps=2, guidance_scale=3.0)
+    other = PF.generate(tiny_one_block, sample, seed=1, steps=2, guidance_scale=3.0)
     assert other.shape == (1, 5, 32, 32, 3) and np.abs(videos[0].astype(int) - other[0]).mean() > 5
 
 
-def test_prompt_following_evaluation_reports_every_reference(tiny):
+def test_prompt_following_evaluation_reports_every_reference(tiny_one_block):
     """One eval sample, one step: every row is measured, and the true clip's own references are exact."""
-    summary = PF.evaluate_prompt_following(tiny, num_samples=1, steps=1, num_frames=5, height=32, width=32)
+    summary = PF.evaluate_prompt_following(tiny_one_block, num_samples=1, steps=1, num_frames=5, height=32, width=32)
     rows = ("right", "shuffled", "empty", "static", "vae_recon")
     assert set(rows) <= set(summary) and summary["settings"]["num_samples"] == 1
     for name in rows:
@@ -63,26 +44,26 @@ def test_prompt_following_evaluation_reports_every_reference(tiny):
     assert all(f"| {name} |" in PF.format_eval(summary) for name in rows)
 
 
-def test_encode_prompts_matches_pipeline(tiny, monkeypatch):
+def test_encode_prompts_matches_pipeline(tiny_one_block, monkeypatch):
     from diffusers.pipelines.wan import pipeline_wan_i2v
 
     # diffusers' prompt cleaning needs ftfy; a stand-in keeps the test independent of it.
     monkeypatch.setattr(pipeline_wan_i2v, "ftfy", types.SimpleNamespace(fix_text=lambda t: t), raising=False)
-    prompts = [_tiny_sample("eval", i).prompt for i in range(2)] + [""]
-    expected = tiny._get_t5_prompt_embeds(prompts, max_sequence_length=32, device=torch.device("cpu"))
-    torch.testing.assert_close(PF.encode_prompts(tiny, prompts, max_sequence_length=32), expected)
+    prompts = [tiny_sample("eval", i).prompt for i in range(2)] + [""]
+    expected = tiny_one_block._get_t5_prompt_embeds(prompts, max_sequence_length=32, device=torch.device("cpu"))
+    torch.testing.assert_close(PF.encode_prompts(tiny_one_block, prompts, max_sequence_length=32), expected)
 
 
 # ------------------------------------------------------------------------ training recipe
 
 
-def test_condition_matches_pipeline_prepare_latents(tiny):
+def test_condition_matches_pipeline_prepare_latents(tiny_one_block):
     from benchmarks.testbed_training import build_condition
 
-    sample = _tiny_sample()
-    image = tiny.video_processor.preprocess(sample.first_frame(), height=32, width=32).float()
-    _, expected = tiny.prepare_latents(image, 1, 16, 32, 32, 5, torch.float32, torch.device("cpu"))
-    ours = build_condition(tiny.vae, sample.video_tensor()[0:1], 5, tiny.vae_scale_factor_temporal)
+    sample = tiny_sample()
+    image = tiny_one_block.video_processor.preprocess(sample.first_frame(), height=32, width=32).float()
+    _, expected = tiny_one_block.prepare_latents(image, 1, 16, 32, 32, 5, torch.float32, torch.device("cpu"))
+    ours = build_condition(tiny_one_block.vae, sample.video_tensor()[0:1], 5, tiny_one_block.vae_scale_factor_temporal)
     assert ours.shape == expected.shape == (1, 20, 2, 8, 8)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
@@ -99,13 +80,13 @@ def test_timestep_sampling_matches_expert_ranges():
         assert (t >= 900).all() and (t <= 999).all() if high else (t <= 899).all() and (t >= 0).all()
 
 
-def test_expert_training_steps_reduce_loss(tiny):
-    """Data preparation and a few optimisation steps run and lower the loss on a tiny pool."""
+def test_expert_training_steps_reduce_loss(tiny_one_block):
+    """Data preparation and a few optimisation steps run and lower the loss on a tiny_one_block pool."""
     import copy
 
     from benchmarks.testbed_training import make_pool, parse_args, prepare_expert_data, train_experts
 
-    pipe = copy.deepcopy(tiny)
+    pipe = copy.deepcopy(tiny_one_block)
     args = parse_args(["--out", "unused", "--frames", "5", "--height", "32", "--width", "32", "--steps", "25",
                        "--batch", "4", "--lr", "2e-3", "--max-sequence-length", "32", "--log-every", "5",
                        "--no-bar", "--encode-batch", "8"])
@@ -118,13 +99,13 @@ def test_expert_training_steps_reduce_loss(tiny):
     assert records[-1]["loss_low"] < records[0]["loss_low"]
 
 
-def test_vae_training_steps_run(tiny):
+def test_vae_training_steps_run(tiny_one_block):
     """A few VAE steps on 5-frame windows run and report their losses."""
     import copy
 
     from benchmarks.testbed_training import make_pool, parse_args, train_vae
 
-    vae = copy.deepcopy(tiny.vae)
+    vae = copy.deepcopy(tiny_one_block.vae)
     args = parse_args(["--out", "unused", "--vae-steps", "2", "--vae-batch", "2", "--vae-frames", "5",
                        "--log-every", "1", "--no-bar"])
     pool, _ = make_pool(4, 9, 32, 32, workers=1)
