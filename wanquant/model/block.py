@@ -176,6 +176,8 @@ def _chunked_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder
         return orig(hidden_states, encoder_hidden_states, temb, rotary_emb, *args, **kwargs)
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+    from wanquant.model.attention import chunk_attention
+
     b, s, _ = hidden_states.shape
     dtype = hidden_states.dtype
     chunks = token_chunks(s, chunk)
@@ -219,9 +221,14 @@ def _chunked_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder
     ffn = getattr(self, FFN_ATTR)
     # The text keys/values are the same for every chunk: computed once here, not per chunk.
     cross_kv = _cross_kv(cross, encoder_hidden_states) if _stock_attention(cross) else None
+    # wanquant's 8-bit attention quantizes the keys/values once here, not once per chunk.
+    attend = chunk_attention(attn, k_buf, v_buf)
     for c in chunks:
-        o = dispatch_attention_fn(q_buf[:, c], k_buf, v_buf, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                  backend=backend, parallel_config=None)
+        if attend is not None:
+            o = attend(q_buf[:, c])
+        else:
+            o = dispatch_attention_fn(q_buf[:, c], k_buf, v_buf, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                      backend=backend, parallel_config=None)
         o = o.flatten(2, 3).type_as(q_buf)
         o = attn.to_out[1](attn.to_out[0](o))
         h = (hidden_states[:, c].float() + o * sl(gate, c)).type_as(hidden_states)
@@ -237,7 +244,7 @@ def _chunked_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder
         # The query chunk was consumed above: its memory takes the block's output.
         out[:, c] = (h.float() + f.float() * sl(c_gate, c)).type_as(hidden_states)
         del f, h
-    del k_buf, v_buf, cross_kv
+    del k_buf, v_buf, cross_kv, attend
     return out
 
 

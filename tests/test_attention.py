@@ -1,0 +1,371 @@
+"""8-bit attention (wanquant.kernels.attention) and its use in Wan's self-attention, on the CPU.
+
+* the PyTorch reference against exact attention (error bounds, what K/V smoothing buys);
+* the Triton kernels against the reference, run by Triton's CPU interpreter in a child
+  process (``TRITON_INTERPRET=1`` must be set before triton is imported), at small shapes;
+* the diffusers backend on the tiny testbed model through the reference backend.
+
+The GPU versions (Wan sizes, the compiled kernels) are in test_attention_gpu.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wanquant.kernels import attention as K
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+interp = pytest.mark.skipif(not INTERPRETING, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
+not_interp = pytest.mark.skipif(INTERPRETING, reason="runs in the parent process")
+
+
+def qkv(s: int = 256, h: int = 2, d: int = 64, b: int = 1, seed: int = 0, q_std: float = 1.0, k_std: float = 1.0,
+        k_mean: float = 0.0, v_mean: float = 0.0, outliers: bool = False, dtype=torch.bfloat16):
+    """``[B, S, H, D]`` q, k, v: Gaussian, with optional per-channel K/V offsets and outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, s, h, d, generator=g) * q_std
+    k = torch.randn(b, s, h, d, generator=g) * k_std + k_mean * torch.randn(b, 1, h, d, generator=g)
+    v = torch.randn(b, s, h, d, generator=g) + v_mean * torch.randn(b, 1, h, d, generator=g)
+    if outliers:
+        ch = torch.ones(d)
+        ch[:: d // 4] = 8.0
+        q, k, v = q * ch, k * ch, v * ch
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def exact(q, k, v, layout="bshd"):
+    """fp64 attention in ``layout``."""
+    o = K.attention_fp32(q, k, v, layout=layout, dtype=torch.float64)
+    return o.transpose(1, 2) if layout == "bshd" else o
+
+
+# ---------------------------------------------------------------------------------
+# Reference math (no Triton)
+# ---------------------------------------------------------------------------------
+@not_interp
+def test_kv_quantization_reconstructs_keys_and_values():
+    _, k, v = qkv(s=200, k_mean=3.0, v_mean=2.0)
+    kv = K.quantize_kv_reference(k, v, k_block=64)
+    assert kv.k8.shape == (2, 256, 64) and kv.k_scale.shape == (2, 4) and kv.v8t.shape == (2, 64, 256)
+    assert kv.k8.abs().max() <= 127 and (kv.k8[:, 200:] == 0).all() and (kv.v8t[:, :, 200:].float() == 0).all()
+    kf = k.float().permute(0, 2, 1, 3).reshape(2, 200, 64)
+    vf = v.float().permute(0, 2, 1, 3).reshape(2, 200, 64)
+    mu_k = kf.mean(1, keepdim=True)
+    k_hat = kv.k8[:, :200].float() * kv.k_scale.repeat_interleave(64, 1)[:, :200, None]
+    step = kv.k_scale.repeat_interleave(64, 1)[:, :200, None]
+    assert ((k_hat - (kf - mu_k)).abs() <= step / 2 * (1 + 1e-5)).all()  # INT8: within half a step
+    v_hat = kv.v8t[:, :, :200].float().transpose(1, 2) * kv.v_scale[:, None] + kv.v_mean[:, None]
+    torch.testing.assert_close(kv.v_mean, vf.mean(1), rtol=1e-5, atol=1e-5)
+    rel = ((v_hat - vf).abs() / (vf - kv.v_mean[:, None]).abs().clamp_min(1e-3)).amax()
+    assert rel <= 2.0**-4 * 1.01 or ((v_hat - vf).abs() <= kv.v_scale[:, None] * 2.0**-9 * 448).all(), rel
+
+
+@not_interp
+def test_one_tile_reference_is_the_plain_definition():
+    """With one key tile the online softmax is the plain one: INT8 scores, P = 448 * 2^(s - max)
+    rounded to e4m3, l = sum of unrounded P, out = (P8 @ V8) / l * v_scale + v_mean."""
+    q, k, v = qkv(s=96, h=1, d=32, k_mean=2.0, v_mean=1.0)
+    kv = K.quantize_kv_reference(k, v, k_block=128)
+    q8, qs = K.quantize_q_reference(q)
+    s = (q8.double() @ kv.k8[:, :96].double().transpose(1, 2)).float() * (qs * kv.k_scale[:, :1])[..., None]
+    p = torch.exp2(s - s.amax(-1, keepdim=True) + K.LOG2_P_SCALE)
+    p8 = p.to(torch.float8_e4m3fn).double()
+    o = (p8 @ kv.v8t[:, :, :96].double().transpose(1, 2)) / p.sum(-1, keepdim=True).double()
+    o = o * kv.v_scale[:, None] + kv.v_mean[:, None]
+    got = K.attention_prepared_reference(q, kv, block_n=128, out_dtype=torch.float32)
+    torch.testing.assert_close(got[:, :, 0], o.float(), rtol=1e-5, atol=1e-6)
+    # the softmax scale is folded into Q's scale: qs * q8 ~ q * log2(e) / sqrt(D)
+    torch.testing.assert_close(q8.float() * qs[..., None], q[0].float().transpose(0, 1) * K.LOG2E / 32**0.5,
+                               rtol=0, atol=float(qs.max()) / 2 * 1.001)
+
+
+@not_interp
+@pytest.mark.parametrize("case,bound", [("gaussian", 0.045), ("peaked", 0.045), ("v_offset", 0.01),
+                                        ("k_offset", 0.045), ("outliers", 0.055)])
+def test_reference_error_vs_exact(case, bound):
+    """Error budget: e4m3 P and V (3 mantissa bits, ~2.7 % rms each) dominate; on Gaussian
+    inputs attention is nearly uniform, the output a small average of noisy values, so the
+    relative error is ~3.6 %; bf16 SDPA is ~0.2 %. Inputs with a V offset (as real values have)
+    are far better."""
+    kw = {"gaussian": {}, "peaked": dict(q_std=2.0, k_std=2.0), "v_offset": dict(v_mean=5.0),
+          "k_offset": dict(k_mean=8.0), "outliers": dict(outliers=True, k_mean=4.0)}[case]
+    q, k, v = qkv(**kw)
+    err = K.relative_error(K.attention_int8_reference(q, k, v), exact(q, k, v))
+    assert err < bound, f"{case}: rel err {err:.4f}"
+
+
+@not_interp
+def test_k_smoothing_matters_for_offset_keys():
+    """Keys with a large common offset: per-block INT8 without subtracting the mean spends its
+    grid on the offset (which softmax ignores); with smoothing the error stays at the FP8 floor."""
+    for seed in range(3):
+        q, k, v = qkv(k_mean=8.0, seed=seed)
+        ref = exact(q, k, v)
+        smooth = K.relative_error(K.attention_int8_reference(q, k, v), ref)
+        plain = K.relative_error(K.attention_int8_reference(q, k, v, smooth_k=False), ref)
+        assert plain > 1.4 * smooth and smooth < 0.045, (seed, smooth, plain)
+
+
+@not_interp
+def test_v_smoothing_matters_for_offset_values():
+    q, k, v = qkv(v_mean=5.0)
+    ref = exact(q, k, v)
+    smooth = K.relative_error(K.attention_int8_reference(q, k, v), ref)
+    plain = K.relative_error(K.attention_int8_reference(q, k, v, smooth_v=False), ref)
+    assert plain > 1.5 * smooth, (smooth, plain)
+
+
+@not_interp
+def test_reference_layouts_and_ragged_tiles_agree():
+    q, k, v = qkv(s=200, h=3, d=64, b=2, k_mean=1.0)
+    a = K.attention_int8_reference(q, k, v, block_n=64)
+    bh = K.attention_int8_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="bhsd",
+                                    block_n=64)
+    assert torch.equal(a, bh.transpose(1, 2))
+    # tile size changes only where P is rounded (running max): fp8-noise-level differences
+    c = K.attention_int8_reference(q, k, v, block_n=16)
+    ref = exact(q, k, v)
+    assert abs(K.relative_error(a, ref) - K.relative_error(c, ref)) < 0.01
+
+
+@not_interp
+def test_config_parsing_and_checks():
+    for cfg in K.CONFIGS:
+        assert K.parse_config(cfg.describe()) == cfg
+        K.check_config(cfg, K.K_BLOCK)
+    with pytest.raises(ValueError, match="divide"):
+        K.check_config(K.AttnConfig(128, 256, 8, 3), K.K_BLOCK)
+    with pytest.raises(ValueError, match="form"):
+        K.parse_config("fast")
+    with pytest.raises(ValueError, match="head_dim"):
+        K.check_head_dim(96)
+
+
+# ---------------------------------------------------------------------------------
+# Triton kernels in the interpreter
+# ---------------------------------------------------------------------------------
+@not_interp
+def test_interpreter_suite():
+    """Run this file's interpreter tests in a child process with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
+           str(Path(__file__).resolve()), "-k", "not test_interpreter_suite"]
+    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+
+
+def _fused_qkv(s, h, d, b=1, seed=0, **kw):
+    """q, k, v as strided views of one ``[B, S, 3, H, D]`` buffer (what a fused projection gives)."""
+    q, k, v = qkv(s=s, h=h, d=d, b=b, seed=seed, **kw)
+    buf = torch.stack([q, k, v], dim=2)
+    return buf[:, :, 0], buf[:, :, 1], buf[:, :, 2]
+
+
+@interp
+@pytest.mark.parametrize("s,d,k_block,smooth", [(200, 64, 64, True), (64, 128, 128, True), (333, 32, 32, False)])
+def test_kv_prepass_matches_reference(s, d, k_block, smooth):
+    _, k, v = _fused_qkv(s, 2, d, b=2, k_mean=3.0, v_mean=1.0)
+    assert not k.is_contiguous()
+    got = K.quantize_kv(k, v, k_block=k_block, smooth_k=smooth, smooth_v=smooth)
+    want = K.quantize_kv_reference(k, v, k_block=k_block, smooth_k=smooth, smooth_v=smooth)
+    assert torch.equal(got.k8, want.k8)
+    assert torch.equal(got.v8t.view(torch.uint8), want.v8t.view(torch.uint8))
+    for name in ("k_scale", "v_scale", "v_mean"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+@interp
+@pytest.mark.parametrize("cfg", [K.AttnConfig(64, 64, 4, 2), K.AttnConfig(32, 32, 4, 2),
+                                 K.AttnConfig(16, 64, 4, 2, pv_promote=True), K.AttnConfig(32, 64, 4, 2, q_prepass=True)],
+                         ids=lambda c: c.describe())
+def test_kernel_matches_reference(cfg):
+    """Same quantization as the reference; only accumulation order and exp2's last bits differ."""
+    q, k, v = _fused_qkv(200, 2, 64, b=2, k_mean=2.0, v_mean=0.5)  # 200: a ragged last tile
+    kv = K.quantize_kv_reference(k, v, k_block=64)
+    out = _poisoned(q.shape, torch.float32)
+    K.attention_prepared(q, kv, config=cfg, out=out)
+    want = K.attention_prepared_reference(q, kv, block_n=cfg.block_n, out_dtype=torch.float32)
+    assert not out.isnan().any()
+    assert K.relative_error(out, want) < 1e-5
+    out16 = _poisoned(q.shape, torch.bfloat16)
+    K.attention_prepared(q, kv, config=cfg, out=out16)
+    assert K.relative_error(out16, want.bfloat16()) < 1e-3  # bf16 rounding of near-identical values
+    assert K.relative_error(out, exact(q, k, v)) < 0.045
+
+
+@interp
+def test_kernel_query_chunks_and_layouts():
+    """Queries of a token chunk (S_q != S_k, strided), [B, H, S, D] inputs, D = 128."""
+    q, k, v = qkv(s=300, h=2, d=128, k_mean=1.0)
+    kv = K.quantize_kv(k, v)
+    cfg = K.AttnConfig(32, 64, 4, 2)
+    chunk = q[:, 37:170]
+    got = K.attention_prepared(chunk, kv, config=cfg, out=_poisoned(chunk.shape, torch.float32))
+    want = K.attention_prepared_reference(chunk, kv, block_n=64, out_dtype=torch.float32)
+    assert K.relative_error(got, want) < 1e-5
+    full = K.attention_int8(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="bhsd", config=cfg)
+    assert full.shape == (1, 2, 300, 128) and full.dtype == torch.bfloat16
+    want_full = K.attention_int8_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="bhsd",
+                                           block_n=64)
+    assert K.relative_error(full, want_full) < 1e-3
+    torch.testing.assert_close(full[:, :, 37:170].float(), got.transpose(1, 2), rtol=0, atol=float(got.abs().max()) / 128)
+
+
+@interp
+def test_kernel_degenerate_inputs():
+    """All-zero queries (uniform attention), keys equal over tokens (all zero after smoothing),
+    an all-zero value channel: finite, and as the reference."""
+    q, k, v = qkv(s=70, h=2, d=32)
+    q[:, 5] = 0
+    k[:, :, 1] = k[:, :1, 1]  # head 1: every key the same
+    v[..., 3] = 0
+    kv = K.quantize_kv(k, v, k_block=32)
+    out = K.attention_prepared(q, kv, config=K.AttnConfig(16, 32, 4, 2), out=_poisoned(q.shape, torch.float32))
+    want = K.attention_prepared_reference(q, kv, block_n=32, out_dtype=torch.float32)
+    assert torch.isfinite(out).all() and K.relative_error(out, want) < 1e-5
+    torch.testing.assert_close(out[:, 5], v.float().mean(1), rtol=0.05, atol=0.05)  # zero query: mean of V
+    assert (out[..., 3] == 0).all()
+
+
+# ---------------------------------------------------------------------------------
+# Wan integration (diffusers backend), through the reference
+# ---------------------------------------------------------------------------------
+def _tiny_transformer(seed=0, heads=2, head_dim=64):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, rope_max_seq_len=64,
+    ).float().eval()
+    with torch.no_grad():  # non-trivial modulation and norms so attention matters
+        for name, p in model.named_parameters():
+            if "scale_shift_table" in name or name.endswith("norm_q.weight") or name.endswith("norm_k.weight"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def _run(model, frames=3, height=16, width=24, seed=1):
+    g = torch.Generator().manual_seed(seed)  # 3 x 8 x 12 = 288 tokens: three key tiles, a ragged one
+    x = torch.randn(1, 4, frames, height, width, generator=g)
+    ctx = torch.randn(1, 7, 32, generator=g)
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=torch.tensor([700.0]), encoder_hidden_states=ctx,
+                     return_dict=False)[0]
+
+
+@not_interp
+def test_backend_on_self_attention_only_and_close_to_sdpa():
+    from wanquant.model import attention as MA
+
+    model = _tiny_transformer()
+    ref = _run(model)
+    assert MA.set_self_attention(model, "int8_reference") == 2
+    assert MA.self_attention_mode(model) == "int8_reference"
+    for block in model.blocks:
+        assert block.attn1.processor._attention_backend.value == "wanquant_int8_reference"
+        assert block.attn2.processor._attention_backend is None  # cross-attention untouched
+    out = _run(model)
+    assert torch.isfinite(out).all()
+    err = K.relative_error(out, ref)
+    assert 0 < err < 0.03, err
+    MA.set_self_attention(model, "sdpa")
+    assert MA.self_attention_mode(model) == "sdpa"
+    assert torch.equal(_run(model), ref)
+
+
+@not_interp
+def test_chunked_block_quantizes_keys_once(monkeypatch):
+    from wanquant.model import attention as MA
+    from wanquant.model import block as chunking
+
+    model = _tiny_transformer()
+    MA.set_self_attention(model, "int8_reference")
+    whole = _run(model)
+    calls = []
+    real = K.quantize_kv_reference
+    monkeypatch.setattr(K, "quantize_kv_reference", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    chunking.enable_token_chunking(model, 100)  # 288 tokens: three query chunks per block
+    chunked = _run(model)
+    assert len(calls) == 2  # once per block, not once per chunk
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+
+
+@not_interp
+def test_unsupported_calls_fall_back_to_sdpa(caplog):
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    from wanquant.model import attention as MA
+
+    backend = MA.backend_for("int8_reference")
+    q, k, v = qkv(s=40, h=2, d=48, dtype=torch.float32)  # head_dim 48: not a power of two
+    out = dispatch_attention_fn(q, k, v, backend=backend)
+    torch.testing.assert_close(out.double(), exact(q, k, v), rtol=1e-4, atol=1e-5)
+    assert "head_dim 48" in caplog.text
+
+
+@not_interp
+def test_int8_refuses_without_a_fp8_gpu():
+    from wanquant.model import attention as MA
+
+    if MA.int8_available()[0]:
+        pytest.skip("this machine can run the int8 kernel")
+    model = _tiny_transformer()
+    with pytest.raises(MA.AttentionUnavailableError, match="FP8 tensor cores"):
+        MA.set_self_attention(model, "int8")
+    assert MA.self_attention_mode(model) == "sdpa"  # nothing was changed
+    with pytest.raises(ValueError, match="one of"):
+        MA.set_self_attention(model, "fp4")
+    # a module set to int8 elsewhere and then run on CPU tensors: a clear error, no silent fallback
+    model.blocks[0].attn1.processor._attention_backend = MA.backend_for("int8")
+    with pytest.raises(MA.AttentionUnavailableError, match="cannot run"):
+        _run(model)
+
+
+@not_interp
+@pytest.mark.slow
+def test_tiny_pipeline_generates_with_int8_reference_attention():
+    import dataclasses
+
+    from conftest import TINY_SETTINGS, build_tiny_pipeline
+    from PIL import Image
+
+    from wanquant import api
+
+    settings = dataclasses.replace(TINY_SETTINGS, num_inference_steps=4)
+    image = Image.new("RGB", (32, 32), (120, 60, 200))
+    pipe = build_tiny_pipeline()
+    base = api.generate(pipe, image, "a cube", settings, seed=3)
+    text = api.set_attention(pipe, "int8_reference")
+    assert "8-bit" in text and "transformer_2" in text
+    frames = api.generate(pipe, image, "a cube", settings, seed=3)
+    a = torch.as_tensor(frames).float()
+    b = torch.as_tensor(base).float()
+    assert torch.isfinite(a).all()
+    assert K.relative_error(a, b) < 0.05
+
+
+@not_interp
+def test_cli_has_the_attention_flag():
+    from wanquant.cli import build_parser
+
+    p = build_parser()
+    base = ["generate", "--image", "x.png", "--prompt", "p", "--out", "o.mp4"]
+    assert p.parse_args(base).attention == "sdpa"
+    assert p.parse_args([*base, "--attention", "int8"]).attention == "int8"
+    with pytest.raises(SystemExit):
+        p.parse_args([*base, "--attention", "fp4"])

@@ -1,0 +1,247 @@
+"""Which attention Wan's self-attention runs: PyTorch SDPA or wanquant's 8-bit kernel.
+
+Part of the model adapter (the only place that imports diffusers). diffusers 0.42.1 runs
+every attention through ``dispatch_attention_fn(..., backend=processor._attention_backend)``,
+where the backend is a member of its ``AttentionBackendName`` enum looked up in
+``_AttentionBackendRegistry``. This module adds two members and registers a function for
+each:
+
+* ``wanquant_int8``: :func:`wanquant.kernels.attention.attention_int8` (Triton, CUDA
+  GPUs with FP8 tensor cores, sm_89+); on other tensors it raises, it does not silently
+  fall back;
+* ``wanquant_int8_reference``: the same math in PyTorch
+  (:func:`~wanquant.kernels.attention.attention_int8_reference`), any device; slow, for
+  CPU tests and numerics studies.
+
+:func:`set_self_attention` sets the backend on the self-attention (``attn1``) of each
+block only; cross-attention (``attn2``: 512 text tokens, plus image tokens in Wan2.1
+I2V) keeps whatever it had (SDPA by default). The stock ``WanAttnProcessor`` stays in
+place, so wanquant's token-chunked block (:mod:`wanquant.model.block`) still applies; it
+asks :func:`chunk_attention` for a per-chunk attention function, which quantizes the
+keys and values once per block instead of once per query chunk.
+
+Calls the kernel does not cover (an attention mask, causal, dropout, grouped-query
+heads, an unsupported head_dim) run diffusers' native SDPA, with a warning once per
+reason. Context parallelism is refused: its attention goes through diffusers' templated
+all-to-all / ring functions, which call their own backends.
+
+Extending a Python ``Enum`` after its creation has no public API before Python 3.13;
+:func:`_enum_member` does what ``Enum`` does for its own members (the value map and the
+member list), and the module checks the lookup works before using it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from wanquant.kernels import attention as K
+from wanquant.model.wan import blocks_of, experts_of
+
+log = logging.getLogger(__name__)
+
+SELF_ATTN_ATTR = "attn1"  # as wanquant.model.block.SELF_ATTN_ATTR (no import: block imports this module)
+MODES = ("sdpa", "int8")  # what users pick (CLI --attention)
+REFERENCE_MODE = "int8_reference"  # the PyTorch reference of "int8" (tests, CPU)
+ALL_MODES = (*MODES, REFERENCE_MODE)
+_BACKENDS = {"int8": ("WANQUANT_INT8", "wanquant_int8"),
+             REFERENCE_MODE: ("WANQUANT_INT8_REFERENCE", "wanquant_int8_reference")}
+_PREV = "_wanquant_prev_attention_backend"  # the backend a processor had before int8 was set
+_warned: set[str] = set()
+
+
+class AttentionUnavailableError(ValueError):
+    """The requested attention cannot run here (e.g. int8 without a CUDA GPU with FP8)."""
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("wanquant int8 attention: %s; this call runs PyTorch SDPA instead", reason)
+
+
+def _enum_member(enum_cls, name: str, value: str):
+    """The member of ``enum_cls`` with ``value``, added if missing (see the module docstring)."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        pass
+    member = str.__new__(enum_cls, value)  # AttentionBackendName is a (str, Enum)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = enum_cls
+    if hasattr(enum_cls, "_add_member_"):  # Python >= 3.13
+        enum_cls._add_member_(name, member)
+    else:
+        enum_cls._member_map_[name] = member
+        enum_cls._member_names_.append(name)
+    enum_cls._value2member_map_[value] = member
+    if enum_cls(value) is not member:
+        raise RuntimeError(f"could not add {value!r} to {enum_cls.__name__}")
+    return member
+
+
+def _sdpa_fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config):
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                 scale=scale, enable_gqa=enable_gqa, backend=AttentionBackendName.NATIVE,
+                                 parallel_config=_parallel_config)
+
+
+def _unsupported(query, key, value, attn_mask, dropout_p, is_causal) -> str | None:
+    """Why the 8-bit kernel cannot serve this call (None: it can)."""
+    if attn_mask is not None:
+        return "an attention mask is given"
+    if is_causal:
+        return "causal attention"
+    if dropout_p:
+        return "dropout"
+    if query.ndim != 4 or key.shape[2] != query.shape[2] or value.shape[2] != query.shape[2]:
+        return "query and key/value head counts differ"
+    d = query.shape[-1]
+    if d < 32 or d > 256 or d & (d - 1) or value.shape[-1] != d:
+        return f"head_dim {d} (needs a power of two in [32, 256], equal for q, k, v)"
+    return None
+
+
+def _int8_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None, dropout_p: float = 0.0,
+                  is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+                  _parallel_config=None) -> torch.Tensor:
+    """diffusers backend ``wanquant_int8``: inputs and output ``[B, S, H, D]``."""
+    if _parallel_config is not None:
+        raise AttentionUnavailableError("wanquant int8 attention does not support context parallelism yet")
+    why = _unsupported(query, key, value, attn_mask, dropout_p, is_causal)
+    if why:
+        _warn_once(why)
+        return _sdpa_fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config)
+    ok, reason = K.int8_attention_status(query.device)
+    if not ok:
+        raise AttentionUnavailableError(f"wanquant int8 attention cannot run: {reason}")
+    return K.attention_int8(query, key, value, scale=scale, layout="bshd", config=K.env_config())
+
+
+def _int8_reference_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
+                            dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                            enable_gqa: bool = False, _parallel_config=None) -> torch.Tensor:
+    """diffusers backend ``wanquant_int8_reference``: the PyTorch definition, any device."""
+    if _parallel_config is not None:
+        raise AttentionUnavailableError("wanquant int8 attention does not support context parallelism yet")
+    why = _unsupported(query, key, value, attn_mask, dropout_p, is_causal)
+    if why:
+        _warn_once(why)
+        return _sdpa_fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config)
+    return K.attention_int8_reference(query, key, value, scale=scale, layout="bshd")
+
+
+_FUNCTIONS = {"int8": _int8_backend, REFERENCE_MODE: _int8_reference_backend}
+
+
+def backend_for(mode: str):
+    """The diffusers ``AttentionBackendName`` of an int8 mode, registered on first use."""
+    from diffusers.models import attention_dispatch as ad
+
+    name, value = _BACKENDS[mode]
+    member = _enum_member(ad.AttentionBackendName, name, value)
+    registry = ad._AttentionBackendRegistry
+    if member not in registry._backends:
+        registry.register(member, constraints=[], supports_context_parallel=False)(_FUNCTIONS[mode])
+    return member
+
+
+def _mode_of_backend(backend) -> str:
+    value = getattr(backend, "value", backend)
+    for mode, (_, v) in _BACKENDS.items():
+        if value == v:
+            return mode
+    return "sdpa"
+
+
+def int8_available() -> tuple[bool, str]:
+    """Whether ``int8`` attention can run on this machine, and why (not)."""
+    return K.int8_attention_status()
+
+
+def _self_attentions(transformer: nn.Module) -> list[nn.Module]:
+    return [getattr(block, SELF_ATTN_ATTR) for block in blocks_of(transformer)]
+
+
+def check_attention_mode(mode: str) -> None:
+    """Raise if ``mode`` is unknown or cannot run on this machine (before loading a model)."""
+    if mode not in ALL_MODES:
+        raise ValueError(f"attention mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "int8":
+        ok, reason = int8_available()
+        if not ok:
+            raise AttentionUnavailableError(
+                f"int8 attention needs a CUDA GPU with FP8 tensor cores (sm_89+, e.g. H100) and Triton: {reason}. "
+                "Use attention 'sdpa'.")
+
+
+def set_self_attention(transformer: nn.Module, mode: str) -> int:
+    """Run the self-attention of every block of ``transformer`` with ``mode``; returns how many.
+
+    ``"sdpa"`` restores what the module had before int8 was set (diffusers' default,
+    PyTorch SDPA, unless a backend had been chosen). ``"int8"`` needs a CUDA GPU with FP8
+    tensor cores and Triton (:class:`AttentionUnavailableError` otherwise); ``"int8_reference"``
+    runs anywhere.
+    """
+    check_attention_mode(mode)
+    attns = _self_attentions(transformer)
+    for attn in attns:
+        proc = attn.processor
+        if mode != "sdpa" and getattr(proc, "_parallel_config", None) is not None:
+            raise AttentionUnavailableError("int8 attention does not support context parallelism yet; "
+                                            "use attention 'sdpa' with several GPUs")
+        if not hasattr(proc, "_attention_backend"):
+            raise TypeError(f"{type(proc).__name__} does not go through diffusers' attention dispatcher")
+    for attn in attns:
+        proc = attn.processor
+        current = proc._attention_backend
+        if mode == "sdpa":
+            if _mode_of_backend(current) != "sdpa":
+                proc._attention_backend = proc.__dict__.pop(_PREV, None)
+            continue
+        if _mode_of_backend(current) == "sdpa":
+            proc.__dict__[_PREV] = current
+        proc._attention_backend = backend_for(mode)
+    return len(attns)
+
+
+def self_attention_mode(transformer: nn.Module) -> str:
+    """``"sdpa"``, ``"int8"``, ``"int8_reference"``, or ``"mixed"`` if blocks differ."""
+    modes = {_mode_of_backend(getattr(a.processor, "_attention_backend", None)) for a in _self_attentions(transformer)}
+    return modes.pop() if len(modes) == 1 else "mixed"
+
+
+def set_pipeline_attention(pipe, mode: str) -> str:
+    """:func:`set_self_attention` on every expert of a Wan pipeline; returns a description."""
+    counts = [(e.attr, set_self_attention(e.module, mode)) for e in experts_of(pipe)]
+    where = ", ".join(f"{attr} ({n} blocks)" for attr, n in counts)
+    if mode == "sdpa":
+        return f"self-attention: PyTorch SDPA on {where}"
+    detail = int8_available()[1] if mode == "int8" else "PyTorch reference"
+    return (f"self-attention: 8-bit (INT8 Q.K^T, FP8 P.V; {detail}) on {where}; "
+            "cross-attention unchanged (SDPA)")
+
+
+def chunk_attention(attn: nn.Module, key: torch.Tensor, value: torch.Tensor
+                    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For the token-chunked block: ``fn(query_chunk) -> out`` sharing one quantization of
+    ``key``/``value`` ``[B, S, H, D]`` across chunks; None when ``attn`` is not on an int8
+    backend (or the call is one the kernel does not cover): dispatch as usual then."""
+    mode = _mode_of_backend(getattr(attn.processor, "_attention_backend", None))
+    if mode == "sdpa" or _unsupported(key, key, value, None, 0.0, False):
+        return None
+    if mode == "int8":
+        ok, reason = K.int8_attention_status(key.device)
+        if not ok:
+            raise AttentionUnavailableError(f"wanquant int8 attention cannot run: {reason}")
+        kv = K.quantize_kv(key, value)
+        config = K.env_config()
+        return lambda q: K.attention_prepared(q, kv, config=config)
+    kv = K.quantize_kv_reference(key, value)
+    return lambda q: K.attention_prepared_reference(q, kv)
