@@ -6,7 +6,9 @@
 * :mod:`~wanquant.kernels.gemm`: the FP8 GEMM with the low-rank up projection and bias
   fused in its epilogue (the "GEMM" step);
 * :mod:`~wanquant.kernels.dispatch`: which formats and devices the fast path serves, and
-  ``FastW4A4``, a layer prepared for it.
+  ``FastW4A4``, a layer prepared for it;
+* :mod:`~wanquant.kernels.attention`: 8-bit attention (INT8 Q.K^T with K smoothed by its
+  token mean, FP8 P.V), used by Wan's self-attention when asked for.
 
 Every kernel has a PyTorch reference beside it; DESIGN.md section 4 gives the identity.
 """
