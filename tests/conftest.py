@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
+from pathlib import Path
 
 # Subprocesses (CLI tests) inherit this; see the set_num_threads note below.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -109,3 +112,28 @@ def tiny_ckpt_copy(tiny_ckpt, tmp_path):
     dst = tmp_path / "q"
     shutil.copytree(tiny_ckpt, dst)
     return dst
+
+
+# Triton decides when it is imported whether kernels (and its own library functions such as
+# tl.zeros) are compiled or interpreted, so interpreter tests need TRITON_INTERPRET=1 from
+# the start of a process: a parent test runs them in a child pytest, where INTERPRETING is
+# True and tests marked ``interp`` run directly.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+interp = pytest.mark.skipif(not INTERPRETING, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
+
+
+def run_interpreter_suite(test_file: str, timeout: float = 1800) -> str:
+    """Run ``test_file``'s tests except this runner in a child pytest under Triton's
+    interpreter; fails unless they pass. Returns the child's output."""
+    if INTERPRETING:
+        pytest.skip("already inside the interpreter run")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
+           str(Path(test_file).resolve()), "-k", "not test_interpreter_suite"]
+    r = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    assert " passed" in last and " failed" not in last, r.stdout[-2000:]  # the child really ran tests
+    return r.stdout

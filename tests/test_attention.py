@@ -10,18 +10,13 @@ The GPU versions (Wan sizes, the compiled kernels) are in test_attention_gpu.py.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import INTERPRETING, interp, run_interpreter_suite
 from wanquant.kernels import attention as K
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-interp = pytest.mark.skipif(not INTERPRETING, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
 not_interp = pytest.mark.skipif(INTERPRETING, reason="runs in the parent process")
 
 
@@ -150,17 +145,9 @@ def test_config_parsing_and_checks():
 # ---------------------------------------------------------------------------------
 # Triton kernels in the interpreter
 # ---------------------------------------------------------------------------------
-@not_interp
 def test_interpreter_suite():
-    """Run this file's interpreter tests in a child process with TRITON_INTERPRET=1."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
-           str(Path(__file__).resolve()), "-k", "not test_interpreter_suite"]
-    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+    """This file's interpreter tests, in a child process with TRITON_INTERPRET=1."""
+    run_interpreter_suite(__file__)
 
 
 def _fused_qkv(s, h, d, b=1, seed=0, **kw):

@@ -7,26 +7,18 @@ The GPU versions of these checks (full Wan shapes, cuBLAS) live in test_kernels_
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import INTERPRETING, interp, run_interpreter_suite
 
 from wanquant.formats import INT4, MXFP4, MXFP4Format, Quantized, pack_nibbles, unpack_nibbles
 from wanquant.method.params import QuantizedLinearParams
 
 
-# Triton decides when it is imported whether kernels (and its own library functions such as
-# tl.zeros) are compiled or interpreted, so the interpreter tests need TRITON_INTERPRET=1
-# from the start of the process. In a normal test session they run in a child pytest
-# process (test_interpreter_suite); there, INTERPRETING is True and they run directly.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRETING:
     pytest.importorskip("triton")
-interp = pytest.mark.skipif(not INTERPRETING, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
 
 _MODULES = ("act_quant", "weight_prep", "gemm", "dispatch")
 
@@ -39,16 +31,8 @@ def K():
 
 
 def test_interpreter_suite():
-    """Run this file's interpreter tests in a child process with TRITON_INTERPRET=1."""
-    if INTERPRETING:
-        pytest.skip("already inside the interpreter run")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve()),
-           "-k", "not test_interpreter_suite"]
-    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    """This file's interpreter tests, in a child process with TRITON_INTERPRET=1."""
+    run_interpreter_suite(__file__)
 
 
 def _activations(m: int, k: int, seed: int) -> torch.Tensor:

@@ -10,30 +10,16 @@ same at Wan shapes is tests/test_lora_gpu.py.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
 import torch
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-interp = pytest.mark.skipif(not INTERPRETING, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
+from conftest import interp, run_interpreter_suite
+
 
 
 def test_interpreter_suite():
-    """Run this file's interpreter tests in a child process with TRITON_INTERPRET=1."""
-    if INTERPRETING:
-        pytest.skip("already inside the interpreter run")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve()),
-           "-k", "not test_interpreter_suite"]
-    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
+    """This file's interpreter tests, in a child process with TRITON_INTERPRET=1."""
+    run_interpreter_suite(__file__)
 
 
 def _pieces(gen, spec, k):

@@ -108,15 +108,21 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal) -> str | No
     return None
 
 
-def _int8_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None, dropout_p: float = 0.0,
-                  is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
-                  _parallel_config=None) -> torch.Tensor:
-    """diffusers backend ``wanquant_int8``: inputs and output ``[B, S, H, D]``."""
-    if _parallel_config is not None:
+def _unsupported_call(query, key, value, attn_mask, dropout_p, is_causal, parallel_config) -> str | None:
+    """Why the 8-bit kernel cannot take this call (SDPA then does), or None; refuses CP."""
+    if parallel_config is not None:
         raise AttentionUnavailableError("wanquant int8 attention does not support context parallelism yet")
     why = _unsupported(query, key, value, attn_mask, dropout_p, is_causal)
     if why:
         _warn_once(why)
+    return why
+
+
+def _int8_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None, dropout_p: float = 0.0,
+                  is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+                  _parallel_config=None) -> torch.Tensor:
+    """diffusers backend ``wanquant_int8``: inputs and output ``[B, S, H, D]``."""
+    if _unsupported_call(query, key, value, attn_mask, dropout_p, is_causal, _parallel_config):
         return _sdpa_fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config)
     ok, reason = K.int8_attention_status(query.device)
     if not ok:
@@ -128,11 +134,7 @@ def _int8_reference_backend(query: torch.Tensor, key: torch.Tensor, value: torch
                             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                             enable_gqa: bool = False, _parallel_config=None) -> torch.Tensor:
     """diffusers backend ``wanquant_int8_reference``: the PyTorch definition, any device."""
-    if _parallel_config is not None:
-        raise AttentionUnavailableError("wanquant int8 attention does not support context parallelism yet")
-    why = _unsupported(query, key, value, attn_mask, dropout_p, is_causal)
-    if why:
-        _warn_once(why)
+    if _unsupported_call(query, key, value, attn_mask, dropout_p, is_causal, _parallel_config):
         return _sdpa_fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config)
     return K.attention_int8_reference(query, key, value, scale=scale, layout="bshd")
 
