@@ -19,6 +19,13 @@ the W4A4 layers, per expert, switchable without reloading (also on a BF16 pipeli
     wq.load_lora(pipe, "style.safetensors", strength=0.8)                     # both experts
     wq.set_lora_strengths(pipe, {"style": 0.5}); wq.list_loras(pipe); wq.unload_loras(pipe, ["style"])
 
+GPUs of 12-24 GB: load into host memory and let a memory policy place the parts (only the
+running expert on the GPU with ``"low"``; ``"auto"`` picks from the free memory and logs why)::
+
+    pipe = wq.load_base_pipeline(model, device="cpu", with_experts=False)
+    wq.load_quantized(pipe, "wan22-w4a4", device="cpu")
+    wq.set_memory_policy(pipe, "auto", device="cuda", settings=wq.GenerationSettings(720, 1280, 81))
+
 Several GPUs (every rank of a torchrun job runs the same calls): ``dist =
 init_distributed()`` first, then ``quantize(..., dist=dist)``, or, after
 ``load_quantized``, ``enable_context_parallel(pipe)`` before ``generate``.
@@ -51,6 +58,11 @@ from wanquant.loading import expected_layers, layer_coverage, load_quantized
 from wanquant.lora.apply import list_loras, load_lora, set_lora_strengths, unload_loras
 from wanquant.lora.files import LoraError
 from wanquant.media import open_image, write_frame_strip, write_video
+from wanquant.model.attention import MODES as ATTENTION_MODES
+from wanquant.model.attention import AttentionUnavailableError, set_pipeline_attention
+from wanquant.model.attention import check_attention_mode as check_attention
+from wanquant.model.offload import POLICIES as MEMORY_POLICIES
+from wanquant.model.offload import MemoryPlan, apply_memory_policy, memory_plan_of, plan_for, replan
 from wanquant.model.parallel import check_context_parallel_shape, enable_context_parallel
 from wanquant.model.pipeline import (
     GenerationSettings, PipelineSource, load_pipeline, pipeline_class, run_pipeline, show_progress, source_of,
@@ -137,16 +149,22 @@ def check_quantize_inputs(model: str | Path, out_dir: str | Path, config: QuantC
 
 
 def check_generate_inputs(settings: GenerationSettings, prompt: str, image: str | Path | None = None,
-                          out: str | Path | None = None, backend: str = "auto",
-                          device: str | torch.device = "cpu") -> None:
-    """Every check of a generation that needs no loaded model (the CLI runs it first)."""
+                          out: str | Path | None = None, backend: str = "auto", device: str | torch.device = "cpu",
+                          model: str | Path | None = None, quantized: str | Path | None = None) -> None:
+    """Every check of a generation that needs no loaded model (the CLI runs it first):
+    the output path first, then the image, the model directory and the checkpoint's
+    manifest (its checksums are verified when it is loaded)."""
     check_settings(settings)
     check_prompt(prompt, "--prompt (prompt)")
     check_backend(backend, device)
-    if image is not None:
-        open_image(image, "--image")
     if out is not None:
         check_video_out(out)
+    if image is not None:
+        open_image(image, "--image")
+    if model is not None:
+        pipeline_class(model_path(model))
+    if quantized is not None:
+        read_manifest(quantized, verify=False)
 
 
 def default_settings(model: str | Path = "testbed") -> GenerationSettings:
@@ -209,11 +227,53 @@ def generate(pipe, image: Image.Image | str | Path, prompt: str, settings: Gener
         out = check_video_out(out)
     if not isinstance(image, Image.Image):
         image = open_image(image)
+    replan(pipe, settings.height, settings.width, settings.num_frames)  # a memory policy made for another size
     frames = run_pipeline(pipe, image, prompt, settings, seed, progress=progress)
     if out is not None:
         write_video(frames, out)
         write_frame_strip(frames, out.with_suffix(".png"))
     return frames
+
+
+def set_memory_policy(pipe, memory: str = "auto", device: str | torch.device | None = None,
+                      settings: GenerationSettings | None = None, budget_gb: float | None = None,
+                      chunk_tokens: int | None = None) -> MemoryPlan:
+    """Decide what sits on the GPU while generating, place the pipeline's parts and install
+    the hooks that move the rest (:mod:`wanquant.model.offload`); logs and returns the plan.
+
+    ``memory``: ``"resident"`` (both experts on the device), ``"low"`` (only the running
+    expert; the other waits in pinned host memory and comes in block by block while its
+    first forward computes) or ``"auto"`` (resident if it fits the device's free memory for
+    this video size, else low). Both stream the text encoder through the device while it
+    encodes unless the budget holds it beside everything else, tile the VAE and chunk the
+    expert blocks as the budget allows. ``settings``: the video size planned for (default
+    the model's; :func:`generate` re-plans for another size); ``budget_gb``: bytes (1e9)
+    for tensors instead of what the device has free; ``chunk_tokens``: a fixed chunk size.
+    Call it last, after :func:`load_quantized`, LoRAs and :func:`set_attention`. When both
+    experts would not fit the GPU, load with ``device="cpu"`` and let the policy place them.
+    """
+    if memory not in MEMORY_POLICIES:
+        raise InputError(f"memory policy {memory!r}: choose one of {', '.join(MEMORY_POLICIES)}")
+    positive_int(chunk_tokens, "chunk_tokens", allow_none=True)
+    if budget_gb is not None and not budget_gb > 0:
+        raise InputError(f"budget_gb must be positive, got {budget_gb}")
+    settings = check_settings(settings or pipeline_defaults(pipe))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    plan = plan_for(pipe, memory, device, settings.height, settings.width, settings.num_frames,
+                    None if budget_gb is None else budget_gb * 1e9, chunk_tokens, settings.max_sequence_length)
+    (log.info if plan.fits else log.warning)("%s", plan.describe())
+    return apply_memory_policy(pipe, plan)
+
+
+def set_attention(pipe, mode: str = "sdpa") -> str:
+    """Self-attention of every expert: ``"sdpa"`` (PyTorch SDPA, diffusers' default) or
+    ``"int8"`` (wanquant's 8-bit kernel: INT8 Q.K^T, FP8 P.V; CUDA sm_89+ with Triton,
+    else :class:`AttentionUnavailableError`). Cross-attention stays on SDPA. Logs and
+    returns what was set. Call it after :func:`load_quantized` (which replaces the experts).
+    """
+    description = set_pipeline_attention(pipe, mode)
+    log.info("attention: %s", description)
+    return description
 
 
 def inspect(qdir: str | Path, verify: bool = True) -> dict:
@@ -251,4 +311,6 @@ __all__ = ["load_base_pipeline", "default_settings", "pipeline_defaults", "model
            "quantize", "load_quantized", "generate", "inspect", "check_quantize_inputs", "check_generate_inputs",
            "InputError", "OutputBusyError", "init_distributed", "enable_context_parallel", "check_context_parallel_shape",
            "GenerationSettings", "QuantConfig", "PRESETS", "preset", "CheckpointError", "LOCAL_MODELS",
-           "load_lora", "set_lora_strengths", "unload_loras", "list_loras", "LoraError"]
+           "load_lora", "set_lora_strengths", "unload_loras", "list_loras", "LoraError", "set_attention",
+           "ATTENTION_MODES", "AttentionUnavailableError", "check_attention",
+           "set_memory_policy", "memory_plan_of", "MemoryPlan", "MEMORY_POLICIES"]

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -86,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ulysses-degree", type=int,
                    help="under torchrun: Ulysses context-parallel degree (default: processes / ring degree)")
     g.add_argument("--ring-degree", type=int, default=1, help="under torchrun: ring-attention degree (default 1)")
+    g.add_argument("--memory", default="auto", choices=list(api.MEMORY_POLICIES),
+                   help="what stays on the GPU: 'resident' (both experts), 'low' (only the running expert; the other "
+                        "waits in host memory and is copied in while the first step of its turn computes: 720p in "
+                        "16 GB, 480p in 12 GB) or 'auto' (default: resident if it fits the free memory for this video "
+                        "size, else low; the choice and why are logged). Not with torchrun")
+    g.add_argument("--attention", default="sdpa", choices=list(api.ATTENTION_MODES),
+                   help="self-attention: 'sdpa' (PyTorch, default) or 'int8' (wanquant's 8-bit kernel: INT8 Q.K^T, "
+                        "FP8 P.V; CUDA GPUs with FP8 tensor cores, e.g. H100; not with context parallelism yet)")
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="a LoRA file (diffusers/PEFT, original Wan, ComfyUI or Kohya keys), strength default 1; "
                         "repeatable. Without --lora-2 it goes to both experts; with --lora-2 only to the high-noise "
@@ -177,6 +186,9 @@ def _load_loras(pipe, args) -> None:
 
 
 def cmd_generate(args) -> int:
+    # Before the first CUDA allocation: growable segments instead of fixed-size blocks keep
+    # the allocator's reserve close to what it hands out (small GPUs), unless the user chose.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     # Under torchrun: every rank runs the same generation with the sequence split across
     # ranks (diffusers context parallelism); rank 0 writes the files.
     dist = api.init_distributed(args.device)
@@ -187,18 +199,31 @@ def cmd_generate(args) -> int:
         device = dist.device if dist is not None else args.device
         settings = _settings(args)
         out = args.out if main else None
-        api.check_generate_inputs(settings, args.prompt, args.image, out, args.backend, device)
+        api.check_generate_inputs(settings, args.prompt, args.image, out, args.backend, device, args.model,
+                                  args.quantized)
+        api.check_attention(args.attention)  # before loading: int8 needs a GPU with FP8 tensor cores
+        if dist is not None and args.memory == "low":
+            raise ValueError("--memory low does not support context parallelism (torchrun) yet; use --memory resident")
         # With a checkpoint, the 16-bit experts are loaded only to verify the source model.
         with_experts = args.quantized is None or args.verify_source
-        pipe = api.load_base_pipeline(args.model, device, DTYPES[args.dtype], with_experts=with_experts,
+        # The memory policy places every part: a quantized pipeline is loaded into host memory
+        # first (a 12 GB GPU never holds both experts at once).
+        load_device = "cpu" if dist is None and not with_experts and torch.device(device).type == "cuda" else device
+        pipe = api.load_base_pipeline(args.model, load_device, DTYPES[args.dtype], with_experts=with_experts,
                                       vae_dtype=DTYPES[args.vae_dtype])
         if args.quantized:
-            api.load_quantized(pipe, args.quantized, device=device, backend=args.backend,
+            api.load_quantized(pipe, args.quantized, device=load_device, backend=args.backend,
                                allow_mismatch=args.allow_mismatch)
         _load_loras(pipe, args)
+        if dist is not None and args.attention != "sdpa":
+            raise ValueError(f"--attention {args.attention} does not support context parallelism (torchrun) yet; "
+                             "use --attention sdpa")
+        api.set_attention(pipe, args.attention)  # after load_quantized: it replaces the experts
         if dist is not None:  # after the W4A4 experts are in place: CP hooks live on module instances
             api.check_context_parallel_shape(pipe, settings.height, settings.width, settings.num_frames)
             api.enable_context_parallel(pipe, args.ulysses_degree, args.ring_degree)
+        else:  # last: it places the parts the steps above loaded
+            api.set_memory_policy(pipe, args.memory, device, settings)
         api.generate(pipe, args.image, args.prompt, settings, args.seed, out=out, progress=None if main else False)
     finally:
         if dist is not None:

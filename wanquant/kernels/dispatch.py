@@ -232,6 +232,14 @@ class FastW4A4:
         l2cat = torch.cat([l2] * NSPLIT, dim=1).to(torch.bfloat16).contiguous()
         return l1s, l2cat
 
+    @staticmethod
+    def extra_bytes(n: int, k: int, rank: int) -> int:
+        """Device bytes :meth:`prepare` adds beside the layer's own codes, scales and bias (row
+        exponents and scales, 1/smooth, the hi|lo folded L1 and [L2|L2]): what a memory plan
+        counts per resident layer."""
+        lowrank = (k + n) * NSPLIT * padded_rank(rank) * 2 if rank else 0
+        return n * 4 + n * 4 + k * 4 + lowrank
+
     def memory_bytes(self) -> int:
         """Persistent device bytes this layer holds (the shared scratch is not counted)."""
         tensors = (self.qweight, self.wscales, self.s_w, self.w_row_scale, self.inv_smooth,

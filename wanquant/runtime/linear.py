@@ -199,8 +199,23 @@ class W4A4Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        self._resolved, self._fast, self._effective = None, None, None  # device may have changed
+        self.release_device_state()  # device may have changed
         return out
+
+    # ---- offloading (wanquant.runtime.offload moves the buffers) ---------------------
+    def host_resident_buffers(self, device: torch.device | str) -> tuple[str, ...]:
+        """Buffers that stay in host memory while the layer runs on ``device``: the canonical
+        L1/L2 when the fast path will hold its own repacked copy (``lowrank_to_host``)."""
+        if self.lowrank_to_host and self.backend in ("auto", "fast"):
+            if _fast_status(torch.device(device), self.wfmt, self.afmt)[0]:
+                return ("l1", "l2")
+        return ()
+
+    def release_device_state(self) -> None:
+        """Drop what was built from the buffers where they were (the fast path's repacked
+        operands, the LoRA branch): the buffers are moving. The next forward rebuilds it, so
+        an offloaded expert holds the fast path's extra copies only while it is resident."""
+        self._resolved, self._fast, self._effective = None, None, None
 
     # ---- forward ------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
