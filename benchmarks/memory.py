@@ -267,8 +267,9 @@ class Runner:
         if self.device.type != "cuda":
             return
         torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * GB / total) if cap_gb else 1.0, self.device)
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * GB / total) if cap_gb else 1.0, index)
 
     def run_job(self, mode: str, res: str, cap_gb: float) -> dict:
         import torch

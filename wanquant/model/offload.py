@@ -330,6 +330,8 @@ def device_budget(device: torch.device | str) -> tuple[float | None, str]:
     device = torch.device(device)
     if device.type != "cuda":
         return None, f"{device.type} device"
+    if device.index is None:  # the allocator-fraction functions want an index
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     ours = torch.cuda.memory_reserved(device)
     budget = float(free + ours)
