@@ -87,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ulysses-degree", type=int,
                    help="under torchrun: Ulysses context-parallel degree (default: processes / ring degree)")
     g.add_argument("--ring-degree", type=int, default=1, help="under torchrun: ring-attention degree (default 1)")
-    g.add_argument("--memory", default="auto", choices=list(api.MEMORY_POLICIES),
-                   help="what stays on the GPU: 'resident' (both experts), 'low' (only the running expert; the other "
-                        "waits in host memory and is copied in while the first step of its turn computes: 720p in "
-                        "16 GB, 480p in 12 GB) or 'auto' (default: resident if it fits the free memory for this video "
-                        "size, else low; the choice and why are logged). Not with torchrun")
+    g.add_argument("--memory", default="off", choices=["off", *api.MEMORY_POLICIES],
+                   help="'off' (default): everything loads on --device as given. EXPERIMENTAL policies (they did not "
+                        "yet meet their targets at full A14B scale, benchmarks/results/memory.md): 'resident' (both "
+                        "experts), 'low' (only the running expert; the other waits in host memory) or 'auto' "
+                        "(resident if it fits, else low; the choice and why are logged). Not with torchrun")
     g.add_argument("--attention", default="sdpa", choices=list(api.ATTENTION_MODES),
                    help="self-attention: 'sdpa' (PyTorch, default) or 'int8' (wanquant's 8-bit kernel: INT8 Q.K^T, "
                         "FP8 P.V; CUDA GPUs with FP8 tensor cores, e.g. H100; not with context parallelism yet)")
@@ -208,7 +208,8 @@ def cmd_generate(args) -> int:
         with_experts = args.quantized is None or args.verify_source
         # The memory policy places every part: a quantized pipeline is loaded into host memory
         # first (a 12 GB GPU never holds both experts at once).
-        load_device = "cpu" if dist is None and not with_experts and torch.device(device).type == "cuda" else device
+        policy = dist is None and args.memory != "off"
+        load_device = "cpu" if policy and not with_experts and torch.device(device).type == "cuda" else device
         pipe = api.load_base_pipeline(args.model, load_device, DTYPES[args.dtype], with_experts=with_experts,
                                       vae_dtype=DTYPES[args.vae_dtype])
         if args.quantized:
@@ -222,7 +223,7 @@ def cmd_generate(args) -> int:
         if dist is not None:  # after the W4A4 experts are in place: CP hooks live on module instances
             api.check_context_parallel_shape(pipe, settings.height, settings.width, settings.num_frames)
             api.enable_context_parallel(pipe, args.ulysses_degree, args.ring_degree)
-        else:  # last: it places the parts the steps above loaded
+        elif policy:  # last: it places the parts the steps above loaded
             api.set_memory_policy(pipe, args.memory, device, settings)
         api.generate(pipe, args.image, args.prompt, settings, args.seed, out=out, progress=None if main else False)
     finally:
