@@ -19,8 +19,10 @@ the W4A4 layers, per expert, switchable without reloading (also on a BF16 pipeli
     wq.load_lora(pipe, "style.safetensors", strength=0.8)                     # both experts
     wq.set_lora_strengths(pipe, {"style": 0.5}); wq.list_loras(pipe); wq.unload_loras(pipe, ["style"])
 
-GPUs of 12-24 GB: load into host memory and let a memory policy place the parts (only the
-running expert on the GPU with ``"low"``; ``"auto"`` picks from the free memory and logs why)::
+GPUs of 12-24 GB (EXPERIMENTAL: at full A14B scale these policies do not meet their
+targets yet, see benchmarks/results/memory.md): load into host memory and let a memory
+policy place the parts (only the running expert on the GPU with ``"low"``; ``"auto"``
+picks from the free memory and logs why)::
 
     pipe = wq.load_base_pipeline(model, device="cpu", with_experts=False)
     wq.load_quantized(pipe, "wan22-w4a4", device="cpu")
