@@ -16,17 +16,29 @@ section 7), through the user's path as far as the time allows:
    expert, t=833 on the low-noise one: the steps straddle the boundary), VAE decoding.
 
 If ``prepare`` fails or runs out of its time, ``run`` builds the same pipeline in memory
-(``"source": "memory"`` in the results). Jobs are ``MODE:RESOLUTION:CAP_GB``; a cap
-sets ``torch.cuda.set_per_process_memory_fraction`` (and the policy plans for it);
+(``"source": "memory"`` in the results; ``--source memory`` asks for it). Jobs are
+``MODE:RESOLUTION:CAP_GB[:trace]``: ``,`` runs jobs one after another in one process
+(switching policy in place), ``/`` starts a fresh process that loads the pipeline again.
+A cap sets ``torch.cuda.set_per_process_memory_fraction`` (and the policy plans for it);
 ``resident`` jobs plan for ``--resident-budget-gb`` (a 24 GB card) with chunks of 8192
 tokens, as ``full_scale`` measured them. Per stage: peak allocated and reserved GPU
 memory; per job: host peak RSS (``VmHWM`` reset per job, plus a 20 ms sampler), the time
-of every expert forward and step, and the step time against ``resident`` at the same
-resolution. The first ``low`` job also times the expert swap's parts: the copy of a
-whole expert and the rebuild of its fast-path operands (transient) against moving them.
+of every expert forward and step (the warm-up's compiling forward excluded), and the step
+time against ``resident`` at the same resolution. The first ``low`` job also times the
+expert swap's parts: the copy of a whole expert and the rebuild of its fast-path operands.
 
-    python -m benchmarks.memory --out OUT            # one H100, about 7 minutes
+The census (:func:`census`), taken before and after the policy is placed, as every stage
+starts, after each expert's first forward and after the video: GPU bytes per pipeline part
+(parameters and buffers, plus tensors the parts hold otherwise, e.g. fast-path operands),
+the allocator's allocated and reserved bytes, and what is allocated but owned by no part;
+past 0.25 GB the largest such tensors with what refers to them (gc), and with ``:trace``
+(``torch.cuda.memory._record_memory_history``) the Python frames that allocated them.
+That is how the first full-scale runs' 29-62 GB were found: the prompt embeddings'
+autograd graph holding every streamed text-encoder block.
+
+    python -m benchmarks.memory --out OUT            # one H100, about 6 minutes
     python -m benchmarks.memory --tiny               # CPU dry run at toy sizes (/tmp)
+    python -m benchmarks.memory --merge A.json B.json --notes "..." "..." --out OUT
 
 Writes ``OUT/memory.{json,md}`` (copy to benchmarks/results/) and ``OUT/log.txt`` as it goes.
 """
@@ -46,10 +58,11 @@ from pathlib import Path
 
 from benchmarks.common.meta import REPO_ROOT, run_metadata, write_results
 
-JOBS = "low:480x832:12,resident:480x832:0,low:720x1280:16,resident:720x1280:0"
-TINY_JOBS = "low:64x64:0,resident:64x64:0"
+JOBS = "resident:480x832:0,low:480x832:12,low:720x1280:16,resident:720x1280:0"
+TINY_JOBS = "low:64x64:0,resident:64x64:0/resident:64x64:0:trace"
 # Rough wall time of one job on an H100 (load excluded), to skip what cannot finish in time.
-JOB_ESTIMATE_S = {"480x832": 45.0, "720x1280": 95.0}
+JOB_ESTIMATE_S = {"480x832": 40.0, "720x1280": 80.0}
+LOAD_ESTIMATE_S = {"disk": 30.0, "memory": 15.0}  # a process loading (or building) the pipeline
 GB = 1e9
 TARGETS = {  # (mode, resolution) -> what the issue asks
     ("low", "720x1280", 16): ("peak_reserved_gb", 15.0),
@@ -103,6 +116,135 @@ class HostMeter:
 
     def peak(self) -> int:
         return max(self.sampled, self._status("VmHWM:"), self.rss())
+
+
+# ---------------------------------------------------------------------------------------
+# what is on the GPU: the census
+COMPONENTS = ("text_encoder", "transformer", "transformer_2", "vae", "image_encoder")
+
+
+def _holders(obj, skip: set[int], depth: int = 2) -> str:
+    """Who refers to ``obj`` (for an unowned tensor): ``Type.attr``, containers, frames."""
+    import gc
+    import inspect
+
+    names = []
+    for r in gc.get_referrers(obj):
+        if id(r) in skip or inspect.isframe(r) and r.f_code.co_name in ("_holders", "unowned_tensors"):
+            continue
+        if isinstance(r, dict):
+            key = next((k for k, v in r.items() if v is obj), "?")
+            owner = next((o for o in gc.get_referrers(r) if getattr(o, "__dict__", None) is r), None)
+            names.append(f"{type(owner).__name__}.{key}" if owner is not None else f"dict[{key!r}]")
+        elif isinstance(r, (list, tuple)) and depth > 1:
+            names.append(f"{type(r).__name__}[{len(r)}] <- ({_holders(r, skip | {id(r)}, depth - 1)})")
+        elif inspect.isframe(r):
+            names.append(f"frame {r.f_code.co_name}")
+        else:
+            names.append(type(r).__name__)
+        if len(names) >= 3:
+            break
+    return ", ".join(names) or "no Python referrer"
+
+
+def unowned_tensors(owned: set, device, top: int = 6) -> list[dict]:
+    """The largest live tensors on ``device`` whose storage no pipeline component owns (gc scan)."""
+    import gc
+
+    import torch
+
+    objs = gc.get_objects()
+    cands, keys = [], set()
+    for o in objs:
+        try:
+            if not (isinstance(o, torch.Tensor) and o.device.type == device.type):
+                continue
+            key = (str(o.device), o.untyped_storage().data_ptr())
+        except Exception:  # noqa: BLE001, S112 - tensor subclasses without storage
+            continue
+        if key not in owned and key not in keys:
+            keys.add(key)
+            cands.append(o)
+    del objs
+    cands.sort(key=lambda t: -t.untyped_storage().nbytes())
+    skip = {id(cands)}
+    return [{"gb": t.untyped_storage().nbytes() / GB, "shape": list(t.shape), "dtype": str(t.dtype),
+             "held_by": _holders(t, skip)} for t in cands[:top]]
+
+
+def traced_blocks(owned: set, top: int = 6) -> list[dict]:
+    """With ``torch.cuda.memory._record_memory_history`` on: the largest live allocations no
+    component owns, with the Python frames that allocated them (wanquant/diffusers/benchmarks)."""
+    import torch
+
+    ptrs = {p for _, p in owned}
+    out = []
+    for seg in torch.cuda.memory._snapshot().get("segments", []):
+        for b in seg.get("blocks", []):
+            if b.get("state") != "active_allocated" or b.get("address") in ptrs:
+                continue
+            frames = [f"{Path(f.get('filename', '?')).name}:{f.get('line')} {f.get('name')}" for f in b.get("frames", [])
+                      if any(k in f.get("filename", "") for k in ("wanquant", "diffusers", "benchmarks", "transformers"))]
+            out.append({"gb": b.get("size", 0) / GB, "frames": frames[:6]})
+    out.sort(key=lambda b: -b["gb"])
+    return out[:top]
+
+
+def census(pipe, device, point: str, trace: bool = False) -> dict:
+    """GPU (and host) bytes per pipeline component at ``point``, what the allocator holds
+    beyond them, and (past 0.25 GB) the largest tensors nobody owns and who holds them."""
+    import torch
+
+    from wanquant.kernels import dispatch
+    from wanquant.model import offload
+    from wanquant.runtime.memory import device_census, owned_storages
+
+    comps = {c: getattr(pipe, c, None) for c in COMPONENTS}
+    state = offload.memory_state_of(pipe)
+    others = {"fp8_scratch": list(getattr(dispatch, "_SCRATCH", {}).values())}
+    if state is not None:  # the policy's flat buffers (host copies; device buffers of resident groups)
+        groups = [g for seq in [*state.experts.values(), *state.per_forward.values(),
+                                *([state.text_encoder] if state.text_encoder else [])] for g in seq.groups]
+        groups += [state.vae] if state.vae is not None else []
+        others["policy_groups"] = [t for g in groups for t in (g.host, g.device_buffer) if t is not None]
+    c = device_census(comps, others)
+    dev = str(device) if device.index is not None or device.type != "cuda" else f"cuda:{torch.cuda.current_device()}"
+    out = {"point": point, "gpu_gb": {k: round(v["params"].get(dev, 0) / GB + v["held"].get(dev, 0) / GB, 3)
+                                      for k, v in c["components"].items()},
+           "held_gpu_gb": {k: round(v["held"].get(dev, 0) / GB, 3) for k, v in c["components"].items()
+                           if v["held"].get(dev, 0)},
+           "host_gb": {k: round(sum(n for d, n in {**v["params"], **v["held"]}.items() if d == "cpu") / GB, 3)
+                       for k, v in c["components"].items()}}
+    if state is not None:
+        res = state.residency()
+        out["resident_groups"] = sum(res.values())
+        out["groups"] = len(res)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        alloc = torch.cuda.memory_allocated(device)
+        owned_gpu = c["total"].get(dev, 0)
+        out.update(allocated_gb=alloc / GB, reserved_gb=torch.cuda.memory_reserved(device) / GB,
+                   unowned_gb=(alloc - owned_gpu) / GB)
+        if alloc - owned_gpu > 0.25 * GB:
+            owned = owned_storages(comps) | {(str(t.device), t.untyped_storage().data_ptr())
+                                             for ts in others.values() for t in ts}
+            out["unowned_top"] = unowned_tensors(owned, device)
+            if trace:
+                out["traced_top"] = traced_blocks(owned)
+    return out
+
+
+def census_line(c: dict) -> str:
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in c["gpu_gb"].items() if v)
+    line = (f"{c['point']}: allocated {c.get('allocated_gb', 0):.2f} GB (reserved {c.get('reserved_gb', 0):.2f}); "
+            f"GPU by part: {parts or 'nothing'}; not owned {c.get('unowned_gb', 0):.2f}")
+    if "groups" in c:
+        line += f"; policy groups resident {c['resident_groups']}/{c['groups']}"
+    for t in c.get("unowned_top", [])[:3]:
+        line += f"; [{t['gb']:.2f} GB {t['dtype']} {t['shape']} held by {t['held_by']}]"
+    for t in c.get("traced_top", [])[:3]:
+        line += f"; [{t['gb']:.2f} GB from {' < '.join(t['frames'][:3])}]"
+    return line
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,14 +344,52 @@ def _dir_bytes(path: Path) -> int:
 
 # ---------------------------------------------------------------------------------------
 # the run
-def parse_jobs(text: str) -> list[tuple[str, str, float]]:
+def parse_jobs(text: str) -> list[tuple[str, str, float, bool]]:
+    """``MODE:RESOLUTION:CAP_GB[:trace]`` items, comma-separated (one process: see :func:`job_groups`)."""
     jobs = []
     for item in filter(None, text.split(",")):
-        mode, res, cap = item.split(":")
-        if mode not in ("auto", "resident", "low"):
-            raise SystemExit(f"job {item}: mode must be auto, resident or low")
-        jobs.append((mode, res, float(cap)))
+        parts = item.split(":")
+        if len(parts) not in (3, 4) or parts[0] not in ("auto", "resident", "low") or parts[3:] not in ([], ["trace"]):
+            raise SystemExit(f"job {item}: write MODE:HxW:CAP_GB[:trace] with MODE auto, resident or low")
+        jobs.append((parts[0], parts[1], float(parts[2]), parts[3:] == ["trace"]))
     return jobs
+
+
+def job_groups(text: str) -> list[str]:
+    """Jobs split into processes at ``/``: each group loads the pipeline afresh (the user's
+    situation: one policy per process); jobs of one group switch policy in place."""
+    groups = [g for g in text.split("/") if g.strip()]
+    for g in groups:
+        parse_jobs(g)
+    return groups
+
+
+class CensusMeter:
+    """:class:`benchmarks.common.meters.Meter` that takes a census as each stage starts
+    (before the stage's clock and peak reset: the census costs neither)."""
+
+    def __new__(cls, device, look):
+        from benchmarks.common.meters import Meter
+
+        class _Meter(Meter):
+            def enter(self, stage):
+                if stage is not None and stage != self.current and stage != "start":
+                    look(f"{stage} starts")
+                super().enter(stage)
+
+        return _Meter(device)
+
+
+def _after_first_forward(module, fn):
+    """Call ``fn()`` once, after ``module``'s next forward; returns the undo."""
+    handle = None
+
+    def hook(mod, args, output):
+        handle.remove()
+        fn()
+
+    handle = module.register_forward_hook(hook)
+    return handle.remove
 
 
 class Runner:
@@ -224,7 +404,7 @@ class Runner:
         self.host = HostMeter()
         self.pipe = None
         self.source = {}
-        self.warmed = False
+        self.warmed: set[str] = set()  # resolutions compiled for
         self.swap = None
 
     def say(self, msg: str) -> None:
@@ -271,24 +451,29 @@ class Runner:
         total = torch.cuda.get_device_properties(index).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * GB / total) if cap_gb else 1.0, index)
 
-    def run_job(self, mode: str, res: str, cap_gb: float) -> dict:
+    def run_job(self, mode: str, res: str, cap_gb: float, trace: bool = False) -> dict:
         import torch
 
         import wanquant.api as wq
         from benchmarks.common.a14b import PROMPT
         from benchmarks.common.inputs import random_image
-        from benchmarks.common.meters import ForwardTimer, Meter, free, wrap_method
+        from benchmarks.common.meters import ForwardTimer, free, wrap_method
 
         row = {"mode": mode, "resolution": res, "cap_gb": cap_gb or None, "frames": self.args.frames,
-               "steps": self.args.steps, "source": self.source.get("source")}
+               "steps": self.args.steps, "source": self.source.get("source"), "process": self.args.process,
+               "census": []}
         settings = self.settings(res)
         pipe = self.pipe
-        meter = Meter(self.device)
+        look = lambda point: row["census"].append(self.census(point, trace))
+        meter = CensusMeter(self.device, look)
         timer = ForwardTimer(meter)
         undo = []
         try:
             free()
             self.cap(cap_gb)
+            if trace and self.device.type == "cuda":
+                torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=200_000)
+            look("before the policy")
             # The timer's hooks first: a forward's time then includes the policy's moves.
             for attr, role in (("transformer", "high"), ("transformer_2", "low")):
                 timer.attach(getattr(pipe, attr), role)
@@ -302,24 +487,32 @@ class Runner:
             row["placement_s"] = time.perf_counter() - t0
             row["plan"] = plan.describe()
             row["plan_detail"] = {k: plan.to_dict()[k] for k in ("policy", "text_encoder", "chunk_tokens", "fits",
-                                                                 "kv_cache", "need_bytes", "budget_bytes")}
+                                                                 "kv_cache", "need_bytes", "budget_bytes",
+                                                                 "kept_blocks")}
             self.say(row["plan"])
-            if not self.warmed:
+            look("policy placed")
+            if res not in self.warmed and (not self.warmed or not self.args.warm_once):
                 row["warmup_s"] = self.warmup(settings)
+                look("after the warm-up")
+            timer.records.clear()  # the warm-up's forward (compiling) is not a step
             free()
             self.host.reset()
             undo = [wrap_method(pipe, "encode_prompt", lambda: meter.enter("text_encoding")),
                     wrap_method(pipe.vae, "encode", lambda: meter.enter("image_encoding")),
                     wrap_method(pipe.vae, "decode", lambda: meter.enter("decoding"))]
+            for attr in ("transformer", "transformer_2"):  # after each expert's first forward
+                undo.append(_after_first_forward(getattr(pipe, attr), lambda a=attr: look(f"after {a}'s 1st forward")))
             meter.enter("start")
             frames = wq.generate(pipe, random_image(settings.height, settings.width), PROMPT, settings, seed=0)
             meter.stop()
+            look("after the video")
             row["video_shape"] = list(frames.shape)
             row["host_peak_gb"] = self.host.peak() / GB
             st = meter.stages
             st.pop("start", None)
             row["stage_peak_alloc_gb"] = {k: v["peak_allocated"] / GB for k, v in st.items()}
             row["stage_peak_reserved_gb"] = {k: v["peak_reserved"] / GB for k, v in st.items()}
+            row["stage_resident_at_start_gb"] = {k: v["resident_at_start"] / GB for k, v in st.items()}
             row["stage_s"] = {k: v["seconds"] for k, v in st.items()}
             row["peak_alloc_gb"] = max(row["stage_peak_alloc_gb"].values())
             row["peak_reserved_gb"] = max(row["stage_peak_reserved_gb"].values())
@@ -333,6 +526,8 @@ class Runner:
         except torch.cuda.OutOfMemoryError as e:
             row["error"] = f"out of memory in stage {meter.current}: {str(e).splitlines()[0]}"
             row["stage_peak_alloc_gb"] = {k: v["peak_allocated"] / GB for k, v in meter.stages.items()}
+            del e
+            look("after the out-of-memory error")
         except Exception as e:  # noqa: BLE001 - keep the other jobs
             row["error"] = f"{type(e).__name__}: {e}"
             row["traceback"] = traceback.format_exc()
@@ -340,7 +535,14 @@ class Runner:
             for u in undo:
                 u()
             timer.detach()
+            if trace and self.device.type == "cuda":
+                torch.cuda.memory._record_memory_history(enabled=None)
         return row
+
+    def census(self, point: str, trace: bool) -> dict:
+        c = census(self.pipe, self.device, point, trace)
+        self.say("  census " + census_line(c))
+        return c
 
     def warmup(self, settings) -> float:
         """One forward of the high-noise expert at the job's shape (Triton compiles here), then
@@ -366,7 +568,7 @@ class Runner:
         from wanquant.runtime.memory import release_static_caches
 
         release_static_caches(pipe.transformer)
-        self.warmed = True
+        self.warmed.add(f"{settings.height}x{settings.width}")
         _sync(self.device)
         return time.perf_counter() - t0
 
@@ -416,20 +618,24 @@ class Runner:
                 "backend": layers[0].backend_reason if layers else None}
 
     def run(self, jobs, deadline: float) -> None:
-        payload_file = self.out / "rows.json"
-        self.source = self.load()
+        payload_file = self.out / f"rows-{self.args.process}.json"
         rows = []
-        for mode, res, cap in jobs:
+        for i, (mode, res, cap, trace) in enumerate(jobs):
             left = deadline - time.time()
-            need = 5.0 if self.tiny else JOB_ESTIMATE_S.get(res, 60.0) + (30.0 if not self.warmed else 0.0)
+            warm = res not in self.warmed and (not self.warmed or not self.args.warm_once)
+            need = 5.0 if self.tiny else JOB_ESTIMATE_S.get(res, 60.0) + (15.0 if warm else 0.0)
+            need += 0.0 if self.pipe is not None or self.tiny else LOAD_ESTIMATE_S[self.args.source]
             if left < need:
                 self.say(f"--- {mode} {res} cap {cap:g}: skipped ({left:.0f} s left, needs ~{need:.0f})")
-                rows.append({"mode": mode, "resolution": res, "cap_gb": cap or None,
+                rows.append({"mode": mode, "resolution": res, "cap_gb": cap or None, "process": self.args.process,
                              "error": "not run: the device call's time budget ran out"})
+                payload_file.write_text(json.dumps({"load": self.source, "rows": rows}, indent=1, default=str))
                 continue
-            self.say(f"--- {mode} {res} cap {cap:g} GB")
+            if self.pipe is None:
+                self.source = self.load()
+            self.say(f"--- {mode} {res} cap {cap:g} GB{' (allocations traced)' if trace else ''}")
             t0 = time.perf_counter()
-            row = self.run_job(mode, res, cap)
+            row = self.run_job(mode, res, cap, trace)
             row["wall_s"] = time.perf_counter() - t0
             rows.append(row)
             self.say(summary(row))
@@ -463,9 +669,13 @@ def summary(r: dict) -> str:
 
 
 def fill_resident_ratio(rows: list[dict]) -> None:
-    resident = {r["resolution"]: r["step_s"] for r in rows if r["mode"] == "resident" and "step_s" in r}
+    """``step_s_resident``: the resident step at the same resolution in the same device run."""
+    def run_of(r):
+        return (r.get("run") or {}).get("date")
+
+    resident = {(run_of(r), r["resolution"]): r["step_s"] for r in rows if r["mode"] == "resident" and "step_s" in r}
     for r in rows:
-        r["step_s_resident"] = resident.get(r["resolution"])
+        r["step_s_resident"] = resident.get((run_of(r), r["resolution"]))
 
 
 def _fmt(v, nd=2) -> str:
@@ -515,6 +725,10 @@ def markdown(payload: dict) -> str:
                      f"{_fmt(r['peak_reserved_gb'])} | {_fmt(sr.get('text_encoding'))} | "
                      f"{_fmt(sr.get('image_encoding'))} | {_fmt(sr.get('denoising'))} | {_fmt(sr.get('decoding'))} | "
                      f"{_fmt(r['host_peak_gb'])} | {_fmt(r['step_s'])} | {_fmt(r.get('step_s_resident'))} |")
+    runs = list({json.dumps(r["run"], sort_keys=True): r["run"] for r in rows if r.get("run")}.values())
+    if runs:
+        lines += ["", "## Runs", ""] + [f"- {r['device']}, {r['date']}, commit {r['commit']}, source {r.get('source')}: "
+                                        f"{r.get('note') or '-'}" for r in runs]
     lines += ["", "## Targets", ""] + [f"- {t}" for t in targets(rows, load)]
     lines += ["", "## Loading", "", f"- {json.dumps(load, default=str)}"]
     if payload.get("prepare"):
@@ -529,11 +743,20 @@ def markdown(payload: dict) -> str:
                   f"({_fmt(swap['move_extra_copy_s'], 3)} s at the same rate)"]
     lines += ["", "## Per job", ""]
     for r in rows:
-        if "error" in r:
+        if "plan" not in r:
             continue
-        lines.append(f"- **{r['mode']} {r['resolution']}**: {r['plan']}; first-forward overhead (moves in, "
-                     f"operands rebuilt) {({k: round(v, 3) for k, v in r.get('swap_overhead_s', {}).items()})} s; "
-                     f"stage peaks allocated {({k: round(v, 2) for k, v in r['stage_peak_alloc_gb'].items()})}")
+        run = r.get("run")
+        where = f"process {r.get('process', 0)}" + (f", {run['device']}, {run['date']}, {run['commit']}, "
+                                                   f"source {run.get('source')}{'; ' + run['note'] if run.get('note') else ''}"
+                                                   if run else "")
+        lines.append(f"- **{r['mode']} {r['resolution']}** ({where}): {r['plan']}; "
+                     f"first-forward overhead (moves in, operands rebuilt) "
+                     f"{({k: round(v, 3) for k, v in r.get('swap_overhead_s', {}).items()})} s; "
+                     f"stage peaks allocated {({k: round(v, 2) for k, v in r.get('stage_peak_alloc_gb', {}).items()})}")
+    lines += ["", "## Census: GB on the GPU per pipeline part, and allocated memory no part owns", ""]
+    for r in rows:
+        for c in r.get("census", []):
+            lines.append(f"- {r['mode']} {r['resolution']} (process {r.get('process', 0)}) {census_line(c)}")
     return "\n".join(lines) + "\n"
 
 
@@ -558,7 +781,7 @@ def orchestrate(args) -> int:
     meta = run_metadata()
     if args.commit:
         meta["commit"] = args.commit
-    for stale in ("rows.json", "prepare.json"):
+    for stale in ("prepare.json",):
         (out / stale).unlink(missing_ok=True)
     source = args.source
     prepare = None
@@ -572,16 +795,29 @@ def orchestrate(args) -> int:
             source = "memory"
             prepare = {"error": "timed out" if rc is None else f"exit {rc}"}
     deadline = start + args.budget_s
-    rc = _child(args, "run", deadline - time.time() + 10.0,
-                ["--jobs", args.jobs, "--source", source, "--deadline", str(deadline),
-                 "--resident-budget-gb", str(args.resident_budget_gb)] + (["--verify"] if args.verify else []))
-    if rc != 0:
-        say(f"run {'timed out' if rc is None else f'exit {rc}'}: reporting the jobs that finished", log)
-    got = json.loads((out / "rows.json").read_text()) if (out / "rows.json").exists() else {"load": {}, "rows": []}
+    loads, rows = [], []
+    for i, group in enumerate(job_groups(args.jobs)):
+        (out / f"rows-{i}.json").unlink(missing_ok=True)
+        say(f"process {i}: {group}", log)
+        rc = _child(args, "run", deadline - time.time() + 10.0,
+                    ["--jobs", group, "--source", source, "--deadline", str(deadline), "--process", str(i),
+                     *(["--warm-once"] if args.warm_once else []),
+                     "--resident-budget-gb", str(args.resident_budget_gb)] + (["--verify"] if args.verify else []))
+        if rc != 0:
+            say(f"run {'timed out' if rc is None else f'exit {rc}'}: reporting the jobs that finished", log)
+        f = out / f"rows-{i}.json"
+        got = json.loads(f.read_text()) if f.exists() else {"load": {}, "rows": []}
+        loads.append(dict(got["load"], process=i))
+        done = {(r["mode"], r["resolution"]) for r in got["rows"]}
+        rows += got["rows"] + [{"mode": m, "resolution": r, "cap_gb": c or None, "process": i,
+                                "error": "not run: the process ended first" if rc == 0 else f"process exit {rc}"}
+                               for m, r, c, _ in parse_jobs(group) if (m, r) not in done]
+    got = {"load": max(loads, key=lambda d: d.get("host_peak_gb") or 0) if loads else {}, "rows": rows}
     fill_resident_ratio(got["rows"])
     env = {"PYTORCH_CUDA_ALLOC_CONF": "" if args.no_expandable else
            os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
-    payload = dict(meta, environment=env, frames=args.frames, prepare=prepare, load=got["load"], rows=got["rows"])
+    payload = dict(meta, environment=env, frames=args.frames, prepare=prepare, load=got["load"], loads=loads,
+                   rows=got["rows"])
     jpath, mpath = write_results("memory", payload, markdown(payload), results_dir=out)
     say(f"wrote {jpath} and {mpath}", log)
     if not args.keep_workdir:
@@ -590,11 +826,37 @@ def orchestrate(args) -> int:
     return 0
 
 
+def merge(args) -> int:
+    """Rows of several result files (device calls of one session) in one file: each row keeps
+    its run's device, date, commit and command; the newest run's load and prepare figures."""
+    runs = [json.loads(Path(f).read_text()) for f in args.merge]
+    notes = (args.notes or []) + [""] * len(runs)
+    rows = []
+    for run, note in zip(runs, notes):
+        meta = {k: run.get(k) for k in ("device", "date", "commit", "command")}
+        meta.update(note=note, source=(run.get("load") or {}).get("source"),
+                    load_host_peak_gb=(run.get("load") or {}).get("host_peak_gb"))
+        rows += [dict(r, run=r.get("run", meta)) for r in run["rows"]]
+    last = runs[-1]
+    devices = sorted({r["run"]["device"] for r in rows})
+    payload = dict(last, device=" + ".join(devices), date=last["date"],
+                   commit=" / ".join(dict.fromkeys(r["run"]["commit"] for r in rows)),
+                   command=" ; ".join(dict.fromkeys(r["run"]["command"] for r in rows)), rows=rows)
+    fill_resident_ratio(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = write_results("memory", payload, markdown(payload), results_dir=out)
+    print(f"wrote {jpath} and {mpath}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (dry run)")
     p.add_argument("--out", default=None, help="results folder (default /tmp/memory_tiny with --tiny)")
-    p.add_argument("--jobs", default=None, help=f"MODE:RESOLUTION:CAP_GB list, run in order (default {JOBS})")
+    p.add_argument("--jobs", default=None,
+                   help=f"MODE:HxW:CAP_GB[:trace] jobs, run in order: ',' within one process, '/' starts a fresh "
+                        f"process that loads the pipeline again (default {JOBS})")
     p.add_argument("--source", default="disk", choices=("disk", "memory"),
                    help="disk: write the random model and checkpoint, load them through wanquant.api (default)")
     p.add_argument("--workdir", default=None, help="where the model and checkpoint are written (deleted after)")
@@ -608,15 +870,24 @@ def main(argv=None) -> int:
                    help="wall time for everything (one device call allows 480 s)")
     p.add_argument("--prepare-s", type=float, default=170.0, help="at most this long writing the model to disk")
     p.add_argument("--no-expandable", action="store_true", help="do not set expandable_segments in the allocator")
+    p.add_argument("--warm-once", action="store_true",
+                   help="warm up (compile) at the first job's resolution only: later resolutions' first forward "
+                        "then includes any compiling (saves a forward per resolution in a short device call)")
     p.add_argument("--commit", default=None, help="git commit to record (a device copy may have no .git)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge the rows of these memory.json files (one per device call) into OUT/memory.json")
+    p.add_argument("--notes", nargs="+", default=None, metavar="TEXT", help="with --merge: a note per file")
     p.add_argument("--phase", default=None, choices=("prepare", "run"), help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--process", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.out = args.out or ("/tmp/memory_tiny" if args.tiny else str(REPO_ROOT / "benchmarks" / "results" / "raw"))
     args.workdir = args.workdir or ("/tmp/wanquant_memory_tiny" if args.tiny else "/tmp/wanquant_memory_bench")
     args.jobs = args.jobs or (TINY_JOBS if args.tiny else JOBS)
     if args.tiny:
         args.frames = 9 if args.frames == 81 else args.frames
+    if args.merge:
+        return merge(args)
     if args.phase == "prepare":
         return phase_prepare(args)
     if args.phase == "run":

@@ -13,12 +13,19 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SETTINGS, build_tiny_pipeline, tiny_sample
 from torch import nn
 
-from conftest import TINY_SETTINGS, build_tiny_pipeline, tiny_sample
 from wanquant.model import offload as mo
 from wanquant.model.pipeline import encode_prompts, run_pipeline
-from wanquant.runtime.offload import ALIGN, GroupSequence, TensorGroup, Transfer, module_slots, run_on_host
+from wanquant.runtime.offload import (
+    ALIGN,
+    GroupSequence,
+    TensorGroup,
+    Transfer,
+    module_slots,
+    run_on_host,
+)
 
 GB = 1e9
 
@@ -29,7 +36,7 @@ GB = 1e9
 # fast path's operands and the canonical L1/L2 in host memory, UMT5-XXL, the fp32 VAE.
 A14B = mo.Footprint(expert=int(8.56 * GB), experts=2, text_encoder=int(11.36 * GB),
                     text_encoder_streamed=int(0.8 * GB), vae=int(0.51 * GB), scratch=int(0.07 * GB), dim=5120,
-                    kv_cache=int(1.68 * GB), per_forward=int(0.52 * GB))
+                    kv_cache=int(1.68 * GB), per_forward=int(0.52 * GB), blocks=40, block=int(0.2 * GB))
 P480 = mo.VideoSize(32_760, 480 * 832 * 81, "480x832x81")
 P720 = mo.VideoSize(75_600, 720 * 1280 * 81, "720x1280x81")
 
@@ -77,11 +84,33 @@ def test_auto_takes_the_fastest_arrangement_that_fits():
 
 
 def test_too_small_a_budget_warns_instead_of_failing():
-    plan = mo.plan_memory("auto", A14B, P720, "cuda", 8 * GB)
+    plan = mo.plan_memory("auto", A14B, P720, "cuda", 4 * GB)
     assert plan.policy == "low" and not plan.fits and plan.chunk_tokens == mo.CHUNK_CHOICES[-1]
+    assert plan.kept_blocks == 0  # the least it can do: every block streamed
     assert "may run out of memory" in plan.reason
     forced = mo.plan_memory("resident", A14B, P480, "cuda", 11 * GB)
     assert forced.policy == "resident" and not forced.fits
+
+
+def test_low_streams_the_blocks_that_do_not_fit():
+    # one expert whole fits 15 GB at 720p; under 11 GB some blocks stream, fewer as the budget shrinks
+    assert mo.plan_memory("low", A14B, P720, "cuda", 15 * GB).kept_blocks is None
+    kept = []
+    for budget_gb in (11.0, 10.0, 9.0, 8.0, 7.0):
+        plan = mo.plan_memory("low", A14B, P480, "cuda", budget_gb * GB)
+        assert plan.fits and plan.chunk_tokens == mo.DEFAULT_CHUNK and 0 <= plan.kept_blocks < A14B.blocks
+        assert mo.reserved_for(plan.need_bytes) <= budget_gb * GB
+        # one more kept block would not fit: the plan keeps as many as the budget allows
+        more = mo.low_bytes(A14B, P480, plan.chunk_tokens, plan.kept_blocks + 1)
+        assert mo.reserved_for(more) > budget_gb * GB
+        assert f"{plan.kept_blocks} blocks kept" in plan.describe()
+        kept.append(plan.kept_blocks)
+    assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
+    # brute force: the denoising peak of `low` is what stays plus the streaming window plus activations
+    k = kept[0]
+    act = mo.activation_bytes(P480.tokens, mo.DEFAULT_CHUNK, A14B.dim)
+    by_hand = (A14B.rest + k * A14B.block + mo.STREAM_WINDOW * A14B.block + A14B.scratch + act + mo.LOW_SLACK)
+    assert mo.low_bytes(A14B, P480, mo.DEFAULT_CHUNK, k) == int(by_hand)
 
 
 def test_explicit_policy_and_chunk():
@@ -177,6 +206,30 @@ def test_sequence_moves_one_ahead_and_evicts_behind(seed, keep):
     assert seq.resident if keep else not seq.any_resident()
 
 
+def test_sequence_keeps_some_groups_and_streams_the_others(seed):
+    layers = nn.Sequential(*[nn.Linear(6, 6) for _ in range(5)])
+    x = torch.randn(2, 6)
+    expected = layers(x)
+    keep = [True, False, True, False, False]
+    groups = [TensorGroup(f"l{i}", module_slots([m], "cpu"), "cpu") for i, m in enumerate(layers)]
+    seq = GroupSequence("seq", groups, Transfer("cpu"), keep=keep, lookahead=1)
+    seq.hook(list(layers))
+    assert seq.kept_nbytes == groups[0].nbytes + groups[2].nbytes
+    for _ in range(2):  # the second pass finds the kept groups in and streams the others again
+        seen = []
+        hooks = [m.register_forward_pre_hook(lambda mod, args, seen=seen: seen.append([g.resident for g in groups]))
+                 for m in layers]
+        assert torch.equal(layers(x), expected)
+        for h in hooks:
+            h.remove()
+        for i, resident in enumerate(seen):
+            assert resident[i] and all(resident[j] == keep[j] for j in range(i))  # behind: only the kept
+            assert not any(resident[j] for j in range(i + 2, len(groups)) if not keep[j])  # one ahead at most
+        assert [g.resident for g in groups] == keep
+    with pytest.raises(ValueError, match="keep flags"):
+        GroupSequence("bad", groups, Transfer("cpu"), keep=[True])
+
+
 def test_run_on_host_keeps_the_module_in_host_memory():
     emb = nn.Embedding(10, 4)
     run_on_host(emb, "meta")  # a "device" that holds no data: only the output goes there
@@ -265,6 +318,61 @@ def test_low_equals_resident_bit_for_bit_and_runs_only_the_resident_expert(q_pip
     assert np.array_equal(_generate(q_pipe), expected)
 
 
+def test_low_streams_the_blocks_it_does_not_keep(q_pipe):
+    """One block kept, the other streamed: the same video, bit for bit; while an expert runs,
+    its kept block stays, its streamed block is in only around its own forward (with its
+    canonical L1/L2, which a streamed fast-path layer rebuilds from), the other expert and
+    the VAE are out; resident keeps both experts but not the VAE while denoising."""
+    _apply(q_pipe, "resident")
+    expected = _generate(q_pipe)
+    state = mo.memory_state_of(q_pipe)
+    vae_in = []
+    handle = q_pipe.transformer.blocks[0].register_forward_pre_hook(lambda m, a: vae_in.append(state.vae.resident))
+    try:
+        assert np.array_equal(_generate(q_pipe), expected)
+    finally:
+        handle.remove()
+    assert vae_in and not any(vae_in) and state.vae.resident  # out while denoising, back for decoding
+
+    s = TINY_SETTINGS
+    plan = mo.plan_for(q_pipe, "low", "cpu", s.height, s.width, s.num_frames)
+    plan.kept_blocks = 1
+    mo.apply_memory_policy(q_pipe, plan)
+    state = mo.memory_state_of(q_pipe)
+    assert "1 blocks kept" in plan.describe()
+    for attr in ("transformer", "transformer_2"):
+        seq = state.experts[attr]
+        assert seq.keep == [True, True, False]  # rest, block 0, block 1
+        streamed = mo.quantized_layers(mo.blocks_of(getattr(q_pipe, attr))[1]).values()
+        assert all(_inside(m.l1, seq.groups[2].host) for m in streamed)  # L1/L2 travel with the block
+    seen = []
+
+    def probe(attr, other, index):
+        def hook(module, args):
+            groups = state.experts[attr].groups
+            seen.append((index, groups[1].resident, groups[2].resident,
+                         state.experts[other].any_resident(), state.vae.resident))
+        return hook
+
+    handles = []
+    for attr, other in (("transformer", "transformer_2"), ("transformer_2", "transformer")):
+        blocks = mo.blocks_of(getattr(q_pipe, attr))
+        handles += [b.register_forward_pre_hook(probe(attr, other, i)) for i, b in enumerate(blocks)]
+        handles.append(getattr(q_pipe, attr).register_forward_hook(
+            lambda m, a, o, attr=attr: seen.append(("after", [g.resident for g in state.experts[attr].groups]))))
+    try:
+        assert np.array_equal(_generate(q_pipe), expected)
+    finally:
+        for h in handles:
+            h.remove()
+    during = [c for c in seen if c[0] != "after"]
+    assert len(during) == 2 * 2 * s.num_inference_steps  # two blocks, cond + uncond per step
+    # block 0 computing: itself in, block 1 being copied in; block 1 computing: both in; never the others
+    assert all(kept and streamed and not other and not vae for _, kept, streamed, other, vae in during)
+    after = [c[1] for c in seen if c[0] == "after"]
+    assert after and all(r == [True, True, False] for r in after)  # the streamed block left after use
+
+
 def test_low_leaves_no_text_encoder_on_the_device_after_encoding(q_pipe):
     _apply(q_pipe, "low")
     state = mo.memory_state_of(q_pipe)
@@ -285,6 +393,31 @@ def test_low_leaves_no_text_encoder_on_the_device_after_encoding(q_pipe):
     _apply(q_pipe, "resident")
     ref_pos, ref_neg = encode_prompts(q_pipe, "a cat", "", TINY_SETTINGS, torch.device("cpu"))
     assert torch.equal(pos, ref_pos) and torch.equal(neg, ref_neg)
+
+
+def test_streamed_text_encoder_buffers_die_with_the_encoding(q_pipe):
+    """The embeddings must not keep the encoder's device copies alive: the full-scale run
+    found two prompts' autograd graphs holding 29 GB of streamed UMT5 blocks on the GPU."""
+    import gc
+    import weakref
+
+    q_pipe.text_encoder.requires_grad_(True)  # as from_pretrained leaves it
+    _apply(q_pipe, "low")
+    assert not any(p.requires_grad for p in q_pipe.text_encoder.parameters())  # the policy turns it off
+    q_pipe.text_encoder.requires_grad_(True)  # and encoding is safe even when a caller turns it back on
+    seq = mo.memory_state_of(q_pipe).text_encoder
+    buffers = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, g=g: buffers.append(weakref.ref(g.device_buffer)))
+               for g, m in zip(seq.groups[1:], q_pipe.text_encoder.encoder.block)]
+    try:
+        pos, neg = encode_prompts(q_pipe, "a cat", "", TINY_SETTINGS, torch.device("cpu"))
+    finally:
+        for h in handles:
+            h.remove()
+    gc.collect()
+    assert pos.grad_fn is None and not pos.requires_grad and neg.grad_fn is None
+    assert len(buffers) == 2 * len(seq.groups[1:]) and all(ref() is None for ref in buffers)
+    q_pipe.text_encoder.requires_grad_(False)
 
 
 def test_footprint_of_the_tiny_pipeline(q_pipe):

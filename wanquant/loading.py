@@ -18,8 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wanquant.artifacts.checkpoint import CheckpointError, fingerprint_module, load_expert_files, read_manifest
+from wanquant.artifacts.checkpoint import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    fingerprint_module,
+    read_manifest,
+)
 from wanquant.method.config import QuantConfig
+from wanquant.method.params import QuantizedLinearParams
 from wanquant.model.pipeline import source_of
 from wanquant.model.wan import (
     architecture_differences,
@@ -39,27 +45,101 @@ from wanquant.runtime.state import TimestepBins
 log = logging.getLogger(__name__)
 
 
+# safetensors dtype names (the format's header) -> torch dtypes
+_SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+                       "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
+
+
+class TensorFile:
+    """A safetensors file read one tensor at a time, with plain reads into fresh allocations.
+
+    ``safetensors.torch.load_file`` materialises every tensor of the file at once, and a
+    memory map counts every page it touches in the process's resident memory while the
+    file is open; an expert's layers are then held twice (file and layers) at the peak.
+    Here each tensor is read when asked for (its own aligned allocation, nothing shared),
+    so loading holds the layers built so far plus one layer in flight.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._f = open(self.path, "rb")
+            size = int.from_bytes(self._f.read(8), "little")
+            header = json.loads(self._f.read(size))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {self.path}: {e}; the checkpoint is corrupt: re-copy or "
+                                  "re-quantize") from e
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict] = header
+        self._data = 8 + size
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, key: str, default=None) -> torch.Tensor | None:
+        """The tensor ``key`` (a new allocation each call), or ``default`` if the file has none."""
+        info = self.entries.get(key)
+        if info is None:
+            return default
+        begin, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {key} has dtype {info['dtype']}, which wanquant does not read")
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        self._f.seek(self._data + begin)
+        if end > begin and self._f.readinto(memoryview(buf.numpy())) != end - begin:
+            raise CheckpointError(f"{self.path} ends inside tensor {key}: the file is truncated; re-copy it")
+        return buf.view(dtype).reshape(info["shape"])
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def build_quantized_expert(qdir: str | Path, attr: str, manifest: dict, device: torch.device | str = "cpu",
                            backend: Backend = "auto") -> nn.Module:
-    """Rebuild one expert from the checkpoint, on ``device``."""
+    """Rebuild one expert from the checkpoint, on ``device``, one layer at a time (the host
+    holds the layers built so far and one being read: never the file's tensors beside them)."""
     cfg = QuantConfig.from_dict(manifest["config"])
-    layers, rest, config = load_expert_files(qdir, attr, manifest)
-    model = empty_expert(config)
-    check_layer_coverage(qdir, attr, layers, expected_layers(model, cfg))
-    for name, params in layers.items():
-        install_layer(model, name, W4A4Linear.from_params(params, cfg.weight_format, cfg.act_format))
+    if attr not in manifest["experts"]:
+        raise CheckpointError(f"{qdir} has no expert {attr!r}; it holds {sorted(manifest['experts'])}")
+    entries = manifest["experts"][attr]["layers"]
+    model = empty_expert(_read_config(qdir, attr))
+    check_layer_coverage(qdir, attr, entries, expected_layers(model, cfg))
+    with TensorFile(Path(qdir) / attr / WEIGHTS_NAME) as tf:
+        for name, info in entries.items():
+            params = QuantizedLinearParams.from_flat(tf, name, info.get("report", {}))
+            missing = [f for f in params.TENSORS if f != "bias" and getattr(params, f) is None]
+            if missing:
+                raise CheckpointError(f"{tf.path} lacks {missing} for layer {name}")
+            try:
+                layer = W4A4Linear.from_params(params, cfg.weight_format, cfg.act_format)
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"layer {name} in {tf.path} is malformed: {e}") from e
+            install_layer(model, name, layer)
+            del params, layer
+        names = tuple(f"{n}." for n in entries)
+        rest = {k: tf.get(k) for k in tf.entries if not k.startswith(names)}
     rest, buffers = split_saved_buffers(rest)
     restore_buffers(model, buffers)
     expected = set(model.state_dict())
-    quant_keys = {k for k in expected if any(k.startswith(n + ".") for n in layers)}
+    quant_keys = {k for k in expected if k.startswith(names)}
     missing = sorted(expected - quant_keys - set(rest))
     unexpected = sorted(set(rest) - expected)
     if missing or unexpected:
         raise CheckpointError(f"{qdir}/{attr} does not match the expert's architecture: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}; re-quantize with this wanquant")
-    # Fresh allocations: tensors straight from the file are views into one mapping at
-    # arbitrary offsets, and CPU GEMMs round differently on unaligned memory.
-    model.load_state_dict({k: v.clone() for k, v in rest.items()}, strict=False, assign=True)
+    # Fresh allocations (TensorFile reads each tensor into its own): views into one mapping at
+    # arbitrary offsets would make CPU GEMMs round differently on unaligned memory.
+    model.load_state_dict(rest, strict=False, assign=True)
+    del rest
     model.to(device)
     refresh(model)
     set_backend(model, backend)

@@ -14,7 +14,9 @@ Policies (:data:`POLICIES`):
   computes in tens of them); after that first forward it stays resident. Wan2.2 switches
   expert once per video (high noise for ``t >= boundary``, then low noise), so this
   happens at the boundary step, right after the high-noise expert's last step, and again
-  when the next video starts. The VAE comes back (experts out) when it encodes or decodes.
+  when the next video starts. When the budget cannot hold a whole expert beside its
+  activations, the plan keeps the first ``kept_blocks`` blocks and streams the others
+  through the device at every forward (each copied in one ahead, evicted after use).
   The fast path's repacked operands of a W4A4 layer are rebuilt on arrival and dropped
   on eviction (``W4A4Linear.release_device_state``): transient, not moved;
 * ``auto``: the first of these that fits :func:`device_budget` for the video's size, by
@@ -23,8 +25,11 @@ Policies (:data:`POLICIES`):
 In both policies the text encoder is either kept on the device (only where the budget
 holds it beside everything else) or streamed: its blocks pass through the device one at
 a time while it encodes (embedding tables are looked up in host memory), so after
-encoding nothing of it is on the device. Token chunking of the expert blocks
-(:mod:`wanquant.model.block`) gets the largest chunk the budget allows; the VAE is tiled.
+encoding nothing of it is on the device. The VAE is tiled and on the device only while
+it encodes or decodes (and between videos): out while an expert runs. Token chunking
+of the expert blocks (:mod:`wanquant.model.block`) gets the largest chunk the budget
+allows. Applying a policy first moves everything of the previous one back to its host
+copy and drops the fast path's operands, so no arrangement outlives its policy.
 
 Apply with :func:`apply_memory_policy` (the API's ``wanquant.api.set_memory_policy``);
 the pipeline keeps its :class:`MemoryPlan` (:func:`memory_plan_of`).
@@ -32,13 +37,18 @@ the pipeline keeps its :class:`MemoryPlan` (:func:`memory_plan_of`).
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from wanquant.model.block import disable_token_chunking, enable_token_chunking, token_chunks
+from wanquant.model.block import (
+    disable_token_chunking,
+    enable_token_chunking,
+    token_chunks,
+)
 from wanquant.model.wan import blocks_of, experts_of, set_static_kv_cache
 from wanquant.runtime.expert import quantized_layers
 from wanquant.runtime.memory import release_static_caches
@@ -47,6 +57,7 @@ from wanquant.runtime.offload import (
     TensorGroup,
     Transfer,
     module_slots,
+    move_to,
     run_on_host,
     trim_host_heap,
 )
@@ -84,6 +95,15 @@ RESERVED_SLACK = 0.1 * GB
 # Under an allocator cap (set_per_process_memory_fraction) the CUDA context and libraries
 # still need memory outside it: a 12 GB card leaves about 11 GB to tensors.
 CONTEXT_RESERVE = 1.0 * GB
+# Room ``low`` keeps on top of its estimate (allocator rounding, the copy in flight, the
+# model's error). Its first full-scale runs ran out of memory because the prompt embeddings'
+# autograd graph kept every streamed text-encoder block on the GPU (fixed: encode_prompts
+# runs without gradients); the per-stage census of benchmarks/memory.py then found the
+# parts as this model counts them (expert 8.01 GB + 0.56 GB fast-path operands, VAE 0.51,
+# scratch 0.08, activations 2.15 GB at 480p).
+LOW_SLACK = 0.8 * GB
+# Streamed blocks on the device at once: the one computing and the one being copied in.
+STREAM_WINDOW = 2
 
 
 def activation_bytes(tokens: int, chunk: int | None, dim: int) -> int:
@@ -118,6 +138,13 @@ class Footprint:
     dim: int  # model width (activations scale with it)
     kv_cache: int = 0  # every expert's cached text keys/values, cond and uncond
     per_forward: int = 0  # of ``expert``: embedders ``low`` holds only at the start of a forward
+    blocks: int = 0  # transformer blocks of the larger expert
+    block: int = 0  # the largest block on the device as it streams (its L1/L2 and fast-path operands too)
+
+    @property
+    def rest(self) -> int:
+        """Of ``expert``: what is neither a block nor a per-forward embedder (``low`` keeps it)."""
+        return max(0, self.expert - self.per_forward - self.blocks * self.block)
 
 
 @dataclass(frozen=True)
@@ -147,6 +174,9 @@ class MemoryPlan:
     # The per-context text key/value cache saves ~0.1 % of a forward (the chunked block
     # computes them once per forward anyway) for 0.84 GB per A14B expert: only with room to spare.
     kv_cache: bool = False  # an explicit chunk size, kept when the plan is redone
+    # ``low``: blocks of the running expert that stay on the device once in (None: all); the
+    # others stream through it at every forward, copied in one ahead of use.
+    kept_blocks: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,20 +185,37 @@ class MemoryPlan:
         chunks = "unchunked" if self.chunk_tokens is None else f"token chunks of {self.chunk_tokens}"
         head = (f"memory={self.requested}: {self.policy} ({chunks}, text encoder {self.text_encoder}, "
                 f"text k/v cache {'on' if self.kv_cache else 'off'}")
+        if self.policy == "low" and self.kept_blocks is not None:
+            head += f", {self.kept_blocks} blocks kept, the rest streamed"
         return head + f", ~{self.need_bytes / GB:.1f} GB needed) - {self.reason}"
 
 
+def low_bytes(fp: Footprint, video: VideoSize, chunk: int | None, kept: int | None = None) -> int:
+    """Peak device bytes of ``low`` with ``kept`` blocks kept (None: all) and the rest streamed.
+
+    The VAE is out while an expert runs, the experts are out while the VAE runs; the
+    embedders come in at the start of a forward, before the activations grow.
+    """
+    act = activation_bytes(video.tokens, chunk, fp.dim)
+    streamed = 0 if kept is None else max(0, fp.blocks - kept)
+    on = fp.expert - fp.per_forward if streamed == 0 else fp.rest + (fp.blocks - streamed) * fp.block
+    window = min(STREAM_WINDOW, streamed) * fp.block
+    denoise = on + window + fp.scratch + act
+    start = on + fp.per_forward + (fp.block if streamed else 0)
+    return int(max(denoise, start, fp.vae + decode_bytes(video.pixels), fp.vae + fp.text_encoder_streamed)
+               + LOW_SLACK)
+
+
 def _needs(fp: Footprint, video: VideoSize, chunk: int | None) -> dict[str, int]:
-    """Peak device bytes of each arrangement at this chunk size."""
+    """Peak device bytes of each arrangement at this chunk size (``low`` with every block kept)."""
     act = activation_bytes(video.tokens, chunk, fp.dim)
     dec = decode_bytes(video.pixels)
-    experts = fp.expert * fp.experts
-    resident = experts + fp.vae + fp.scratch + max(act, dec, fp.text_encoder_streamed)
+    experts = fp.expert * fp.experts + fp.scratch
+    # Both policies hold the VAE only while it encodes or decodes (the experts stay in ``resident``).
     return {
-        "resident": resident,
-        "resident_te_device": experts + fp.vae + fp.scratch + fp.text_encoder + fp.kv_cache + max(act, dec),
-        # The VAE is out while an expert runs, the experts are out while the VAE runs.
-        "low": max(fp.expert - fp.per_forward + fp.scratch + act, fp.vae + dec, fp.vae + fp.text_encoder_streamed),
+        "resident": experts + max(act, fp.vae + dec, fp.text_encoder_streamed),
+        "resident_te_device": experts + fp.text_encoder + fp.kv_cache + max(act, fp.vae + dec),
+        "low": low_bytes(fp, video, chunk),
     }
 
 
@@ -178,6 +225,24 @@ def _largest_chunk(fp: Footprint, video: VideoSize, key: str, budget: float,
         need = _needs(fp, video, chunk)[key]
         if reserved_for(need) <= budget:
             return chunk, need
+    return None
+
+
+def _low_fit(fp: Footprint, video: VideoSize, budget: float,
+             choices=CHUNK_CHOICES) -> tuple[int | None, int | None, int] | None:
+    """``(chunk, kept blocks or None for all, need)`` of ``low``: every block kept with the
+    largest chunk that allows it; else as many blocks kept as fit, with chunks of at most
+    :data:`DEFAULT_CHUNK` (streaming a block costs less than halving the chunks)."""
+    fit = _largest_chunk(fp, video, "low", budget, choices)
+    if fit is not None:
+        return fit[0], None, fit[1]
+    if not fp.blocks:
+        return None
+    for chunk in [c for c in choices if c is not None and c <= DEFAULT_CHUNK] or list(choices):
+        for kept in range(fp.blocks - 1, -1, -1):
+            need = low_bytes(fp, video, chunk, kept)
+            if reserved_for(need) <= budget:
+                return chunk, kept, need
     return None
 
 
@@ -205,7 +270,7 @@ def plan_memory(requested: str, fp: Footprint, video: VideoSize, device: str, bu
                           f"{device} has no memory budget to plan against", video, budget_source,
                           kv_cache=policy == "resident")
     gb = budget / GB
-    low_fit = _largest_chunk(fp, video, "low", budget, choices)
+    low_fit = _low_fit(fp, video, budget, choices)
     res_fit = _largest_chunk(fp, video, "resident", budget, choices)
     te_fit = _largest_chunk(fp, video, "resident_te_device", budget, choices)
     sizes = (f"{gb:.1f} GB for tensors{f' ({budget_source})' if budget_source else ''}; {where}: both experts "
@@ -224,8 +289,8 @@ def plan_memory(requested: str, fp: Footprint, video: VideoSize, device: str, bu
             return MemoryPlan(requested, "resident", device, "stream", res_fit[0], budget, res_fit[1], True,
                               f"{sizes}: both experts fit, the text encoder streams", video, budget_source)
         if low_fit is not None:
-            return MemoryPlan(requested, "low", device, "stream", low_fit[0], budget, low_fit[1], True,
-                              f"{sizes}: one expert at a time", video, budget_source)
+            return MemoryPlan(requested, "low", device, "stream", low_fit[0], budget, low_fit[2], True,
+                              f"{sizes}: one expert at a time", video, budget_source, kept_blocks=low_fit[1])
         return _overflow(requested, "low", fp, video, device, budget, choices, sizes, budget_source)
     if requested == "resident":
         if big(te_fit, DEFAULT_CHUNK):
@@ -236,28 +301,43 @@ def plan_memory(requested: str, fp: Footprint, video: VideoSize, device: str, bu
                               f"{sizes}: requested", video, budget_source)
         return _overflow(requested, "resident", fp, video, device, budget, choices, sizes, budget_source)
     if low_fit is not None:
-        return MemoryPlan(requested, "low", device, "stream", low_fit[0], budget, low_fit[1], True,
-                          f"{sizes}: requested", video, budget_source)
+        return MemoryPlan(requested, "low", device, "stream", low_fit[0], budget, low_fit[2], True,
+                          f"{sizes}: requested", video, budget_source, kept_blocks=low_fit[1])
     return _overflow(requested, "low", fp, video, device, budget, choices, sizes, budget_source)
 
 
 def _overflow(requested, policy, fp, video, device, budget, choices, sizes, budget_source) -> MemoryPlan:
     chunk = choices[-1]
-    need = _needs(fp, video, chunk)[policy]
+    kept = 0 if policy == "low" and fp.blocks else None  # everything streamed: the least it can do
+    need = low_bytes(fp, video, chunk, kept) if policy == "low" else _needs(fp, video, chunk)[policy]
     return MemoryPlan(requested, policy, device, "stream", chunk, budget, need, False,
                       f"{sizes}: does not fit even with chunks of {chunk} (~{reserved_for(need) / GB:.1f} GB); "
-                      "it may run out of memory: use a smaller video or a GPU with more memory", video, budget_source)
+                      "it may run out of memory: use a smaller video or a GPU with more memory", video, budget_source,
+                      kept_blocks=kept)
 
 
 # --------------------------------------------------------------------------------------
 # measuring the pipeline and the device
+def _runs_fast(layer, device: torch.device) -> bool:
+    """Whether a W4A4 layer takes the fast path on ``device`` (then it holds repacked operands)."""
+    if getattr(layer, "backend", None) not in ("auto", "fast"):
+        return False
+    from wanquant.kernels.dispatch import fast_path_status
+
+    return fast_path_status(device, layer.wfmt, layer.afmt)[0]
+
+
 def _fast_extra_bytes(layer, device: torch.device) -> int:
     """The fast path's repacked operands of one W4A4 layer on ``device`` (0 where it does not run)."""
-    if not layer.host_resident_buffers(device):
+    if not _runs_fast(layer, device):
         return 0
     from wanquant.kernels.dispatch import FastW4A4
 
     return FastW4A4.extra_bytes(layer.out_features, layer.in_features, layer.rank + layer.lora_rank)
+
+
+def _lowrank_bytes(layer) -> int:
+    return sum(t.numel() * t.element_size() for t in (layer.l1, layer.l2))
 
 
 def _slot_bytes(slots) -> int:
@@ -270,10 +350,31 @@ def _slot_bytes(slots) -> int:
     return total
 
 
+def _device_bytes(modules: list[nn.Module], device: torch.device, exclude=(), streamed: bool = False) -> int:
+    """Bytes of ``modules`` resident on ``device``: what moves plus what the fast path rebuilds.
+    Kept layers leave their canonical L1/L2 in host memory where the fast path runs (it holds
+    its own operands); ``streamed`` layers carry them (rebuilt from them at every arrival)."""
+    slots = module_slots(modules, device, exclude=exclude)
+    total = _slot_bytes(slots)
+    moved = {(id(s.module), s.name) for s in slots}
+    skip = {id(m) for e in exclude for m in e.modules()}
+    for root in modules:
+        for m in quantized_layers(root).values():
+            if id(m) in skip:
+                continue
+            fast = _fast_extra_bytes(m, device)
+            total += fast
+            in_slots = (id(m), "l1") in moved
+            if fast and in_slots and not streamed:
+                total -= _lowrank_bytes(m)
+            elif fast and streamed and not in_slots:
+                total += _lowrank_bytes(m)
+    return total
+
+
 def expert_device_bytes(expert: nn.Module, device: torch.device) -> int:
     """Bytes of an expert resident on ``device``: what moves plus what the fast path rebuilds."""
-    layers = quantized_layers(expert).values()
-    return _slot_bytes(module_slots([expert], device)) + sum(_fast_extra_bytes(m, device) for m in layers)
+    return _device_bytes([expert], torch.device(device))
 
 
 def _text_encoder_parts(te: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -313,11 +414,14 @@ def measure_footprint(pipe, device: torch.device | str, text_tokens: int = 512) 
                for e in experts), default=0)
     sizes = [expert_device_bytes(e, device) for e in experts]
     biggest = experts[sizes.index(max(sizes))]
-    per_forward = _slot_bytes(module_slots(_per_forward_modules(biggest), device))
+    per_forward = _device_bytes(_per_forward_modules(biggest), device)
+    blocks = list(blocks_of(biggest))
+    block = max((_device_bytes([b], device, streamed=True) for b in blocks), default=0)
     return Footprint(expert=max(sizes), experts=len(experts), per_forward=per_forward,
                      text_encoder=te_whole, text_encoder_streamed=te_streamed,
                      vae=_slot_bytes(module_slots([vae], device)) if vae is not None else 0,
-                     scratch=scratch, dim=dim, kv_cache=sum(kv_cache_bytes(e, text_tokens) for e in experts))
+                     scratch=scratch, dim=dim, kv_cache=sum(kv_cache_bytes(e, text_tokens) for e in experts),
+                     blocks=len(blocks), block=block)
 
 
 def device_budget(device: torch.device | str) -> tuple[float | None, str]:
@@ -405,11 +509,31 @@ class _PolicyState:
         self.experts[attr].before(0)
 
     def before_vae(self) -> None:
-        """The VAE encodes or decodes: every expert out (the video's last step is done), the VAE in."""
+        """The VAE encodes or decodes: in ``low`` every expert out (the video's last step is
+        done), the VAE in."""
         for attr in self.experts:
             self.evict_expert(attr)
         self.vae.onload(self.transfer)
         self.vae.wait()
+
+    def evict_all(self) -> None:
+        """Every group of this policy out of the device (before another policy is placed)."""
+        for attr in self.experts:
+            self.evict_expert(attr)
+        for group in ([self.text_encoder] if self.text_encoder is not None else []):
+            group.evict()
+        if self.vae is not None:
+            self.vae.evict()
+
+    def residency(self) -> dict[str, bool]:
+        """Group name -> resident now (what tests and the benchmark's census read)."""
+        seqs = [*self.experts.values(), *self.per_forward.values()]
+        if self.text_encoder is not None:
+            seqs.append(self.text_encoder)
+        out = {g.name: g.resident for seq in seqs for g in seq.groups}
+        if self.vae is not None:
+            out[self.vae.name] = self.vae.resident
+        return out
 
 
 def memory_plan_of(pipe) -> MemoryPlan | None:
@@ -462,17 +586,25 @@ def _per_forward_modules(expert: nn.Module) -> list[nn.Module]:
     return [m for m in (getattr(expert, a, None) for a in PER_FORWARD_ATTRS) if m is not None]
 
 
-def _offload_expert(state: _PolicyState, attr: str, expert: nn.Module) -> None:
-    """The expert's groups (its rest, then one per block, kept once in) and its per-forward
-    embedders (in for the start of each forward only), with the hooks that move them."""
+def _offload_expert(state: _PolicyState, attr: str, expert: nn.Module, kept: int | None = None) -> None:
+    """The expert's groups (its rest, then one per block: the first ``kept`` (None: all)
+    kept once in, the others streamed at every forward) and its per-forward embedders (in
+    for the start of each forward only), with the hooks that move them."""
     device = state.device
     blocks = list(blocks_of(expert))
+    kept = len(blocks) if kept is None else max(0, min(len(blocks), kept))
+    for i, b in enumerate(blocks):
+        # A streamed layer rebuilds its fast-path operands at every arrival: from its
+        # canonical L1/L2 moved with the block (pinned, asynchronous), not from pageable
+        # host memory (a synchronous copy per layer would stall the queue).
+        for m in quantized_layers(b).values():
+            m.lowrank_to_host = i < kept
     per_forward = _per_forward_modules(expert)
     rest = TensorGroup(f"{attr}.rest", module_slots([expert], device, exclude=[blocks_of(expert), *per_forward]),
                        device)
     groups = [rest] + [TensorGroup(f"{attr}.blocks.{i}", module_slots([b], device), device)
                        for i, b in enumerate(blocks)]
-    seq = GroupSequence(attr, groups, state.transfer, keep=True)
+    seq = GroupSequence(attr, groups, state.transfer, keep=[True] + [i < kept for i in range(len(blocks))])
     embedder_groups = [TensorGroup(f"{attr}.{type(m).__name__}", module_slots([m], device), device)
                        for m in per_forward]
     embedders = GroupSequence(f"{attr}.per_forward", embedder_groups, state.transfer, keep=False, lookahead=0)
@@ -488,6 +620,8 @@ def _offload_expert(state: _PolicyState, attr: str, expert: nn.Module) -> None:
     state.handles += embedders.hook(per_forward)
     for i, b in enumerate(blocks):
         state.handles.append(b.register_forward_pre_hook(_before_group(seq, i + 1)))
+        if not seq.keep[i + 1]:
+            state.handles.append(b.register_forward_hook(_after_group(seq, i + 1)))
     state.handles.append(expert.register_forward_hook(after))
 
 
@@ -497,44 +631,81 @@ def _before_group(seq: GroupSequence, i: int):
     return hook
 
 
-def _offload_vae(state: _PolicyState, vae: nn.Module) -> None:
+def _after_group(seq: GroupSequence, i: int):
+    def hook(module, args, output):
+        seq.after(i)
+    return hook
+
+
+def _offload_vae(state: _PolicyState, vae: nn.Module, experts: list[nn.Module]) -> None:
+    """The VAE in pinned host memory, on the device while it encodes or decodes (and between
+    videos: the next one starts by encoding), out when an expert starts."""
     state.vae = TensorGroup("vae", module_slots([vae], state.device), state.device)
 
     def before(module, args):
         state.before_vae()
 
+    def vae_out(module, args):
+        state.vae.evict()
+
     # encode/decode are not forward: hook the parts they run (encoder, quant convs, decoder).
     for child in vae.children():
         if any(True for _ in child.parameters()):
             state.handles.append(child.register_forward_pre_hook(before))
+    if state.plan.policy != "low":  # low's expert hooks evict it themselves
+        state.handles += [e.register_forward_pre_hook(vae_out) for e in experts]
     _ExecutionDevice.attach(vae, state.device)
     state.declared.append(vae)
-    state.vae.onload(state.transfer)  # resident between videos: the next one starts by encoding
+    state.vae.onload(state.transfer)
     state.vae.wait()
+
+
+def _release_device_memory(device: torch.device) -> None:
+    """Collect what the previous arrangement left unreferenced and hand the allocator's
+    cached blocks back, so that the next arrangement is placed into free memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def apply_memory_policy(pipe, plan: MemoryPlan) -> MemoryPlan:
     """Place the pipeline's parts and install the hooks of ``plan`` (replacing an earlier policy)."""
     old = memory_state_of(pipe)
+    if old is not None:
+        old.evict_all()  # every group back to its host copy: the modules point there now
     clear_memory_policy(pipe)
     device = torch.device(plan.device)
     state = _PolicyState(plan, device, Transfer(device))
     experts = experts_of(pipe)
     te, vae = getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None)
+    for part in (te, vae, *(e.module for e in experts)):
+        if part is not None:
+            # Inference only: a parameter that requires grad lets any forward run outside
+            # no_grad keep the weights it read alive in its graph (streamed ones on the device).
+            part.requires_grad_(False)
+    for e in experts:
+        for m in quantized_layers(e.module).values():
+            m.release_device_state()  # repacked operands are rebuilt where the layer runs next
+            m.lowrank_to_host = True
+            for n in ("l1", "l2"):  # no view into an old group's buffer (it would keep it alive)
+                b = m._buffers.get(n)
+                if b is not None and b.untyped_storage().nbytes() > b.numel() * b.element_size():
+                    m._buffers[n] = b.clone()
+        release_static_caches(e.module)
     # Off the device first, then onto it: the device never holds both arrangements.
     if te is not None and plan.text_encoder == "stream":
         _stream_text_encoder(state, te, old.text_encoder if old is not None else None)
     del old
     if plan.policy == "low":
         for e in experts:
-            _offload_expert(state, e.attr, e.module)
-        if vae is not None:
-            _offload_vae(state, vae)
-    else:
+            _offload_expert(state, e.attr, e.module, plan.kept_blocks)
+    _release_device_memory(device)
+    if plan.policy != "low":
         for e in experts:
-            e.module.to(device)
-        if vae is not None:
-            vae.to(device)
+            move_to(e.module, device)
+    if vae is not None:
+        _offload_vae(state, vae, [e.module for e in experts])
     if te is not None and plan.text_encoder == "device":
         te.to(device)
     for e in experts:

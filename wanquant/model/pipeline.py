@@ -144,10 +144,17 @@ def is_image_to_video(pipe) -> bool:
 
 def encode_prompts(pipe, prompt: str, negative_prompt: str, settings: GenerationSettings,
                    device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text embeddings in the experts' dtype, so the pipeline passes these exact tensors on."""
+    """Text embeddings in the experts' dtype, so the pipeline passes these exact tensors on.
+
+    Without gradients: the text encoder's parameters require them as loaded, and an
+    autograd graph behind the embeddings would keep every weight the encoder used alive
+    as long as the embeddings live (the whole video), on the GPU where the encoder was
+    streamed through it (measured: 29 GB for two prompts of UMT5-XXL, benchmarks/memory.py).
+    """
     cfg = settings.guidance_scale > 1.0
-    pos, neg = pipe.encode_prompt(prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=cfg,
-                                  max_sequence_length=settings.max_sequence_length, device=device)
+    with torch.no_grad():
+        pos, neg = pipe.encode_prompt(prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=cfg,
+                                      max_sequence_length=settings.max_sequence_length, device=device)
     expert = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
     dtype = next(p.dtype for p in expert.parameters() if p.is_floating_point())
     return pos.to(dtype), (neg.to(dtype) if neg is not None else None)

@@ -12,10 +12,13 @@ Model-independent: the activation side (token chunking of Wan blocks) is in
 
 from __future__ import annotations
 
-from typing import Iterable
+import functools
+import types
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+
 
 # ---------------------------------------------------------------------------------------
 # static (per-video) cross-attention key/value cache of W4A4 layers
@@ -78,6 +81,94 @@ def install_cache_release(experts: Iterable[nn.Module], before: Iterable[nn.Modu
 
 # ---------------------------------------------------------------------------------------
 # accounting
+def storage_key(t: torch.Tensor) -> tuple[str, int]:
+    """Identifies the memory a tensor lives in: views of one buffer share it."""
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+_NOT_WALKED = (nn.Module, str, bytes, int, float, bool, complex, type, torch.device, torch.dtype,
+               types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.ModuleType, functools.partial)
+_MODULE_SLOTS = ("_parameters", "_buffers", "_modules")
+
+
+def _walk(obj, depth: int, seen: set[int], out: list[torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+        return
+    if depth <= 0 or obj is None or isinstance(obj, _NOT_WALKED) or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__"):
+        items = list(vars(obj).values())
+    else:
+        return
+    for v in items:
+        _walk(v, depth - 1, seen, out)
+
+
+def held_tensors(module: nn.Module, depth: int = 6) -> list[torch.Tensor]:
+    """Tensors ``module`` and its submodules hold outside their parameters and buffers: in
+    plain attributes and the objects, containers and caches those reach (``depth`` levels):
+    a prepared kernel's operands, a key/value cache, a stored context. Submodules are not
+    entered through attributes (``modules()`` visits them)."""
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for m in module.modules():
+        for name, v in vars(m).items():
+            if name not in _MODULE_SLOTS:
+                _walk(v, depth, seen, out)
+    return out
+
+
+def device_census(components: dict[str, nn.Module], others: dict[str, Iterable[torch.Tensor]] | None = None) -> dict:
+    """Bytes on each device, per component: ``params`` (parameters and buffers) and
+    ``held`` (:func:`held_tensors`), then any ``others`` (name -> tensors). Every storage
+    is counted once, for the first component that has it (a view of a flat buffer counts
+    the whole buffer: that is the memory it keeps). Returns ``{"components": {name:
+    {"params": {device: bytes}, "held": {device: bytes}}}, "total": {device: bytes}}``;
+    :func:`owned_storages` gives the storages themselves."""
+    out: dict = {"components": {}, "total": {}}
+    seen: set[tuple[str, int]] = set()
+
+    def add(tensors) -> dict[str, int]:
+        per: dict[str, int] = {}
+        for t in tensors:
+            if t is None or t.device.type == "meta":
+                continue
+            key = storage_key(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            n = t.untyped_storage().nbytes()
+            per[key[0]] = per.get(key[0], 0) + n
+            out["total"][key[0]] = out["total"].get(key[0], 0) + n
+        return per
+
+    for name, module in components.items():
+        if module is None:
+            continue
+        params = add([*module.parameters(), *module.buffers()])
+        out["components"][name] = {"params": params, "held": add(held_tensors(module))}
+    for name, tensors in (others or {}).items():
+        out["components"][name] = {"params": {}, "held": add(tensors)}
+    return out
+
+
+def owned_storages(components: dict[str, nn.Module]) -> set[tuple[str, int]]:
+    """:func:`storage_key` of every tensor :func:`device_census` counts for ``components``."""
+    keys = set()
+    for module in components.values():
+        if module is not None:
+            for t in [*module.parameters(), *module.buffers(), *held_tensors(module)]:
+                if t.device.type != "meta":
+                    keys.add(storage_key(t))
+    return keys
+
+
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     seen, total = set(), 0
     for t in tensors:

@@ -265,20 +265,28 @@ class GroupSequence:
 
     ``keep=True``: a group stays resident once moved in (until :meth:`evict`); a forward
     after the first finds everything resident and the hooks cost a flag check.
-    ``keep=False``: each group is evicted right after its module's forward.
+    ``keep=False``: each group is evicted right after its module's forward. A sequence of
+    flags, one per group, mixes both: kept groups stay, the others stream through the
+    device at every use (what a budget too small for the whole sequence does).
     """
 
-    def __init__(self, name: str, groups: Sequence[TensorGroup], transfer: Transfer, keep: bool = True,
-                 lookahead: int = 1):
+    def __init__(self, name: str, groups: Sequence[TensorGroup], transfer: Transfer,
+                 keep: bool | Sequence[bool] = True, lookahead: int = 1):
         self.name = name
         self.groups = list(groups)
         self.transfer = transfer
-        self.keep = keep
+        self.keep = [bool(keep)] * len(self.groups) if isinstance(keep, bool) else [bool(k) for k in keep]
+        if len(self.keep) != len(self.groups):
+            raise ValueError(f"{name}: {len(self.keep)} keep flags for {len(self.groups)} groups")
         self.lookahead = max(0, int(lookahead))
 
     @property
     def nbytes(self) -> int:
         return sum(g.nbytes for g in self.groups)
+
+    @property
+    def kept_nbytes(self) -> int:
+        return sum(g.nbytes for g, k in zip(self.groups, self.keep) if k)
 
     @property
     def resident(self) -> bool:
@@ -301,7 +309,7 @@ class GroupSequence:
         g.wait()
 
     def after(self, i: int) -> None:
-        if not self.keep:
+        if not self.keep[i]:
             self.groups[i].evict()
 
     def evict(self) -> None:
@@ -315,7 +323,7 @@ class GroupSequence:
         handles = []
         for i, m in enumerate(modules):
             handles.append(m.register_forward_pre_hook(_call_with_index(self.before, i)))
-            if not self.keep:
+            if not self.keep[i]:
                 handles.append(m.register_forward_hook(_call_with_index(self.after, i, post=True)))
         return handles
 
@@ -333,6 +341,24 @@ def _call_with_index(fn: Callable[[int], None], i: int, post: bool = False):
     def pre_hook(module, args):
         fn(i)
     return pre_hook
+
+
+def move_to(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """``module.to(device)``, except the buffers a submodule keeps in host memory on
+    ``device`` (``host_resident_buffers``): those are not copied there and back."""
+    device = torch.device(device)
+    held = []
+    for m in module.modules():
+        names = m.host_resident_buffers(device) if hasattr(m, "host_resident_buffers") else ()
+        for n in names:
+            b = m._buffers.get(n)
+            if b is not None:
+                held.append((m, n, b.cpu()))
+                m._buffers[n] = None
+    module.to(device)
+    for m, n, b in held:
+        m._buffers[n] = b
+    return module
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,5 +409,5 @@ def sync_device(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["TensorGroup", "Transfer", "GroupSequence", "Slot", "module_slots", "run_on_host", "host_buffer",
-           "sync_device", "trim_host_heap", "ALIGN"]
+__all__ = ["TensorGroup", "Transfer", "GroupSequence", "Slot", "module_slots", "move_to", "run_on_host",
+           "host_buffer", "sync_device", "trim_host_heap", "ALIGN"]
