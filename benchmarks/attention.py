@@ -21,6 +21,7 @@ Usage::
 
     python -m benchmarks.attention --out benchmarks/results          # H100, ~2 min
     python -m benchmarks.attention --tiny --out /tmp/attn             # CPU dry run (Triton interpreter)
+    python -m benchmarks.attention --testbed 16 --out benchmarks/results  # quality on the testbed (CPU)
 """
 
 from __future__ import annotations
@@ -172,6 +173,78 @@ class Run:
         return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------
+# quality on the trained testbed (CPU: the 8-bit attention's PyTorch reference, same numerics)
+def testbed_quality(out: Path, num_eval: int, steps: int, num_calib: int, work: Path) -> dict:
+    """PSNR (vs the 16-bit videos) of W4A4 with SDPA and W4A4 with 8-bit self-attention on
+    the testbed's evaluation split, plus the 16-bit model with 8-bit attention; and the
+    8-bit attention's output error vs fp32 per block on the testbed's own activations.
+
+    Quality bar (issue 16): W4A4 + 8-bit attention within 0.3 dB of W4A4 + SDPA.
+    """
+    import numpy as np
+
+    import wanquant.api as wq
+    from wanquant.evaluation.metrics import psnr
+    from wanquant.kernels import attention as K
+    from wanquant.model import attention as MA
+    from wanquant.testbed.dataset import list_samples
+
+    settings = wq.default_settings("testbed")
+    settings = type(settings)(**{**settings.__dict__, "num_inference_steps": steps})
+    ckpt = work / "testbed-w4a4"
+    if not (ckpt / "manifest.json").exists():
+        wq.quantize(wq.load_base_pipeline("testbed"), wq.load_calibration("testbed", count=num_calib), ckpt,
+                    overwrite=True)
+    samples = list_samples("eval", num_eval)
+    errors: dict[int, list[float]] = {}
+    calls = {"n": 0}
+    reference = K.attention_int8_reference
+
+    def recording(q, k, v, *a, **kw):  # the self-attention calls, in block order within a forward
+        o = reference(q, k, v, *a, **kw)
+        exact = K.attention_fp32(q, k, v, kw.get("scale"), kw.get("layout", "bshd")).transpose(1, 2)
+        errors.setdefault(calls["n"] % blocks, []).append(K.relative_error(o, exact))
+        calls["n"] += 1
+        return o
+
+    videos: dict[str, list] = {}
+    for name, quantized, attention in (("bf16", False, "sdpa"), ("bf16_int8attn", False, "int8_reference"),
+                                       ("w4a4", True, "sdpa"), ("w4a4_int8attn", True, "int8_reference")):
+        pipe = wq.load_base_pipeline("testbed", with_experts=not quantized)
+        if quantized:
+            wq.load_quantized(pipe, ckpt)
+        wq.set_attention(pipe, attention)
+        blocks = len(pipe.transformer.blocks)
+        MA.K.attention_int8_reference = recording if name == "w4a4_int8attn" else reference
+        try:
+            videos[name] = [wq.generate(pipe, s.first_frame(), s.prompt, settings, seed=i)
+                            for i, s in enumerate(samples)]
+        finally:
+            MA.K.attention_int8_reference = reference
+        log(f"testbed: generated {name}")
+    rows = []
+    for name in ("bf16_int8attn", "w4a4", "w4a4_int8attn"):
+        per_video = [psnr(v, ref) for v, ref in zip(videos[name], videos["bf16"])]
+        rows.append({"config": name, "psnr_vs_bf16_db": float(np.mean(per_video)), "per_video_db": per_video})
+    gap = rows[2]["psnr_vs_bf16_db"] - rows[1]["psnr_vs_bf16_db"]
+    per_block = {str(b): float(np.mean(e)) for b, e in sorted(errors.items())}
+    payload = {**run_metadata(), "setup": {"num_eval": num_eval, "steps": steps, "num_calib": num_calib,
+                                           "attention_impl": "PyTorch reference of the 8-bit kernel (same numerics)"},
+               "rows": rows, "int8attn_minus_sdpa_db": gap, "bar_db": -0.3, "bar_met": gap >= -0.3,
+               "attention_rel_err_vs_fp32_per_block": per_block}
+    lines = ["Testbed evaluation split, PSNR of each run against the 16-bit (SDPA) videos, mean over videos. "
+             "8-bit attention = the PyTorch reference of the Triton kernel (the same quantization and tile "
+             "order).", "", "| config | PSNR vs 16-bit (dB) |", "|---|---|"]
+    lines += [f"| {r['config']} | {r['psnr_vs_bf16_db']:.2f} |" for r in rows]
+    lines += ["", f"W4A4 + 8-bit attention minus W4A4 + SDPA: {gap:+.3f} dB (bar: >= -0.3 dB) -> "
+                  f"{'met' if gap >= -0.3 else 'MISSED'}", "",
+              "8-bit self-attention output error vs fp32 on the testbed's activations (W4A4 run), mean per block: "
+              + ", ".join(f"block {b}: {e:.4f}" for b, e in per_block.items())]
+    write_results("attention_testbed", payload, "\n".join(lines), out)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(RESULTS_DIR), help="results directory (attention.json / attention.md)")
@@ -179,7 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, nargs="*", help=f"token counts (default {TOKENS})")
     p.add_argument("--configs", nargs="*", help="config names to sweep (default: all of CONFIGS)")
     p.add_argument("--time-budget", type=float, default=200.0, help="seconds; later sweeps are skipped past it")
+    p.add_argument("--testbed", type=int, metavar="N", help="instead: quality on N testbed eval videos (CPU)")
+    p.add_argument("--testbed-steps", type=int, default=40)
+    p.add_argument("--testbed-calib", type=int, default=4)
+    p.add_argument("--work", default="runs/attention_testbed", help="with --testbed: where the checkpoint goes")
     args = p.parse_args(argv)
+    if args.testbed:
+        testbed_quality(Path(args.out), args.testbed, args.testbed_steps, args.testbed_calib, Path(args.work))
+        return 0
 
     if args.tiny:  # must be set before triton is imported
         os.environ["TRITON_INTERPRET"] = "1"

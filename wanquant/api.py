@@ -19,6 +19,11 @@ the W4A4 layers, per expert, switchable without reloading (also on a BF16 pipeli
     wq.load_lora(pipe, "style.safetensors", strength=0.8)                     # both experts
     wq.set_lora_strengths(pipe, {"style": 0.5}); wq.list_loras(pipe); wq.unload_loras(pipe, ["style"])
 
+Speed on Hopper: 8-bit self-attention and compiled blocks (set last; the first step at a
+video size compiles)::
+
+    wq.set_attention(pipe, "int8"); wq.set_compile(pipe, True)
+
 GPUs of 12-24 GB (EXPERIMENTAL: at full A14B scale these policies do not meet their
 targets yet, see benchmarks/results/memory.md): load into host memory and let a memory
 policy place the parts (only the running expert on the GPU with ``"low"``; ``"auto"``
@@ -63,6 +68,8 @@ from wanquant.media import open_image, write_frame_strip, write_video
 from wanquant.model.attention import MODES as ATTENTION_MODES
 from wanquant.model.attention import AttentionUnavailableError, set_pipeline_attention
 from wanquant.model.attention import check_attention_mode as check_attention
+from wanquant.model.compile import compile_blocks, is_compiled, uncompile_blocks
+from wanquant.model.wan import experts_of
 from wanquant.model.offload import POLICIES as MEMORY_POLICIES
 from wanquant.model.offload import MemoryPlan, apply_memory_policy, memory_plan_of, plan_for, replan
 from wanquant.model.parallel import check_context_parallel_shape, enable_context_parallel
@@ -278,6 +285,40 @@ def set_attention(pipe, mode: str = "sdpa") -> str:
     return description
 
 
+def set_compile(pipe, enabled: bool = True, mode: str | None = None) -> str:
+    """``torch.compile`` each transformer block of every expert (regional compilation: one
+    compiled block serves all 40, :mod:`wanquant.model.compile`), or undo it
+    (``enabled=False``). W4A4 layers and the 8-bit attention enter the graph as custom
+    ops, so the elementwise work around them is fused. The first forward at each video
+    size (and, for W4A4, each timestep bin) compiles; later ones reuse it. ``mode`` goes
+    to ``torch.compile`` (None: its default). Call it last, after :func:`load_quantized`,
+    LoRAs and :func:`set_attention`; not with a memory policy (:func:`set_memory_policy`)
+    or context parallelism yet. Logs and returns what was set.
+    """
+    experts = experts_of(pipe)
+    if not enabled:
+        for e in experts:
+            uncompile_blocks(e.module)
+        description = "torch.compile: off"
+    else:
+        if memory_plan_of(pipe) is not None:
+            raise InputError("compile with a memory policy is not supported yet: use one or the other")
+        if any(getattr(getattr(a, "processor", None), "_parallel_config", None) is not None
+               for e in experts for a in e.module.modules() if hasattr(a, "processor")):
+            raise InputError("compile with context parallelism is not supported yet")
+        counts = [(e.attr, compile_blocks(e.module, mode=mode)) for e in experts]
+        where = ", ".join(f"{attr} ({n} blocks)" for attr, n in counts)
+        description = (f"torch.compile: each block of {where}, mode {mode or 'default'}, static shapes "
+                       "(the first step at a video size compiles)")
+    log.info("%s", description)
+    return description
+
+
+def compile_enabled(pipe) -> bool:
+    """Whether :func:`set_compile` compiled the pipeline's experts."""
+    return any(is_compiled(e.module) for e in experts_of(pipe))
+
+
 def inspect(qdir: str | Path, verify: bool = True) -> dict:
     """What a checkpoint holds: ``{"experts": {attr: coverage}, "layers": [row, ...]}``.
 
@@ -314,5 +355,6 @@ __all__ = ["load_base_pipeline", "default_settings", "pipeline_defaults", "model
            "InputError", "OutputBusyError", "init_distributed", "enable_context_parallel", "check_context_parallel_shape",
            "GenerationSettings", "QuantConfig", "PRESETS", "preset", "CheckpointError", "LOCAL_MODELS",
            "load_lora", "set_lora_strengths", "unload_loras", "list_loras", "LoraError", "set_attention",
+           "set_compile", "compile_enabled",
            "ATTENTION_MODES", "AttentionUnavailableError", "check_attention",
            "set_memory_policy", "memory_plan_of", "MemoryPlan", "MEMORY_POLICIES"]

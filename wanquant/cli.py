@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention", default="sdpa", choices=list(api.ATTENTION_MODES),
                    help="self-attention: 'sdpa' (PyTorch, default) or 'int8' (wanquant's 8-bit kernel: INT8 Q.K^T, "
                         "FP8 P.V; CUDA GPUs with FP8 tensor cores, e.g. H100; not with context parallelism yet)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (one compilation serves all blocks; the first step "
+                        "at a video size compiles: 5-13 s per expert on an H100). Not with --memory or torchrun yet")
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="a LoRA file (diffusers/PEFT, original Wan, ComfyUI or Kohya keys), strength default 1; "
                         "repeatable. Without --lora-2 it goes to both experts; with --lora-2 only to the high-noise "
@@ -202,6 +205,8 @@ def cmd_generate(args) -> int:
         api.check_generate_inputs(settings, args.prompt, args.image, out, args.backend, device, args.model,
                                   args.quantized)
         api.check_attention(args.attention)  # before loading: int8 needs a GPU with FP8 tensor cores
+        if args.compile and (dist is not None or args.memory != "off"):
+            raise ValueError("--compile does not support --memory policies or torchrun yet; drop one of them")
         if dist is not None and args.memory == "low":
             raise ValueError("--memory low does not support context parallelism (torchrun) yet; use --memory resident")
         # With a checkpoint, the 16-bit experts are loaded only to verify the source model.
@@ -225,6 +230,7 @@ def cmd_generate(args) -> int:
             api.enable_context_parallel(pipe, args.ulysses_degree, args.ring_degree)
         elif policy:  # last: it places the parts the steps above loaded
             api.set_memory_policy(pipe, args.memory, device, settings)
+        api.set_compile(pipe, args.compile)  # last: it compiles the blocks as set up above
         api.generate(pipe, args.image, args.prompt, settings, args.seed, out=out, progress=None if main else False)
     finally:
         if dist is not None:

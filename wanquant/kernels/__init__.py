@@ -9,6 +9,9 @@
   ``FastW4A4``, a layer prepared for it;
 * :mod:`~wanquant.kernels.attention`: 8-bit attention (INT8 Q.K^T with K smoothed by its
   token mean, FP8 P.V), used by Wan's self-attention when asked for.
+* :mod:`~wanquant.kernels.ops`: the W4A4 fast path and the 8-bit attention as
+  ``torch.library`` custom ops (fake implementations for ``torch.compile``, PyTorch
+  references on CPU).
 
 Every kernel has a PyTorch reference beside it; DESIGN.md section 4 gives the identity.
 """

@@ -20,6 +20,10 @@ place, so wanquant's token-chunked block (:mod:`wanquant.model.block`) still app
 asks :func:`chunk_attention` for a per-chunk attention function, which quantizes the
 keys and values once per block instead of once per query chunk.
 
+Under ``torch.compile`` (:mod:`wanquant.model.compile`) both backends call the custom op
+``wanquant::attention_int8`` (:mod:`wanquant.kernels.ops`), one opaque graph node, so a
+compiled block has no graph break there.
+
 Calls the kernel does not cover (an attention mask, causal, dropout, grouped-query
 heads, an unsupported head_dim) run diffusers' native SDPA, with a warning once per
 reason. Context parallelism is refused: its attention goes through diffusers' templated
@@ -39,6 +43,7 @@ import torch
 from torch import nn
 
 from wanquant.kernels import attention as K
+from wanquant.kernels import ops
 from wanquant.model.wan import blocks_of, experts_of
 
 log = logging.getLogger(__name__)
@@ -124,6 +129,8 @@ def _int8_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
     """diffusers backend ``wanquant_int8``: inputs and output ``[B, S, H, D]``."""
     if _unsupported_call(query, key, value, attn_mask, dropout_p, is_causal, _parallel_config):
         return _sdpa_fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config)
+    if torch.compiler.is_compiling():  # one custom-op node (wanquant.kernels.ops); it checks the device itself
+        return ops.attention_int8(query, key, value, scale, False)
     ok, reason = K.int8_attention_status(query.device)
     if not ok:
         raise AttentionUnavailableError(f"wanquant int8 attention cannot run: {reason}")
@@ -136,6 +143,8 @@ def _int8_reference_backend(query: torch.Tensor, key: torch.Tensor, value: torch
     """diffusers backend ``wanquant_int8_reference``: the PyTorch definition, any device."""
     if _unsupported_call(query, key, value, attn_mask, dropout_p, is_causal, _parallel_config):
         return _sdpa_fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config)
+    if torch.compiler.is_compiling():
+        return ops.attention_int8(query, key, value, scale, True)
     return K.attention_int8_reference(query, key, value, scale=scale, layout="bshd")
 
 
@@ -238,6 +247,9 @@ def chunk_attention(attn: nn.Module, key: torch.Tensor, value: torch.Tensor
     mode = _mode_of_backend(getattr(attn.processor, "_attention_backend", None))
     if mode == "sdpa" or _unsupported(key, key, value, None, 0.0, False):
         return None
+    if torch.compiler.is_compiling():  # per chunk through the custom op (K/V quantized per chunk)
+        reference = mode == REFERENCE_MODE
+        return lambda q: ops.attention_int8(q, key, value, None, reference)
     if mode == "int8":
         ok, reason = K.int8_attention_status(key.device)
         if not ok:

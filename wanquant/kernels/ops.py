@@ -1,0 +1,161 @@
+"""The fast paths as ``torch.library`` custom ops, so ``torch.compile`` traces through them.
+
+``torch.compile`` cannot look inside a Triton launch wrapped in Python bookkeeping (launch
+choice, scratch buffers, padded outputs): without help it breaks the graph at every W4A4
+linear and every 8-bit attention, and the elementwise work between them (modulation,
+norms, rotary, gates, residuals) stays unfused. Registered as opaque ops with a fake
+(meta) implementation each, they become single nodes that Inductor schedules around:
+
+* ``wanquant::w4a4_linear``: one :class:`~wanquant.kernels.dispatch.FastW4A4` call
+  (activation quantization + weight expansion + FP8 GEMM with low-rank and bias), taking
+  the layer's prepared operands as tensors;
+* ``wanquant::attention_int8``: :func:`~wanquant.kernels.attention.attention_int8`
+  (K/V pre-pass + main kernel), ``[B, S, H, D]`` in and out.
+
+Each op's CPU implementation runs the PyTorch references of the same steps
+(:func:`~wanquant.kernels.act_quant.act_quant_reference`,
+:func:`~wanquant.kernels.weight_prep.expand_weight_reference`,
+:func:`~wanquant.kernels.gemm.gemm_reference`,
+:func:`~wanquant.kernels.attention.attention_int8_reference`), so graphs that use them
+compile and run on CPU (tests, ``torch.library.opcheck``).
+
+Why the clip setting is a tensor: a compiled block must serve all 40 blocks of an expert
+(regional compilation). Python floats read from a layer would be guarded as constants,
+and layers whose calibrated clip ratios differ would each force a recompile; the layer's
+clip table as a host tensor plus the expert's bin index (the same for every layer) keeps
+one graph for all blocks. Launch settings (GEMM tile, activation launch) are strings that
+name entries of :data:`_LAUNCHES`, the same for every layer.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from wanquant.kernels import attention as A
+from wanquant.kernels.act_quant import act_quant_reference, pad_rows
+from wanquant.kernels.gemm import GemmConfig, gemm_reference
+from wanquant.kernels.weight_prep import expand_weight_reference
+
+# launch key -> (GEMM config, activation launch or None for "by M"), registered by launch_key().
+_LAUNCHES: dict[str, tuple[GemmConfig, Optional[tuple[int, int, int, int]]]] = {}
+
+
+def launch_key(gemm_config: GemmConfig, act_launch: Optional[tuple[int, int, int, int]]) -> str:
+    """A string naming ``(gemm_config, act_launch)`` for :func:`w4a4_linear` (registered here)."""
+    key = f"{gemm_config.describe()}|{'auto' if act_launch is None else 'x'.join(map(str, act_launch))}"
+    _LAUNCHES.setdefault(key, (gemm_config, act_launch))
+    return key
+
+
+def _clip_of(clip_table: Tensor, bin_index: int) -> tuple[float, int]:
+    if not 0 <= bin_index < clip_table.shape[0]:
+        raise ValueError(f"bin {bin_index} outside the clip table's {clip_table.shape[0]} bins")
+    ratio, offset = clip_table[bin_index].tolist()
+    return float(ratio), int(round(offset))
+
+
+# ---------------------------------------------------------------------------------------
+# W4A4 linear
+@torch.library.custom_op("wanquant::w4a4_linear", mutates_args=())
+def w4a4_linear(x: Tensor, qweight: Tensor, wscales: Tensor, s_w: Tensor, w_row_scale: Tensor, inv_smooth: Tensor,
+                l1s: Optional[Tensor], l2cat: Optional[Tensor], lr_idx: Optional[Tensor], lr_cnt: Optional[Tensor],
+                bias: Optional[Tensor], clip_table: Tensor, bin_index: int, scale_rule: str, backend: str,
+                launch: str) -> Tensor:
+    """``y [..., N]`` of a W4A4 layer on its fast-path operands (see FastW4A4).
+
+    ``clip_table``: the layer's ``[bins, 2]`` (ratio, exponent offset) table in host
+    memory; ``bin_index`` picks the row. ``backend``: ``"triton"`` (``l2cat`` holds
+    ``[L2|L2] * 2^-s_w``) or ``"cublas"`` (unscaled). ``launch``: a :func:`launch_key`.
+    """
+    raise NotImplementedError(f"wanquant::w4a4_linear has no implementation for {x.device.type} tensors")
+
+
+@w4a4_linear.register_fake
+def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
+      scale_rule, backend, launch):
+    torch._check(x.shape[-1] == 2 * qweight.shape[1], lambda: "input features do not match the packed weight")
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@w4a4_linear.register_kernel("cuda")
+def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
+      scale_rule, backend, launch):
+    from wanquant.kernels import dispatch as D
+    from wanquant.kernels.act_quant import act_quant, padded_rank
+    from wanquant.kernels.gemm import gemm_cublas, gemm_triton
+    from wanquant.kernels.weight_prep import expand_weight
+
+    clip_ratio, exp_offset = _clip_of(clip_table, bin_index)
+    gemm_config, act_launch = _LAUNCHES[launch]
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.bfloat16:
+        x2 = x2.to(torch.bfloat16)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    r_pad = 0 if l1s is None else l1s.shape[1] // 2
+    bm, bk, bk1, nw, ns = D.fit_act_launch(act_launch or D.act_launch_for(m, x.device), padded_rank(r_pad))
+    aq = act_quant(x2, inv_smooth, l1s, clip_ratio, exp_offset, scale_rule, nsplit=D.NSPLIT, m_pad=pad_rows(m),
+                   block_m=bm, block_k=bk, num_warps=nw, num_stages=ns, block_k_lr=bk1)
+    w8 = expand_weight(qweight, wscales, s_w, out=D.weight_scratch(x.device, n * k).view(n, k))
+    if backend == "triton":
+        chunks = None if lr_idx is None else (lr_idx, lr_cnt)
+        y = gemm_triton(aq.q, aq.row_scale, w8, w_row_scale, aq.lowrank, l2cat, bias, config=gemm_config,
+                        lr_chunks=chunks)
+    else:
+        y = gemm_cublas(aq.q, aq.row_scale, w8, w_row_scale, aq.lowrank, l2cat, bias)
+    y = y[:m].reshape(*lead, n)
+    return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+
+
+@w4a4_linear.register_kernel("cpu")
+def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
+      scale_rule, backend, launch):
+    # The PyTorch references of the three steps on the same operands (fp64 GEMM, one bf16 rounding).
+    clip_ratio, exp_offset = _clip_of(clip_table, bin_index)
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    x2 = x.reshape(-1, k).to(torch.bfloat16)
+    m = x2.shape[0]
+    aq = act_quant_reference(x2, inv_smooth, l1s, clip_ratio, exp_offset, scale_rule, nsplit=2, m_pad=pad_rows(m))
+    w8 = expand_weight_reference(qweight, wscales, s_w)
+    y = gemm_reference(aq.q, aq.row_scale, w8, w_row_scale, aq.lowrank, l2cat, bias, l2_scaled=backend == "triton")
+    return y[:m].to(torch.bfloat16).reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# 8-bit attention
+@torch.library.custom_op("wanquant::attention_int8", mutates_args=())
+def attention_int8(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], reference: bool) -> Tensor:
+    """8-bit attention of ``[B, S, H, D]`` tensors (output contiguous, ``q``'s dtype).
+
+    ``reference``: the PyTorch definition on any device; else the Triton kernels on CUDA
+    (launch config: :func:`~wanquant.kernels.attention.env_config`), the reference on CPU.
+    """
+    raise NotImplementedError(f"wanquant::attention_int8 has no implementation for {q.device.type} tensors")
+
+
+@attention_int8.register_fake
+def _(q, k, v, scale, reference):
+    torch._check(k.shape == v.shape, lambda: "k and v shapes differ")
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@attention_int8.register_kernel("cuda")
+def _(q, k, v, scale, reference):
+    if reference:
+        return A.attention_int8_reference(q, k, v, scale=scale, layout="bshd").contiguous()
+    ok, why = A.int8_attention_status(q.device)
+    if not ok:
+        raise RuntimeError(f"wanquant int8 attention cannot run: {why}")
+    return A.attention_int8(q, k, v, scale=scale, layout="bshd", config=A.env_config())
+
+
+@attention_int8.register_kernel("cpu")
+def _(q, k, v, scale, reference):
+    return A.attention_int8_reference(q, k, v, scale=scale, layout="bshd").contiguous()
+
+
+__all__ = ["attention_int8", "launch_key", "w4a4_linear"]

@@ -1,0 +1,85 @@
+"""Regional ``torch.compile`` of Wan experts: one compiled block serves all 40.
+
+Compiling a whole 40-block expert costs minutes and recompiles whenever anything changes;
+diffusers' ``compile_repeated_blocks`` compiles the repeated block instead, and so does
+:func:`compile_blocks`: each block's ``forward`` becomes ``torch.compile(forward)``.
+TorchDynamo caches compiled code per code object, so the first block's compilation is
+reused by the other 39 (its guards check types, shapes and settings, not which block).
+
+What makes the blocks compile without graph breaks: the W4A4 fast path and the 8-bit
+attention are ``torch.library`` custom ops (:mod:`wanquant.kernels.ops`), so Inductor
+fuses the modulation, norms, rotary, gates and residuals around them. The traced W4A4
+forward does no bookkeeping of its own; a pre-forward hook on the expert (eager, outside
+the compiled regions) prepares every quantized layer for the input's device first
+(:meth:`~wanquant.runtime.linear.W4A4Linear.prepare_for_compile`).
+
+Shapes are compiled static (``dynamic=False``): a new video size compiles once more. A
+quantized block compiles once per timestep bin it meets (the bin index is guarded), at
+most three per expert.
+
+Hooks registered on a block (offloading) stay eager: only ``forward`` is compiled. Call
+it last, after token chunking, attention and LoRA settings; :func:`uncompile_blocks`
+undoes it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from wanquant.model.wan import blocks_of
+from wanquant.runtime.expert import quantized_layers
+
+log = logging.getLogger(__name__)
+
+_PREV = "_wanquant_precompile_forward"  # the block's forward before compile_blocks (instance attribute or None)
+_HOOK = "_wanquant_compile_hook"
+
+
+def _prepare_hook(transformer: nn.Module):
+    layers = list(quantized_layers(transformer).values())
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(x, torch.Tensor):
+            for layer in layers:
+                layer.prepare_for_compile(x.device)
+
+    return hook
+
+
+def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: str = "inductor",
+                   fullgraph: bool = False, dynamic: bool = False) -> int:
+    """Compile every block's ``forward`` of ``transformer``; returns how many blocks.
+
+    ``mode``/``backend``/``fullgraph``/``dynamic`` go to ``torch.compile``. Calling it
+    again recompiles with the new arguments.
+    """
+    uncompile_blocks(transformer)
+    blocks = blocks_of(transformer)
+    for block in blocks:
+        prev = block.__dict__.get("forward")  # token chunking sets an instance forward
+        block.__dict__[_PREV] = prev
+        block.forward = torch.compile(block.forward, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    setattr(transformer, _HOOK, transformer.register_forward_pre_hook(_prepare_hook(transformer), with_kwargs=True))
+    return len(blocks)
+
+
+def uncompile_blocks(transformer: nn.Module) -> None:
+    """Undo :func:`compile_blocks` (no-op where it was not applied)."""
+    for block in blocks_of(transformer):
+        if _PREV in block.__dict__:
+            prev = block.__dict__.pop(_PREV)
+            if prev is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = prev
+    handle = transformer.__dict__.pop(_HOOK, None)
+    if handle is not None:
+        handle.remove()
+
+
+def is_compiled(transformer: nn.Module) -> bool:
+    return _HOOK in transformer.__dict__
