@@ -125,7 +125,7 @@ def test_a_lost_pass_file_is_recomputed_on_resume(tmp_path, tiny_samples, monkey
     monkeypatch.setattr(passes, "calibrate_pass", lambda *a, **k: ran.append(1) or real(*a, **k))
     _quantize(out, tiny_samples, CalibrationRun(TINY_SETTINGS, blocks_per_pass=1, reservoir_tokens=128,
                                                 progress=False))
-    assert len(ran) == 2  # the lost first pass and the unfinished second
+    assert len(ran) == 4  # the lost first pass (transformer, block 0) and the three unfinished (expert-major)
     for cov in wq.inspect(out)["experts"].values():
         assert cov["complete"] and cov["quantized"] == LAYERS_PER_EXPERT
 

@@ -4,6 +4,18 @@ Nothing keeps whole activations: each hooked input updates channel maxima, an fp
 Hessian and a bounded token reservoir of the current bin (:mod:`wanquant.numerics.stats`).
 Each hook knows its expert, the active timestep bin and whether the forward is the
 conditional or the unconditional branch of classifier-free guidance.
+
+What is computed once instead of many times (the results are the same, see
+:meth:`LayerStatsAccumulator.update_repeated`):
+
+* layers that read one tensor share one accumulator (:func:`wanquant.model.wan.input_key`:
+  a group's members, and the cross-attention k/v of every block, which all read the
+  expert's embedded text context);
+* inputs the layer table marks ``static_per_video`` (that context) are the same at every
+  step of a sample and branch: kept once per (sample, branch) and added with the number
+  of forwards that saw them, per bin, when the sample ends (checked on device to really
+  be equal at every step);
+* ``cond_only``: the unconditional forwards are not collected (the paper's code does this).
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from wanquant.method.config import QuantConfig
-from wanquant.model.wan import ExpertSpec, QuantTarget, forward_inputs
+from wanquant.model.wan import ExpertSpec, QuantTarget, forward_inputs, input_key
 from wanquant.numerics.stats import LayerStats, LayerStatsAccumulator
 
 
@@ -30,45 +42,76 @@ class ExpertRecord:
                 "forwards": {f"bin{b}/{br}": n for (b, br), n in sorted(self.calls.items())}}
 
 
+@dataclass
+class _Static:
+    """A static input of the current sample and branch: the tensor and its forwards per bin."""
+
+    x: torch.Tensor
+    bins: Counter
+    differs: torch.Tensor  # bool on x's device: a later forward saw another tensor
+
+
 class StatsCollector:
-    """Attach to the experts of a pipeline; accumulate statistics of ``targets``."""
+    """Attach to the experts of a pipeline; accumulate statistics of ``targets``.
+
+    ``stats_device``: where the statistics live (default: each expert's device);
+    ``host_keys``: ``(expert, input key)`` pairs whose Hessians live in host memory instead (spilled: formed
+    on the device, added on the host). ``acc[attr][key]`` holds one accumulator per input.
+    """
 
     def __init__(self, experts: list[ExpertSpec], targets: dict[str, list[QuantTarget]], cfg: QuantConfig,
-                 reservoir_tokens: int = 4096, stats_device: torch.device | str | None = None, seed: int = 0) -> None:
-        self.experts, self.targets, self.cfg = experts, targets, cfg
+                 reservoir_tokens: int = 4096, stats_device: torch.device | str | None = None, seed: int = 0,
+                 cond_only: bool = False, fast_hessian: bool = True,
+                 host_keys: frozenset[tuple[str, str]] = frozenset()) -> None:
+        self.experts, self.targets, self.cfg, self.cond_only = experts, targets, cfg, cond_only
         self.bins = {e.attr: e.timestep_bins(cfg) for e in experts}
         self.records = {e.attr: ExpertRecord() for e in experts}
         self._bin = {e.attr: 0 for e in experts}
         self._branch = {e.attr: "cond" for e in experts}
         self._cond_context: torch.Tensor | None = None
+        self._cond_cast: dict = {}
         self._handles: list = []
         q = cfg.smooth.act_quantile
         self.acc: dict[str, dict[str, LayerStatsAccumulator]] = {}
+        self.key_of: dict[str, dict[str, str]] = {}
+        self._users: dict[str, dict[str, set[str]]] = {}
+        self._hooked: dict[str, dict[str, QuantTarget]] = {}  # attr -> key -> the target whose input is hooked
+        self._pending: dict[tuple[str, str, str], _Static] = {}  # (attr, key, branch)
         for e in experts:
             dev = stats_device or next(e.module.parameters()).device
-            self.acc[e.attr] = {
-                t.name: LayerStatsAccumulator(t.shape[1], self.bins[e.attr].num_bins, reservoir_tokens,
-                                              quantile=q if q < 1.0 else None, device=dev,
-                                              seed=seed + 1000 * i, name=f"{e.attr}.{t.name}")
-                for i, t in enumerate(targets[e.attr])
-            }
+            self.acc[e.attr], self.key_of[e.attr], self._users[e.attr], self._hooked[e.attr] = {}, {}, {}, {}
+            for i, t in enumerate(targets.get(e.attr, [])):
+                key = input_key(t)
+                self.key_of[e.attr][t.name] = key
+                self._users[e.attr].setdefault(key, set()).add(t.name)
+                if key in self.acc[e.attr]:
+                    continue
+                self._hooked[e.attr][key] = t
+                # seed of the first target reading this input: unshared layers keep their old seeds
+                self.acc[e.attr][key] = LayerStatsAccumulator(
+                    t.shape[1], self.bins[e.attr].num_bins, reservoir_tokens, quantile=q if q < 1.0 else None,
+                    device="cpu" if (e.attr, key) in host_keys else dev, seed=seed + 1000 * i, name=f"{e.attr}.{key}",
+                    fast_hessian=fast_hessian)
 
     def set_cond_context(self, prompt_embeds: torch.Tensor) -> None:
-        """The conditional text embedding of the sample being run (identifies the branch)."""
-        self._cond_context = prompt_embeds
+        """The conditional text embedding of the sample being run (identifies the branch).
+        A new sample: the static inputs of the previous one are added now."""
+        self.flush()
+        self._cond_context, self._cond_cast = prompt_embeds, {}
 
     def attach(self) -> "StatsCollector":
         for e in self.experts:
             self._handles.append(e.module.register_forward_pre_hook(self._expert_hook(e.attr), with_kwargs=True))
-            for t in self.targets[e.attr]:
+            for key, t in self._hooked[e.attr].items():
                 # Members of a group read one input: hooking the first sees it once.
-                self._handles.append(t.members[0].register_forward_pre_hook(self._layer_hook(e.attr, t.name)))
+                self._handles.append(t.members[0].register_forward_pre_hook(self._layer_hook(e.attr, key, t)))
         return self
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.flush()
 
     def __enter__(self) -> "StatsCollector":
         return self.attach()
@@ -81,24 +124,69 @@ class StatsCollector:
             t, ctx = forward_inputs(args, kwargs)
             t_val = float(t.max().item()) if isinstance(t, torch.Tensor) else float(t)
             b = self.bins[attr].bin_of(t_val)
-            branch = "cond" if self._cond_context is None or ctx is self._cond_context else "uncond"
+            branch = "cond" if self._is_cond(ctx) else "uncond"
             self._bin[attr], self._branch[attr] = b, branch
             rec = self.records[attr]
             rec.timesteps.append(t_val)
             rec.calls[(b, branch)] += 1
         return hook
 
-    def _layer_hook(self, attr: str, name: str):
-        acc = self.acc[attr][name]
+    def _is_cond(self, ctx) -> bool:
+        """The pipeline may pass the embedding cast to the expert's dtype (a new tensor every
+        forward), so equal values count, not only the same object."""
+        cond = self._cond_context
+        if cond is None or ctx is cond:
+            return True
+        if not isinstance(ctx, torch.Tensor) or ctx.shape != cond.shape:
+            return False
+        cast = self._cond_cast.get((ctx.dtype, ctx.device))
+        if cast is None:
+            cast = self._cond_cast[(ctx.dtype, ctx.device)] = cond.to(ctx.device, ctx.dtype)
+        return bool(torch.equal(ctx, cast))
+
+    def _layer_hook(self, attr: str, key: str, target: QuantTarget):
+        acc = self.acc[attr][key]
+        static = target.group.static_per_video
 
         def hook(module, args):
+            branch = self._branch[attr]
+            if self.cond_only and branch != "cond":
+                return
             x = args[0].detach()
-            acc.update(x.reshape(-1, x.shape[-1]), self._bin[attr])
+            x = x.reshape(-1, x.shape[-1])
+            if not static:
+                acc.update(x, self._bin[attr])
+                return
+            slot = self._pending.get((attr, key, branch))
+            if slot is None:
+                self._pending[(attr, key, branch)] = _Static(x, Counter({self._bin[attr]: 1}),
+                                                             torch.zeros((), dtype=torch.bool, device=x.device))
+                return
+            if x.shape != slot.x.shape:
+                raise RuntimeError(f"{attr}.{key}: its input is marked static_per_video but changed shape within a "
+                                   f"sample ({tuple(slot.x.shape)} -> {tuple(x.shape)})")
+            slot.differs |= (x != slot.x).any()  # stays on the device: no synchronisation per forward
+            slot.bins[self._bin[attr]] += 1
         return hook
 
+    def flush(self) -> None:
+        """Add the static inputs of the sample that ran (each once, with its forwards per bin)."""
+        pending, self._pending = self._pending, {}
+        for (attr, key, branch), slot in pending.items():
+            if bool(slot.differs):
+                raise RuntimeError(f"{attr}.{key} ({branch}): the layer table marks this input static per video, "
+                                   "but it changed between steps of one sample; wanquant.model.wan.BLOCK_TABLE does "
+                                   "not match this model")
+            self.acc[attr][key].update_repeated(slot.x, dict(slot.bins))
+
     def finalize(self, attr: str, name: str) -> LayerStats:
-        return self.acc[attr][name].finalize()
+        self.flush()
+        return self.acc[attr][self.key_of[attr][name]].finalize()
 
     def release(self, attr: str, name: str) -> None:
-        """Free a layer's accumulators once it is quantized (Hessians are large)."""
-        del self.acc[attr][name]
+        """Free a layer's accumulators once every layer reading its input is quantized."""
+        key = self.key_of[attr][name]
+        users = self._users[attr][key]
+        users.discard(name)
+        if not users:
+            del self.acc[attr][key]

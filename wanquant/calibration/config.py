@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from wanquant.model.pipeline import GenerationSettings
+
+SCHEDULES = ("expert_major", "interleaved")
 
 
 @dataclass
@@ -20,3 +23,25 @@ class CalibrationRun:
     # process (1 without a process group). Same shards -> same artifacts on any number
     # of processes that divides them; see wanquant.calibration.shards.
     shards: int | None = None
+    # "expert_major": each expert's part of every trajectory in turn (wanquant.calibration.
+    # trajectory): only that expert's statistics and BF16 weights on the device, the
+    # experts before it replayed from their cached outputs. Same statistics as
+    # "interleaved" (both experts hooked in one run per sample), which needs both at once.
+    # Used with two experts and per-expert clip tables; otherwise interleaved.
+    schedule: Literal["expert_major", "interleaved"] = "expert_major"
+    offload_idle_experts: bool = True  # expert_major on CUDA: the experts not running wait in host memory
+    cond_only: bool = False  # collect on the conditional forwards only (the paper's code)
+    fast_hessian: bool = True  # 16-bit GEMM with fp32 output for X^T X where the device has one
+    # Device memory for statistics (GB); inputs beyond it keep their Hessians in host memory
+    # (formed on the device, added on the host; largest first). None: what is free on the
+    # device when collection starts, less stats_reserve_gb for activations and the VAE.
+    stats_memory_gb: float | None = None
+    stats_reserve_gb: float = 6.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"calibration schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.stats_memory_gb is not None and not self.stats_memory_gb >= 0:
+            raise ValueError(f"stats_memory_gb must be >= 0 (or None: what is free), got {self.stats_memory_gb!r}")
+        if not self.stats_reserve_gb >= 0:
+            raise ValueError(f"stats_reserve_gb must be >= 0, got {self.stats_reserve_gb!r}")

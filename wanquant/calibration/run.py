@@ -7,6 +7,13 @@ hold the statistics of one pass only, and an interrupted run resumes at the firs
 that has not finished. Layers are installed only after every pass, so all statistics
 come from the BF16 model.
 
+With two experts (and per-expert clip tables) the passes go expert by expert
+(``CalibrationRun.schedule = "expert_major"``, :mod:`wanquant.calibration.trajectory`):
+the pass for an expert's blocks runs only that expert, replays the earlier expert's
+recorded outputs and skips the later one, so with ``blocks_per_pass=None`` the whole
+calibration is one trajectory pass, and one expert's weights and statistics are on
+the device at a time.
+
 With ``CalibrationRun.shards > 1`` or a process group (``dist``, see
 :mod:`wanquant.distributed` and :mod:`wanquant.calibration.shards`), the samples are split
 into contiguous shards whose statistics are merged in shard order, and the layers are
@@ -41,6 +48,7 @@ from wanquant.calibration import passes
 from wanquant.calibration.config import CalibrationRun
 from wanquant.calibration.samples import CalibSample, check_samples, samples_fingerprint
 from wanquant.calibration.shards import resolve_shards
+from wanquant.calibration.trajectory import Trajectory
 from wanquant.distributed import DistContext
 from wanquant.method.config import QuantConfig
 from wanquant.method.params import QuantizedLinearParams
@@ -95,34 +103,60 @@ def _quantize_locked(pipe, samples, cfg, run, out_dir: Path, overwrite: bool, re
     n_blocks = max(len(blocks_of(e.module)) for e in experts)
     step = run.blocks_per_pass or n_blocks
     block_ranges = [range(s, min(s + step, n_blocks)) for s in range(0, n_blocks, step)]
-    for blocks in tqdm(block_ranges, desc="calibration passes",
-                       disable=not run.progress or not main or len(block_ranges) == 1):
-        key = f"{blocks.start}-{blocks.stop}"
-        if key in done:
-            log.info("blocks %s already done in %s: skipping", key, work)
-            continue
-        sel = {a: [t for t in ts if t.block in blocks] for a, ts in targets.items()}
-        params, report = passes.calibrate_pass(pipe, experts, sel, samples, cfg, run, dist)
-        if not main:  # rank 0 holds every layer of the pass and writes them
-            continue
-        for attr, layers in params.items():
-            _save_layers(_pass_file(work, attr, key), layers)
-        done[key] = {"finished": time.time(), "seen": report}
-        _write_json(work / "progress.json", {"run_id": run_id, "done": done})
+    major = expert_major(run, cfg, experts)
+    # Expert-major: a pass is (expert, blocks), the experts in trajectory order.
+    units = [(e.attr, r) for e in experts for r in block_ranges] if major else [(None, r) for r in block_ranges]
+    trajectory = Trajectory(experts, run.offload_idle_experts, getattr(pipe, "text_encoder", None)) if major else None
+    with trajectory.placement if trajectory is not None else contextlib.nullcontext():
+        for attr, blocks in tqdm(units, desc="calibration passes",
+                                 disable=not run.progress or not main or len(units) == 1):
+            key = _unit_key(attr, blocks)
+            if key in done:
+                log.info("pass %s already done in %s: skipping", key, work)
+                continue
+            sel = {a: [t for t in ts if t.block in blocks and attr in (None, a)] for a, ts in targets.items()}
+            if attr is not None and not sel[attr]:
+                continue  # every block of the range skipped by the precision policy
+            params, report = passes.calibrate_pass(pipe, experts, sel, samples, cfg, run, dist, trajectory)
+            if not main:  # rank 0 holds every layer of the pass and writes them
+                continue
+            for a, layers in params.items():
+                if layers or attr is None:
+                    _save_layers(_pass_file(work, a, key), layers)
+            done[key] = {"finished": time.time(), "seen": report}
+            _write_json(work / "progress.json", {"run_id": run_id, "done": done})
     # Rank 0 writes the checkpoint; the others wait for it (or for its error).
     return _on_main(dist, _finish, pipe, experts, targets, cfg, run, samples, fingerprints, done, work, out_dir,
                     overwrite, run_id)
 
 
+def expert_major(run: CalibrationRun, cfg: QuantConfig, experts: list[ExpertSpec]) -> bool:
+    """Whether the run goes expert by expert (needs two experts and per-expert clip tables:
+    a shared clip table needs both experts' statistics at once)."""
+    return run.schedule == "expert_major" and len(experts) > 1 and cfg.clip.per_expert
+
+
+def _unit_key(attr: str | None, blocks: range) -> str:
+    span = f"{blocks.start}-{blocks.stop}"
+    return span if attr is None else f"{attr}:{span}"
+
+
+def _unit_expert(key: str) -> str | None:
+    return key.split(":", 1)[0] if ":" in key else None
+
+
 def _finish(pipe, experts, targets, cfg, run, samples, fingerprints, done, work, out_dir, overwrite, run_id) -> Path:
     """Install every layer from the work directory and write the checkpoint."""
-    seen = next(reversed(done.values()))["seen"]  # every pass runs the same samples
+    seen = {}
+    for info in done.values():  # every pass runs the same samples; expert-major passes see one expert each
+        seen.update(info["seen"])
     layers = {e.attr: _read_work_layers(work, done, e.attr, targets[e.attr]) for e in experts}
     for e in experts:  # all experts checked before any is touched
         _check_complete(work, e.attr, layers[e.attr], targets[e.attr])
     artifacts = [_install_expert(e, layers[e.attr], cfg, fingerprints[e.attr], seen.get(e.attr, {})) for e in experts]
     calib = {"samples": len(samples), "settings": run.settings.to_dict(), "blocks_per_pass": run.blocks_per_pass,
-             "run_id": run_id}
+             "run_id": run_id, "schedule": "expert_major" if expert_major(run, cfg, experts) else "interleaved",
+             "cond_only": run.cond_only}
     if (run.shards or 1) != 1:
         calib["shards"] = run.shards
     save_checkpoint(out_dir, artifacts, cfg.to_dict(), overwrite=overwrite, extra={"calibration": calib})
@@ -133,6 +167,8 @@ def _finish(pipe, experts, targets, cfg, run, samples, fingerprints, done, work,
 def _read_work_layers(work: Path, done: dict, attr: str, targets) -> dict[str, QuantizedLinearParams]:
     layers = {}
     for key in done:
+        if _unit_expert(key) not in (None, attr):
+            continue
         path = _pass_file(work, attr, key)
         if path.exists():
             layers.update(_load_layers(path, targets))
@@ -151,11 +187,11 @@ def _check_complete(work: Path, attr: str, layers: dict, targets) -> None:
 
 
 def _pass_file(work: Path, attr: str, key: str) -> Path:
-    return work / f"{attr}.blocks{key}.safetensors"
+    return work / f"{attr}.blocks{key.rsplit(':', 1)[-1]}.safetensors"
 
 
 def _pass_blocks(key: str) -> range:
-    start, stop = key.split("-")
+    start, stop = key.rsplit(":", 1)[-1].split("-")
     return range(int(start), int(stop))
 
 
@@ -167,6 +203,8 @@ def _drop_incomplete_passes(work: Path, done: dict, targets: dict) -> dict:
     for key, info in done.items():
         lost = []
         for attr, ts in targets.items():
+            if _unit_expert(key) not in (None, attr):
+                continue
             names = [t.name for t in ts if t.block in _pass_blocks(key)]
             if not names:
                 continue
@@ -223,7 +261,8 @@ def _load_layers(path: Path, targets) -> dict[str, QuantizedLinearParams]:
 
 def _run_id(cfg, run: CalibrationRun, samples, fingerprints) -> str:
     d = {"cfg": cfg.to_dict(), "settings": run.settings.to_dict(), "bpp": run.blocks_per_pass,
-         "res": run.reservoir_tokens, "seed": run.seed, "samples": samples_fingerprint(samples), "models": fingerprints}
+         "res": run.reservoir_tokens, "seed": run.seed, "samples": samples_fingerprint(samples), "models": fingerprints,
+         "cond_only": run.cond_only, "fast_hessian": run.fast_hessian, "schedule": run.schedule}
     if (run.shards or 1) != 1:  # not the number of processes: a sharded run may resume on another count
         d["shards"] = run.shards
     blob = json.dumps(d, sort_keys=True, default=str)

@@ -94,6 +94,16 @@ class QuantTarget:
         return sum(m.out_features for m in self.members), self.members[0].in_features
 
 
+def input_key(target: QuantTarget) -> str:
+    """Targets of one expert with equal keys read the same tensor in every forward.
+
+    Members of a group already share theirs; a ``text`` input is the expert's embedded
+    context, which every block's cross-attention reads unchanged, so calibration keeps
+    one set of statistics for all of them.
+    """
+    return f"{BLOCKS_ATTR}.*.{target.group.name}" if target.group.input == "text" else target.name
+
+
 @dataclass
 class ExpertSpec:
     """An expert of a pipeline: attribute name, role and the timesteps it runs."""

@@ -14,6 +14,79 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _check_weight(weight: int) -> int:
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        raise ValueError(f"a batch's repeat weight must be a whole number >= 1, got {weight!r}")
+    return weight
+
+
+_FP32_OUT_GEMM: dict[str, str | None] = {}
+
+
+def fp32_out_gemm(device: torch.device) -> str | None:
+    """How this device forms a 16-bit GEMM with fp32 output, if it can: ``"addmm"``
+    (accumulating in place), ``"mm"`` (a product, then an addition) or None.
+
+    CUDA on torch >= 2.8 has ``out_dtype`` on ``mm``/``addmm``; the CPU does not (and its bf16
+    GEMM would be slower than fp32 anyway). Probed once per device type on a tiny problem
+    whose result is exact, and checked against fp32.
+    """
+    key = torch.device(device).type
+    if key not in _FP32_OUT_GEMM:
+        _FP32_OUT_GEMM[key] = None
+        if key == "cuda":
+            x = (torch.arange(48, device=device, dtype=torch.float32).reshape(12, 4) / 8).bfloat16()
+            ref = 1 + 3 * (x.float().T @ x.float())
+            for mode in ("addmm", "mm"):
+                h = torch.ones(4, 4, device=device)
+                try:
+                    _gemm16(mode, h, x, 3)
+                except (RuntimeError, TypeError):
+                    continue
+                if torch.equal(h, ref):
+                    _FP32_OUT_GEMM[key] = mode
+                    break
+    return _FP32_OUT_GEMM[key]
+
+
+def fp32_out_gemm_available(device: torch.device) -> bool:
+    return fp32_out_gemm(device) is not None
+
+
+def _gemm16(mode: str, h: torch.Tensor, x: torch.Tensor, weight: int) -> None:
+    if mode == "addmm":
+        torch.addmm(h, x.T, x, alpha=weight, out_dtype=torch.float32, out=h)
+    else:
+        h.add_(torch.mm(x.T, x, out_dtype=torch.float32), alpha=weight)
+
+
+def accumulate_gram(h: torch.Tensor, x: torch.Tensor, weight: int = 1, fast: bool = True) -> str:
+    """``h += weight * x^T x`` for ``x`` ``[T, K]``; returns the path taken.
+
+    ``"bf16_gemm"``: 16-bit ``x`` with an fp32 ``h`` on a device with an fp32-output 16-bit
+    GEMM (:func:`fp32_out_gemm`). Products of two bf16 (or fp16) numbers are exact in fp32
+    and the GEMM accumulates in fp32, so this differs from the fp32 GEMM of the upcast
+    input only in the order of the additions, at a fraction of its cost on Hopper.
+    ``"fp32"``: ``x`` upcast to ``h``'s dtype (TF32 as the backend flags say: off by default).
+    ``h`` may live on another device than ``x`` (statistics spilled to host memory): the
+    product is formed on ``x``'s device and added where ``h`` is.
+    """
+    weight = _check_weight(weight)
+    if x.device != h.device:
+        g = torch.zeros(h.shape, dtype=h.dtype, device=x.device)
+        path = accumulate_gram(g, x, weight, fast)
+        h.add_(g.to(h.device))
+        return path + "+spill"
+    mode = fp32_out_gemm(x.device) if fast and h.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16) \
+        else None
+    if mode is not None:
+        _gemm16(mode, h, x, weight)
+        return "bf16_gemm" if mode == "addmm" else "bf16_gemm_mm"
+    xf = x.to(h.dtype)
+    h.addmm_(xf.T, xf, alpha=weight)
+    return "fp32"
+
+
 def _flat(x: torch.Tensor, k: int, name: str, what: str) -> torch.Tensor:
     """``x`` as ``[T, K]``; clear errors for a wrong width, dtype or non-finite values."""
     who = f"layer {name!r}: " if name else ""
@@ -62,7 +135,9 @@ class LogHistogram:
         self.counts = torch.zeros(k, self.nbins, dtype=torch.int64)
         self.amax = AbsMax(k, name)
 
-    def update(self, x: torch.Tensor, chunk: int = 4096) -> None:
+    def update(self, x: torch.Tensor, chunk: int = 4096, weight: int = 1) -> None:
+        """``weight``: the batch stands for that many identical copies (counts scale exactly)."""
+        weight = _check_weight(weight)
         x = _flat(x, self.k, self.name, "activation batch")
         self.amax.update(x)
         offs = torch.arange(self.k, device=x.device) * self.nbins
@@ -70,7 +145,8 @@ class LogHistogram:
             a = x[i : i + chunk].abs().float()
             b = torch.floor((torch.log2(a) - self.min_exp) * self.bpo) + 1  # log2(0) = -inf
             b = b.clamp(0, self.nbins - 1).long()
-            self.counts += torch.bincount((b + offs).flatten(), minlength=self.k * self.nbins).view(self.k, -1).cpu()
+            counts = torch.bincount((b + offs).flatten(), minlength=self.k * self.nbins).view(self.k, -1).cpu()
+            self.counts += counts * weight if weight != 1 else counts
 
     def merge(self, other: "LogHistogram") -> "LogHistogram":
         if (other.bpo, other.min_exp, other.max_exp, other.k) != (self.bpo, self.min_exp, self.max_exp, self.k):
@@ -97,20 +173,25 @@ class HessianAccumulator:
 
     Kept as a sum, not a mean, so that merging is a plain addition; GPTQ is invariant to
     the Hessian's overall scale, use :meth:`mean` where a normalised one is wanted.
+    ``fast``: 16-bit batches on CUDA go through an fp32-output bf16 GEMM
+    (:func:`accumulate_gram`); ``self.path`` records the path the last batch took.
+    ``device`` may differ from the batches' (a Hessian spilled to host memory).
     """
 
     def __init__(self, k: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 name: str = "") -> None:
+                 name: str = "", fast: bool = True) -> None:
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"Hessian dtype must be float32 or float64, got {dtype}")
-        self.k, self.name = k, name
+        self.k, self.name, self.fast = k, name, fast
         self.hessian = torch.zeros(k, k, dtype=dtype, device=device)
         self.n_tokens = 0
+        self.path = ""
 
-    def update(self, x: torch.Tensor) -> None:
-        x = _flat(x, self.k, self.name, "activation batch").to(self.hessian.device, self.hessian.dtype)
-        self.hessian.addmm_(x.T, x)
-        self.n_tokens += x.shape[0]
+    def update(self, x: torch.Tensor, weight: int = 1) -> None:
+        """``weight``: the batch stands for that many identical copies of itself."""
+        x = _flat(x, self.k, self.name, "activation batch")
+        self.path = accumulate_gram(self.hessian, x, weight, self.fast)
+        self.n_tokens += x.shape[0] * weight
 
     def merge(self, other: "HessianAccumulator") -> "HessianAccumulator":
         self.hessian += other.hessian.to(self.hessian.device, self.hessian.dtype)
@@ -143,15 +224,22 @@ class TokenReservoir:
         self._dtype_set = dtype is not None
         self.n_seen = 0
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, weight: int = 1) -> None:
+        """``weight``: the batch stands for that many identical copies; its distinct tokens
+        are sampled once (a sample of the same distribution when every batch of a stream
+        carries the same weight) and ``n_seen`` counts every copy."""
+        weight = _check_weight(weight)
         x = _flat(x, self.k, self.name, "activation batch")
         if not self._dtype_set:
             self.tokens, self._dtype_set = self.tokens.to(x.dtype), True
         keys = torch.rand(x.shape[0], generator=self.gen, dtype=torch.float64)
-        self.n_seen += x.shape[0]
+        self.n_seen += x.shape[0] * weight
         if len(self.keys) >= self.capacity:  # full: only keys below the current worst can enter
             keep = keys < self.keys.max() if self.capacity else torch.zeros_like(keys, dtype=torch.bool)
             keys, x = keys[keep], x[keep.to(x.device)]
+        if len(keys) > self.capacity:  # only the batch's own smallest keys can survive: copy just those
+            idx = torch.topk(keys, self.capacity, largest=False).indices.sort().values
+            keys, x = keys[idx], x[idx.to(x.device)]
         self._absorb(keys, x.to("cpu", self.tokens.dtype))
 
     def _absorb(self, keys: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -230,11 +318,11 @@ class LayerStatsAccumulator:
 
     def __init__(self, k: int, num_bins: int, reservoir_capacity: int = 4096, quantile: float | None = None,
                  hessian_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 seed: int = 0, name: str = "") -> None:
+                 seed: int = 0, name: str = "", fast_hessian: bool = True) -> None:
         self.k, self.num_bins, self.quantile, self.name = k, num_bins, quantile, name
         self.absmax = AbsMax(k, name)
         self.hist = LogHistogram(k, name=name) if quantile is not None else None
-        self.hessian = HessianAccumulator(k, hessian_dtype, device, name)
+        self.hessian = HessianAccumulator(k, hessian_dtype, device, name, fast=fast_hessian)
         self.reservoirs = [TokenReservoir(k, reservoir_capacity, seed + b, name=name) for b in range(num_bins)]
 
     def update(self, x: torch.Tensor, bin_index: int) -> None:
@@ -246,6 +334,31 @@ class LayerStatsAccumulator:
             self.hist.update(x)
         self.hessian.update(x)
         self.reservoirs[bin_index].update(x)
+
+    def update_repeated(self, x: torch.Tensor, bin_weights: dict[int, int]) -> None:
+        """``x`` fed ``bin_weights[b]`` times in bin ``b``, computed once.
+
+        For an input that is the same tensor at every step (cross-attention k/v read the
+        text context): maxima, histogram counts and token counts equal those of the
+        repeated feeds exactly; the Hessian is one weighted GEMM (the repeated sum up to
+        fp32 summation order, equal bit for bit where the sums are exact); each bin's
+        reservoir samples the distinct tokens once and counts every copy.
+        """
+        weights = {int(b): int(w) for b, w in bin_weights.items() if w}
+        for b, w in weights.items():
+            if not 0 <= b < self.num_bins:
+                raise ValueError(f"layer {self.name!r}: bin {b} outside [0, {self.num_bins})")
+            _check_weight(w)
+        if not weights:
+            return
+        total = sum(weights.values())
+        x = _flat(x, self.k, self.name, "activation batch")
+        self.absmax.update(x)
+        if self.hist is not None:
+            self.hist.update(x, weight=total)
+        self.hessian.update(x, weight=total)
+        for b, w in sorted(weights.items()):
+            self.reservoirs[b].update(x, weight=w)
 
     def merge(self, other: "LayerStatsAccumulator") -> "LayerStatsAccumulator":
         self.absmax.merge(other.absmax)
