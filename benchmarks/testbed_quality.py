@@ -1,4 +1,4 @@
-"""Quality of W4A4 on the trained testbed: the paper's ablation, ours, and the acceptance bars.
+"""Quality of W4A4 on the trained testbeds: the paper's ablation, ours, outside rows, the bars.
 
     python -m benchmarks.testbed_quality --out runs/quality [--num-calib 8 --num-eval 8 --steps 40]
 
@@ -6,11 +6,25 @@ Calibrates every config of :mod:`benchmarks.quality.ablation` on the testbed's
 calibration split, generates the evaluation split with fixed seeds (the same for every
 config), and measures fidelity to the 16-bit output (PSNR, SSIM, VMAF), accuracy against
 the ground truth (PSNR, object-trajectory error) and the offline VBench-style dimensions.
-Writes ``benchmarks/results/testbed_quality.{json,md}``, plots
-``benchmarks/results/testbed_quality_*.png`` and an HTML report with the videos side by
-side in ``OUT/report.html``. Per-config results are cached in ``OUT``: a rerun resumes,
-and ``--configs`` lets several processes share the work (run the rest with
-``--report-only`` afterwards, or simply rerun everything: cached configs are reused).
+``--testbed plain outlier`` runs the trained testbed and its copy with massive AdaLN
+channels transplanted (:mod:`wanquant.model.outliers`, written to ``OUT/testbed_outlier``);
+``--calib-seeds K`` calibrates each config K times on disjoint calibration samples;
+``--modelopt`` adds NVIDIA ModelOpt's rows (``pip install .[compare]``). Results
+(``benchmarks/results/testbed_quality.{json,md}``, the layout of
+:mod:`benchmarks.quality.combine`) carry both testbeds' activation statistics, per-row
+standard errors and paired per-video differences per component. Issue 17's full run::
+
+    python -m benchmarks.testbed_quality --out runs/q17full --testbed plain outlier --calib-seeds 3 \
+        --num-calib 8 --num-eval 32 --steps 40 --modelopt --stats-samples 3 --configs bf16 rtn smooth \
+        svdquant gptq global_clip per_bin_clip shared_policy ours rtn_safe_ceil ours_safe_ceil \
+        ours_safe_ceil_no_smooth ours_safe_ceil_rank0 ours_safe_ceil_no_gptq ours_safe_ceil_no_clip \
+        ours_safe_ceil_global_clip ours_safe_ceil_shared_policy ours_safe_ceil_rank_w ours_rank_w svdquant_rank_w
+
+Per-config results are cached under ``OUT/<testbed>/seed<k>``: a rerun resumes, and
+several processes may share the work (``--generate-only`` with disjoint ``--configs``,
+then one call with ``--measure-only``, or simply rerun: cached configs are reused).
+:func:`run_quality` alone (one testbed, one seed) also writes the single-run tables and
+plots of earlier versions.
 """
 
 from __future__ import annotations
@@ -87,7 +101,8 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
                 make_pipeline=None, trained: bool | None = None, generation: GenerationSettings | None = None,
                 reservoir_tokens: int = 4096, layer_errors: bool = True, write_videos: bool = True,
                 plots: bool = True, generate: bool = True, measure: bool = True, backend: str = "reference",
-                weights: str | Path | None = None, layer_error_videos: int = 2) -> dict:
+                weights: str | Path | None = None, layer_error_videos: int = 2, calib_seed: int = 0,
+                testbed: str = "plain", modelopt: bool = False) -> dict:
     """Run (or resume) the ablation and write results; returns the JSON payload.
 
     ``make_pipeline`` and ``generation`` (whose size the samples are rendered at) override
@@ -111,19 +126,32 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
     frames, height, width, steps, guidance = (gen.num_frames, gen.height, gen.width, gen.num_inference_steps,
                                               gen.guidance_scale)
     render = dict(num_frames=frames, height=height, width=width)
-    calib = [CalibSample(s.first_frame(), s.prompt, 1000 + i, f"testbed-calib:{i}")
-             for i, s in enumerate(list_samples("calib", num_calib, **render))]
+    # Calibration seed k: the next num_calib samples of the calib split (k = 0: samples 0..n-1).
+    start = calib_seed * num_calib
+    calib = [CalibSample(s.first_frame(), s.prompt, 1000 + start + i, f"testbed-calib:{start + i}")
+             for i, s in enumerate(list_samples("calib", num_calib, start=start, **render))]
     evals = list_samples("eval", num_eval, **render)
+    hidden = tb.dim if model_id != "custom" else _width_of(make_pipeline)
     settings = A.AblationSettings(gen, configs=list(configs or A.ABLATION_ORDER), reservoir_tokens=reservoir_tokens,
                                   vmaf=vmaf, brisque=brisque, layer_errors=layer_errors, device=device,
                                   backend=backend, model_id=model_id, layer_error_videos=layer_error_videos)
     t0 = time.perf_counter()
     res = A.run_ablation(make_pipeline, calib, evals, settings, out, overwrite=overwrite, generate=generate,
-                         measure=measure)
+                         measure=measure, configs=A.ablation_configs(hidden))
     if not measure:
         return {}
     rows = res["rows"]
-    ordered = [rows[c] for c in A.ALL_CONFIGS if c in rows]
+    if modelopt:
+        # The outside reference: after every config, on the same calibration samples and videos.
+        from benchmarks.quality import modelopt_rows as MO
+
+        ok, why = MO.available()
+        if not ok:
+            log.warning("ModelOpt rows skipped: %s", why)
+        else:
+            for r in MO.run_rows(make_pipeline, calib, evals, settings, out, A.load_frames(out, A.BASELINE)):
+                rows[r["config"]] = r
+    ordered = [rows[c] for c in A.ALL_CONFIGS if c in rows] + [r for c, r in rows.items() if c not in A.ALL_CONFIGS]
     meta = run_metadata(command)
     gen_devices = sorted({json.dumps(r.get("generated_on", {}), sort_keys=True) for r in ordered})
     gen_on = [json.loads(g) for g in gen_devices]
@@ -142,6 +170,8 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
         + f" [{model_id}]",
         "baseline": "bf16 row = the unquantized model; on CPU it runs in fp32 (bf16 matmuls are slow there)"
         if "float32" in base_dtype else f"bf16 row = the unquantized model in {base_dtype or 'bf16'}",
+        "testbed": testbed,
+        "calib_seed": calib_seed,
         "settings": {"calibration_samples": num_calib, "eval_samples": num_eval, "steps": steps,
                      "guidance_scale": guidance, "frames": frames, "size": [height, width],
                      "eval_seeds": list(range(settings.eval_seed, settings.eval_seed + num_eval)),
@@ -180,6 +210,12 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
             shutil.copyfile(out / f, results_dir / f"{NAME}_{f}")
         write_results(NAME, payload, markdown(payload), results_dir)
     return payload
+
+
+def _width_of(make_pipeline) -> int:
+    """Hidden size of a pipeline's first expert (for the rank-scaled-to-width rows)."""
+    cfg = make_pipeline().transformer.config
+    return int(cfg.num_attention_heads * cfg.attention_head_dim)
 
 
 def _public_row(r: dict) -> dict:
@@ -398,9 +434,35 @@ def _report(out: Path, payload: dict, rows: dict[str, dict], evals, figures: lis
     del vids
 
 
+TESTBEDS = ("plain", "outlier")
+
+
+def testbed_weights(testbed: str, out: Path, weights: Path | None = None) -> Path | None:
+    """The weights directory of a testbed: ``plain`` the committed (or ``weights``) one;
+    ``outlier`` its AdaLN-transplanted copy (:mod:`wanquant.model.outliers`), written to
+    ``OUT/testbed_outlier`` on first use."""
+    if testbed == "plain":
+        return weights
+    if testbed != "outlier":
+        raise ValueError(f"unknown testbed {testbed!r}; choose from {TESTBEDS}")
+    from wanquant.model.outliers import write_outlier_testbed
+    from wanquant.testbed import WEIGHTS_DIR
+
+    dst = out / "testbed_outlier"
+    if not (dst / "model_index.json").is_file():
+        write_outlier_testbed(weights or WEIGHTS_DIR, dst, overwrite=dst.exists())
+    return dst
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
+    p.add_argument("--testbed", nargs="+", default=["plain"], choices=TESTBEDS,
+                   help="plain: the trained testbed; outlier: the same with massive AdaLN channels transplanted")
+    p.add_argument("--calib-seeds", type=int, default=1, help="calibration seeds (disjoint calib samples each)")
+    p.add_argument("--modelopt", action="store_true",
+                   help="add NVIDIA ModelOpt rows (needs `pip install .[compare]`; skipped with a message otherwise)")
+    p.add_argument("--stats-samples", type=int, default=2, help="calib samples for the activation statistics (0: none)")
     p.add_argument("--num-calib", type=int, default=8)
     p.add_argument("--num-eval", type=int, default=8)
     p.add_argument("--steps", type=int, default=40)
@@ -422,14 +484,32 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    payload = run_quality(args.out, args.num_calib, args.num_eval, args.steps, args.guidance, args.configs,
-                          args.device, not args.no_vmaf, not args.no_brisque,
-                          args.overwrite, None if args.no_results else RESULTS_DIR,
-                          generate=not args.measure_only, measure=not args.generate_only, backend=args.backend,
-                          weights=args.weights, reservoir_tokens=args.reservoir_tokens,
-                          layer_error_videos=args.layer_error_videos)
-    if payload:
-        print(markdown(payload))
+    per: dict[str, list[dict]] = {}
+    for tb in args.testbed:
+        weights = testbed_weights(tb, args.out, args.weights)
+        for k in range(args.calib_seeds):
+            payload = run_quality(args.out / tb / f"seed{k}", args.num_calib, args.num_eval, args.steps,
+                                  args.guidance, args.configs, args.device, not args.no_vmaf, not args.no_brisque,
+                                  args.overwrite, None, generate=not args.measure_only,
+                                  measure=not args.generate_only, backend=args.backend, weights=weights,
+                                  reservoir_tokens=args.reservoir_tokens, layer_error_videos=args.layer_error_videos,
+                                  calib_seed=k, testbed=tb, write_videos=False, plots=False,
+                                  modelopt=args.modelopt)
+            if payload:
+                per.setdefault(tb, []).append(payload)
+    if per:
+        from benchmarks.quality import combine as C
+
+        from benchmarks.outlier_stats import testbed_stats
+
+        stats = {tb: testbed_stats(testbed_weights(tb, args.out, args.weights), args.stats_samples, args.steps,
+                                   args.guidance) for tb in per} if args.stats_samples else {}
+        combined = C.combine(per, run_metadata(" ".join(["python -m benchmarks.testbed_quality", *(argv or [])])
+                                               if argv is not None else None), stats)
+        md = C.markdown(combined)
+        if not args.no_results:
+            write_results(NAME, combined, md, RESULTS_DIR)
+        print(md)
     return 0
 
 

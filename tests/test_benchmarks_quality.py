@@ -49,12 +49,108 @@ def test_configs_are_the_documented_ladder():
     assert set(narrow.clip.clip_ratios) < set(ours_clip.clip_ratios) and min(ours_clip.clip_ratios) < 0.6
     assert set(narrow.clip.exp_offsets) < set(ours_clip.exp_offsets) and max(ours_clip.exp_offsets) > 1
     for c in list(cfgs.values())[1:]:
-        assert (c.weight_format, c.act_format, c.bins) == (rtn.weight_format, rtn.act_format, rtn.bins)
+        assert c.bins == rtn.bins
+        if A.scale_rule(c) == "ocp_floor":
+            assert (c.weight_format, c.act_format) == (rtn.weight_format, rtn.act_format)
     sw = A.switches(cfgs["global_clip"])
-    assert sw == {"quantized": True, "format": "W:mxfp4 g32 A:mxfp4 g32", "smooth": "alpha 0.5", "rank": 16,
+    assert sw == {"quantized": True, "format": "W:mxfp4 g32 A:mxfp4 g32", "scale_rule": "ocp_floor",
+                  "smooth": "alpha 0.5", "rank": 16,
                   "gptq": True, "clip": "global", "clip_per_expert": True,
                   "clip_grid": "ratios 0.6-1.0, offsets -1..+1"}
     assert A.switches(None) == {"quantized": False}
+
+
+def test_scale_rule_and_component_rows():
+    cfgs = A.ablation_configs(width=256)
+    ours, sc = cfgs["ours"], cfgs["ours_safe_ceil"]
+    # The scale-rule rows change only the formats' rule, for weights and activations alike.
+    for new, old in (("rtn_safe_ceil", "rtn"), ("ours_safe_ceil", "ours")):
+        assert _diff(cfgs[new], cfgs[old]) == {"weight_format", "act_format"}
+        assert cfgs[new].weight_format.scale_rule == cfgs[new].act_format.scale_rule == "safe_ceil"
+        assert cfgs[new].weight_format.group_size == cfgs[old].weight_format.group_size
+        assert A.scale_rule(cfgs[new]) == "safe_ceil" and A.scale_rule(cfgs[old]) == "ocp_floor"
+    # Each removal row drops exactly one component of ours_safe_ceil.
+    assert _diff(cfgs["ours_safe_ceil_no_smooth"], sc) == {"smooth"}
+    assert not cfgs["ours_safe_ceil_no_smooth"].smooth.enabled
+    assert _diff(cfgs["ours_safe_ceil_rank0"], sc) == {"lowrank"} and cfgs["ours_safe_ceil_rank0"].lowrank.rank == 0
+    assert _diff(cfgs["ours_safe_ceil_no_gptq"], sc) == {"gptq"} and not cfgs["ours_safe_ceil_no_gptq"].gptq.enabled
+    for name, field_, value in (("no_clip", "enabled", False), ("global_clip", "per_bin", False),
+                                ("shared_policy", "per_expert", False)):
+        c = cfgs[f"ours_safe_ceil_{name}"]
+        assert _diff(c, sc) == {"clip"} and getattr(c.clip, field_) is value
+        assert dataclasses.replace(c.clip, **{field_: not value}) == sc.clip
+    # Rank scaled to the width: Wan's 32 of 5120 is 0.625 %; on 256 that is rank 2 (at least 1).
+    assert A.rank_for_width(5120) == 32 and A.rank_for_width(256) == 2 and A.rank_for_width(16) == 1
+    assert A.rank_for_width(2560) == 16
+    assert cfgs["ours_safe_ceil_rank_w"].lowrank.rank == 2 and _diff(cfgs["ours_safe_ceil_rank_w"], sc) == {"lowrank"}
+    assert _diff(cfgs["ours_rank_w"], ours) == {"lowrank"} and _diff(cfgs["svdquant_rank_w"], cfgs["svdquant"]) == {
+        "lowrank"}
+    assert A.ablation_configs(width=1024)["ours_rank_w"].lowrank.rank == 6
+    with pytest.raises(ValueError, match="positive"):
+        A.rank_for_width(0)
+    from wanquant.formats import make_format
+
+    with pytest.raises(ValueError, match="no scale rule"):
+        A.with_scale_rule(dataclasses.replace(ours, act_format=make_format("int4", 32)), "safe_ceil")
+    assert set(A.KEY_CONFIGS) <= set(cfgs) and all(n in cfgs for a, b in A.LADDER for n in (a, b))
+
+
+def _payload(per_video: dict[str, list[float]], gt: dict[str, list[float]]) -> dict:
+    rows = []
+    for name, vals in per_video.items():
+        rows.append({"config": name, "switches": {"quantized": name != "bf16"},
+                     "per_sample": [{"psnr_vs_bf16": None if name == "bf16" else v, "ssim_vs_bf16": 0.9,
+                                     "gt_psnr": g, "trajectory_err": 1.0, "vbench_style": {"average": 0.7}}
+                                    for v, g in zip(vals, gt[name])]})
+    return {"rows": rows, "settings": {"eval_samples": 4, "steps": 20, "calibration_samples": 4,
+                                       "guidance_scale": 4.0, "frames": 17, "size": [64, 64]}, "model": "m"}
+
+
+def test_combine_seeds_paired_errors_and_bars():
+    from benchmarks.quality import combine as C
+
+    rng = np.random.default_rng(3)
+    vid = rng.normal(25, 3, 4)  # video difficulty, shared by every config: cancels in paired differences
+    gt0 = rng.normal(19, 1, 4)
+    seeds = []
+    for k in range(2):
+        eps = rng.normal(0, 0.1, (3, 4))
+        seeds.append(_payload({"bf16": list(vid), "rtn_safe_ceil": list(vid + eps[0]),
+                               "ours_safe_ceil": list(vid + 3 + eps[1]),
+                               "ours_safe_ceil_shared_policy": list(vid + 2.9 + eps[2])},
+                              {"bf16": list(gt0), "rtn_safe_ceil": list(gt0 - 1.0),
+                               "ours_safe_ceil": list(gt0 - 0.1), "ours_safe_ceil_shared_policy": list(gt0 - 0.1)}))
+    mo = {"config": "modelopt_svdquant", "scale_rule": "modelopt_ceil", "describe": "x",
+          "per_sample": [{"psnr_vs_bf16": v, "ssim_vs_bf16": 0.9, "gt_psnr": g, "trajectory_err": 1.0,
+                          "vbench_style": {"average": 0.7}} for v, g in zip(vid + 1.5, gt0)]}
+    seeds[0]["rows"].append(mo)
+    out = C.combine({"plain": seeds}, {"device": "d", "date": "t", "commit": "c", "command": "x"},
+                    {"plain": {"experts": {}, "shared_top_channels": [], "layers": []}})
+    assert {"device", "date", "commit", "command", "testbeds"} <= set(out)
+    tb = out["testbeds"][0]
+    assert tb["testbed"] == "plain" and tb["videos"] == 4 and tb["calib_seeds"] == 2
+    rows = {r["config"]: r for r in tb["rows"]}
+    assert set(rows) == {"16-bit", "rtn_safe_ceil", "ours_safe_ceil", "ours_safe_ceil_shared_policy",
+                         "modelopt_svdquant"}
+    ours_pv = np.mean([np.asarray([p["psnr_vs_bf16"] for p in s["rows"][2]["per_sample"]]) for s in seeds], axis=0)
+    assert rows["ours_safe_ceil"]["psnr_vs_16bit"] == pytest.approx(ours_pv.mean())
+    assert rows["ours_safe_ceil"]["psnr_se"] == pytest.approx(ours_pv.std(ddof=1) / 2.0)
+    assert rows["ours_safe_ceil"]["scale_rule"] == "safe_ceil" and rows["16-bit"]["psnr_vs_16bit"] is None
+    comp = {c["component"]: c for c in tb["components"]}
+    sh_pv = np.mean([np.asarray([p["psnr_vs_bf16"] for p in s["rows"][3]["per_sample"]]) for s in seeds], axis=0)
+    d = ours_pv - sh_pv
+    c = comp["ours_safe_ceil vs ours_safe_ceil_shared_policy"]
+    assert c["delta"] == pytest.approx(d.mean()) and c["delta_se"] == pytest.approx(d.std(ddof=1) / 2.0)
+    # Paired SE is far below the rows' own SE: the shared video difficulty cancels.
+    assert c["delta_se"] < 0.2 * rows["ours_safe_ceil"]["psnr_se"]
+    b = tb["bars"]["ours_safe_ceil"]
+    assert b["gt_psnr_loss"]["met"] and b["gt_psnr_loss"]["rtn_row"] == "rtn_safe_ceil"
+    assert b["vs_modelopt_svdquant"]["delta"] == pytest.approx(ours_pv.mean() - (vid + 1.5).mean())
+    assert b["vs_modelopt_svdquant"]["met"]
+    assert [x["name"] for x in b["components"]] == ["per-expert policy"]
+    assert b["all_components_over_2se"] == (d.mean() > 2 * d.std(ddof=1) / 2.0)
+    md = C.markdown(out)
+    assert "| ours_safe_ceil | safe_ceil |" in md and "Bars for `ours_safe_ceil`" in md
 
 
 def test_acceptance_arithmetic():
@@ -202,3 +298,102 @@ def test_smoke_run_on_a_tiny_pipeline(tmp_path):
                         reservoir_tokens=256, brisque=False, write_videos=False, plots=False)
     assert again["rows"][1]["psnr_vs_bf16"] == payload["rows"][1]["psnr_vs_bf16"]
     assert "shared_policy" in markdown(again)
+
+
+# ------------------------------------------------------------------- ModelOpt (optional)
+
+
+def _modelopt():
+    from benchmarks.quality import modelopt_rows as MO
+
+    ok, why = MO.available()
+    if not ok:
+        pytest.skip(why)
+    return MO
+
+
+def test_modelopt_fake_quant_matches_independent_references():
+    MO = _modelopt()
+    from wanquant.formats import make_format
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(48, 256, generator=g) * torch.logspace(-2, 2, 256)[torch.randperm(256, generator=g)]
+    # MXFP4: ModelOpt's ceil rule is our safe_ceil (smallest e with amax <= 6 * 2^e); the two
+    # round-to-nearest implementations agree except exactly on E2M1 midpoints (ties).
+    ours = make_format("mxfp4", 32, scale_rule="safe_ceil").fake_quantize(x)
+    theirs = MO.fake_quant(x, (8, 0))
+    assert (ours != theirs).float().mean() < 1e-3
+    floor = make_format("mxfp4", 32, scale_rule="ocp_floor").fake_quantize(x)
+    assert (floor != theirs).float().mean() > 0.05  # the floor rule really is another rule
+    # NVFP4: a brute-force reference in float64 (E4M3 block scale of amax/6 over a per-tensor scale).
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    xg = x.double().reshape(-1, 16)
+    s2 = x.abs().max().double() / (6.0 * 448.0)
+    s1 = (xg.abs().amax(-1, keepdim=True) / 6.0 / s2).float().to(torch.float8_e4m3fn).double()
+    q = xg / (s1 * s2)
+    idx = (q.abs().unsqueeze(-1) - grid).abs().argmin(-1)
+    ref = (torch.sign(q) * grid[idx] * s1 * s2).reshape(x.shape).float()
+    got = MO.fake_quant(x, (4, 3))
+    close = torch.isclose(got, ref, rtol=1e-5, atol=1e-7)
+    assert close.float().mean() > 0.999  # ties may round either way
+    with pytest.raises(ValueError, match="only MXFP4"):
+        MO.fake_quant(x, (5, 2))
+    with pytest.raises(ValueError, match="unknown ModelOpt row"):
+        MO.quant_config("modelopt_int8")
+
+
+def test_modelopt_quantizes_only_block_linears_through_the_cpu_backend():
+    MO = _modelopt()
+    from wanquant.model.pipeline import run_pipeline
+    from wanquant.testbed.dataset import list_samples
+
+    pipe = build_tiny_pipeline(seed=1)
+    s = list_samples("calib", 1, num_frames=TINY_SETTINGS.num_frames, height=TINY_SETTINGS.height,
+                     width=TINY_SETTINGS.width)[0]
+    ref = run_pipeline(pipe, s.first_frame(), s.prompt, TINY_SETTINGS, seed=0)
+    calls = []
+    real = MO._entrypoint
+    MO._entrypoint = lambda x, q: (calls.append(q), real(x, q))[1]
+    try:
+        MO.quantize_pipeline(pipe, "modelopt_mxfp4_rtn", lambda: None)
+        got = run_pipeline(pipe, s.first_frame(), s.prompt, TINY_SETTINGS, seed=0)
+    finally:
+        MO._entrypoint = real
+    enabled = [n for e in ("transformer", "transformer_2") for n, m in getattr(pipe, e).named_modules()
+               if n.endswith("_quantizer") and getattr(m, "is_enabled", False)]
+    linears = [n for e in ("transformer", "transformer_2") for n, m in getattr(pipe, e).blocks.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    assert len(enabled) == 2 * len(linears) and all(n.startswith("blocks.") for n in enabled)
+    assert calls  # the CPU backend ran
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert 1e-4 < rel < 0.5  # quantized (changed), still the same video
+
+
+@pytest.mark.slow
+def test_calibration_seed_and_outside_rows_on_a_tiny_pipeline(tmp_path):
+    torch.set_num_threads(1)
+    from benchmarks.quality import combine as C
+    from benchmarks.quality import modelopt_rows as MO
+    from benchmarks.testbed_quality import run_quality
+
+    with_mo = MO.available()[0]
+    per = []
+    for k in (0, 1):
+        per.append(run_quality(tmp_path / f"seed{k}", num_calib=1, num_eval=2, configs=["bf16", "rtn_safe_ceil"],
+                               make_pipeline=build_tiny_pipeline, trained=False, generation=TINY_SETTINGS,
+                               results_dir=None, reservoir_tokens=256, vmaf=False, brisque=False, plots=False,
+                               write_videos=False, layer_errors=False, calib_seed=k, modelopt=with_mo))
+    assert [p["calib_seed"] for p in per] == [0, 1]
+    assert per[0]["settings"]["calibration_seeds"] == [1000] and per[1]["settings"]["calibration_seeds"] == [1001]
+    names = [r["config"] for r in per[0]["rows"]]
+    assert names[:2] == ["bf16", "rtn_safe_ceil"]
+    if with_mo:
+        assert names[2:] == list(MO.ROWS)
+        rows = {r["config"]: r for r in per[0]["rows"]}
+        # The same rule, two implementations: ModelOpt's MXFP4 RTN is within reach of ours.
+        assert abs(rows["modelopt_mxfp4_rtn"]["psnr_vs_bf16"] - rows["rtn_safe_ceil"]["psnr_vs_bf16"]) < 3.0
+    out = C.combine({"plain": per}, {"device": "d", "date": "t", "commit": "c", "command": "x"})
+    tb = out["testbeds"][0]
+    assert tb["calib_seeds"] == 2 and tb["videos"] == 2
+    rc = {r["config"]: r for r in tb["rows"]}["rtn_safe_ceil"]
+    assert rc["seeds"] == 2 and math.isfinite(rc["psnr_vs_16bit"])

@@ -20,6 +20,13 @@ method is :func:`~wanquant.method.config.paper_preset` itself:
 Extras: ``ours_rank16`` (ours at the paper's rank) and ``ours_narrow_clip`` (ours on the
 paper's clip grid), to tell apart what each of our changes buys.
 
+Scale rule (issue 17): ``rtn_safe_ceil`` and ``ours_safe_ceil`` are ``rtn`` and ``ours``
+with the ``safe_ceil`` MX scale rule for weights and activations; ``ours_safe_ceil_*``
+remove one component each (``no_smooth``, ``rank0``, ``no_gptq``, ``no_clip``,
+``global_clip``: one clip setting for all bins, ``shared_policy``: one table for both
+experts). ``*_rank_w`` rows scale the low-rank size to the width as Wan's rank 32 is to
+its 5120 (rank 2 on the testbed's 256).
+
 Rank: the ladder uses the paper's rank 16 so that ``per_bin_clip`` is exactly the
 paper's preset. On the testbed (width 256) a rank-r branch is relatively ~20x larger
 than on Wan2.2 (width 5120): rank 16 there adds ~47 % to a 256 x 256 layer's 4.25-bit
@@ -36,6 +43,7 @@ Driven by ``python -m benchmarks.testbed_quality`` (which writes the result tabl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -61,20 +69,64 @@ log = logging.getLogger(__name__)
 ABLATION_ORDER: tuple[str, ...] = ("bf16", "rtn", "smooth", "svdquant", "gptq", "global_clip", "per_bin_clip",
                                    "shared_policy", "ours")
 EXTRA_CONFIGS: tuple[str, ...] = ("ours_rank16", "ours_narrow_clip")
-ALL_CONFIGS: tuple[str, ...] = ABLATION_ORDER + EXTRA_CONFIGS
+# Issue 17: the same ladder pieces on the ``safe_ceil`` MX scale rule (weights and
+# activations), each component removed from ``ours_safe_ceil`` one at a time, and the
+# low-rank branch scaled to the width (Wan's rank 32 on 5120 = 0.6 % of the width).
+SCALE_RULE_CONFIGS: tuple[str, ...] = ("rtn_safe_ceil", "ours_safe_ceil", "ours_safe_ceil_no_smooth",
+                                       "ours_safe_ceil_rank0", "ours_safe_ceil_no_gptq", "ours_safe_ceil_no_clip",
+                                       "ours_safe_ceil_global_clip", "ours_safe_ceil_shared_policy",
+                                       "ours_safe_ceil_rank_w", "ours_rank_w", "svdquant_rank_w")
+ALL_CONFIGS: tuple[str, ...] = ABLATION_ORDER + EXTRA_CONFIGS + SCALE_RULE_CONFIGS
+# The reduced run of issue 17 (both testbeds): the two scale rules, and what the clip
+# search, per-bin tables and per-expert policies add on top of safe_ceil.
+KEY_CONFIGS: tuple[str, ...] = ("bf16", "rtn", "rtn_safe_ceil", "ours", "ours_safe_ceil", "ours_safe_ceil_no_clip",
+                                "ours_safe_ceil_global_clip", "ours_safe_ceil_shared_policy")
+# Wan2.2-A14B's width and the low-rank size the presets use there.
+WAN_WIDTH = 5120
+WAN_RANK = 32
 # Each component row and the row it adds to (for "does the component help").
 LADDER: tuple[tuple[str, str], ...] = (("smooth", "rtn"), ("svdquant", "smooth"), ("gptq", "svdquant"),
                                        ("global_clip", "gptq"), ("per_bin_clip", "global_clip"),
                                        ("per_bin_clip", "shared_policy"), ("ours", "per_bin_clip"),
                                        ("ours_rank16", "per_bin_clip"), ("ours", "ours_rank16"),
-                                       ("ours", "ours_narrow_clip"))
+                                       ("ours", "ours_narrow_clip"), ("rtn_safe_ceil", "rtn"),
+                                       ("ours_safe_ceil", "ours"),
+                                       # Each component of the safe_ceil preset: with it vs without it.
+                                       ("ours_safe_ceil", "ours_safe_ceil_no_smooth"),
+                                       ("ours_safe_ceil", "ours_safe_ceil_rank0"),
+                                       ("ours_safe_ceil", "ours_safe_ceil_no_gptq"),
+                                       ("ours_safe_ceil_global_clip", "ours_safe_ceil_no_clip"),
+                                       ("ours_safe_ceil", "ours_safe_ceil_global_clip"),
+                                       ("ours_safe_ceil", "ours_safe_ceil_shared_policy"),
+                                       ("ours_safe_ceil_rank_w", "ours_safe_ceil_rank0"),
+                                       ("svdquant_rank_w", "smooth"), ("ours_rank_w", "ours_safe_ceil_rank_w"))
 BASELINE = "bf16"
 # Bump when a metric's definition changes: cached rows are then re-measured.
 METRICS_VERSION = 1
 
 
-def ablation_configs() -> dict[str, QuantConfig | None]:
-    """Name -> QuantConfig (None: the unquantized model), in :data:`ABLATION_ORDER`, then the extras."""
+def rank_for_width(width: int, wan_rank: int = WAN_RANK, wan_width: int = WAN_WIDTH) -> int:
+    """The low-rank size that is the same fraction of ``width`` as ``wan_rank`` of Wan's width (at least 1)."""
+    if width < 1:
+        raise ValueError(f"width must be positive, got {width}")
+    return max(1, round(wan_rank * width / wan_width))
+
+
+def with_scale_rule(cfg: QuantConfig, rule: str) -> QuantConfig:
+    """``cfg`` with the MX scale rule ``rule`` for weights and activations (same format and group)."""
+    fmts = {}
+    for what in ("weight_format", "act_format"):
+        f = getattr(cfg, what)
+        if not any(x.name == "scale_rule" for x in dataclasses.fields(f)):
+            raise ValueError(f"{what} {f.describe()} has no scale rule")
+        fmts[what] = dataclasses.replace(f, scale_rule=rule)
+    return replace(cfg, **fmts)
+
+
+def ablation_configs(width: int = 256) -> dict[str, QuantConfig | None]:
+    """Name -> QuantConfig (None: the unquantized model), in :data:`ALL_CONFIGS` order.
+
+    ``width``: the model's hidden size, for the ``*_rank_w`` rows (rank scaled to the width)."""
     paper = paper_preset()
     rtn = replace(paper,
                   smooth=replace(paper.smooth, enabled=False),
@@ -94,9 +146,21 @@ def ablation_configs() -> dict[str, QuantConfig | None]:
     # Extra row: ours on the paper's clip grid, whose corner (0.6, +1) the search kept
     # choosing; with the OCP floor rule (c, +1) raises the exponent once amax / 2^e >= 4 / c.
     ours_narrow_clip = replace(ours, clip=paper.clip)
+    sc = with_scale_rule(ours, "safe_ceil")
+    rank_w = rank_for_width(width)
     return {"bf16": None, "rtn": rtn, "smooth": smooth, "svdquant": svdquant, "gptq": gptq,
             "global_clip": global_clip, "per_bin_clip": per_bin_clip, "shared_policy": shared_policy, "ours": ours,
-            "ours_rank16": ours_rank16, "ours_narrow_clip": ours_narrow_clip}
+            "ours_rank16": ours_rank16, "ours_narrow_clip": ours_narrow_clip,
+            "rtn_safe_ceil": with_scale_rule(rtn, "safe_ceil"), "ours_safe_ceil": sc,
+            "ours_safe_ceil_no_smooth": replace(sc, smooth=replace(sc.smooth, enabled=False)),
+            "ours_safe_ceil_rank0": replace(sc, lowrank=replace(sc.lowrank, rank=0)),
+            "ours_safe_ceil_no_gptq": replace(sc, gptq=replace(sc.gptq, enabled=False)),
+            "ours_safe_ceil_no_clip": replace(sc, clip=replace(sc.clip, enabled=False)),
+            "ours_safe_ceil_global_clip": replace(sc, clip=replace(sc.clip, per_bin=False)),
+            "ours_safe_ceil_shared_policy": replace(sc, clip=replace(sc.clip, per_expert=False)),
+            "ours_safe_ceil_rank_w": replace(sc, lowrank=replace(sc.lowrank, rank=rank_w)),
+            "ours_rank_w": replace(ours, lowrank=replace(ours.lowrank, rank=rank_w)),
+            "svdquant_rank_w": replace(svdquant, lowrank=replace(svdquant.lowrank, rank=rank_w))}
 
 
 def switches(cfg: QuantConfig | None) -> dict:
@@ -107,6 +171,7 @@ def switches(cfg: QuantConfig | None) -> dict:
     return {
         "quantized": True,
         "format": cfg.describe_formats(),
+        "scale_rule": scale_rule(cfg),
         "smooth": (f"alpha {s.alpha_grid[0]}" if len(s.alpha_grid) == 1 else f"alpha searched {s.alpha_grid}")
         if s.enabled else "off",
         "rank": cfg.lowrank.rank,
@@ -119,13 +184,22 @@ def switches(cfg: QuantConfig | None) -> dict:
     }
 
 
+def scale_rule(cfg: QuantConfig | None) -> str | None:
+    """The MX scale rule of a config ("w/a" when weights and activations differ; None: 16-bit)."""
+    if cfg is None:
+        return None
+    w, a = (getattr(f, "scale_rule", f.name) for f in (cfg.weight_format, cfg.act_format))
+    return w if w == a else f"{w}/{a}"
+
+
 def short_switches(cfg: QuantConfig | None) -> str:
     sw = switches(cfg)
     if not sw["quantized"]:
         return "16-bit"
     clip = sw["clip"] if sw["clip"] == "off" else (f"{sw['clip']}{'' if sw['clip_per_expert'] else ', shared'} "
                                                    f"({sw['clip_grid']})")
-    return f"smooth {sw['smooth']}; rank {sw['rank']}; GPTQ {'on' if sw['gptq'] else 'off'}; clip {clip}"
+    return (f"{sw['scale_rule']}; smooth {sw['smooth']}; rank {sw['rank']}; GPTQ {'on' if sw['gptq'] else 'off'}; "
+            f"clip {clip}")
 
 
 @dataclass

@@ -6,7 +6,13 @@
 * :mod:`~wanquant.model.parallel`: context parallelism over GPUs (Ulysses / ring);
 * :mod:`~wanquant.model.pipeline`: loading a pipeline from a directory, running it;
 * :mod:`~wanquant.model.diffusers_quantizer`: the ``"wanquant"`` diffusers quantization method;
-* :mod:`~wanquant.model.testbed`: the small Wan2.2-form testbed architecture.
+* :mod:`~wanquant.model.testbed`: the small Wan2.2-form testbed architecture;
+* :mod:`~wanquant.model.outliers`: transplants massive AdaLN activation channels into a
+  model without changing its 16-bit output (the outlier testbed);
+* :mod:`~wanquant.model.attention`, :mod:`~wanquant.model.offload`: attention backends and
+  memory policies;
+* :mod:`~wanquant.model.compile`: regional ``torch.compile`` (each block compiled, one
+  compilation serving all blocks).
 
 It sits above ``runtime`` (it installs W4A4 layers) and below ``calibration`` and the API.
 """
