@@ -50,7 +50,7 @@ import torch
 
 from benchmarks.common.a14b import A14B, HIGH, TINY_EXPERT, build_expert
 from benchmarks.common.meta import RESULTS_DIR, run_metadata, write_results
-from benchmarks.common.meters import cuda_sync, free
+from benchmarks.common.meters import cuda_sync, free, kernel_us
 
 T_HIGH = 950.0  # a high-noise timestep (middle bin of the high-noise expert)
 TEXT_TOKENS = 512
@@ -97,9 +97,7 @@ def split_profile(events) -> tuple[dict[str, float], list[dict]]:
     parts = {"attention": 0.0, "linears": 0.0, "other": 0.0}
     kernels = []
     for e in events:
-        us = getattr(e, "self_device_time_total", None)
-        if us is None:
-            us = getattr(e, "self_cuda_time_total", 0.0)
+        us = kernel_us(e)
         if not us:
             continue
         part = part_of(e.key)

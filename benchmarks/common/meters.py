@@ -132,6 +132,13 @@ def wrap_method(obj, name: str, before: Callable[[], None]) -> Callable[[], None
 
 # ---------------------------------------------------------------------------------------
 # kernel-time profiles
+def kernel_us(event) -> float:
+    """An averaged profiler event's own GPU time in microseconds (the attribute was renamed
+    from ``self_cuda_time_total`` to ``self_device_time_total`` across torch versions)."""
+    us = getattr(event, "self_device_time_total", None)
+    return getattr(event, "self_cuda_time_total", 0.0) if us is None else us
+
+
 def kernel_category(name: str) -> str:
     """The bucket a CUDA kernel's time is reported under, from its name."""
     n = name.lower()
@@ -168,9 +175,7 @@ def profile_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, context:
     cats: dict[str, float] = {}
     kernels: dict[str, list] = {}
     for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None)
-        if us is None:
-            us = getattr(e, "self_cuda_time_total", 0.0)
+        us = kernel_us(e)
         if not us:
             continue
         cat = kernel_category(e.key)
