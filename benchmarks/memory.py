@@ -83,6 +83,26 @@ def say(msg: str, log: Path | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------
 # host memory
+RSS_KEYS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM", "VmLck", "VmPin")
+
+
+def proc_status() -> dict[str, int]:
+    """This process's memory figures from ``/proc/self/status``, in bytes (empty off Linux):
+    ``VmRSS`` = ``RssAnon`` (heap, tensors, pinned buffers) + ``RssFile`` (pages of mapped
+    files: shared libraries, weights a loader memory-mapped) + ``RssShmem``; ``VmHWM`` the
+    peak since the last reset; ``VmLck``/``VmPin`` locked and pinned pages."""
+    out = {}
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        key, _, rest = line.partition(":")
+        if key in RSS_KEYS:
+            out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
 class HostMeter:
     """Peak resident set size of this process since :meth:`reset`: the kernel's ``VmHWM``
     (reset through ``/proc/self/clear_refs``) and a 20 ms sampler as a fallback."""
@@ -95,10 +115,7 @@ class HostMeter:
 
     @staticmethod
     def _status(key: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-        return 0
+        return proc_status().get(key.rstrip(":"), 0)
 
     def rss(self) -> int:
         return self._status("VmRSS:")
@@ -197,7 +214,7 @@ def census(pipe, device, point: str, trace: bool = False) -> dict:
 
     from wanquant.kernels import dispatch
     from wanquant.model import offload
-    from wanquant.runtime.memory import device_census, owned_storages
+    from wanquant.runtime.memory import device_census, host_census, owned_storages
 
     comps = {c: getattr(pipe, c, None) for c in COMPONENTS}
     state = offload.memory_state_of(pipe)
@@ -213,8 +230,12 @@ def census(pipe, device, point: str, trace: bool = False) -> dict:
                                       for k, v in c["components"].items()},
            "held_gpu_gb": {k: round(v["held"].get(dev, 0) / GB, 3) for k, v in c["components"].items()
                            if v["held"].get(dev, 0)},
-           "host_gb": {k: round(sum(n for d, n in {**v["params"], **v["held"]}.items() if d == "cpu") / GB, 3)
-                       for k, v in c["components"].items()}}
+           "host_gb": {k: round((v["params"].get("cpu", 0) + v["held"].get("cpu", 0)) / GB, 3)
+                       for k, v in c["components"].items()},
+           # host bytes per part by kind (pinned / pageable / in a mapped file) and the process's RSS
+           "host_kinds_gb": {k: {kind: round(n / GB, 3) for kind, n in kinds.items() if n}
+                             for k, kinds in host_census(comps, others).items()},
+           "rss_gb": {k: round(v / GB, 3) for k, v in proc_status().items()}}
     if state is not None:
         res = state.residency()
         out["resident_groups"] = sum(res.values())
@@ -232,6 +253,17 @@ def census(pipe, device, point: str, trace: bool = False) -> dict:
             if trace:
                 out["traced_top"] = traced_blocks(owned)
     return out
+
+
+def host_line(c: dict) -> str:
+    """The host side of a census: the RSS split and the host bytes of each part by kind."""
+    r = c.get("rss_gb", {})
+    parts = "; ".join(f"{k} " + " + ".join(f"{n:.2f} {kind}" for kind, n in kinds.items())
+                      for k, kinds in c.get("host_kinds_gb", {}).items() if kinds)
+    counted = sum(n for kinds in c.get("host_kinds_gb", {}).values() for n in kinds.values())
+    return (f"{c['point']}: RSS {r.get('VmRSS', 0):.2f} GB (anon {r.get('RssAnon', 0):.2f}, file "
+            f"{r.get('RssFile', 0):.2f}; locked {r.get('VmLck', 0):.2f}; peak since reset {r.get('VmHWM', 0):.2f}); "
+            f"tensors of the parts {counted:.2f} GB: {parts or 'none'}")
 
 
 def census_line(c: dict) -> str:
@@ -428,7 +460,8 @@ class Runner:
             info = {"source": "memory", "note": "built in place on the GPU, never on disk"}
         self.pipe.set_progress_bar_config(disable=True)
         info.update(load_s=time.perf_counter() - t0, host_peak_gb=self.host.peak() / GB,
-                    host_after_gb=self.host.rss() / GB)
+                    host_after_gb=self.host.rss() / GB,
+                    rss_after_gb={k: round(v / GB, 3) for k, v in proc_status().items()})
         self.say(f"loaded ({info['source']}) in {info['load_s']:.1f} s, host peak {info['host_peak_gb']:.2f} GB")
         return info
 
@@ -478,6 +511,7 @@ class Runner:
             for attr, role in (("transformer", "high"), ("transformer_2", "low")):
                 timer.attach(getattr(pipe, attr), role)
             t0 = time.perf_counter()
+            self.host.reset()
             resident = mode == "resident"
             budget = self.args.resident_budget_gb if resident and not cap_gb else None
             if cap_gb and not hasattr(torch.cuda, "get_per_process_memory_fraction"):
@@ -485,6 +519,7 @@ class Runner:
             plan = wq.set_memory_policy(pipe, mode, self.device, settings, budget_gb=budget,
                                         chunk_tokens=8192 if resident and not self.tiny else None)
             row["placement_s"] = time.perf_counter() - t0
+            row["host_peak_placing_gb"] = self.host.peak() / GB  # pinning the groups (from the last job's state)
             row["plan"] = plan.describe()
             row["plan_detail"] = {k: plan.to_dict()[k] for k in ("policy", "text_encoder", "chunk_tokens", "fits",
                                                                  "kv_cache", "need_bytes", "budget_bytes",
@@ -542,6 +577,7 @@ class Runner:
     def census(self, point: str, trace: bool) -> dict:
         c = census(self.pipe, self.device, point, trace)
         self.say("  census " + census_line(c))
+        self.say("  host   " + host_line(c))
         return c
 
     def warmup(self, settings) -> float:
@@ -701,6 +737,10 @@ def targets(rows: list[dict], load: dict) -> list[str]:
     if hosts:
         out.append(f"host peak RSS while generating: {max(hosts):.2f} GB <= {HOST_TARGET_GB:.0f} -> "
                    f"{'met' if max(hosts) <= HOST_TARGET_GB else 'MISSED'}")
+    placing = [(r["host_peak_placing_gb"], r["mode"], r["resolution"]) for r in rows if "host_peak_placing_gb" in r]
+    if placing:
+        out.append("host peak RSS while placing each policy (after the job before): "
+                   + ", ".join(f"{m} {res} {v:.2f} GB" for v, m, res in placing))
     if load.get("host_peak_gb") is not None:
         out.append(f"host peak RSS while loading ({load.get('source')}): {load['host_peak_gb']:.2f} GB")
     return out
@@ -757,6 +797,12 @@ def markdown(payload: dict) -> str:
     for r in rows:
         for c in r.get("census", []):
             lines.append(f"- {r['mode']} {r['resolution']} (process {r.get('process', 0)}) {census_line(c)}")
+    lines += ["", "## Host census: the process's RSS and the parts' host tensors (GB; `file`: inside a "
+              "memory-mapped file, resident only where read; pinned: page-locked)", ""]
+    for r in rows:
+        for c in r.get("census", []):
+            if "rss_gb" in c:
+                lines.append(f"- {r['mode']} {r['resolution']} (process {r.get('process', 0)}) {host_line(c)}")
     return "\n".join(lines) + "\n"
 
 

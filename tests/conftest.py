@@ -105,6 +105,17 @@ def tiny_ckpt(tmp_path_factory):
     return quantize_tiny(tmp_path_factory.mktemp("ckpt") / "q")
 
 
+@pytest.fixture(scope="module")
+def tiny_quantized_pipe(tiny_ckpt):
+    """The tiny pipeline with ``tiny_ckpt`` loaded (W4A4), progress bars off; one per test module."""
+    from wanquant.loading import load_quantized
+
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    load_quantized(pipe, tiny_ckpt)
+    return pipe
+
+
 @pytest.fixture
 def tiny_ckpt_copy(tiny_ckpt, tmp_path):
     import shutil

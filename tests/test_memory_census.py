@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_SETTINGS, build_tiny_pipeline
+from conftest import TINY_SETTINGS
 from torch import nn
 
 from wanquant.model import offload as mo
@@ -83,13 +83,8 @@ def test_move_to_leaves_host_resident_buffers_in_host_memory():
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_ckpt):
-    from wanquant.loading import load_quantized
-
-    p = build_tiny_pipeline()
-    p.set_progress_bar_config(disable=True)
-    load_quantized(p, tiny_ckpt)
-    return p
+def pipe(tiny_quantized_pipe):
+    return tiny_quantized_pipe
 
 
 def _apply(pipe, memory, kept=None):

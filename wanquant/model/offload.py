@@ -9,9 +9,12 @@ Policies (:data:`POLICIES`):
 * ``low``: only the running expert is on the device. Each expert is one group for its
   16-bit rest (embedders, output projection, modulation) plus one group per block, all
   in pinned host memory. When an expert starts a forward, the other expert and the VAE
-  are evicted, and its blocks come in one ahead of use on a side stream, so the copy of
-  block ``i + 1`` overlaps the compute of block ``i`` (a block copies in milliseconds and
-  computes in tens of them); after that first forward it stays resident. Wan2.2 switches
+  are evicted, the allocator's cache is handed back, and the copies of all its kept
+  blocks are queued on a side stream at once (a block copies in milliseconds and computes
+  in tens of them); each block's W4A4 layers build their fast-path operands as soon as
+  its copy lands. All of it is allocated before the first activation, so what the expert
+  keeps is not scattered between a forward's transient tensors (see
+  :meth:`_PolicyState.bring_in`); after that it stays resident. Wan2.2 switches
   expert once per video (high noise for ``t >= boundary``, then low noise), so this
   happens at the boundary step, right after the high-noise expert's last step, and again
   when the next video starts. When the budget cannot hold a whole expert beside its
@@ -30,6 +33,14 @@ it encodes or decodes (and between videos): out while an expert runs. Token chun
 of the expert blocks (:mod:`wanquant.model.block`) gets the largest chunk the budget
 allows. Applying a policy first moves everything of the previous one back to its host
 copy and drops the fast path's operands, so no arrangement outlives its policy.
+
+Host memory: the groups hold the only host copy of what they move (pinned in place, exact
+size). Building a group frees its sources as it goes (the heap is trimmed after each), and
+hands back the pages of sources a loader memory-mapped from their file: transformers maps
+safetensors, and the embedding table left in host memory keeps the map open, so without
+this UMT5-XXL's blocks (9.3 GB, read once by the copy) would stay resident beside their
+pinned copy (reproduced on a CPU at small scale; it matches the 9003b3d run's host peaks).
+The table itself is resident only where prompts read it.
 
 Apply with :func:`apply_memory_policy` (the API's ``wanquant.api.set_memory_policy``);
 the pipeline keeps its :class:`MemoryPlan` (:func:`memory_plan_of`).
@@ -102,6 +113,15 @@ CONTEXT_RESERVE = 1.0 * GB
 # parts as this model counts them (expert 8.01 GB + 0.56 GB fast-path operands, VAE 0.51,
 # scratch 0.08, activations 2.15 GB at 480p).
 LOW_SLACK = 0.8 * GB
+# What the caching allocator holds beyond the live tensors in ``low``, in chunks' worth of
+# activation temporaries (CHUNK_BYTES_PER_TOKEN_DIM x dim x chunk): transient tensors of
+# a chunk leave holes that only same-sized ones fill. Measured on an H100 (memory run of
+# 9003b3d, expandable segments): reserved - allocated = 2.64 GB at 720p with chunks of
+# 16384 (1.03 x allocated + 0.1 GB explains 0.48 of it: 2.3 chunks' worth beyond), 1.04 GB
+# at 480p with 8192 (1.4 chunks beyond). That run let the arriving expert's blocks and
+# fast-path operands be allocated between activations; they now arrive before them
+# (:meth:`_PolicyState.bring_in`), so 2 chunks is meant as an upper bound.
+LOW_FRAGMENT_CHUNKS = 2.0
 # Streamed blocks on the device at once: the one computing and the one being copied in.
 STREAM_WINDOW = 2
 
@@ -113,6 +133,12 @@ def activation_bytes(tokens: int, chunk: int | None, dim: int) -> int:
     size = max(s.stop - s.start for s in token_chunks(tokens, chunk))
     full = FULL_BYTES_PER_TOKEN_DIM * dim * tokens
     return int(ACTIVATION_FIXED_BYTES + full + CHUNK_BYTES_PER_TOKEN_DIM * dim * size)
+
+
+def fragment_bytes(tokens: int, chunk: int | None, dim: int) -> int:
+    """Room ``low`` keeps for the allocator's holes: :data:`LOW_FRAGMENT_CHUNKS` chunks' temporaries."""
+    size = tokens if chunk is None else min(tokens, max(s.stop - s.start for s in token_chunks(tokens, chunk)))
+    return int(LOW_FRAGMENT_CHUNKS * CHUNK_BYTES_PER_TOKEN_DIM * dim * size)
 
 
 def decode_bytes(pixels: int) -> int:
@@ -194,9 +220,10 @@ def low_bytes(fp: Footprint, video: VideoSize, chunk: int | None, kept: int | No
     """Peak device bytes of ``low`` with ``kept`` blocks kept (None: all) and the rest streamed.
 
     The VAE is out while an expert runs, the experts are out while the VAE runs; the
-    embedders come in at the start of a forward, before the activations grow.
+    embedders come in at the start of a forward, before the activations grow. The
+    denoising peak includes :func:`fragment_bytes` (the allocator's holes between chunks).
     """
-    act = activation_bytes(video.tokens, chunk, fp.dim)
+    act = activation_bytes(video.tokens, chunk, fp.dim) + fragment_bytes(video.tokens, chunk, fp.dim)
     streamed = 0 if kept is None else max(0, fp.blocks - kept)
     on = fp.expert - fp.per_forward if streamed == 0 else fp.rest + (fp.blocks - streamed) * fp.block
     window = min(STREAM_WINDOW, streamed) * fp.block
@@ -485,6 +512,8 @@ class _PolicyState:
     experts: dict[str, GroupSequence] = field(default_factory=dict)  # low: attr -> groups
     per_forward: dict[str, GroupSequence] = field(default_factory=dict)  # low: attr -> embedders
     expert_modules: dict[str, nn.Module] = field(default_factory=dict)
+    # low: per expert, its kept blocks' groups with their quantized layers (see bring_in)
+    kept_layers: dict[str, list[tuple[TensorGroup, list[nn.Module]]]] = field(default_factory=dict)
     text_encoder: GroupSequence | None = None
     vae: TensorGroup | None = None
     handles: list = field(default_factory=list)
@@ -500,13 +529,36 @@ class _PolicyState:
 
     def before_expert(self, attr: str) -> None:
         """An expert starts a forward: the other expert and the VAE out, its groups in."""
+        arriving = not self.experts[attr].groups[0].resident
         for other in self.experts:
             if other != attr:
                 self.evict_expert(other)
         if self.vae is not None:
             self.vae.evict()
+        if arriving:
+            self.bring_in(attr)
         self.per_forward[attr].start()
         self.experts[attr].before(0)
+
+    def bring_in(self, attr: str) -> None:
+        """The expert arrives (once per video and expert): the allocator's cache is handed
+        back, every kept group is allocated and its copy queued on the side stream, and
+        each kept block's W4A4 layers build their fast-path operands as soon as its copy
+        is done. All of it before the first activation: memory the expert keeps is laid out
+        in one run instead of between a forward's transient tensors, where each piece
+        splits a hole that the next same-sized activation then cannot use (the likely cause
+        of the 2.6 GB reserved beyond allocated at 720p when blocks came in one ahead of use
+        and built their operands in their first call). Streamed blocks still come in one
+        ahead and leave after use (the same sizes each time)."""
+        _release_device_memory(self.device, collect=False)
+        seq = self.experts[attr]
+        for group, keep in zip(seq.groups, seq.keep):
+            if keep:
+                group.onload(self.transfer)
+        for group, layers in self.kept_layers.get(attr, []):
+            group.wait()
+            for m in layers:
+                m.prepare_for_compile(self.device)  # chooses the backend, builds the fast path's operands
 
     def before_vae(self) -> None:
         """The VAE encodes or decodes: in ``low`` every expert out (the video's last step is
@@ -605,6 +657,7 @@ def _offload_expert(state: _PolicyState, attr: str, expert: nn.Module, kept: int
     groups = [rest] + [TensorGroup(f"{attr}.blocks.{i}", module_slots([b], device), device)
                        for i, b in enumerate(blocks)]
     seq = GroupSequence(attr, groups, state.transfer, keep=[True] + [i < kept for i in range(len(blocks))])
+    state.kept_layers[attr] = [(groups[i + 1], list(quantized_layers(b).values())) for i, b in enumerate(blocks[:kept])]
     embedder_groups = [TensorGroup(f"{attr}.{type(m).__name__}", module_slots([m], device), device)
                        for m in per_forward]
     embedders = GroupSequence(f"{attr}.per_forward", embedder_groups, state.transfer, keep=False, lookahead=0)
@@ -660,10 +713,11 @@ def _offload_vae(state: _PolicyState, vae: nn.Module, experts: list[nn.Module]) 
     state.vae.wait()
 
 
-def _release_device_memory(device: torch.device) -> None:
+def _release_device_memory(device: torch.device, collect: bool = True) -> None:
     """Collect what the previous arrangement left unreferenced and hand the allocator's
     cached blocks back, so that the next arrangement is placed into free memory."""
-    gc.collect()
+    if collect:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()

@@ -124,6 +124,33 @@ def held_tensors(module: nn.Module, depth: int = 6) -> list[torch.Tensor]:
     return out
 
 
+def _storages(components: dict[str, nn.Module], others: dict[str, Iterable[torch.Tensor]] | None):
+    """``(component, "params" | "held", tensor)`` for every distinct storage (by
+    :func:`storage_key`), each for the first component that has it: parameters and
+    buffers, then :func:`held_tensors`, component by component, then ``others``."""
+    seen: set[tuple[str, int]] = set()
+
+    def fresh(tensors):
+        for t in tensors:
+            if t is None or t.device.type == "meta":
+                continue
+            key = storage_key(t)
+            if key not in seen:
+                seen.add(key)
+                yield t
+
+    for name, module in components.items():
+        if module is None:
+            continue
+        for t in fresh([*module.parameters(), *module.buffers()]):
+            yield name, "params", t
+        for t in fresh(held_tensors(module)):
+            yield name, "held", t
+    for name, tensors in (others or {}).items():
+        for t in fresh(tensors):
+            yield name, "held", t
+
+
 def device_census(components: dict[str, nn.Module], others: dict[str, Iterable[torch.Tensor]] | None = None) -> dict:
     """Bytes on each device, per component: ``params`` (parameters and buffers) and
     ``held`` (:func:`held_tensors`), then any ``others`` (name -> tensors). Every storage
@@ -132,30 +159,47 @@ def device_census(components: dict[str, nn.Module], others: dict[str, Iterable[t
     {"params": {device: bytes}, "held": {device: bytes}}}, "total": {device: bytes}}``;
     :func:`owned_storages` gives the storages themselves."""
     out: dict = {"components": {}, "total": {}}
-    seen: set[tuple[str, int]] = set()
-
-    def add(tensors) -> dict[str, int]:
-        per: dict[str, int] = {}
-        for t in tensors:
-            if t is None or t.device.type == "meta":
-                continue
-            key = storage_key(t)
-            if key in seen:
-                continue
-            seen.add(key)
-            n = t.untyped_storage().nbytes()
-            per[key[0]] = per.get(key[0], 0) + n
-            out["total"][key[0]] = out["total"].get(key[0], 0) + n
-        return per
-
     for name, module in components.items():
-        if module is None:
-            continue
-        params = add([*module.parameters(), *module.buffers()])
-        out["components"][name] = {"params": params, "held": add(held_tensors(module))}
-    for name, tensors in (others or {}).items():
-        out["components"][name] = {"params": {}, "held": add(tensors)}
+        if module is not None:
+            out["components"][name] = {"params": {}, "held": {}}
+    for name in others or {}:
+        out["components"][name] = {"params": {}, "held": {}}
+    for name, kind, t in _storages(components, others):
+        dev, n = str(t.device), t.untyped_storage().nbytes()
+        per = out["components"][name][kind]
+        per[dev] = per.get(dev, 0) + n
+        out["total"][dev] = out["total"].get(dev, 0) + n
     return out
+
+
+HOST_KINDS = ("pinned", "pageable", "file")
+
+
+def host_census(components: dict[str, nn.Module], others: dict[str, Iterable[torch.Tensor]] | None = None,
+                file_ranges: list[tuple[int, int]] | None = None) -> dict[str, dict[str, int]]:
+    """Host bytes per component (counted as :func:`device_census` does) by kind: ``pinned``
+    (page-locked: a policy's group buffers), ``file`` (inside a file-backed memory map, e.g.
+    weights transformers mapped from safetensors: in the resident set only where read;
+    ``file_ranges`` as :func:`wanquant.runtime.offload.file_ranges` gives them) and
+    ``pageable`` (the rest)."""
+    from wanquant.runtime.offload import file_ranges as maps, in_file
+
+    ranges = maps() if file_ranges is None else file_ranges
+    out = {name: dict.fromkeys(HOST_KINDS, 0) for name in [*(k for k, m in components.items() if m is not None),
+                                                           *(others or {})]}
+    for name, _kind, t in _storages(components, others):
+        if t.device.type != "cpu":
+            continue
+        kind = "file" if in_file(t, ranges) else "pinned" if _pinned(t) else "pageable"
+        out[name][kind] += t.untyped_storage().nbytes()
+    return out
+
+
+def _pinned(t: torch.Tensor) -> bool:
+    try:
+        return bool(t.is_pinned())
+    except RuntimeError:  # a build without an accelerator to ask
+        return False
 
 
 def owned_storages(components: dict[str, nn.Module]) -> set[tuple[str, int]]:

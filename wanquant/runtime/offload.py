@@ -19,6 +19,12 @@ model adapter's business: :mod:`wanquant.model.offload`):
   right after its forward (a layer-streamed text encoder).
 * :func:`run_on_host`: a module that stays in host memory and runs there (an embedding
   table looked up for a few hundred tokens), its inputs moved in, its output out.
+* :func:`file_ranges` / :func:`release_file_pages`: weights a loader memory-mapped from
+  their file (transformers maps safetensors files) count in the process's resident set
+  once read, for as long as any tensor keeps the map open (an embedding table left in
+  host memory does). A group built from such tensors reads every page while copying: it
+  hands the pages it copied back to the kernel (``MADV_PAGEOUT``), so the resident set
+  holds the group's copy only, and the rest of the map only where it is read.
 
 Device memory of a group is allocated on the compute stream (the current stream when
 it is moved in), so memory just freed by an evicted group is reused right away; the
@@ -36,10 +42,14 @@ Modules may take part through two optional methods (duck-typed, e.g.
 
 from __future__ import annotations
 
+import bisect
+import ctypes
+import functools
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -82,6 +92,54 @@ def host_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
     log.warning("could not page-lock %.2f GB of host memory in place; using pin_memory() "
                 "(rounds up to a power of two)", nbytes / 1e9)
     return buf.pin_memory(), False
+
+
+# ---------------------------------------------------------------------------------------
+# host memory that a file backs
+MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (clean file pages are dropped, data stays in the file)
+PAGE = 4096
+
+
+def file_ranges() -> list[tuple[int, int]]:
+    """Sorted ``(start, end)`` addresses of this process's file-backed memory maps
+    (``/proc/self/maps``; empty where there is none)."""
+    try:
+        text = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+            lo, hi = fields[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return sorted(out)
+
+
+def in_file(t: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> bool:
+    """Whether host tensor ``t``'s storage lies in one of ``ranges`` (:func:`file_ranges`)."""
+    if t.device.type != "cpu" or not ranges:
+        return False
+    ptr = t.untyped_storage().data_ptr()
+    i = bisect.bisect_right(ranges, (ptr, float("inf"))) - 1
+    return i >= 0 and ranges[i][0] <= ptr < ranges[i][1]
+
+
+def release_file_pages(t: torch.Tensor) -> int:
+    """Ask the kernel to take back the whole pages inside ``t``'s bytes (a tensor in a
+    file-backed map that has just been copied elsewhere). ``MADV_PAGEOUT`` only reclaims:
+    the bytes stay readable (from the file) and nothing is lost, so a page shared with a
+    neighbour is safe too; pages at the edges are left alone anyway. Returns the bytes
+    asked for (0 where the kernel refuses: before Linux 5.4, or another OS)."""
+    start = -(-t.data_ptr() // PAGE) * PAGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // PAGE * PAGE
+    if end <= start:
+        return 0
+    try:
+        ok = _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT) == 0
+    except (OSError, AttributeError):
+        return 0
+    return end - start if ok else 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,10 +220,21 @@ class TensorGroup:
             # Module views that outlive the group keep valid (then unpinned) memory.
             weakref.finalize(self, _unregister_pinned, self.host)
         _release_device_state(self.modules)
+        from_host = any(e.slots[0].get().device.type == "cpu" for e in self.entries)
+        files = file_ranges() if from_host else []
+        self.pages_released = 0  # bytes of file-backed sources handed back (see release_file_pages)
         for e, view in zip(self.entries, self._views(self.host)):
-            view.copy_(e.slots[0].get().detach().reshape(e.shape))
+            src = e.slots[0].get().detach()
+            view.copy_(src.reshape(e.shape))
+            if in_file(src, files):
+                self.pages_released += release_file_pages(src)
             for s in e.slots:
                 s.set(view)
+            del src
+        if from_host:
+            # The sources are freed; mid-sized ones stay in the heap until trimmed: building
+            # every group first and trimming after would hold a model's worth twice meanwhile.
+            trim_host_heap()
         self.device_buffer: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None  # the copy in, until the compute stream waited
 
@@ -395,11 +464,14 @@ def trim_host_heap() -> None:
     process's resident memory would count a model's worth of memory it no longer uses.
     """
     try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 def sync_device(device: torch.device | str) -> None:
@@ -410,4 +482,4 @@ def sync_device(device: torch.device | str) -> None:
 
 
 __all__ = ["TensorGroup", "Transfer", "GroupSequence", "Slot", "module_slots", "move_to", "run_on_host",
-           "host_buffer", "sync_device", "trim_host_heap", "ALIGN"]
+           "host_buffer", "sync_device", "trim_host_heap", "file_ranges", "in_file", "release_file_pages", "ALIGN"]
