@@ -29,6 +29,7 @@ trajectory pass, both experts) on one GPU. The four-GPU row is not run here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import resource
@@ -55,7 +56,7 @@ from wanquant.method.config import preset
 from wanquant.method.layer import quantize_layer
 from wanquant.model.pipeline import GenerationSettings, encode_prompts, run_pipeline
 from wanquant.model.wan import ExpertSpec, blocks_of, experts_of, input_key, quant_targets
-from wanquant.numerics.stats import LayerStatsAccumulator, accumulate_gram
+from wanquant.numerics.stats import HESSIAN_STRIP, HessianAccumulator, LayerStatsAccumulator, accumulate_gram
 
 PAPER = dict(samples=12, height=480, width=832, frames=61, steps=40, guidance=3.5)
 
@@ -127,28 +128,59 @@ def settings_of(height, width, frames, steps, guidance) -> GenerationSettings:
 # ---------------------------------------------------------------------------------------
 # components
 def gram_bench(device, tokens: int, ks: tuple[int, ...]) -> dict:
+    """``X^T X`` of one forward: the full matrix (fp32, bf16 GEMM with fp32 output), the packed
+    upper strips calibration stores (:class:`HessianAccumulator`), and those strips spilled to
+    host memory (formed here, copied out asynchronously, added on the host; timed to arrival)."""
     out = {}
     for k in ks:
         x = (torch.randn(tokens, k, device=device) * torch.rand(k, device=device) * 3).bfloat16()
         ref = (x.double().T @ x.double()) if device.type == "cuda" or k <= 1024 else None
         row = {}
-        for name, fast, host in (("fp32", False, False), ("bf16_gemm", True, False), ("bf16_gemm_spilled", True, True)):
-            if host and device.type != "cuda":
+        for name, fast, where in (("fp32", False, None), ("bf16_gemm", True, None), ("bf16_strips", True, device),
+                                  ("bf16_strips_spilled", True, torch.device("cpu"))):
+            if name.endswith("spilled") and device.type != "cuda":
                 continue
-            h = torch.zeros(k, k, device="cpu" if host else device)
-            path = accumulate_gram(h, x, 1, fast)
-            err = float(((h.double().to(device) - ref).abs().max() / ref.abs().max())) if ref is not None else None
-            t = timed(lambda: accumulate_gram(h, x, 1, fast), device)
-            row[name] = {"ms": t * 1e3, "path": path, "max_rel_err_vs_fp64": err}
-            del h
+            if where is None:
+                h = torch.zeros(k, k, device=device)
+                step = lambda: accumulate_gram(h, x, 1, fast)  # noqa: E731
+                full, stored = (lambda: h), k * k
+            else:
+                acc = HessianAccumulator(k, device=where, fast=fast)
+                step = lambda: (acc.update(x), acc._settled(), acc.path)[-1]  # noqa: E731
+                full, stored = (lambda: acc.hessian), acc.packed.numel()
+            path = step()  # once, for the error; then timed
+            err = None
+            if ref is not None:
+                err = float((full().double().to(device) - ref).abs().max() / ref.abs().max())
+            t = timed(step, device)
+            row[name] = {"ms": t * 1e3, "path": path, "max_rel_err_vs_fp64": err, "stored_mb": stored * 4 / 1e6}
+            h = acc = None
         out[str(k)] = row
         del x, ref
         free()
     return out
 
 
-def forward_costs(expert, cfg, qcfg, args: dict, hooked_blocks: int, device, reps: int = 2) -> dict:
-    """One expert forward without and with statistics on ``hooked_blocks`` blocks."""
+def _timestep_per_bin(spec: ExpertSpec, qcfg) -> list[float]:
+    bins = spec.timestep_bins(qcfg)
+    per_bin: dict[int, float] = {}
+    for t in range(int(spec.t_start) - 1, int(spec.t_end), -1):
+        per_bin.setdefault(bins.bin_of(float(t)), float(t))
+    return list(per_bin.values())
+
+
+def forward_costs(expert, cfg, qcfg, args: dict, hooked_blocks: int, device, tokens: int, reps: int = 2) -> dict:
+    """One expert forward without statistics, and with statistics on ``hooked_blocks`` blocks.
+
+    Hooked forwards cost a fixed part (Hessians, maxima, reservoir keys) and the reservoir
+    copies, which shrink over a run: at the j-th forward of a bin about ``capacity / j``
+    tokens of each input enter (:class:`TokenReservoir`). Measured: the fixed part with
+    every reservoir's capacity set to 0 (nothing enters; timing only), then one forward per
+    timestep bin twice with the real capacity (the first round fills the reservoirs), each
+    round followed by waiting for its copies; the seconds per copied byte come from the
+    second round (the first also pays first-use costs). :func:`project` adds the copies a
+    whole run makes from their expected count.
+    """
     spec = high_spec(expert)
     targets = {spec.attr: [t for t in quant_targets(expert, qcfg) if t.block < hooked_blocks]}
     with torch.inference_mode():
@@ -157,45 +189,93 @@ def forward_costs(expert, cfg, qcfg, args: dict, hooked_blocks: int, device, rep
         torch.cuda.reset_peak_memory_stats(device)
     col = StatsCollector([spec], targets, qcfg)  # outside inference mode, as calibration builds it
     col.set_cond_context(args["encoder_hidden_states"])
-    # one timestep in each of the expert's bins, in turn: every bin's reservoir fills, as in a
-    # real run (the PTQ measured afterwards searches a clip table per bin)
-    bins = spec.timestep_bins(qcfg)
-    per_bin = {}
-    for t in range(int(spec.t_start) - 1, int(spec.t_end), -1):
-        per_bin.setdefault(bins.bin_of(float(t)), float(t))
-    ts, i = list(per_bin.values()), [0]
+    ts = _timestep_per_bin(spec, qcfg)
+    reservoirs = [r for a in col.acc[spec.attr].values() for r in a.reservoirs]
+    cap = reservoirs[0].capacity if reservoirs else 0
 
-    def hooked_forward():
-        expert(**dict(args, timestep=torch.tensor([ts[i[0] % len(ts)]], device=device)))
-        i[0] += 1
+    def copied() -> int:
+        return sum(r.n_copied * a.k * 2 for a in col.acc[spec.attr].values() for r in a.reservoirs)
+
+    def forward(t: float) -> None:
+        expert(**dict(args, timestep=torch.tensor([t], device=device)))
+
+    def one_round() -> tuple[float, float]:
+        """Mean seconds and copied bytes of a forward per bin, its copies waited for."""
+        before = copied()
+        cuda_sync(device)
+        t0 = time.perf_counter()
+        for t in ts:
+            forward(t)
+        col.settle()
+        cuda_sync(device)
+        return (time.perf_counter() - t0) / len(ts), (copied() - before) / len(ts)
 
     with torch.inference_mode():
         with col:
-            hooked = timed(hooked_forward, device, max(reps, len(ts)))
-            col.flush()
+            for r in reservoirs:
+                r.capacity = 0
+            fixed = timed(lambda: forward(ts[0]), device, reps)
+            for r in reservoirs:
+                r.capacity = cap
+            fill_s, fill_b = one_round()
+            second_s, second_b = one_round()
         peak = gpu_peak_gb(device)
-    return {"plain_s": plain, "hooked_s": hooked, "hooked_blocks": hooked_blocks,
-            "hook_per_block_s": (hooked - plain) / hooked_blocks, "peak_gb_hooked": peak,
-            "collector": col, "spec": spec, "targets": targets}
+    per_byte = max(0.0, second_s - fixed) / second_b if second_b else 0.0
+    return {"plain_s": plain, "hooked_fixed_s": fixed, "hooked_fill_s": fill_s, "hooked_second_s": second_s,
+            "hooked_blocks": hooked_blocks, "hook_per_block_s": max(0.0, fixed - plain) / hooked_blocks,
+            "copy_s_per_byte": per_byte, "capacity": cap, "tokens": tokens,
+            "row_bytes_per_block": fill_b / hooked_blocks / max(1, min(tokens, cap)),  # one token of every input
+            "copied_mb_per_forward": {"fill": fill_b / 1e6, "second": second_b / 1e6},
+            "bins": len(ts), "peak_gb_hooked": peak, "collector": col, "spec": spec, "targets": targets}
 
 
-def ptq_block_costs(col: StatsCollector, spec: ExpertSpec, targets, qcfg, blocks: list[int], device) -> dict:
-    per_layer, params = {}, {}
-    nb = spec.timestep_bins(qcfg).num_bins
+def expected_copied_rows(capacity: int, tokens: int, forwards: float) -> float:
+    """Expected tokens copied into one reservoir over ``forwards`` batches of ``tokens``: at the
+    j-th a token enters with probability ``capacity / (j tokens)`` (at most 1)."""
+    n = max(0, int(round(forwards)))
+    return sum(min(tokens, capacity / j) for j in range(1, n + 1))
+
+
+STAGES = ("finalize", "smooth", "lowrank", "gptq", "clip", "eval")
+
+
+def ptq_block_costs(col: StatsCollector, spec: ExpertSpec, targets, configs: dict, blocks: list[int], device) -> dict:
+    """The per-layer PTQ of whole blocks under each of ``configs`` (name -> QuantConfig; the
+    first is the one projected), with the seconds of each stage summed per block (``finalize``:
+    the statistics read back, the full Hessian built from its strips)."""
+    out = {name: {"per_layer_s": {}, "stages_s": dict.fromkeys(STAGES, 0.0)} for name in configs}
+    params = {}
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    nb = spec.timestep_bins(next(iter(configs.values()))).num_bins
     for t in targets[spec.attr]:
         if t.block not in blocks:
             continue
         w, b = t.fused_weight()
-        stats = col.finalize(spec.attr, t.name)
         cuda_sync(device)
         t0 = time.perf_counter()
-        params[t.name] = quantize_layer(w, b, stats, qcfg, nb, name=t.name)
+        stats = col.finalize(spec.attr, t.name)
         cuda_sync(device)
-        per_layer[t.name] = time.perf_counter() - t0
+        fin = time.perf_counter() - t0
+        for name, qcfg in configs.items():
+            t0 = time.perf_counter()
+            p = quantize_layer(w, b, stats, qcfg, nb, name=t.name)
+            cuda_sync(device)
+            o = out[name]
+            o["per_layer_s"][t.name] = time.perf_counter() - t0 + fin
+            o["stages_s"]["finalize"] += fin / len(blocks)
+            for st in STAGES[1:]:
+                o["stages_s"][st] += p.report["seconds"].get(st, 0.0) / len(blocks)
+            if name == next(iter(configs)):
+                params[t.name] = p
         del stats
-    per_block = [sum(v for n, v in per_layer.items() if n.startswith(f"blocks.{i}.")) for i in blocks]
-    return {"per_layer_s": per_layer, "per_block_s": per_block, "block_s": statistics.mean(per_block),
-            "params": params}
+    for o in out.values():
+        o["per_block_s"] = [sum(v for n, v in o["per_layer_s"].items() if n.startswith(f"blocks.{i}.")) for i in blocks]
+        o["block_s"] = statistics.mean(o["per_block_s"])
+    transient = (torch.cuda.max_memory_allocated(device) - base) / GB if device.type == "cuda" else None
+    return {"configs": out, "block_s": next(iter(out.values()))["block_s"], "params": params,
+            "transient_gb": transient}  # above the statistics and weights already resident
 
 
 def merge_cost(col: StatsCollector, spec: ExpertSpec, targets, block: int, device) -> float:
@@ -203,8 +283,8 @@ def merge_cost(col: StatsCollector, spec: ExpertSpec, targets, block: int, devic
     accs = [col.acc[spec.attr][input_key(t)] for t in targets[spec.attr] if t.block == block]
     copies = []
     for a in accs:
-        c = LayerStatsAccumulator(a.k, a.num_bins, 0, a.quantile, device=a.hessian.hessian.device, seed=a.k + 1)
-        c.hessian.hessian.copy_(a.hessian.hessian)
+        c = LayerStatsAccumulator(a.k, a.num_bins, 0, a.quantile, device=a.hessian.packed.device, seed=a.k + 1)
+        c.hessian.packed.copy_(a.hessian._settled())
         copies.append(c)
     cuda_sync(device)
     t0 = time.perf_counter()
@@ -276,11 +356,12 @@ def pipeline_around_experts(pipe, settings, sample, device) -> dict:
 # ---------------------------------------------------------------------------------------
 # the cost model
 def project(c: dict, samples: int, steps: int, cfg_forwards: int, blocks: int, experts: int, cond_only: bool,
-            expert_bytes: float, te_bytes: float, gpus: int = 1) -> dict:
+            expert_bytes: float, te_bytes: float, gpus: int = 1, bins: int = 3) -> dict:
     """Seconds of an expert-major calibration from per-unit costs ``c``.
 
     forwards: every step runs one live expert forward per CFG branch (the other expert is
-    replayed or skipped), hooks on every block (cond-only: on the conditional ones);
+    replayed or skipped), hooks on every block (cond-only: on the conditional ones): a fixed
+    part per block and forward, and the reservoir copies (:func:`expected_copied_rows`);
     around: each expert's run of a sample repeats the pipeline around the experts (VAE
     condition encoding, scheduler); PTQ per block; the work files are written, read and
     written again into the checkpoint; expert swaps and the text encoder moves over PCIe.
@@ -289,11 +370,15 @@ def project(c: dict, samples: int, steps: int, cfg_forwards: int, blocks: int, e
     per_sample = samples / gpus
     n_fwd = per_sample * steps * cfg_forwards
     hooked_fwd = n_fwd / cfg_forwards if cond_only else n_fwd
+    # reservoir copies: per expert and bin, the fill's bytes times the expected copies over its forwards
+    per_bin = hooked_fwd / (experts * bins)  # an even split: the most copies for this many forwards
+    rows = expected_copied_rows(c["capacity"], c["tokens"], per_bin)
+    copied_bytes = experts * bins / gpus * blocks * c["row_bytes_per_block"] * rows
     parts = {
         "text_encode": per_sample * c["text_encode_s"],
         "around_experts": per_sample * experts * c["pipeline_without_experts_s"],
         "forwards": n_fwd * c["forward_s"],
-        "hooks": hooked_fwd * blocks * c["hook_per_block_s"],
+        "hooks": hooked_fwd * blocks * c["hook_per_block_s"] + c["copy_s_per_byte"] * copied_bytes,
         "ptq": blocks * experts / gpus * c["ptq_block_s"],
         "checkpoint_io": blocks * experts * (2 * c["block_write_s"] + c["block_read_s"]),
         "swaps": (2 * expert_bytes / c["d2h_gbps"] + 2 * expert_bytes / c["h2d_gbps"]
@@ -305,13 +390,21 @@ def project(c: dict, samples: int, steps: int, cfg_forwards: int, blocks: int, e
 
 
 def stats_memory(cfg: dict, blocks: int) -> dict:
-    """One expert's Hessians on the device (the k/v input shared by every block), GB."""
+    """One expert's Hessians on the device as stored (packed upper strips; the k/v input shared
+    by every block), and as full matrices; the host reservoirs. GB."""
     d, f = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"]
-    per_block = 5 * hessian_bytes(d) + hessian_bytes(f)  # qkv, out, attn2 q, attn2 out, ffn up; ffn down
-    shared = hessian_bytes(d)  # attn2.to_kv of every block reads the embedded context (width d)
+
+    def expert(strip):  # qkv, out, attn2 q, attn2 out, ffn up; ffn down; attn2 k/v once (the context)
+        per_block = 5 * hessian_bytes(d, strip=strip) + hessian_bytes(f, strip=strip)
+        return per_block, blocks * per_block + hessian_bytes(d, strip=strip)
+
+    per_block, total = expert(HESSIAN_STRIP)
     res = 3 * 4096 * 2 * (blocks * (5 * d + f) + d)  # 3 bins x 4096 bf16 tokens per input
-    return {"per_block_gb": per_block / GB, "expert_gb": (blocks * per_block + shared) / GB, "reservoirs_gb": res / GB,
-            "both_experts_unshared_gb": 2 * blocks * (per_block + hessian_bytes(d)) / GB}
+    # The first forward of a bin copies every reservoir's tokens out through pinned buffers, which
+    # torch's host allocator rounds up to a power of two and keeps for reuse.
+    pinned = blocks * sum(2 ** math.ceil(math.log2(4096 * 2 * k)) for k in (d, d, d, d, d, f))
+    return {"per_block_gb": per_block / GB, "stats_expert_gb": total / GB, "stats_expert_full_gb": expert(None)[1] / GB,
+            "hessian_strip": HESSIAN_STRIP, "reservoirs_gb": res / GB, "pinned_staging_gb": pinned / GB}
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,6 +434,7 @@ def main(argv=None) -> None:
                                  "hooked_blocks": args.hooked_blocks, "tiny": args.tiny}}
     t_all = time.perf_counter()
     partial = Path(args.out or ".") / "calibration_cost_partial.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
 
     def log(*a) -> None:  # progress, and what is measured so far (a run cut short keeps it)
         print(f"[{time.perf_counter() - t_all:6.1f}s]", *a, flush=True)
@@ -367,7 +461,8 @@ def main(argv=None) -> None:
     result["components"] = {"check_around": comp, "full_around_experts": comp_full}
     log("around the experts", comp, comp_full)
     fa = forward_args(one_block, check["height"], check["width"], check["frames"], device)
-    fc = forward_costs(pipe.transformer, one_block, qcfg, fa, 1, device)
+    fc = forward_costs(pipe.transformer, one_block, qcfg, fa, 1, device,
+                       tokens_of(one_block, check["height"], check["width"], check["frames"]))
     del fc["collector"], fc["targets"], fc["spec"]
     free()
     parts = {"collect": 0.0, "quantize_layers": 0.0, "_finish": 0.0}
@@ -409,7 +504,7 @@ def main(argv=None) -> None:
     expert_bytes = sum(p.numel() * p.element_size() for p in expert.parameters())
     hooked = min(args.hooked_blocks, expert_cfg["num_layers"])
     fa_full = forward_args(expert_cfg, paper["height"], paper["width"], paper["frames"], device)
-    full = forward_costs(expert, expert_cfg, qcfg, fa_full, hooked, device)
+    full = forward_costs(expert, expert_cfg, qcfg, fa_full, hooked, device, ptok)
     col, spec, targets = full.pop("collector"), full.pop("spec"), full.pop("targets")
     result["components"]["full"] = full
     log("full forwards", full)
@@ -419,7 +514,10 @@ def main(argv=None) -> None:
             del col.acc[spec.attr][input_key(t)]
     free()
     merge_s = merge_cost(col, spec, targets, ptq_blocks[0], device)
-    ptq = ptq_block_costs(col, spec, targets, qcfg, ptq_blocks, device)
+    variants = {"wanquant": qcfg,  # projected; then the same with the randomized low-rank branch
+                "wanquant_randomized_lowrank": dataclasses.replace(
+                    qcfg, lowrank=dataclasses.replace(qcfg.lowrank, method="randomized"))}
+    ptq = ptq_block_costs(col, spec, targets, variants, ptq_blocks, device)
     params = ptq.pop("params")
     with tempfile.TemporaryDirectory() as tmp:
         io = io_cost({n: p for n, p in params.items() if n.startswith(f"blocks.{ptq_blocks[0]}.")}, Path(tmp))
@@ -428,36 +526,43 @@ def main(argv=None) -> None:
     swap = swap_cost(expert, device)
     full_peak = gpu_peak_gb(device)
     result["components"].update(ptq=ptq, io=io, swap=swap, merge_block_s=merge_s)
-    log("ptq", ptq["per_block_s"], "io", io, "swap", swap)
+    log("ptq", {n: (o["block_s"], o["stages_s"]) for n, o in ptq["configs"].items()}, "io", io, "swap", swap)
     del expert
     free()
 
     # 4. the model: the check run predicted from its own components, then the paper's settings
     unit = {"text_encode_s": comp["text_encode_s"], "pipeline_without_experts_s": comp["pipeline_without_experts_s"],
             "forward_s": fc["plain_s"], "hook_per_block_s": fc["hook_per_block_s"], "ptq_block_s": ptq["block_s"],
+            "copy_s_per_byte": fc["copy_s_per_byte"], "row_bytes_per_block": fc["row_bytes_per_block"],
+            "capacity": fc["capacity"], "tokens": fc["tokens"],
             "block_write_s": io["block_write_s"], "block_read_s": io["block_read_s"],
             "d2h_gbps": swap["d2h_gbps"], "h2d_gbps": swap["h2d_gbps"], "merge_block_s": merge_s}
-    predicted = project(unit, check["samples"], check["steps"], 2, 1, 2, False, one_expert_bytes, te_bytes)
+    nb = fc["bins"]
+    predicted = project(unit, check["samples"], check["steps"], 2, 1, 2, False, one_expert_bytes, te_bytes, bins=nb)
     err = (predicted["total"] - check_wall) / check_wall
     by_part = {"collect": (sum(predicted[k] for k in ("text_encode", "around_experts", "forwards", "hooks", "swaps")),
                            parts["collect"]),
                "quantize_layers": (predicted["ptq"], parts["quantize_layers"]),
                "finish_and_io": (predicted["checkpoint_io"], parts["_finish"]),
                "rest (not modelled)": (0.0, check_wall - sum(parts.values()))}
-    unit_full = dict(unit, forward_s=full["plain_s"], hook_per_block_s=full["hook_per_block_s"])
+    unit_full = dict(unit, forward_s=full["plain_s"], hook_per_block_s=full["hook_per_block_s"],
+                     copy_s_per_byte=full["copy_s_per_byte"], row_bytes_per_block=full["row_bytes_per_block"],
+                     tokens=full["tokens"])
     result["components"] = {"check": {**comp, **{k: v for k, v in fc.items()}}, "full": full, "ptq": ptq,
                             "merge_block_s": merge_s, "io": io, "swap": swap, "unit_costs_full": unit_full}
     unit_full.update(comp_full)  # text encoding and the pipeline around the experts, measured at full size
     result["components"]["full_around_experts"] = comp_full
     blocks = expert_cfg["num_layers"]
-    proj = project(unit_full, paper["samples"], paper["steps"], 2, blocks, 2, False, expert_bytes, te_bytes)
-    proj_cond = project(unit_full, paper["samples"], paper["steps"], 2, blocks, 2, True, expert_bytes, te_bytes)
-    proj4 = project(unit_full, paper["samples"], paper["steps"], 2, blocks, 2, False, expert_bytes, te_bytes, gpus=4)
+    proj = project(unit_full, paper["samples"], paper["steps"], 2, blocks, 2, False, expert_bytes, te_bytes, bins=nb)
+    proj_cond = project(unit_full, paper["samples"], paper["steps"], 2, blocks, 2, True, expert_bytes, te_bytes,
+                        bins=nb)
+    proj4 = project(unit_full, paper["samples"], paper["steps"], 2, blocks, 2, False, expert_bytes, te_bytes, gpus=4,
+                    bins=nb)
     mem = stats_memory(expert_cfg, blocks)
     gpu_total = args.gpu_memory_gb or (torch.cuda.get_device_properties(device).total_memory / GB
                                        if device.type == "cuda" else None)
     act_gb = (full["peak_gb_hooked"] or 0) - expert_bytes / GB - mem["per_block_gb"] * hooked - hessian_bytes(d) / GB
-    plan = {"expert_gb": expert_bytes / GB, "stats_expert_gb": mem["expert_gb"], "activations_gb": act_gb,
+    plan = {"expert_gb": expert_bytes / GB, "activations_gb": act_gb,
             "gpu_total_gb": gpu_total}
     if gpu_total:
         # What the code does by default (CalibrationRun.stats_memory_gb=None): the device's free
@@ -471,8 +576,8 @@ def main(argv=None) -> None:
         spilled_bytes = sum(sizes[k] for k in spilled)
         plan.update(stats_reserve_gb=reserve, stats_budget_gb=budget, spilled_inputs=len(spilled),
                     spilled_gb=spilled_bytes / GB)
-        spill_ms = result["gram"][str(f)].get("bf16_gemm_spilled", {}).get("ms")
-        gemm_ms = result["gram"][str(f)]["bf16_gemm"]["ms"]
+        spill_ms = result["gram"][str(f)].get("bf16_strips_spilled", {}).get("ms")
+        gemm_ms = result["gram"][str(f)]["bf16_strips"]["ms"]
         if spill_ms is not None:
             per_byte = (spill_ms - gemm_ms) / 1e3 / hessian_bytes(f)  # copy out + host addition, per hooked forward
             n_fwd = paper["samples"] * paper["steps"] * 2
@@ -481,14 +586,24 @@ def main(argv=None) -> None:
                 pr["total"] += pr["spill"]
         transient = max(act_gb, comp_full.get("around_peak_extra_gb") or 0.0)  # a forward, or the VAE encoding
         plan.update(transient_gb=transient, transient_fits_reserve=transient <= reserve)
-        plan["gpu_peak_gb"] = (expert_bytes + vae_bytes) / GB + transient + mem["expert_gb"] - spilled_bytes / GB
-    # host: the parked expert and text encoder, one expert's reservoirs (bf16), spilled Hessians,
+        resident = (expert_bytes + vae_bytes) / GB + mem["stats_expert_gb"] - spilled_bytes / GB
+        plan.update(ptq_transient_gb=ptq["transient_gb"], gpu_peak_collect_gb=resident + transient,
+                    gpu_peak_ptq_gb=resident + (ptq["transient_gb"] or 0.0))
+        plan["gpu_peak_gb"] = max(plan["gpu_peak_collect_gb"], plan["gpu_peak_ptq_gb"])
+    proj_alt = {}  # the whole run's total with each PTQ variant (spill included)
+    for name, o in ptq["configs"].items():
+        for cond, base in ((False, proj), (True, proj_cond)):
+            key = name + ("_cond_only" if cond else "")
+            proj_alt[key] = base["total"] + blocks * 2 * (o["block_s"] - ptq["block_s"])
+    # host: the parked expert and text encoder, one expert's reservoirs (bf16) and their pinned staging, spilled Hessians,
     # the recorded outputs (one latent per replayed forward), 6 GB of process and libraries
     cache_gb = paper["samples"] * paper["steps"] * 2 * expert_cfg["out_channels"] * 2 * math.prod(
         latent_shape(expert_cfg, paper["height"], paper["width"], paper["frames"])[2:]) / GB
-    host_proj = (expert_bytes + te_bytes) / GB + mem["reservoirs_gb"] + plan.get("spilled_gb", 0) + cache_gb + 6.0
+    host_proj = ((expert_bytes + te_bytes) / GB + mem["reservoirs_gb"] + mem["pinned_staging_gb"]
+                 + plan.get("spilled_gb", 0) + cache_gb + 6.0)
     result["memory_plan"] = {**plan, **mem, "host_projected_gb": host_proj}
-    result["projection"] = {"one_gpu": proj, "one_gpu_cond_only": proj_cond, "four_gpus_model_only": proj4}
+    result["projection"] = {"one_gpu": proj, "one_gpu_cond_only": proj_cond, "four_gpus_model_only": proj4,
+                            "one_gpu_total_by_ptq_variant": proj_alt}
     result["check"] = {"measured_wall_s": check_wall, "predicted": predicted, "error": err,
                        "within_10pct": abs(err) <= 0.10, "measured_parts_s": parts,
                        "predicted_vs_measured_s": by_part, "gpu_peak_gb": check_peak,
@@ -531,14 +646,32 @@ def _markdown(r: dict) -> str:
               f"(error {100 * c['error']:+.1f} %, within 10 %: {c['within_10pct']}); predicted / measured s: "
               + ", ".join(f"{k} {_fmt(a)} / {_fmt(b)}" for k, (a, b) in c["predicted_vs_measured_s"].items()), "",
               f"Memory plan: expert {_fmt(m['expert_gb'])} GB + one expert's Hessians {_fmt(m['stats_expert_gb'])} GB "
+              f"(upper strips of {m['hessian_strip']} rows; {_fmt(m['stats_expert_full_gb'])} GB as full matrices) "
               f"+ activations {_fmt(m['activations_gb'])} GB; spilled to host: {m.get('spilled_inputs', '-')} inputs, "
-              f"{_fmt(m.get('spilled_gb'))} GB", "", "Hessian accumulation of one forward (ms):", "",
-              "| K | fp32 | bf16 GEMM, fp32 out | spilled to host |", "|---|---|---|---|"]
+              f"{_fmt(m.get('spilled_gb'))} GB; GPU peak while collecting {_fmt(m.get('gpu_peak_collect_gb'))} GB, "
+              f"while quantizing {_fmt(m.get('gpu_peak_ptq_gb'))} GB (PTQ temporaries {_fmt(m.get('ptq_transient_gb'))} "
+              f"GB); host: reservoirs {_fmt(m['reservoirs_gb'])} GB", ""]
+    f = r["components"]["full"]
+    lines += [f"Hooks ({f['hooked_blocks']} blocks hooked): fixed part {_fmt(f['hook_per_block_s'], 4)} s per block "
+              f"and forward; reservoir copies {_fmt(f['copy_s_per_byte'] * 1e9, 3)} s per GB (fill "
+              f"{_fmt(f['copied_mb_per_forward']['fill'])} MB, second forward of a bin "
+              f"{_fmt(f['copied_mb_per_forward']['second'])} MB); forward without hooks {_fmt(f['plain_s'], 3)} s, "
+              f"first hooked round {_fmt(f['hooked_fill_s'], 3)} s, second {_fmt(f['hooked_second_s'], 3)} s", "",
+              "PTQ of one block (s per stage; finalize = statistics read back):", "",
+              "| config | " + " | ".join(STAGES) + " | block |", "|---|" + "---|" * (len(STAGES) + 1)]
+    for name, o in r["components"]["ptq"]["configs"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(o["stages_s"][st], 2) for st in STAGES)
+                     + f" | {_fmt(o['block_s'], 2)} |")
+    lines += ["", "Whole run by PTQ variant (s): " + ", ".join(
+        f"{k} {_fmt(v)}" for k, v in r["projection"]["one_gpu_total_by_ptq_variant"].items()), "",
+              "Hessian accumulation of one forward (ms):", "",
+              "| K | fp32 | bf16 GEMM, fp32 out | bf16 upper strips (stored) | strips spilled to host |",
+              "|---|---|---|---|---|"]
     for k, row in r["gram"].items():
         if k == "tokens":
             continue
         lines.append(f"| {k} | " + " | ".join(_fmt(row.get(n, {}).get("ms"), 2) for n in
-                                               ("fp32", "bf16_gemm", "bf16_gemm_spilled")) + " |")
+                                               ("fp32", "bf16_gemm", "bf16_strips", "bf16_strips_spilled")) + " |")
     return "\n".join(lines)
 
 

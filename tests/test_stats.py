@@ -103,6 +103,37 @@ def test_reservoir_bounded_uniform_deterministic() -> None:
     assert torch.equal(again.tokens, r.tokens)
 
 
+def _keys_of(seed: int, sizes: list[int]) -> torch.Tensor:
+    """The keys a reservoir draws for batches of ``sizes`` (the same seeded host stream)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.rand(n, generator=g, dtype=torch.float64) for n in sizes])
+
+
+def test_reservoir_is_exactly_the_smallest_keys_and_copies_few() -> None:
+    """Against brute force: the kept tokens are exactly those with the ``cap`` smallest keys of
+    the stream (and of the union after a merge), and far fewer than ``cap`` per batch are copied."""
+    cap, seed = 300, int(torch.randint(0, 2**30, ()))
+    stream = _index_stream(30000)
+    r = TokenReservoir(2, cap, seed)
+    for x in stream:
+        r.update(x)
+    keys = _keys_of(seed, [len(x) for x in stream])
+    best = torch.topk(keys, cap, largest=False).indices
+    assert set(r.tokens[:, 0].long().tolist()) == set(best.tolist())
+    assert torch.equal(r.keys.sort().values, keys[best].sort().values)
+    assert torch.equal(keys[r.tokens[:, 0].long()], r.keys)  # each slot's key is its token's
+    harmonic = sum(1 / j for j in range(1, len(stream) + 1))
+    assert r.n_copied < 3 * cap * (1 + harmonic) < cap * len(stream) / 2
+    other = _index_stream(5000)
+    o = TokenReservoir(2, cap, seed + 1)
+    for x in other:
+        o.update(x + 30000)
+    both = torch.cat([keys, _keys_of(seed + 1, [len(x) for x in other])])
+    r.merge(o)
+    assert set(r.tokens[:, 0].long().tolist()) == set(torch.topk(both, cap, largest=False).indices.tolist())
+    assert r.n_seen == 35000
+
+
 def test_reservoir_merge_weighting() -> None:
     k, cap = 3, 500
     a, b = TokenReservoir(k, cap, seed=1), TokenReservoir(k, cap, seed=2)

@@ -139,14 +139,17 @@ def pipeline_defaults(pipe) -> GenerationSettings:
 
 def check_quantize_inputs(model: str | Path, out_dir: str | Path, config: QuantConfig | str = "wanquant",
                           settings: GenerationSettings | None = None, blocks_per_pass: int | None = None,
-                          reservoir_tokens: int = 4096, shards: int | None = None, overwrite: bool = False) -> None:
+                          reservoir_tokens: int = 4096, shards: int | None = None, overwrite: bool = False,
+                          cond_only: bool = False, schedule: str = "expert_major",
+                          stats_memory_gb: float | None = None) -> None:
     """Every check of a quantize run that needs no loaded model: numbers, the model
     directory, blocks left to quantize, and an output that is writable, replaceable and
     not being written by another run. The CLI runs it before loading anything;
     :func:`quantize` repeats what applies once the pipeline is loaded."""
     cfg = preset(config) if isinstance(config, str) else config
-    check_settings(settings or default_settings(model))
+    settings = check_settings(settings or default_settings(model))
     check_calibration_run(blocks_per_pass, reservoir_tokens, shards)
+    _calibration_run(settings, blocks_per_pass, reservoir_tokens, False, shards, cond_only, schedule, stats_memory_gb)
     path = model_path(model)
     pipeline_class(path)  # a diffusers directory of a Wan pipeline
     for attr in ("transformer", "transformer_2"):
@@ -196,15 +199,31 @@ def load_calibration(source: str | Path, count: int | None = None) -> list[Calib
     return samples[:count] if count else samples
 
 
+def _calibration_run(settings, blocks_per_pass, reservoir_tokens, progress, shards, cond_only, schedule,
+                     stats_memory_gb) -> CalibrationRun:
+    try:
+        return CalibrationRun(settings, blocks_per_pass, reservoir_tokens, progress=progress, shards=shards,
+                              cond_only=cond_only, schedule=schedule, stats_memory_gb=stats_memory_gb)
+    except ValueError as e:  # a bad option: one line, before any work
+        raise InputError(str(e)) from None
+
+
 def quantize(pipe, samples: list[CalibSample], out_dir: str | Path, config: QuantConfig | str = "wanquant",
              settings: GenerationSettings | None = None, blocks_per_pass: int | None = None,
              reservoir_tokens: int = 4096, overwrite: bool = False, restart: bool = False,
-             progress: bool | None = None, shards: int | None = None, dist: DistContext | None = None) -> Path:
+             progress: bool | None = None, shards: int | None = None, dist: DistContext | None = None,
+             cond_only: bool = False, schedule: str = "expert_major", stats_memory_gb: float | None = None) -> Path:
     """Calibrate on ``samples``, quantize both experts and write the checkpoint to ``out_dir``.
 
     ``settings``: the calibration forwards' sampling settings (default: the model's,
     :func:`pipeline_defaults`); ``shards``: split the samples into this many shards merged
     in shard order (the same shards give the same checkpoint on any number of processes);
+    ``cond_only``: statistics from the conditional forwards only, as the paper's code
+    (half the statistics work under classifier-free guidance; another checkpoint);
+    ``schedule``: ``"expert_major"`` (one trajectory pass, one expert's weights and
+    statistics on the device at a time) or ``"interleaved"`` (both experts hooked at once;
+    the same statistics, more memory); ``stats_memory_gb``: device memory for statistics,
+    beyond which Hessians are kept in host memory (slower; default: what is free less 6 GB);
     ``dist``: this process's place in a torchrun job (:func:`init_distributed`);
     ``progress``: bars (None: when stderr is a terminal). Arguments and the output are
     checked before any work; the output is locked while the run writes it.
@@ -212,12 +231,12 @@ def quantize(pipe, samples: list[CalibSample], out_dir: str | Path, config: Quan
     cfg = preset(config) if isinstance(config, str) else config
     settings = check_settings(settings or pipeline_defaults(pipe))
     check_calibration_run(blocks_per_pass, reservoir_tokens, shards)
-    check_samples(samples)
     main = dist is None or dist.is_main
+    run = _calibration_run(settings, blocks_per_pass, reservoir_tokens, show_progress(progress) and main, shards,
+                           cond_only, schedule, stats_memory_gb)
+    check_samples(samples)
     if main:
         check_checkpoint_out(out_dir, overwrite)
-    run = CalibrationRun(settings, blocks_per_pass, reservoir_tokens, progress=show_progress(progress) and main,
-                         shards=shards)
     return quantize_pipeline(pipe, samples, cfg, run, out_dir, overwrite=overwrite, restart=restart, dist=dist)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from wanquant import api
+from wanquant.calibration.config import SCHEDULES as CALIB_SCHEDULES
 
 log = logging.getLogger("wanquant")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,11 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", help="JSON file with a full QuantConfig (overrides --preset)")
     q.add_argument("--skip-blocks", type=int, nargs="*",
                    help="blocks kept 16-bit (e.g. 0 -1); replaces the preset's or --config's list")
-    q.add_argument("--blocks-per-pass", type=int, help="blocks calibrated per pass (bounds memory; resumable)")
+    q.add_argument("--blocks-per-pass", type=int,
+                   help="blocks calibrated per pass (default: all, one trajectory pass per expert); fewer bound GPU "
+                        "memory at the cost of one trajectory per pass; an interrupted run resumes per pass")
     q.add_argument("--reservoir-tokens", type=int, default=4096, help="sampled tokens kept per layer and bin")
     q.add_argument("--calib-shards", type=int,
                    help="split the samples into this many shards merged in shard order (default: one per process "
                         "under torchrun, else 1); the same shards give the same checkpoint on any number of GPUs")
+    q.add_argument("--cond-only", action="store_true",
+                   help="collect statistics on the conditional (prompted) forwards only, as the paper's code does: "
+                        "half the statistics work under classifier-free guidance (both branches still run); "
+                        "gives another checkpoint than the default (both branches)")
+    q.add_argument("--calib-schedule", default="expert_major", choices=list(CALIB_SCHEDULES),
+                   help="expert_major (default): one trajectory pass, one expert's BF16 weights and statistics on "
+                        "the GPU at a time (the other waits in host memory); interleaved: both experts hooked in "
+                        "one run (same statistics, needs both on the device)")
+    q.add_argument("--stats-memory-gb", type=float, metavar="GB",
+                   help="GPU memory for calibration statistics; Hessians beyond it are kept in host memory (slower). "
+                        "Default: what is free on the GPU less 6 GB (one A14B expert's Hessians take 29 GB)")
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     q.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -136,6 +150,7 @@ def _quant_config(args) -> api.QuantConfig:
 def cmd_quantize(args) -> int:
     cfg = _quant_config(args)
     settings = _settings(args)
+    calib = {"cond_only": args.cond_only, "schedule": args.calib_schedule, "stats_memory_gb": args.stats_memory_gb}
     # Under torchrun: one process per GPU (cuda:LOCAL_RANK, NCCL) or CPU process (gloo).
     dist = api.init_distributed(args.device)
     main = dist is None or dist.is_main
@@ -146,7 +161,7 @@ def cmd_quantize(args) -> int:
         # rank 0 checks (the output's lock is one file) and tells the others.
         def check() -> None:
             api.check_quantize_inputs(args.model, args.out, cfg, settings, args.blocks_per_pass,
-                                      args.reservoir_tokens, args.calib_shards, args.overwrite)
+                                      args.reservoir_tokens, args.calib_shards, args.overwrite, **calib)
 
         if dist is not None:
             dist.on_main(check)
@@ -157,7 +172,7 @@ def cmd_quantize(args) -> int:
         pipe = api.load_base_pipeline(args.model, device, DTYPES[args.dtype], vae_dtype=DTYPES[args.vae_dtype])
         out = api.quantize(pipe, samples, args.out, cfg, settings, args.blocks_per_pass,
                            args.reservoir_tokens, overwrite=args.overwrite, restart=args.restart,
-                           shards=args.calib_shards, dist=dist)
+                           shards=args.calib_shards, dist=dist, **calib)
     finally:
         if dist is not None:
             dist.close()

@@ -1,7 +1,8 @@
 """Hooks that stream statistics out of a BF16 pipeline run, per expert and timestep bin.
 
 Nothing keeps whole activations: each hooked input updates channel maxima, an fp32
-Hessian and a bounded token reservoir of the current bin (:mod:`wanquant.numerics.stats`).
+Hessian and a bounded token reservoir of the current bin (:mod:`wanquant.numerics.stats`),
+without waiting for the device: one synchronisation per expert forward (its timestep).
 Each hook knows its expert, the active timestep bin and whether the forward is the
 conditional or the unconditional branch of classifier-free guidance.
 
@@ -178,6 +179,13 @@ class StatsCollector:
                                    "but it changed between steps of one sample; wanquant.model.wan.BLOCK_TABLE does "
                                    "not match this model")
             self.acc[attr][key].update_repeated(slot.x, dict(slot.bins))
+
+    def settle(self) -> None:
+        """Add the pending static inputs and wait for every copy in flight (for timings)."""
+        self.flush()
+        for accs in self.acc.values():
+            for acc in accs.values():
+                acc.settle()
 
     def finalize(self, attr: str, name: str) -> LayerStats:
         self.flush()

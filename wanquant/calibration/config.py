@@ -30,7 +30,9 @@ class CalibrationRun:
     # Used with two experts and per-expert clip tables; otherwise interleaved.
     schedule: Literal["expert_major", "interleaved"] = "expert_major"
     offload_idle_experts: bool = True  # expert_major on CUDA: the experts not running wait in host memory
-    cond_only: bool = False  # collect on the conditional forwards only (the paper's code)
+    # Collect on the conditional forwards only (the paper's code): under classifier-free guidance
+    # half the statistics work; the pipeline still runs both branches (the trajectory is unchanged).
+    cond_only: bool = False
     fast_hessian: bool = True  # 16-bit GEMM with fp32 output for X^T X where the device has one
     # Device memory for statistics (GB); inputs beyond it keep their Hessians in host memory
     # (formed on the device, added on the host; largest first). None: what is free on the
@@ -39,9 +41,15 @@ class CalibrationRun:
     stats_reserve_gb: float = 6.0
 
     def __post_init__(self) -> None:
+        # The messages name the CLI flag and the API argument: the CLI and api.quantize build this.
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"calibration schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.stats_memory_gb is not None and not self.stats_memory_gb >= 0:
-            raise ValueError(f"stats_memory_gb must be >= 0 (or None: what is free), got {self.stats_memory_gb!r}")
+            raise ValueError(f"--calib-schedule (schedule) must be one of {', '.join(SCHEDULES)}; "
+                             f"got {self.schedule!r}")
+        if not isinstance(self.cond_only, bool):
+            raise ValueError(f"cond_only must be True or False, got {self.cond_only!r}")
+        gb = self.stats_memory_gb
+        if gb is not None and (isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb >= 0):
+            raise ValueError(f"--stats-memory-gb (stats_memory_gb) must be a number of GB >= 0 (or left out: what "
+                             f"is free on the device less {self.stats_reserve_gb} GB), got {gb!r}")
         if not self.stats_reserve_gb >= 0:
             raise ValueError(f"stats_reserve_gb must be >= 0, got {self.stats_reserve_gb!r}")

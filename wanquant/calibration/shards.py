@@ -22,10 +22,10 @@ How the statistics are merged, and what is guaranteed:
 
 * absmax (and the histogram's maxima): ``reduce(MAX)``; histogram counts:
   ``reduce(SUM)`` in int64; token counts: sums of integers. All exact, in any order.
-* Reservoirs: gathered per shard and folded in shard order with
-  :meth:`TokenReservoir.merge` (the smallest keys of the union, in concatenation order):
-  exact, and the same set whatever the grouping.
-* Hessians (fp32 sums of ``X^T X``): gathered per shard and added in shard order,
+* Reservoirs: gathered per shard (keys and tokens in slot order) and folded in shard
+  order with :meth:`TokenReservoir.merge` (the smallest keys of the union): exact, and
+  the same set whatever the grouping; the same slots as the single-process fold.
+* Hessians (fp32 sums of ``X^T X``, as packed upper strips): gathered per shard and added in shard order,
   ``((H_0 + H_1) + H_2) + ...``, exactly as :meth:`LayerStatsAccumulator.merge` folds
   them in one process. fp32 addition is not associative, so this is where the shard
   count shows.
@@ -180,7 +180,7 @@ def reduce_layer_stats(dist: DistContext | None, local: list[LayerStatsAccumulat
     # Hessians: gathered per shard, added in shard order (fp32 addition is not associative).
     hessians: list[torch.Tensor | None] = [None] * (world * per)
     for j, a in enumerate(local):
-        h = a.hessian.hessian.to(dev)
+        h = a.hessian._settled().to(dev)  # the packed strips
         bufs = [torch.empty_like(h) for _ in range(world)] if is_owner else None
         tdist.gather(h, bufs, dst=owner)
         if is_owner:
@@ -210,22 +210,21 @@ def reduce_layer_stats(dist: DistContext | None, local: list[LayerStatsAccumulat
                     n, tdtype, n_seen, seed, cap = metas[s]["res"][b]
                     rr = TokenReservoir(ref.k, cap, seed, tdtype, name=ref.name)
                     if rows:
-                        rr.keys = kbufs[r][:n].cpu().clone()
-                        rr.tokens = tbufs[r][:n].cpu().to(tdtype).clone()
+                        rr.load(kbufs[r][:n], tbufs[r][:n], n_seen)
                     rr.n_seen = n_seen
                     reservoirs[s].append(rr)
     if not is_owner:
         return None
 
-    out = LayerStatsAccumulator(ref.k, ref.num_bins, 0, ref.quantile, ref.hessian.hessian.dtype, device="meta",
-                                name=ref.name)
+    out = LayerStatsAccumulator(ref.k, ref.num_bins, 0, ref.quantile, ref.hessian.packed.dtype, device="meta",
+                                name=ref.name, hessian_strip=ref.hessian.strip)
     out.absmax.value = amax.cpu()
     if hist is not None:
         out.hist.counts, out.hist.amax.value = hist[0].cpu(), hist[1].cpu()
     h = hessians[0]
     for other in hessians[1:]:
         h += other  # what HessianAccumulator.merge does
-    out.hessian.hessian = h.to(ref.hessian.hessian.device)
+    out.hessian.packed = h.to(ref.hessian.packed.device)
     out.hessian.n_tokens = sum(m["n_tokens"] for m in metas)
     out.reservoirs = []
     for b in range(ref.num_bins):

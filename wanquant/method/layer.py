@@ -13,7 +13,9 @@ rely on for bit-exactness: the layer input is smoothed as ``x.float() * (1.0 / s
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -51,12 +53,36 @@ def output_error(p: QuantizedLinearParams, weight: torch.Tensor, x: torch.Tensor
     return float(d.double().square().sum()) / den if den > 0 else 0.0
 
 
+@contextmanager
+def tf32_matmul(device: torch.device, enabled: bool = True):
+    """fp32 matmuls on ``device`` in TF32 inside the block (CUDA only; the flag is restored).
+
+    For the searches, whose objectives only rank candidates. Uses whichever of torch's two
+    TF32 switches is in use: mixing them is an error on torch >= 2.9.
+    """
+    if not enabled or torch.device(device).type != "cuda":
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    try:
+        name, old, new = "allow_tf32", m.allow_tf32, True
+    except RuntimeError:  # the new API was used: keep to it
+        name, old, new = "fp32_precision", m.fp32_precision, "tf32"
+    setattr(m, name, new)
+    try:
+        yield
+    finally:
+        setattr(m, name, old)
+
+
 def search_clip_table(clip: ClipConfig, reservoirs: dict[int, torch.Tensor], w_deq: torch.Tensor,
                       afmt: GroupFormat, num_bins: int, smooth: torch.Tensor | None = None,
                       seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
     """:func:`wanquant.numerics.clip.clip_table` with the grids and switches of ``clip``."""
-    return clip_table(reservoirs, w_deq, afmt, num_bins, clip.clip_ratios, clip.exp_offsets,
-                      max_tokens=clip.max_tokens, per_bin=clip.per_bin, enabled=clip.enabled, smooth=smooth, seed=seed)
+    with tf32_matmul(w_deq.device, clip.tf32):
+        return clip_table(reservoirs, w_deq, afmt, num_bins, clip.clip_ratios, clip.exp_offsets,
+                          max_tokens=clip.max_tokens, per_bin=clip.per_bin, enabled=clip.enabled, smooth=smooth,
+                          seed=seed)
 
 
 def _smoothing(w: torch.Tensor, stats: LayerStats, cfg: QuantConfig, seed: int) -> SmoothResult:
@@ -64,10 +90,11 @@ def _smoothing(w: torch.Tensor, stats: LayerStats, cfg: QuantConfig, seed: int) 
     # The search only ranks alphas, so a randomized branch does unless the branch itself
     # depends on the (smoothed) Hessian.
     method = "activation_aware" if lr.method == "activation_aware" else "randomized"
-    return search_smoothing(
-        w, stats, cfg.weight_format, cfg.act_format, cfg.smooth.alpha_grid if cfg.smooth.enabled else None,
-        act_quantile=cfg.smooth.act_quantile, max_tokens=cfg.clip.max_tokens, rank=lr.rank, lowrank_method=method,
-        oversample=lr.randomized_oversample, n_iter=lr.randomized_iters, seed=seed)
+    with tf32_matmul(w.device, cfg.smooth.tf32):
+        return search_smoothing(
+            w, stats, cfg.weight_format, cfg.act_format, cfg.smooth.alpha_grid if cfg.smooth.enabled else None,
+            act_quantile=cfg.smooth.act_quantile, max_tokens=cfg.clip.max_tokens, rank=lr.rank, lowrank_method=method,
+            oversample=lr.randomized_oversample, n_iter=lr.randomized_iters, seed=seed)
 
 
 def _validate(weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats, cfg: QuantConfig,
@@ -111,14 +138,17 @@ def quantize_layer(weight: torch.Tensor, bias: torch.Tensor | None, stats: Layer
                    num_bins: int, name: str = "", seed: int = 0) -> QuantizedLinearParams:
     """Quantize ``y = weight x + bias`` (``weight [N, K]``) with calibration ``stats`` of one expert.
 
-    Pipeline: smoothing search (s = 1 when disabled), low-rank split of ``W diag(s)`` with
+    Pipeline (``report["seconds"]`` times each stage; "smooth" includes reading the
+    statistics onto the device): smoothing search (s = 1 when disabled), low-rank split of ``W diag(s)`` with
     bf16 factors, GPTQ of the residual against the smoothed-space Hessian
     ``diag(1/s) H diag(1/s)`` (round-to-nearest when disabled), per-bin activation clip
     search, and the final relative output error per bin on the reservoir tokens.
     """
     who = f"layer {name!r}" if name else "layer"
-    _validate(weight, bias, stats, cfg, num_bins, who)
     dev, t0 = weight.device, time.perf_counter()
+    # The reservoirs (host memory) are read by every stage: moved to the weight's device once.
+    stats = dataclasses.replace(stats, reservoirs={b: x.to(dev) for b, x in stats.reservoirs.items()})
+    _validate(weight, bias, stats, cfg, num_bins, who)
     wfmt, afmt = cfg.weight_format, cfg.act_format
     seconds: dict[str, float] = {}
 

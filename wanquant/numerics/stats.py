@@ -3,6 +3,19 @@
 Every accumulator takes batches ``[..., K]`` (any leading shape) and can be merged with
 another of its kind (sums across processes or calibration shards). Whole activations
 are never kept: only maxima, a histogram, a Hessian and a bounded token reservoir.
+
+Collection never waits for the device (a calibration forward feeds seven inputs per block
+through here): maxima, histogram counts and Hessians stay on the batches' device, and a
+reservoir draws its keys on the host, so the host alone decides which tokens enter it;
+only those are gathered on the device and copied out asynchronously. Results reach the
+host when read (finalize, merge). NaN or Inf in a CPU batch is refused at once; on a GPU
+that check would wait for the device, so there the maxima carry them (max propagates NaN
+and Inf) and :meth:`AbsMax.host` refuses them when the statistics are read.
+
+The Hessian ``X^T X`` is symmetric: :class:`HessianAccumulator` forms and stores only its
+upper strips (``strip`` rows each, from the diagonal on): about half the memory and half
+the GEMM work of the full matrix (29 GB instead of 52 GB for one A14B expert).
+
 Part of ``numerics`` (formats -> numerics -> method -> kernels/runtime): plain tensors,
 no configuration.
 """
@@ -13,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+HESSIAN_STRIP = 1024  # rows per stored strip of a Hessian: large GEMMs, ~55 % of the full matrix at K = 5120
+
 
 def _check_weight(weight: int) -> int:
     if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
@@ -20,31 +35,32 @@ def _check_weight(weight: int) -> int:
     return weight
 
 
-_FP32_OUT_GEMM: dict[str, str | None] = {}
+_FP32_OUT_GEMM: dict[str, tuple[str, bool] | None] = {}
 
 
-def fp32_out_gemm(device: torch.device) -> str | None:
-    """How this device forms a 16-bit GEMM with fp32 output, if it can: ``"addmm"``
-    (accumulating in place), ``"mm"`` (a product, then an addition) or None.
+def fp32_out_gemm(device: torch.device) -> tuple[str, bool] | None:
+    """How this device forms a 16-bit GEMM with fp32 output, if it can: ``(mode, contiguous)``
+    with mode ``"addmm"`` (accumulating in place) or ``"mm"`` (a product, then an addition),
+    and whether column slices must be copied first; None: it cannot.
 
     CUDA on torch >= 2.8 has ``out_dtype`` on ``mm``/``addmm``; the CPU does not (and its bf16
     GEMM would be slower than fp32 anyway). Probed once per device type on a tiny problem
-    whose result is exact, and checked against fp32.
+    whose result is exact (column slices, as the strips read them), checked against fp32.
     """
     key = torch.device(device).type
     if key not in _FP32_OUT_GEMM:
         _FP32_OUT_GEMM[key] = None
         if key == "cuda":
             x = (torch.arange(48, device=device, dtype=torch.float32).reshape(12, 4) / 8).bfloat16()
-            ref = 1 + 3 * (x.float().T @ x.float())
-            for mode in ("addmm", "mm"):
-                h = torch.ones(4, 4, device=device)
+            ref = 1 + 3 * (x.float()[:, :2].T @ x.float()[:, 1:])
+            for how in (("addmm", False), ("mm", False), ("addmm", True), ("mm", True)):
+                h = torch.ones(2, 3, device=device)
                 try:
-                    _gemm16(mode, h, x, 3)
+                    _gemm16(how, h, x[:, :2], x[:, 1:], 3)
                 except (RuntimeError, TypeError):
                     continue
                 if torch.equal(h, ref):
-                    _FP32_OUT_GEMM[key] = mode
+                    _FP32_OUT_GEMM[key] = how
                     break
     return _FP32_OUT_GEMM[key]
 
@@ -53,66 +69,138 @@ def fp32_out_gemm_available(device: torch.device) -> bool:
     return fp32_out_gemm(device) is not None
 
 
-def _gemm16(mode: str, h: torch.Tensor, x: torch.Tensor, weight: int) -> None:
+def _gemm16(how: tuple[str, bool], h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight: int) -> None:
+    """``h += weight * a^T b`` with 16-bit ``a``, ``b`` and fp32 ``h``."""
+    mode, contiguous = how
+    if contiguous:
+        a, b = a.contiguous(), b.contiguous()
     if mode == "addmm":
-        torch.addmm(h, x.T, x, alpha=weight, out_dtype=torch.float32, out=h)
+        torch.addmm(h, a.T, b, alpha=weight, out_dtype=torch.float32, out=h)
     else:
-        h.add_(torch.mm(x.T, x, out_dtype=torch.float32), alpha=weight)
+        h.add_(torch.mm(a.T, b, out_dtype=torch.float32), alpha=weight)
 
 
-def accumulate_gram(h: torch.Tensor, x: torch.Tensor, weight: int = 1, fast: bool = True) -> str:
+# ---------------------------------------------------------------------------------------
+# symmetric matrices stored as upper strips
+
+
+def strip_rows(k: int, strip: int | None) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` of the strips of a symmetric ``[k, k]`` matrix; strip ``[r0, r1)``
+    holds those rows from column ``r0`` on. ``strip`` None (or >= k): one strip, the whole matrix."""
+    s = k if not strip or strip >= k else int(strip)
+    return [(r, min(r + s, k)) for r in range(0, k, s)]
+
+
+def packed_numel(k: int, strip: int | None) -> int:
+    """Elements of the packed strips: ``(k^2 + sum of strip heights^2) / 2``."""
+    return sum((r1 - r0) * (k - r0) for r0, r1 in strip_rows(k, strip))
+
+
+def strip_views(packed: torch.Tensor, k: int, strip: int | None) -> list[tuple[int, int, torch.Tensor]]:
+    """``(r0, r1, view [r1 - r0, k - r0])`` of each strip inside the flat ``packed`` buffer."""
+    out, off = [], 0
+    for r0, r1 in strip_rows(k, strip):
+        n = (r1 - r0) * (k - r0)
+        out.append((r0, r1, packed[off:off + n].view(r1 - r0, k - r0)))
+        off += n
+    return out
+
+
+def unpack_symmetric(packed: torch.Tensor, k: int, strip: int | None) -> torch.Tensor:
+    """The full ``[k, k]`` matrix: the strips' upper triangle, mirrored (exactly symmetric)."""
+    h = packed.new_zeros(k, k)
+    for r0, r1, v in strip_views(packed, k, strip):
+        h[r0:r1, r0:] = v
+    h.triu_()
+    return h.add_(h.T.tril(-1))  # tril(-1) of the transpose is a new tensor: no aliasing
+
+
+def accumulate_gram(h: torch.Tensor, x: torch.Tensor, weight: int = 1, fast: bool = True,
+                    strip: int | None = None) -> str:
     """``h += weight * x^T x`` for ``x`` ``[T, K]``; returns the path taken.
 
+    ``h``: the full ``[K, K]`` matrix (``strip`` None), or the flat packed upper strips of
+    ``strip`` rows (:func:`strip_views`), of which only the strips are formed.
     ``"bf16_gemm"``: 16-bit ``x`` with an fp32 ``h`` on a device with an fp32-output 16-bit
     GEMM (:func:`fp32_out_gemm`). Products of two bf16 (or fp16) numbers are exact in fp32
     and the GEMM accumulates in fp32, so this differs from the fp32 GEMM of the upcast
     input only in the order of the additions, at a fraction of its cost on Hopper.
     ``"fp32"``: ``x`` upcast to ``h``'s dtype (TF32 as the backend flags say: off by default).
     ``h`` may live on another device than ``x`` (statistics spilled to host memory): the
-    product is formed on ``x``'s device and added where ``h`` is.
+    product is formed on ``x``'s device and added where ``h`` is (synchronously).
     """
     weight = _check_weight(weight)
     if x.device != h.device:
         g = torch.zeros(h.shape, dtype=h.dtype, device=x.device)
-        path = accumulate_gram(g, x, weight, fast)
+        path = accumulate_gram(g, x, weight, fast, strip)
         h.add_(g.to(h.device))
         return path + "+spill"
-    mode = fp32_out_gemm(x.device) if fast and h.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16) \
+    k = x.shape[1]
+    if strip is None and tuple(h.shape) != (k, k):
+        raise ValueError(f"a full Hessian must be [{k}, {k}], got {tuple(h.shape)}; pass strip= for a packed one")
+    views = [(0, k, h)] if strip is None else strip_views(h, k, strip)
+    how = fp32_out_gemm(x.device) if fast and h.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16) \
         else None
-    if mode is not None:
-        _gemm16(mode, h, x, weight)
-        return "bf16_gemm" if mode == "addmm" else "bf16_gemm_mm"
-    xf = x.to(h.dtype)
-    h.addmm_(xf.T, xf, alpha=weight)
-    return "fp32"
+    if how is None:
+        x = x.to(h.dtype)  # once, not per strip
+    for r0, r1, v in views:
+        a, b = x[:, r0:r1], x[:, r0:]
+        if how is not None:
+            _gemm16(how, v, a, b, weight)
+        else:
+            v.addmm_(a.T, b, alpha=weight)
+    if how is None:
+        return "fp32"
+    return ("bf16_gemm" if how[0] == "addmm" else "bf16_gemm_mm") + ("_copied" if how[1] else "")
 
 
 def _flat(x: torch.Tensor, k: int, name: str, what: str) -> torch.Tensor:
-    """``x`` as ``[T, K]``; clear errors for a wrong width, dtype or non-finite values."""
+    """``x`` as ``[T, K]``; clear errors for a wrong width or dtype, and for non-finite values
+    of a CPU batch (on a GPU the check would wait for the device: see :meth:`AbsMax.host`)."""
     who = f"layer {name!r}: " if name else ""
     if not x.is_floating_point():
         raise TypeError(f"{who}{what} must be floating point, got {x.dtype}")
     if x.ndim == 0 or x.shape[-1] != k:
         raise ValueError(f"{who}{what} has last dimension {tuple(x.shape)[-1:]}, expected {k}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{who}{what} contains NaN or Inf; the calibration activations are broken")
+    if x.device.type == "cpu" and not torch.isfinite(x).all():
+        raise ValueError(_nonfinite(name, what))
     return x.reshape(-1, k)
 
 
+def _nonfinite(name: str, what: str = "activation batch") -> str:
+    who = f"layer {name!r}: " if name else ""
+    return f"{who}{what} contains NaN or Inf; the calibration activations are broken"
+
+
+# ---------------------------------------------------------------------------------------
+# accumulators
+
+
 class AbsMax:
-    """Per-channel maximum of ``|x|``."""
+    """Per-channel maximum of ``|x|``, kept on the batches' device (:meth:`host` reads it)."""
 
     def __init__(self, k: int, name: str = "") -> None:
         self.k, self.name = k, name
         self.value = torch.zeros(k, dtype=torch.float32)
 
     def update(self, x: torch.Tensor) -> None:
-        x = _flat(x, self.k, self.name, "activation batch")
+        self._add(_flat(x, self.k, self.name, "activation batch"))
+
+    def _add(self, x: torch.Tensor) -> None:
         if x.shape[0]:
-            self.value = torch.maximum(self.value, x.abs().amax(0).float().cpu())
+            lo, hi = torch.aminmax(x, dim=0)  # one pass, no |x| temporary; NaN propagates
+            self.value = torch.maximum(self.value.to(x.device), torch.maximum(hi, -lo).float())
+
+    def host(self) -> torch.Tensor:
+        """The maxima on the host; refuses NaN or Inf seen in any batch (GPU batches are not
+        checked one by one)."""
+        v = self.value.float().cpu().clone()
+        if not torch.isfinite(v).all():
+            raise ValueError(_nonfinite(self.name))
+        return v
 
     def merge(self, other: "AbsMax") -> "AbsMax":
-        self.value = torch.maximum(self.value, other.value)
+        self.value = torch.maximum(self.value, other.value.to(self.value.device))
         return self
 
 
@@ -124,7 +212,8 @@ class LogHistogram:
     so merging is exact. :meth:`quantile` returns the upper edge of the bin holding the
     requested order statistic, capped by the exact channel maximum: the estimate is
     never below the true percentile and at most ``2^(1/bins_per_octave)`` above it
-    (9 % for the default 8) for values inside the range. Memory: ``K x bins`` int64.
+    (9 % for the default 8) for values inside the range. Memory: ``K x bins`` int64 on
+    the batches' device (57 MB at K = 13824).
     """
 
     def __init__(self, k: int, bins_per_octave: int = 8, min_exp: int = -32, max_exp: int = 32, name: str = "") -> None:
@@ -139,33 +228,38 @@ class LogHistogram:
         """``weight``: the batch stands for that many identical copies (counts scale exactly)."""
         weight = _check_weight(weight)
         x = _flat(x, self.k, self.name, "activation batch")
-        self.amax.update(x)
+        self.amax._add(x)
+        self._count(x, weight, chunk)
+
+    def _count(self, x: torch.Tensor, weight: int, chunk: int = 4096) -> None:
+        self.counts = self.counts.to(x.device)
         offs = torch.arange(self.k, device=x.device) * self.nbins
         for i in range(0, x.shape[0], chunk):  # chunks bound the int64 index temporaries
             a = x[i : i + chunk].abs().float()
             b = torch.floor((torch.log2(a) - self.min_exp) * self.bpo) + 1  # log2(0) = -inf
             b = b.clamp(0, self.nbins - 1).long()
-            counts = torch.bincount((b + offs).flatten(), minlength=self.k * self.nbins).view(self.k, -1).cpu()
+            counts = torch.bincount((b + offs).flatten(), minlength=self.k * self.nbins).view(self.k, -1)
             self.counts += counts * weight if weight != 1 else counts
 
     def merge(self, other: "LogHistogram") -> "LogHistogram":
         if (other.bpo, other.min_exp, other.max_exp, other.k) != (self.bpo, self.min_exp, self.max_exp, self.k):
             raise ValueError("cannot merge histograms with different binning")
-        self.counts += other.counts
+        self.counts = self.counts + other.counts.to(self.counts.device)  # counts grown in inference mode: not in place
         self.amax.merge(other.amax)
         return self
 
     def quantile(self, q: float) -> torch.Tensor:
-        """Estimated per-channel ``q``-quantile of ``|x|`` (fp32 [K]); q=1 gives the max."""
+        """Estimated per-channel ``q``-quantile of ``|x|`` (fp32 [K], host); q=1 gives the max."""
         if not 0.0 < q <= 1.0:
             raise ValueError(f"quantile must be in (0, 1], got {q}")
-        n = self.counts.sum(1)
+        amax, counts = self.amax.host(), self.counts.cpu()
+        n = counts.sum(1)
         if q == 1.0 or int(n.max()) == 0:
-            return self.amax.value.clone()
+            return amax
         rank = torch.ceil(q * n.double()).clamp(min=1).long()  # 1-based order statistic
-        j = (self.counts.cumsum(1) < rank[:, None]).sum(1)  # first bin reaching the rank
+        j = (counts.cumsum(1) < rank[:, None]).sum(1)  # first bin reaching the rank
         edge = torch.exp2(self.min_exp + j.double() / self.bpo).float()
-        return torch.minimum(edge, self.amax.value)
+        return torch.minimum(edge, amax)
 
 
 class HessianAccumulator:
@@ -173,28 +267,64 @@ class HessianAccumulator:
 
     Kept as a sum, not a mean, so that merging is a plain addition; GPTQ is invariant to
     the Hessian's overall scale, use :meth:`mean` where a normalised one is wanted.
+    Stored as the flat ``packed`` upper strips of ``strip`` rows (:func:`strip_views`;
+    ``strip`` None: one strip, the full matrix); :attr:`hessian` builds the full matrix.
     ``fast``: 16-bit batches on CUDA go through an fp32-output bf16 GEMM
     (:func:`accumulate_gram`); ``self.path`` records the path the last batch took.
-    ``device`` may differ from the batches' (a Hessian spilled to host memory).
+    ``device`` may differ from the batches' (a Hessian spilled to host memory: each batch's
+    strips are formed on the batch's device, copied out asynchronously and added on the
+    host in batch order once they have arrived).
     """
 
     def __init__(self, k: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 name: str = "", fast: bool = True) -> None:
+                 name: str = "", fast: bool = True, strip: int | None = HESSIAN_STRIP) -> None:
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"Hessian dtype must be float32 or float64, got {dtype}")
         self.k, self.name, self.fast = k, name, fast
-        self.hessian = torch.zeros(k, k, dtype=dtype, device=device)
+        self.strip = k if not strip or strip >= k else int(strip)
+        self.packed = torch.zeros(packed_numel(k, self.strip), dtype=dtype, device=device)
         self.n_tokens = 0
         self.path = ""
+        self._pending: list[tuple[torch.Tensor, object]] = []  # spilled batches in flight: (host copy, event)
 
     def update(self, x: torch.Tensor, weight: int = 1) -> None:
         """``weight``: the batch stands for that many identical copies of itself."""
-        x = _flat(x, self.k, self.name, "activation batch")
-        self.path = accumulate_gram(self.hessian, x, weight, self.fast)
+        self._add(_flat(x, self.k, self.name, "activation batch"), _check_weight(weight))
+
+    def _add(self, x: torch.Tensor, weight: int) -> None:
+        if x.device == self.packed.device or x.device.type != "cuda":
+            self.path = accumulate_gram(self.packed, x, weight, self.fast, self.strip)
+        else:  # spilled: formed here, added on the host when it has arrived
+            g = torch.zeros(self.packed.shape, dtype=self.packed.dtype, device=x.device)
+            self.path = accumulate_gram(g, x, weight, self.fast, self.strip) + "+spill"
+            event = torch.cuda.Event()
+            self._pending.append((g.to(self.packed.device, non_blocking=True), event))
+            event.record(torch.cuda.current_stream(x.device))
+            self._settle(wait=len(self._pending) > 2)  # bounds the pinned copies in flight
         self.n_tokens += x.shape[0] * weight
 
+    def _settle(self, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0][1].query()):
+            host, event = self._pending.pop(0)
+            event.synchronize()
+            self.packed.add_(host)
+            wait = wait and len(self._pending) > 2
+
+    def _settled(self) -> torch.Tensor:
+        while self._pending:
+            self._settle(wait=True)
+        return self.packed
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The full symmetric ``[K, K]`` sum (a new tensor, where the strips are)."""
+        return unpack_symmetric(self._settled(), self.k, self.strip)
+
     def merge(self, other: "HessianAccumulator") -> "HessianAccumulator":
-        self.hessian += other.hessian.to(self.hessian.device, self.hessian.dtype)
+        if (other.k, other.strip) != (self.k, self.strip):
+            raise ValueError(f"layer {self.name!r}: cannot merge Hessians stored as strips of {other.strip} and "
+                             f"{self.strip} rows (K {other.k} and {self.k})")
+        self._settled().add_(other._settled().to(self.packed.device, self.packed.dtype))
         self.n_tokens += other.n_tokens
         return self
 
@@ -211,7 +341,14 @@ class TokenReservoir:
     smallest keys of both and is exactly a uniform sample of the union, whatever the
     two streams' lengths. Deterministic given ``seed`` and the batches; give every
     process its own seed (merging two equal-seed streams would correlate their keys).
-    Tokens are stored on the CPU in ``dtype`` (default: the first batch's dtype).
+
+    Keys are drawn on the host, so the host decides which tokens enter without reading
+    the batch: only those are gathered on the batch's device and copied to host memory
+    (asynchronously from a CUDA batch, written into their slots when they have arrived).
+    An entering token takes the slot of one that leaves, so :attr:`tokens` is in slot
+    order (deterministic). Over a stream of equal batches about ``capacity * (1 + ln
+    batches)`` tokens are copied in all (``n_copied``), not ``capacity`` per batch.
+    Tokens are kept on the CPU in ``dtype`` (default: the first batch's dtype).
     """
 
     def __init__(self, k: int, capacity: int, seed: int = 0, dtype: torch.dtype | None = None, name: str = "") -> None:
@@ -219,41 +356,106 @@ class TokenReservoir:
             raise ValueError(f"reservoir capacity must be >= 0, got {capacity}")
         self.k, self.capacity, self.seed, self.name = k, capacity, seed, name
         self.gen = torch.Generator().manual_seed(seed)
-        self.keys = torch.zeros(0, dtype=torch.float64)
-        self.tokens = torch.zeros(0, k, dtype=dtype or torch.float32)
+        self._keys = torch.zeros(0, dtype=torch.float64)  # one per slot, always current
+        self._tokens = torch.zeros(0, k, dtype=dtype or torch.float32)
         self._dtype_set = dtype is not None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, object]] = []  # (slots, rows, event or None), in order
         self.n_seen = 0
+        self.n_copied = 0
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        self._settle(wait=True)
+        return self._tokens
+
+    def load(self, keys: torch.Tensor, tokens: torch.Tensor, n_seen: int) -> None:
+        """Take over another reservoir's state (slot order), e.g. one received from another process."""
+        if len(keys) != len(tokens) or len(keys) > self.capacity:
+            raise ValueError(f"layer {self.name!r}: {len(keys)} keys for {len(tokens)} tokens, "
+                             f"capacity {self.capacity}")
+        self._pending.clear()
+        self._keys, self._tokens = keys.double().cpu().clone(), tokens.cpu().to(self._tokens.dtype).clone()
+        self.n_seen = n_seen
 
     def update(self, x: torch.Tensor, weight: int = 1) -> None:
         """``weight``: the batch stands for that many identical copies; its distinct tokens
         are sampled once (a sample of the same distribution when every batch of a stream
         carries the same weight) and ``n_seen`` counts every copy."""
-        weight = _check_weight(weight)
-        x = _flat(x, self.k, self.name, "activation batch")
+        self._add(_flat(x, self.k, self.name, "activation batch"), _check_weight(weight))
+
+    def _add(self, x: torch.Tensor, weight: int) -> None:
         if not self._dtype_set:
-            self.tokens, self._dtype_set = self.tokens.to(x.dtype), True
+            self._tokens, self._dtype_set = self._tokens.to(x.dtype), True
         keys = torch.rand(x.shape[0], generator=self.gen, dtype=torch.float64)
         self.n_seen += x.shape[0] * weight
-        if len(self.keys) >= self.capacity:  # full: only keys below the current worst can enter
-            keep = keys < self.keys.max() if self.capacity else torch.zeros_like(keys, dtype=torch.bool)
-            keys, x = keys[keep], x[keep.to(x.device)]
-        if len(keys) > self.capacity:  # only the batch's own smallest keys can survive: copy just those
-            idx = torch.topk(keys, self.capacity, largest=False).indices.sort().values
-            keys, x = keys[idx], x[idx.to(x.device)]
-        self._absorb(keys, x.to("cpu", self.tokens.dtype))
+        slots, rows = self._admit(keys)
+        if not len(rows):
+            return
+        self.n_copied += len(rows)
+        if x.device.type == "cuda":
+            idx = rows.pin_memory().to(x.device, non_blocking=True)
+            event = torch.cuda.Event()
+            self._pending.append((slots, x.index_select(0, idx).to("cpu", non_blocking=True), event))  # pinned
+            event.record(torch.cuda.current_stream(x.device))
+            self._settle(wait=False)
+        else:
+            self._pending.append((slots, x.index_select(0, rows.to(x.device)).cpu(), None))
+            self._settle(wait=True)
 
-    def _absorb(self, keys: torch.Tensor, tokens: torch.Tensor) -> None:
-        keys, tokens = torch.cat([self.keys, keys]), torch.cat([self.tokens, tokens.to(self.tokens.dtype)])
-        if len(keys) > self.capacity:
-            idx = torch.topk(keys, self.capacity, largest=False).indices.sort().values
-            keys, tokens = keys[idx], tokens[idx]
-        self.keys, self.tokens = keys, tokens
+    def _admit(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host only: ``(slots, rows)``, the batch rows (keys ``keys``) that enter and the slots
+        they take (free ones first, then those of evicted tokens, both ascending); updates the keys."""
+        n, cap = len(self._keys), self.capacity
+        if n + len(keys) <= cap:  # room for all
+            self._keys = torch.cat([self._keys, keys])
+            return torch.arange(n, n + len(keys)), torch.arange(len(keys))
+        cand = torch.arange(len(keys))
+        if n == cap:  # full: only keys below the current worst can enter
+            cand = torch.nonzero(keys < self._keys.max()).flatten() if cap else cand[:0]
+            if not len(cand):
+                return cand, cand
+        both = torch.cat([self._keys, keys[cand]])
+        keep = torch.zeros(len(both), dtype=torch.bool)
+        keep[torch.topk(both, cap, largest=False).indices] = True
+        rows = cand[keep[n:]]
+        slots = torch.cat([torch.arange(n, cap), torch.nonzero(~keep[:n]).flatten()])
+        new = torch.cat([self._keys, self._keys.new_empty(cap - n)])
+        new[slots] = keys[rows]
+        self._keys = new
+        return slots, rows
+
+    def _settle(self, wait: bool) -> None:
+        """Write the rows that have arrived into their slots, in order (``wait``: all)."""
+        backlog = sum(len(s) for s, _, _ in self._pending)
+        while self._pending:
+            slots, rows, event = self._pending[0]
+            if event is not None:
+                if not (wait or backlog > self.capacity or event.query()):
+                    break  # still in flight: written at a later update
+                event.synchronize()
+            if len(self._tokens) < len(self._keys) or self._tokens.is_inference():
+                # Slots beyond the last written one are filled below. The buffer outlives the
+                # (inference-mode) forward that grows it: a normal tensor, writable afterwards.
+                with torch.inference_mode(False):
+                    grow = self._tokens.new_empty(len(self._keys) - len(self._tokens), self.k)
+                    self._tokens = torch.cat([self._tokens, grow])
+            self._tokens[slots] = rows.to(self._tokens.dtype)
+            backlog -= len(slots)
+            self._pending.pop(0)
 
     def merge(self, other: "TokenReservoir") -> "TokenReservoir":
         if other.n_seen and self.n_seen and other.seed == self.seed:
             raise ValueError(f"layer {self.name!r}: merging reservoirs drawn with the same seed {self.seed}; "
                              "give every calibration process its own seed")
-        self._absorb(other.keys, other.tokens)
+        tokens = other.tokens
+        slots, rows = self._admit(other.keys)
+        if len(rows):
+            self._pending.append((slots, tokens.index_select(0, rows), None))
+            self._settle(wait=True)
         self.n_seen += other.n_seen
         return self
 
@@ -313,27 +515,32 @@ class LayerStatsAccumulator:
 
     ``quantile``: also keep a :class:`LogHistogram` and report that percentile.
     ``seed`` seeds the reservoirs (bin ``b`` uses ``seed + b``); use a distinct seed
-    per process when the results will be merged.
+    per process when the results will be merged. ``hessian_strip``: rows per stored
+    Hessian strip (:class:`HessianAccumulator`). Each batch is checked once and goes to
+    every accumulator without waiting for the device.
     """
 
     def __init__(self, k: int, num_bins: int, reservoir_capacity: int = 4096, quantile: float | None = None,
                  hessian_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 seed: int = 0, name: str = "", fast_hessian: bool = True) -> None:
+                 seed: int = 0, name: str = "", fast_hessian: bool = True,
+                 hessian_strip: int | None = HESSIAN_STRIP) -> None:
         self.k, self.num_bins, self.quantile, self.name = k, num_bins, quantile, name
         self.absmax = AbsMax(k, name)
         self.hist = LogHistogram(k, name=name) if quantile is not None else None
-        self.hessian = HessianAccumulator(k, hessian_dtype, device, name, fast=fast_hessian)
+        if self.hist is not None:
+            self.hist.amax = self.absmax  # the same maxima: computed once
+        self.hessian = HessianAccumulator(k, hessian_dtype, device, name, fast=fast_hessian, strip=hessian_strip)
         self.reservoirs = [TokenReservoir(k, reservoir_capacity, seed + b, name=name) for b in range(num_bins)]
 
     def update(self, x: torch.Tensor, bin_index: int) -> None:
         if not 0 <= bin_index < self.num_bins:
             raise ValueError(f"layer {self.name!r}: bin {bin_index} outside [0, {self.num_bins})")
         x = _flat(x, self.k, self.name, "activation batch")
-        self.absmax.update(x)
+        self.absmax._add(x)
         if self.hist is not None:
-            self.hist.update(x)
-        self.hessian.update(x)
-        self.reservoirs[bin_index].update(x)
+            self.hist._count(x, 1)
+        self.hessian._add(x, 1)
+        self.reservoirs[bin_index]._add(x, 1)
 
     def update_repeated(self, x: torch.Tensor, bin_weights: dict[int, int]) -> None:
         """``x`` fed ``bin_weights[b]`` times in bin ``b``, computed once.
@@ -353,12 +560,12 @@ class LayerStatsAccumulator:
             return
         total = sum(weights.values())
         x = _flat(x, self.k, self.name, "activation batch")
-        self.absmax.update(x)
+        self.absmax._add(x)
         if self.hist is not None:
-            self.hist.update(x, weight=total)
-        self.hessian.update(x, weight=total)
+            self.hist._count(x, total)
+        self.hessian._add(x, total)
         for b, w in sorted(weights.items()):
-            self.reservoirs[b].update(x, weight=w)
+            self.reservoirs[b]._add(x, w)
 
     def merge(self, other: "LayerStatsAccumulator") -> "LayerStatsAccumulator":
         self.absmax.merge(other.absmax)
@@ -369,13 +576,21 @@ class LayerStatsAccumulator:
             a.merge(b)
         return self
 
+    def settle(self) -> None:
+        """Wait for this input's copies in flight (reading the statistics does it anyway)."""
+        self.hessian._settled()
+        for r in self.reservoirs:
+            r._settle(wait=True)
+
     def finalize(self) -> LayerStats:
-        """The :class:`LayerStats` seen so far (bins with no tokens are left out)."""
+        """The :class:`LayerStats` seen so far (bins with no tokens are left out); raises if
+        any batch held NaN or Inf."""
+        absmax = self.absmax.host()
         return LayerStats(
-            act_absmax=self.absmax.value.clone(),
+            act_absmax=absmax,
             act_quantile=self.hist.quantile(self.quantile) if self.hist is not None else None,
-            hessian=self.hessian.hessian.clone(),
+            hessian=self.hessian.hessian,
             n_tokens=self.hessian.n_tokens,
-            reservoirs={b: r.tokens.clone() for b, r in enumerate(self.reservoirs) if len(r.tokens)},
-            reservoir_seen={b: r.n_seen for b, r in enumerate(self.reservoirs) if len(r.tokens)},
+            reservoirs={b: r.tokens.clone() for b, r in enumerate(self.reservoirs) if len(r.keys)},
+            reservoir_seen={b: r.n_seen for b, r in enumerate(self.reservoirs) if len(r.keys)},
         )
