@@ -12,7 +12,11 @@ One H100, B=1, 40 heads x 128, bf16, non-causal, at 32,760 tokens (480x832x81) a
   second, the fastest few;
 * ``rel_err_vs_fp32`` on 1,024 query rows (all heads, all keys) against fp32 attention
   (no TF32), for Gaussian inputs and for inputs with per-channel K/V offsets and outlier
-  channels (``inputs`` field).
+  channels (``inputs`` field);
+* ``check_rel_err_vs_reference``: before a config is timed, its output (written over NaN)
+  on a small ragged problem against :func:`~wanquant.kernels.attention.attention_prepared_reference`
+  with the same config (``check_ok``: below 3e-3, the GPU tests' bound); a config that fails
+  is not a candidate for the best.
 
 TFLOP/s counts 4 * S^2 * H * D. Rows are written (JSON + Markdown) after every
 measurement, so a run cut short keeps what it measured.
@@ -80,6 +84,18 @@ def bench(fn: Callable[[], object], device: torch.device, reps: int, warmup: int
     return float(statistics.median(times))
 
 
+def check_against_reference(K, cfg, heads: int, head_dim: int, device: torch.device, tokens: int) -> dict:
+    """The config's kernel on a small ragged problem (offset/outlier inputs, output poisoned
+    with NaN) against the PyTorch reference with the same config."""
+    q, k, v = make_inputs("offsets", tokens, heads, head_dim, device, seed=1)
+    kv = K.quantize_kv(k, v, v_perm=cfg.v_perm)
+    out = torch.full(q.shape, float("nan"), dtype=torch.float32, device=device)
+    K.attention_prepared(q, kv, config=cfg, out=out)
+    want = K.attention_prepared_reference(q, kv, out_dtype=torch.float32, config=cfg)
+    err = K.relative_error(out, want) if not out.isnan().any() else float("nan")
+    return {"check_rel_err_vs_reference": err, "check_ok": bool(err < 3e-3)}
+
+
 def make_inputs(kind: str, tokens: int, heads: int, head_dim: int, device: torch.device, seed: int = 0):
     """bf16 ``[1, S, H, D]`` q, k, v. ``gaussian``: N(0, 1). ``offsets``: K with a per-channel
     offset 8x its spread, V with one 2x, and 4 outlier channels (x8) per head in q, k, v."""
@@ -121,7 +137,7 @@ class Run:
         out = {}
         for tokens in sorted({r["tokens"] for r in self.rows}):
             ours = [r for r in self.rows if r["tokens"] == tokens and r["impl"].startswith("int8 ")
-                    and r.get("inputs") == "gaussian" and r.get("ms")]
+                    and r.get("inputs") == "gaussian" and r.get("ms") and r.get("check_ok", True)]
             cudnn = self.cudnn_ms(tokens)
             if not ours:
                 continue
@@ -140,8 +156,9 @@ class Run:
 
     def markdown(self) -> str:
         lines = [f"Status: {self.status}. Setup: {self.setup}", "",
-                 "| impl | inputs | tokens | ms | TFLOP/s | vs cuDNN | rel err vs fp32 | pre-pass ms | kernel ms |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "| impl | inputs | tokens | ms | TFLOP/s | vs cuDNN | rel err vs fp32 | pre-pass ms | kernel ms "
+                 "| check vs reference |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
 
         def f(v, spec):
             return "-" if v is None else format(v, spec)
@@ -149,13 +166,15 @@ class Run:
         for r in self.rows:
             if "error" in r:
                 lines.append(f"| {r['impl']} | {r.get('inputs', '')} | {r['tokens']} | failed: {r['error'][:80]} "
-                             "| | | | | |")
+                             "| | | | | | |")
                 continue
             cudnn = self.cudnn_ms(r["tokens"])
             speed = cudnn / r["ms"] if cudnn and r.get("ms") else None
             lines.append(f"| {r['impl']} | {r.get('inputs', '')} | {r['tokens']} | {f(r.get('ms'), '.2f')} | "
                          f"{f(r.get('tflops'), '.0f')} | {f(speed, '.2f')} | {f(r.get('rel_err_vs_fp32'), '.4f')} | "
-                         f"{f(r.get('prepass_ms'), '.2f')} | {f(r.get('kernel_ms'), '.2f')} |")
+                         f"{f(r.get('prepass_ms'), '.2f')} | {f(r.get('kernel_ms'), '.2f')} | "
+                         f"{f(r.get('check_rel_err_vs_reference'), '.1e')}"
+                         f"{'' if r.get('check_ok', True) else ' FAIL'} |")
         summ = self.summary()
         if summ:
             lines += ["", "Best 8-bit config per token count (Gaussian inputs):", ""]
@@ -165,6 +184,8 @@ class Run:
                              f"{'-' if sp is None else f'{sp:.2f}x'} SDPA cuDNN (target {TARGET}x), "
                              f"rel err {s['rel_err_vs_fp32']:.4f}")
         lines += ["", "ms of `int8` rows = K/V pre-pass + main kernel (+ the Q pre-pass for `-qpre` configs); "
+                  "check vs reference: the config's output on a small ragged problem against the PyTorch reference "
+                  "with the same config (FAIL: >= 3e-3, not a candidate); "
                   "SDPA rows time the kernel alone on contiguous [B, H, S, D] inputs. rel err: "
                   f"{self.setup['err_rows']} query rows x all heads vs fp32 attention (no TF32). Inputs: `gaussian` "
                   "N(0, 1); `offsets` K with a per-channel offset of 8 sigma, V of 2 sigma, 4 outlier channels "
@@ -183,6 +204,8 @@ def testbed_quality(out: Path, num_eval: int, steps: int, num_calib: int, work: 
     Quality bar (issue 16): W4A4 + 8-bit attention within 0.3 dB of W4A4 + SDPA.
     """
     import numpy as np
+
+    from benchmarks.quality.combine import se
 
     import wanquant.api as wq
     from wanquant.evaluation.metrics import psnr
@@ -227,17 +250,21 @@ def testbed_quality(out: Path, num_eval: int, steps: int, num_calib: int, work: 
     for name in ("bf16_int8attn", "w4a4", "w4a4_int8attn"):
         per_video = [psnr(v, ref) for v, ref in zip(videos[name], videos["bf16"])]
         rows.append({"config": name, "psnr_vs_bf16_db": float(np.mean(per_video)), "per_video_db": per_video})
-    gap = rows[2]["psnr_vs_bf16_db"] - rows[1]["psnr_vs_bf16_db"]
+    diffs = np.asarray(rows[2]["per_video_db"]) - np.asarray(rows[1]["per_video_db"])
+    gap, gap_se = float(diffs.mean()), se(diffs)
     per_block = {str(b): float(np.mean(e)) for b, e in sorted(errors.items())}
     payload = {**run_metadata(), "setup": {"num_eval": num_eval, "steps": steps, "num_calib": num_calib,
                                            "attention_impl": "PyTorch reference of the 8-bit kernel (same numerics)"},
-               "rows": rows, "int8attn_minus_sdpa_db": gap, "bar_db": -0.3, "bar_met": gap >= -0.3,
+               "rows": rows, "int8attn_minus_sdpa_db": gap, "int8attn_minus_sdpa_paired_se_db": gap_se,
+               "int8attn_wins": f"{int((diffs > 0).sum())}/{len(diffs)}", "bar_db": -0.3, "bar_met": gap >= -0.3,
                "attention_rel_err_vs_fp32_per_block": per_block}
     lines = ["Testbed evaluation split, PSNR of each run against the 16-bit (SDPA) videos, mean over videos. "
              "8-bit attention = the PyTorch reference of the Triton kernel (the same quantization and tile "
              "order).", "", "| config | PSNR vs 16-bit (dB) |", "|---|---|"]
     lines += [f"| {r['config']} | {r['psnr_vs_bf16_db']:.2f} |" for r in rows]
-    lines += ["", f"W4A4 + 8-bit attention minus W4A4 + SDPA: {gap:+.3f} dB (bar: >= -0.3 dB) -> "
+    se_txt = f" +- {gap_se:.3f} (paired SE over {len(diffs)} videos; better on {payload['int8attn_wins']})" \
+        if gap_se is not None else ""
+    lines += ["", f"W4A4 + 8-bit attention minus W4A4 + SDPA: {gap:+.3f} dB{se_txt} (bar: >= -0.3 dB) -> "
                   f"{'met' if gap >= -0.3 else 'MISSED'}", "",
               "8-bit self-attention output error vs fp32 on the testbed's activations (W4A4 run), mean per block: "
               + ", ".join(f"block {b}: {e:.4f}" for b, e in per_block.items())]
@@ -270,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         device, heads, head_dim = torch.device("cpu"), 2, 64
         tokens_list = args.tokens or [200, 333]
         configs = [K.AttnConfig(64, 64, 4, 2), K.AttnConfig(32, 64, 4, 2), K.AttnConfig(64, 64, 4, 2, pv_promote=True),
-                   K.AttnConfig(64, 64, 4, 2, q_prepass=True)]
-        reps, warmup, err_rows = 2, 1, 64
+                   K.AttnConfig(64, 64, 4, 2, q_prepass=True),
+                   K.AttnConfig(32, 64, 4, 2, fold=True, v_perm=True, l_mma=True, tma=True)]
+        reps, warmup, err_rows, check_tokens = 2, 1, 64, 150
         sdpa_backends = {"sdpa-math": None}
     else:
         if not torch.cuda.is_available():
@@ -280,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         device, heads, head_dim = torch.device("cuda"), HEADS, HEAD_DIM
         tokens_list = args.tokens or list(TOKENS)
         configs = list(K.CONFIGS)
-        reps, warmup, err_rows = 7, 2, ERR_ROWS
+        reps, warmup, err_rows, check_tokens = 7, 2, ERR_ROWS, 1000
         from torch.nn.attention import SDPBackend
 
         sdpa_backends = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION}
@@ -346,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             todo = configs
         else:
             first = [r for r in run.rows if r["tokens"] == tokens_list[0] and r["impl"].startswith("int8 ")
-                     and r.get("inputs") == "gaussian" and r.get("ms")]
+                     and r.get("inputs") == "gaussian" and r.get("ms") and r.get("check_ok", True)]
             first.sort(key=lambda r: r["ms"])
             names = [r["config"] for r in first[:LEADERS]]
             todo = [K.parse_config(n) for n in names] or configs[:1]
@@ -358,16 +386,19 @@ def main(argv: list[str] | None = None) -> int:
             row = {"impl": f"int8 {cfg.describe()}", "config": cfg.describe(), "tokens": tokens, "inputs": "gaussian"}
             try:
                 t0 = time.time()
+                if ti == 0:
+                    row.update(check_against_reference(K, cfg, 4 if device.type == "cuda" else heads, head_dim,
+                                                       device, check_tokens))
                 out = K.attention_int8(q, k, v, config=cfg)  # compiles on first use
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 row["first_call_s"] = time.time() - t0
                 row["rel_err_vs_fp32"] = K.relative_error(out[:, idx], refs["gaussian"])
                 buf = torch.empty_like(out)
-                kv = K.quantize_kv(k, v)
+                kv = K.quantize_kv(k, v, v_perm=cfg.v_perm)
 
-                def prepass(k=k, v=v):
-                    return K.quantize_kv(k, v)
+                def prepass(k=k, v=v, cfg=cfg):
+                    return K.quantize_kv(k, v, v_perm=cfg.v_perm)
 
                 def kernel(q=q, kv=kv, cfg=cfg, buf=buf):
                     return K.attention_prepared(q, kv, config=cfg, out=buf)
@@ -387,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             run.add(row)
 
         # --- ours on the offset/outlier inputs: error (and time) of the fastest config here ---
-        mine = [r for r in run.rows if r["tokens"] == tokens and r["impl"].startswith("int8 ") and r.get("ms")]
+        mine = [r for r in run.rows if r["tokens"] == tokens and r["impl"].startswith("int8 ") and r.get("ms")
+                and r.get("check_ok", True)]
         if mine:
             best = K.parse_config(min(mine, key=lambda r: r["ms"])["config"])
             q2, k2, v2 = inputs["offsets"]
@@ -396,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = K.attention_int8(q2, k2, v2, config=best)
                 row["rel_err_vs_fp32"] = K.relative_error(out[:, idx], refs["offsets"])
                 if not over_budget():  # the same rows through the reference without K smoothing
-                    plain = K.attention_int8_reference(q2[:, idx], k2, v2, smooth_k=False, block_n=best.block_n)
+                    plain = K.attention_int8_reference(q2[:, idx], k2, v2, smooth_k=False, config=best)
                     row["rel_err_without_k_smoothing"] = K.relative_error(plain, refs["offsets"])
                     del plain
             except Exception as e:  # noqa: BLE001

@@ -66,14 +66,14 @@ def test_one_tile_reference_is_the_plain_definition():
     """With one key tile the online softmax is the plain one: INT8 scores, P = 448 * 2^(s - max)
     rounded to e4m3, l = sum of unrounded P, out = (P8 @ V8) / l * v_scale + v_mean."""
     q, k, v = qkv(s=96, h=1, d=32, k_mean=2.0, v_mean=1.0)
-    kv = K.quantize_kv_reference(k, v, k_block=128)
+    kv = K.quantize_kv_reference(k, v, k_block=128, v_perm=False)
     q8, qs = K.quantize_q_reference(q)
     s = (q8.double() @ kv.k8[:, :96].double().transpose(1, 2)).float() * (qs * kv.k_scale[:, :1])[..., None]
     p = torch.exp2(s - s.amax(-1, keepdim=True) + K.LOG2_P_SCALE)
     p8 = p.to(torch.float8_e4m3fn).double()
     o = (p8 @ kv.v8t[:, :, :96].double().transpose(1, 2)) / p.sum(-1, keepdim=True).double()
     o = o * kv.v_scale[:, None] + kv.v_mean[:, None]
-    got = K.attention_prepared_reference(q, kv, block_n=128, out_dtype=torch.float32)
+    got = K.attention_prepared_reference(q, kv, out_dtype=torch.float32, config=K.AttnConfig(64, 128, 4, 3))
     torch.testing.assert_close(got[:, :, 0], o.float(), rtol=1e-5, atol=1e-6)
     # the softmax scale is folded into Q's scale: qs * q8 ~ q * log2(e) / sqrt(D)
     torch.testing.assert_close(q8.float() * qs[..., None], q[0].float().transpose(0, 1) * K.LOG2E / 32**0.5,
@@ -117,6 +117,44 @@ def test_v_smoothing_matters_for_offset_values():
 
 
 @not_interp
+def test_v_token_order_maps_the_accumulator_layout_onto_the_operand_layout():
+    """Hopper's m64nNk32 layouts: lane t % 4 = u holds accumulator columns 8j + 2u + b of each
+    32, and wants FP8 A-operand columns 16h + 4u + i. v_token_order must be a permutation of
+    each 32-token block that sends the first set onto the second, lane by lane, in order."""
+    n = torch.arange(4 * 32)
+    k = K.v_token_order(n)
+    assert torch.equal(k.sort().values, n) and torch.equal(k // 32, n // 32)
+    for u in range(4):
+        held = torch.tensor([8 * j + 2 * u + b for j in range(4) for b in range(2)])
+        wanted = torch.tensor([16 * h + 4 * u + i for h in range(2) for i in range(4)])
+        assert torch.equal(K.v_token_order(held), wanted)
+    assert K.v_token_order(37) == 32 + int(K.v_token_order(torch.tensor(5)))
+
+
+@not_interp
+def test_reference_variants_agree():
+    """fold and v_perm change only roundings and the order of sums; l_mma normalizes by the
+    sum of the rounded P, so constant values come back exactly (up to fp32)."""
+    q, k, v = qkv(s=300, h=2, d=64, k_mean=2.0, v_mean=1.0)
+    base = K.AttnConfig(64, 64, 4, 2)
+    want = K.attention_int8_reference(q, k, v, config=base).float()
+    for cfg in (K.AttnConfig(64, 64, 4, 2, v_perm=True), K.AttnConfig(64, 64, 4, 2, fold=True),
+                K.AttnConfig(64, 64, 4, 2, fold=True, v_perm=True, l_mma=True)):
+        got = K.attention_int8_reference(q, k, v, config=cfg).float()
+        bound = 1e-6 if cfg == K.AttnConfig(64, 64, 4, 2, v_perm=True) else 3e-3
+        assert K.relative_error(got, want) < bound, cfg.describe()
+    const = torch.full_like(v, 0.75)
+    for l_mma, bound in ((True, 1e-6), (False, 1.0)):
+        cfg = K.AttnConfig(64, 64, 4, 2, l_mma=l_mma)
+        kv = K.quantize_kv_reference(k, const, smooth_v=False)
+        out = K.attention_prepared_reference(q, kv, out_dtype=torch.float32, config=cfg)
+        assert (out - 0.75).abs().max() < bound * 0.75
+    kv = K.quantize_kv_reference(k, const, smooth_v=False)
+    plain = K.attention_prepared_reference(q, kv, out_dtype=torch.float32, config=K.AttnConfig(64, 64, 4, 2))
+    assert (plain - 0.75).abs().max() > 1e-5  # without l_mma: off by sum(P8) / sum(P)
+
+
+@not_interp
 def test_reference_layouts_and_ragged_tiles_agree():
     q, k, v = qkv(s=200, h=3, d=64, b=2, k_mean=1.0)
     a = K.attention_int8_reference(q, k, v, block_n=64)
@@ -131,13 +169,19 @@ def test_reference_layouts_and_ragged_tiles_agree():
 
 @not_interp
 def test_config_parsing_and_checks():
-    for cfg in K.CONFIGS:
+    for cfg in (*K.CONFIGS, K.DEFAULT_CONFIG, K.AttnConfig(32, 64, 4, 2, pv_promote=True, tma=True, maxnreg=128)):
         assert K.parse_config(cfg.describe()) == cfg
         K.check_config(cfg, K.K_BLOCK)
     with pytest.raises(ValueError, match="divide"):
         K.check_config(K.AttnConfig(128, 256, 8, 3), K.K_BLOCK)
-    with pytest.raises(ValueError, match="form"):
-        K.parse_config("fast")
+    with pytest.raises(ValueError, match="v_perm needs block_n"):
+        K.check_config(K.AttnConfig(64, 16, 4, 2, v_perm=True), K.K_BLOCK)
+    _, k, v = qkv(s=40)
+    with pytest.raises(ValueError, match="v_perm needs k_block"):
+        K.quantize_kv_reference(k, v, k_block=16, v_perm=True)
+    for bad in ("fast", "m64-n64-w4-s2-turbo", "m64-n64-w4"):
+        with pytest.raises(ValueError, match="form"):
+            K.parse_config(bad)
     with pytest.raises(ValueError, match="head_dim"):
         K.check_head_dim(96)
 
@@ -158,12 +202,14 @@ def _fused_qkv(s, h, d, b=1, seed=0, **kw):
 
 
 @interp
-@pytest.mark.parametrize("s,d,k_block,smooth", [(200, 64, 64, True), (64, 128, 128, True), (333, 32, 32, False)])
-def test_kv_prepass_matches_reference(s, d, k_block, smooth):
+@pytest.mark.parametrize("s,d,k_block,smooth,v_perm", [(200, 64, 64, True, False), (64, 128, 128, True, False),
+                                                      (333, 32, 32, False, False), (200, 64, 64, True, True)])
+def test_kv_prepass_matches_reference(s, d, k_block, smooth, v_perm):
     _, k, v = _fused_qkv(s, 2, d, b=2, k_mean=3.0, v_mean=1.0)
     assert not k.is_contiguous()
-    got = K.quantize_kv(k, v, k_block=k_block, smooth_k=smooth, smooth_v=smooth)
-    want = K.quantize_kv_reference(k, v, k_block=k_block, smooth_k=smooth, smooth_v=smooth)
+    got = K.quantize_kv(k, v, k_block=k_block, smooth_k=smooth, smooth_v=smooth, v_perm=v_perm)
+    want = K.quantize_kv_reference(k, v, k_block=k_block, smooth_k=smooth, smooth_v=smooth, v_perm=v_perm)
+    assert got.v_perm == want.v_perm == v_perm
     assert torch.equal(got.k8, want.k8)
     assert torch.equal(got.v8t.view(torch.uint8), want.v8t.view(torch.uint8))
     for name in ("k_scale", "v_scale", "v_mean"):
@@ -174,17 +220,22 @@ def _poisoned(shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
+FAST = dict(fold=True, v_perm=True, l_mma=True)
+
+
 @interp
 @pytest.mark.parametrize("cfg", [K.AttnConfig(64, 64, 4, 2), K.AttnConfig(32, 32, 4, 2),
-                                 K.AttnConfig(16, 64, 4, 2, pv_promote=True), K.AttnConfig(32, 64, 4, 2, q_prepass=True)],
+                                 K.AttnConfig(16, 64, 4, 2, pv_promote=True), K.AttnConfig(32, 64, 4, 2, q_prepass=True),
+                                 K.AttnConfig(32, 64, 4, 2, **FAST),
+                                 K.AttnConfig(64, 32, 4, 2, q_prepass=True, tma=True, maxnreg=168, **FAST)],
                          ids=lambda c: c.describe())
 def test_kernel_matches_reference(cfg):
     """Same quantization as the reference; only accumulation order and exp2's last bits differ."""
     q, k, v = _fused_qkv(200, 2, 64, b=2, k_mean=2.0, v_mean=0.5)  # 200: a ragged last tile
-    kv = K.quantize_kv_reference(k, v, k_block=64)
+    kv = K.quantize_kv_reference(k, v, k_block=64, v_perm=cfg.v_perm)
     out = _poisoned(q.shape, torch.float32)
     K.attention_prepared(q, kv, config=cfg, out=out)
-    want = K.attention_prepared_reference(q, kv, block_n=cfg.block_n, out_dtype=torch.float32)
+    want = K.attention_prepared_reference(q, kv, out_dtype=torch.float32, config=cfg)
     assert not out.isnan().any()
     assert K.relative_error(out, want) < 1e-5
     out16 = _poisoned(q.shape, torch.bfloat16)
@@ -201,12 +252,12 @@ def test_kernel_query_chunks_and_layouts():
     cfg = K.AttnConfig(32, 64, 4, 2)
     chunk = q[:, 37:170]
     got = K.attention_prepared(chunk, kv, config=cfg, out=_poisoned(chunk.shape, torch.float32))
-    want = K.attention_prepared_reference(chunk, kv, block_n=64, out_dtype=torch.float32)
+    want = K.attention_prepared_reference(chunk, kv, out_dtype=torch.float32, config=cfg)
     assert K.relative_error(got, want) < 1e-5
     full = K.attention_int8(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="bhsd", config=cfg)
     assert full.shape == (1, 2, 300, 128) and full.dtype == torch.bfloat16
     want_full = K.attention_int8_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="bhsd",
-                                           block_n=64)
+                                           config=cfg)
     assert K.relative_error(full, want_full) < 1e-3
     torch.testing.assert_close(full[:, :, 37:170].float(), got.transpose(1, 2), rtol=0, atol=float(got.abs().max()) / 128)
 
@@ -220,8 +271,9 @@ def test_kernel_degenerate_inputs():
     k[:, :, 1] = k[:, :1, 1]  # head 1: every key the same
     v[..., 3] = 0
     kv = K.quantize_kv(k, v, k_block=32)
-    out = K.attention_prepared(q, kv, config=K.AttnConfig(16, 32, 4, 2), out=_poisoned(q.shape, torch.float32))
-    want = K.attention_prepared_reference(q, kv, block_n=32, out_dtype=torch.float32)
+    cfg = K.AttnConfig(16, 32, 4, 2)
+    out = K.attention_prepared(q, kv, config=cfg, out=_poisoned(q.shape, torch.float32))
+    want = K.attention_prepared_reference(q, kv, out_dtype=torch.float32, config=cfg)
     assert torch.isfinite(out).all() and K.relative_error(out, want) < 1e-5
     torch.testing.assert_close(out[:, 5], v.float().mean(1), rtol=0.05, atol=0.05)  # zero query: mean of V
     assert (out[..., 3] == 0).all()

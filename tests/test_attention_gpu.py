@@ -21,8 +21,11 @@ from wanquant.kernels import attention as K  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
+FAST = dict(fold=True, v_perm=True, l_mma=True)
 CONFIGS = [K.DEFAULT_CONFIG, K.AttnConfig(64, 128, 4, 2), K.AttnConfig(128, 128, 8, 3, pv_promote=True),
-           K.AttnConfig(64, 64, 4, 3, q_prepass=True)]
+           K.AttnConfig(64, 64, 4, 3, q_prepass=True), K.AttnConfig(64, 128, 4, 3, **FAST),
+           K.AttnConfig(64, 128, 4, 3, tma=True, **FAST),
+           K.AttnConfig(64, 64, 4, 4, q_prepass=True, maxnreg=168, **FAST)]
 
 
 def qkv(s, h=4, d=128, b=1, seed=0, k_mean=0.0, v_mean=0.0, fused=True):
@@ -41,10 +44,11 @@ def exact(q, k, v):
     return K.attention_fp32(q, k, v).transpose(1, 2)
 
 
-def test_prepass_matches_reference():
+@pytest.mark.parametrize("v_perm", [False, True])
+def test_prepass_matches_reference(v_perm):
     _, k, v = qkv(1000, b=2, k_mean=3.0, v_mean=1.0)
-    got = K.quantize_kv(k, v)
-    want = K.quantize_kv_reference(k, v)
+    got = K.quantize_kv(k, v, v_perm=v_perm)
+    want = K.quantize_kv_reference(k, v, v_perm=v_perm)
     # Sums run in another order (the K mean): an element on a rounding boundary may move one step.
     dk = (got.k8.int() - want.k8.int()).abs()
     assert dk.max() <= 1 and (dk > 0).float().mean() < 1e-4
@@ -57,12 +61,12 @@ def test_prepass_matches_reference():
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.describe())
 def test_kernel_matches_reference(cfg):
     q, k, v = qkv(1000, b=2, k_mean=2.0, v_mean=0.5)  # 1000: a ragged last tile
-    kv = K.quantize_kv(k, v)
+    kv = K.quantize_kv(k, v, v_perm=cfg.v_perm)
     out = torch.full(q.shape, float("nan"), device=CUDA)
     K.attention_prepared(q, kv, config=cfg, out=out)
     torch.cuda.synchronize()
     assert not out.isnan().any()
-    want = K.attention_prepared_reference(q, kv, block_n=cfg.block_n, out_dtype=torch.float32)
+    want = K.attention_prepared_reference(q, kv, out_dtype=torch.float32, config=cfg)
     err = K.relative_error(out, want)
     # FP8 products accumulate with ~22-bit precision in Hopper's tensor cores (unless promoted)
     assert err < (1e-3 if cfg.pv_promote else 3e-3), f"{cfg.describe()}: rel err vs reference {err:.2e}"

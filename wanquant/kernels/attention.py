@@ -32,10 +32,16 @@ head_dim D a power of two in [32, 256]. Two steps:
      ``|i| < 2^22``, which holds for D <= 256): an integer add and a float subtract
      instead of an I2F conversion per score, which issues at a fraction of the FMA
      pipe's rate (the SASS of the loop has no per-score I2F). The row maximum is taken
-     on the integers (the scale is positive).
+     on the integers (the scale is positive). ``fold`` configs skip the subtraction:
+     ``t = fma(as_float(i + 0x4B400000), c, -(1.5 * 2^23 * c + m'))``, one FMA per score
+     (the bias's rounding moves a whole row of a tile by ~1e-4 in log2 units).
    * online softmax in fp32 (base 2). P is written as ``448 * 2^(s - m)`` (P's scale
      448 = e4m3's maximum is folded into the exponent: no multiply) and cast to e4m3;
-     the row sum ``l`` uses the unrounded fp32 values. The 448 cancels in ``acc / l``.
+     the row sum ``l`` uses the unrounded fp32 values (``l_mma`` configs: the rounded
+     ones, summed by the tensor cores as ``P8 . ones``). The 448 cancels in ``acc / l``.
+     ``v_perm`` configs store V's tokens permuted within each 32 (:func:`v_token_order`)
+     and permute P's columns the same way, which makes the Q.K^T accumulator's register
+     layout the P.V operand's: no shuffles between the two products.
    * ``acc += P8 . V8`` on FP8 tensor cores into an fp32 accumulator. Hopper accumulates
      FP8 products with about 22-bit precision inside the instruction; ``pv_promote``
      (SageAttention2's two-level accumulation) adds each tile's product to the fp32
@@ -70,7 +76,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -80,6 +86,7 @@ from wanquant.kernels.act_quant import HAS_TRITON, interpreting
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from wanquant.kernels.act_quant import _exp2i, _round_bf16
 
@@ -95,6 +102,20 @@ STATS_BLOCK = 128  # tokens per step of the K/V statistics kernel
 MAX_SPLITS = 32  # programs per (batch, head) in the statistics kernel
 _MAGIC_F = 12582912.0  # 1.5 * 2^23: (x + M) - M rounds |x| < 2^22 to an integer, ties to even
 _MAGIC_I = 0x4B400000  # the bits of 1.5 * 2^23
+V_PERM_BLOCK = 32  # tokens per block of the v_perm token order (one k32 step of the FP8 wgmma)
+
+
+def v_token_order(n: torch.Tensor | int) -> torch.Tensor | int:
+    """Where token ``n`` sits in ``v8t`` when ``v_perm``: within each 32-token block, bits
+    (3, 2, 1) of the index rotate to (1, 3, 2).
+
+    A thread of the Q.K^T wgmma holds score columns 8j + 2t + b (j < 4, t = lane % 4, b < 2)
+    of each 32-column block; the FP8 P.V wgmma wants, from the same thread, P columns
+    16h + 4t + i (h < 2, i < 4). Sending column n = (j1 j0 t1 t0 b) to k = (j1 t1 t0 j0 b)
+    maps one set onto the other thread by thread, so P permuted this way (and V stored the
+    same way) needs no data movement. Any order is exact: it only reorders the P.V sum.
+    """
+    return (n & ~0xE) | ((n & 8) >> 2) | ((n & 6) << 1)
 
 
 @dataclass(frozen=True)
@@ -111,11 +132,29 @@ class AttnConfig:
     # Quantize Q in a pre-pass kernel (INT8 Q read from memory, as K) instead of in the
     # main kernel's prologue (INT8 Q built in registers): same numbers, another code path.
     q_prepass: bool = False
+    # Fold the int32 -> fp32 trick's subtraction into the exponent's FMA (one fp32 op per
+    # score less): t = fma(bits(qk + M), c, -(M c + m')) instead of ((bits - M) c - m').
+    fold: bool = False
+    # P.V in the wgmma operand order: V's tokens are stored permuted within each 32-token
+    # block (:func:`v_token_order`) so that P needs no cross-thread shuffle between the two
+    # products (FlashAttention-3's FP8 trick). Needs block_n and k_block multiples of 32.
+    v_perm: bool = False
+    # K and V tiles by TMA (host tensor descriptors) instead of per-thread cp.async: one
+    # thread issues a tile's copy, the others skip the address arithmetic.
+    tma: bool = False
+    # The row sums l on the tensor cores, as P8 . ones (sums of the rounded P, so the weights
+    # of V sum to one exactly) instead of one fp32 add per score.
+    l_mma: bool = False
+    # Register cap per thread (ptxas .maxnreg; 0: the compiler's choice): 168 lets three
+    # 128-thread CTAs share an SM where the kernel fits without spilling (64x64 tiles).
+    maxnreg: int = 0
 
     def describe(self) -> str:
-        acc = "-promote" if self.pv_promote else ""
-        qpre = "-qpre" if self.q_prepass else ""
-        return f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}{acc}{qpre}"
+        flags = [("promote", self.pv_promote), ("qpre", self.q_prepass), ("fold", self.fold),
+                 ("tma", self.tma), ("vperm", self.v_perm),
+                 ("lmma", self.l_mma), (f"r{self.maxnreg}", self.maxnreg > 0)]
+        tail = "".join(f"-{name}" for name, on in flags if on)
+        return f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}{tail}"
 
 
 # Fastest measured on an H100 (benchmarks/results/attention.md, 2026-12-05): 30.1 ms at
@@ -123,24 +162,27 @@ class AttnConfig:
 # share an SM. The -qpre variant measured the same within 1 %.
 DEFAULT_CONFIG = AttnConfig(block_m=64, block_n=128, num_warps=4, num_stages=3)
 # What the benchmark sweeps on an H100 (the fastest measured becomes DEFAULT_CONFIG).
-# Compiled for sm_90 (Triton 3.9, no GPU needed): every config runs both products on wgmma
-# with no register spills. 128-row tiles with 8 warps need ~215-250 registers a thread, so
-# one CTA per SM, whose softmax and tensor-core work then alternate (Triton waits for the
-# Q.K^T wgmma before the softmax); 64-row tiles with 4 warps need 160-255 registers for 128
-# threads, so 2-3 CTAs share an SM and overlap each other's softmax and MMAs, at the cost
-# of twice the K/V reads from L2.
+# Compiled for sm_90 with Triton 3.6 (no GPU needed; SASS of the main loop, per warp and
+# 64x128 tile): the old default issues 664 instructions, ``fold`` saves 60, ``vperm`` 49
+# (no SHFL/PRMT/SEL for P), ``lmma`` 57 more (498 in all), none spills or serializes its
+# wgmmas. 64-row tiles with 4 warps need 220-255 registers, so 2 CTAs share an SM and
+# overlap each other's softmax and MMAs; 64x64 tiles with ``qpre`` fit 149 (-r168: 3 CTAs);
+# 128-row tiles with 8 warps: one CTA, whose two warpgroups meet at every tile's barrier.
+_FAST = dict(fold=True, v_perm=True, l_mma=True)
 CONFIGS = (
-    AttnConfig(128, 128, 8, 3),
-    AttnConfig(128, 128, 8, 2),
-    AttnConfig(128, 64, 8, 3),
-    AttnConfig(128, 128, 8, 3, q_prepass=True),
-    AttnConfig(128, 128, 8, 3, pv_promote=True),
     AttnConfig(64, 128, 4, 3),
-    AttnConfig(64, 128, 4, 2),
-    AttnConfig(64, 128, 4, 2, q_prepass=True),
-    AttnConfig(64, 128, 4, 3, q_prepass=True),
-    AttnConfig(64, 64, 4, 3),
-    AttnConfig(64, 64, 4, 3, q_prepass=True),
+    AttnConfig(64, 128, 4, 3, fold=True),
+    AttnConfig(64, 128, 4, 3, v_perm=True),
+    AttnConfig(64, 128, 4, 3, fold=True, v_perm=True),
+    AttnConfig(64, 128, 4, 3, **_FAST),
+    AttnConfig(64, 128, 4, 3, q_prepass=True, **_FAST),
+    AttnConfig(64, 128, 4, 2, **_FAST),
+    AttnConfig(64, 128, 4, 2, q_prepass=True, **_FAST),
+    AttnConfig(64, 128, 4, 3, tma=True, **_FAST),
+    AttnConfig(128, 128, 8, 3, **_FAST),
+    AttnConfig(128, 128, 8, 2, **_FAST),
+    AttnConfig(64, 64, 4, 3, q_prepass=True, maxnreg=168, **_FAST),
+    AttnConfig(64, 64, 4, 4, q_prepass=True, maxnreg=168, **_FAST),
 )
 
 
@@ -153,6 +195,7 @@ class QuantKV:
     columns 0); ``v_scale`` fp32 ``[B*H, D]``; ``v_mean`` fp32 ``[B*H, D]`` (zeros without
     V smoothing). Keys and values are ``k ~ (k8 * k_scale) + mu_k`` and
     ``v ~ v8 * v_scale + v_mean``; ``mu_k`` is dropped (softmax does not see it).
+    ``v_perm``: token ``n`` of ``v8t`` is stored at column ``v_token_order(n)``.
     """
 
     k8: torch.Tensor
@@ -164,6 +207,7 @@ class QuantKV:
     heads: int
     seq: int
     k_block: int
+    v_perm: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -206,6 +250,9 @@ def check_config(cfg: AttnConfig, k_block: int) -> None:
     if k_block % cfg.block_n:
         raise ValueError(f"block_n {cfg.block_n} must divide the K scale block {k_block}: "
                          "a key tile must have one scale")
+    if cfg.v_perm and cfg.block_n % V_PERM_BLOCK:
+        raise ValueError(f"v_perm needs block_n a multiple of {V_PERM_BLOCK}, got {cfg.block_n}: "
+                         "use block_n >= 32 or v_perm=False")
 
 
 def int8_attention_status(device: torch.device | str | None = None) -> tuple[bool, str]:
@@ -256,9 +303,19 @@ def _inverse_scale(top: float, amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, torch.full_like(amax, top) / amax.clamp_min(1e-30), torch.zeros_like(amax))
 
 
+def _check_v_perm(v_perm: bool, k_block: int) -> None:
+    if v_perm and k_block % V_PERM_BLOCK:
+        raise ValueError(f"v_perm needs k_block a multiple of {V_PERM_BLOCK}, got {k_block}")
+
+
 def quantize_kv_reference(k: torch.Tensor, v: torch.Tensor, layout: Layout = "bshd", k_block: int = K_BLOCK,
-                          smooth_k: bool = True, smooth_v: bool = True) -> QuantKV:
-    """What :func:`quantize_kv` writes, in plain PyTorch (fp32 math, same formulas)."""
+                          smooth_k: bool = True, smooth_v: bool = True, v_perm: bool | None = None) -> QuantKV:
+    """What :func:`quantize_kv` writes, in plain PyTorch (fp32 math, same formulas).
+
+    ``v_perm``: V's token order (default :data:`DEFAULT_CONFIG`'s; see :func:`v_token_order`).
+    """
+    v_perm = DEFAULT_CONFIG.v_perm if v_perm is None else v_perm
+    _check_v_perm(v_perm, k_block)
     k, b, s, h, d = _bshd_view(k, layout)
     v, bv, sv, hv, dv = _bshd_view(v, layout)
     if (b, s, h, d) != (bv, sv, hv, dv):
@@ -288,8 +345,11 @@ def quantize_kv_reference(k: torch.Tensor, v: torch.Tensor, layout: Layout = "bs
     v8 = (vf * inv_v[:, None, :]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     v8t = torch.zeros(b * h, d, s_pad, dtype=torch.float8_e4m3fn, device=dev)
     v8t[:, :, :s] = v8.transpose(1, 2)
+    if v_perm:
+        v8t[:, :, v_token_order(torch.arange(s_pad, device=dev))] = v8t.clone()
     return QuantKV(k8.view(b * h, s_pad, d).contiguous(), k_scale.contiguous(), v8t,
-                   (vamax * _fp32(1.0 / E4M3_MAX, dev)).contiguous(), v_mean.contiguous(), b, h, s, k_block)
+                   (vamax * _fp32(1.0 / E4M3_MAX, dev)).contiguous(), v_mean.contiguous(), b, h, s, k_block,
+                   v_perm)
 
 
 def quantize_q_reference(q: torch.Tensor, scale: float | None = None, layout: Layout = "bshd"
@@ -305,14 +365,31 @@ def quantize_q_reference(q: torch.Tensor, scale: float | None = None, layout: La
     return q8, qs
 
 
-def attention_prepared_reference(q: torch.Tensor, kv: QuantKV, scale: float | None = None, layout: Layout = "bshd",
-                                 block_n: int = DEFAULT_CONFIG.block_n, out_dtype: torch.dtype | None = None
-                                 ) -> torch.Tensor:
-    """What :func:`attention_prepared` computes, tile by tile in ``block_n`` keys.
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 ``a * b + c`` rounded once (as ``tl.fma``): exact in fp64 for the kernel's operands."""
+    return (a.double() * b.double() + c.double()).float()
 
-    The running maximum at which each tile's P is rounded to e4m3 is the kernel's, so
-    only accumulation order and exp2's last bits differ from it.
+
+def _exponent(qk: torch.Tensor, sc: torch.Tensor, m: torch.Tensor, top: float, fold: bool) -> torch.Tensor:
+    """``t = s - m + top`` (log2 of the stored P) from integer scores ``qk``, as the kernel computes it."""
+    shift = m - _fp32(top, m.device)
+    if not fold:
+        return qk * sc[..., None] - shift[..., None]
+    bias = _fma(sc, _fp32(_MAGIC_F, sc.device), shift)  # M c + m - top
+    return _fma(qk + _MAGIC_F, sc[..., None], -bias[..., None])  # (qk + M) c - (M c + m - top)
+
+
+def attention_prepared_reference(q: torch.Tensor, kv: QuantKV, scale: float | None = None, layout: Layout = "bshd",
+                                 block_n: int | None = None, out_dtype: torch.dtype | None = None,
+                                 config: AttnConfig | None = None) -> torch.Tensor:
+    """What :func:`attention_prepared` computes with ``config`` (default :data:`DEFAULT_CONFIG`;
+    ``block_n`` overrides its key tile), tile by tile in ``block_n`` keys.
+
+    The running maximum at which each tile's P is rounded to e4m3 is the kernel's, so only
+    accumulation order and exp2's last bits differ from it.
     """
+    cfg = config or DEFAULT_CONFIG
+    block_n = block_n or cfg.block_n
     if kv.k_block % block_n:
         raise ValueError(f"block_n {block_n} must divide the K scale block {kv.k_block}")
     qv, b, s_q, h, d = _bshd_view(q, layout)
@@ -323,21 +400,20 @@ def attention_prepared_reference(q: torch.Tensor, kv: QuantKV, scale: float | No
     bh = b * h
     dev = q.device
     qd = q8.double()
+    v8t = kv.v8t[:, :, v_token_order(torch.arange(kv.seq_pad, device=dev))] if kv.v_perm else kv.v8t
     m = torch.full((bh, s_q), -math.inf, dtype=torch.float32, device=dev)
     l = torch.zeros(bh, s_q, dtype=torch.float32, device=dev)
     acc = torch.zeros(bh, s_q, d, dtype=torch.float32, device=dev)
-    shift = _fp32(LOG2_P_SCALE, dev)
     for n0 in range(0, kv.seq, block_n):
         n1 = min(n0 + block_n, kv.seq)
         qk = (qd @ kv.k8[:, n0:n1].double().transpose(1, 2)).float()  # exact integers
         sc = qs * kv.k_scale[:, n0 // kv.k_block, None]
-        s = qk * sc[..., None]
-        m_new = torch.maximum(m, s.amax(-1))
-        p = torch.exp2(s - (m_new - shift)[..., None])  # 448 * 2^(s - m)
+        m_new = torch.maximum(m, qk.amax(-1) * sc)
+        p = torch.exp2(_exponent(qk, sc, m_new, LOG2_P_SCALE, cfg.fold))  # 448 * 2^(s - m)
         alpha = torch.exp2(m - m_new)
-        l = l * alpha + p.sum(-1)
         p8 = p.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
-        v8 = kv.v8t[:, :, n0:n1].transpose(1, 2)
+        l = l * alpha + (p8.float().sum(-1) if cfg.l_mma else p.sum(-1))
+        v8 = v8t[:, :, n0:n1].transpose(1, 2)
         acc = acc * alpha[..., None] + (p8.double() @ v8.double()).float()
         m = m_new
     o = acc * (1.0 / l)[..., None] * kv.v_scale[:, None, :] + kv.v_mean[:, None, :]
@@ -346,15 +422,17 @@ def attention_prepared_reference(q: torch.Tensor, kv: QuantKV, scale: float | No
 
 
 def attention_int8_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                             layout: Layout = "bshd", block_n: int = DEFAULT_CONFIG.block_n, k_block: int = K_BLOCK,
-                             smooth_k: bool = True, smooth_v: bool = True) -> torch.Tensor:
+                             layout: Layout = "bshd", block_n: int | None = None, k_block: int = K_BLOCK,
+                             smooth_k: bool = True, smooth_v: bool = True, config: AttnConfig | None = None
+                             ) -> torch.Tensor:
     """The 8-bit attention in plain PyTorch: the definition the kernels implement.
 
     ``smooth_k=False`` / ``smooth_v=False`` switch the smoothing off (ablations, tests).
     Output: ``q``'s dtype and layout.
     """
-    kv = quantize_kv_reference(k, v, layout, k_block, smooth_k, smooth_v)
-    return attention_prepared_reference(q, kv, scale, layout, block_n)
+    cfg = config or DEFAULT_CONFIG
+    kv = quantize_kv_reference(k, v, layout, k_block, smooth_k, smooth_v, v_perm=cfg.v_perm)
+    return attention_prepared_reference(q, kv, scale, layout, block_n, config=cfg)
 
 
 def attention_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -456,21 +534,12 @@ if HAS_TRITON:
         tl.store(base + 2 * D + d, vmax)
         tl.store(base + 3 * D + d, vmin)
 
-    @triton.jit(do_not_specialize=["S"])
-    def _kv_quant_kernel(k_ptr, v_ptr, part_ptr, k8_ptr, ks_ptr, v8_ptr, vs_ptr, vm_ptr,
-                         S, S_pad, H, inv_s,
-                         skb, sks, skh, svb, svs, svh,
-                         D: tl.constexpr, KB: tl.constexpr, NSPLIT: tl.constexpr,
-                         SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr):
-        """One K scale block (KB tokens) of one (batch, head): INT8 keys and e4m3 values.
-
-        Every program reduces the (small) partial statistics itself; the first also stores
-        V's scale and mean. Padded tokens (>= S) are written as zeros.
-        """
-        blk = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
+    @triton.jit
+    def _kv_finalize_kernel(part_ptr, stat_ptr, vs_ptr, vm_ptr, inv_s, D: tl.constexpr, NSPLIT: tl.constexpr,
+                            SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr):
+        """Per (batch*head): reduce the partial statistics once. ``stat [B*H, 2, D]``: K's mean
+        and 448 / colmax|V - mu_v|; V's scale and mean go to ``vs``/``vm``."""
+        bh = tl.program_id(0)
         d = tl.arange(0, D)
         sp = tl.arange(0, NSPLIT)
         pbase = part_ptr + bh * (NSPLIT * 4 * D) + sp[:, None] * (4 * D) + d[None, :]
@@ -486,11 +555,25 @@ if HAS_TRITON:
         else:
             v_mean = tl.zeros((D,), dtype=tl.float32)
             vamax = tl.maximum(vmax, -vmin)
-        inv_v = _inv_scale(vamax, 448.0)
-        if blk == 0:
-            tl.store(vs_ptr + bh * D + d, vamax * (1.0 / 448.0))
-            tl.store(vm_ptr + bh * D + d, v_mean)
+        tl.store(stat_ptr + bh * (2 * D) + d, k_mean)
+        tl.store(stat_ptr + bh * (2 * D) + D + d, _inv_scale(vamax, 448.0))
+        tl.store(vs_ptr + bh * D + d, vamax * (1.0 / 448.0))
+        tl.store(vm_ptr + bh * D + d, v_mean)
 
+    @triton.jit(do_not_specialize=["S"])
+    def _kv_quant_kernel(k_ptr, v_ptr, stat_ptr, vm_ptr, k8_ptr, ks_ptr, v8_ptr, S, S_pad, H,
+                         skb, sks, skh, svb, svs, svh,
+                         D: tl.constexpr, KB: tl.constexpr, VPERM: tl.constexpr):
+        """One K scale block (KB tokens) of one (batch, head): INT8 keys and e4m3 values.
+        Padded tokens (>= S) are written as zeros."""
+        blk = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        d = tl.arange(0, D)
+        k_mean = tl.load(stat_ptr + bh * (2 * D) + d)
+        inv_v = tl.load(stat_ptr + bh * (2 * D) + D + d)
+        v_mean = tl.load(vm_ptr + bh * D + d)
         s = blk * KB + tl.arange(0, KB)
         ok = s < S
         s64 = s.to(tl.int64)
@@ -506,42 +589,82 @@ if HAS_TRITON:
         vt = tl.load(v_ptr + b * svb + s64[:, None] * svs + h * svh + d[None, :], mask=ok[:, None], other=0.0)
         vt = tl.where(ok[:, None], vt.to(tl.float32) - v_mean[None, :], 0.0)
         v8 = _round_e4m3(vt * inv_v[None, :])
+        v8 = v8.to(tl.float8e4nv)
+        if VPERM:  # tokens in v_token_order: permuted in registers, so that the store stays contiguous
+            v8 = tl.reshape(tl.permute(tl.reshape(v8, (KB // 32, 2, 2, 2, 2, 2, D)), (0, 1, 3, 4, 2, 5, 6)), (KB, D))
         # Transposed store: V^T [B*H, D, S_pad] (tokens contiguous, K-major for the P.V wgmma).
-        tl.store(v8_ptr + bh64 * D * S_pad + d[None, :].to(tl.int64) * S_pad + s64[:, None],
-                 v8.to(tl.float8e4nv))
+        tl.store(v8_ptr + bh64 * D * S_pad + d[None, :].to(tl.int64) * S_pad + s64[:, None], v8)
 
     @triton.jit
-    def _attn_tile(acc, l_i, m_i, q8, qsc, k_base, v_base, ks_base, n0, S_k, S_kpad,
-                   D: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, MASKED: tl.constexpr,
-                   PV_PROMOTE: tl.constexpr, INTERPRET: tl.constexpr):
-        """One key tile of the online softmax (see the module docstring)."""
+    def _rescale(acc, l_i, m_i, m_tile, LMMA: tl.constexpr):
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.math.exp2(m_i - m_new)
+        if LMMA:  # l_i: [BM, 16] accumulator of P8 . ones
+            l_i = l_i * alpha[:, None]
+        else:
+            l_i = l_i * alpha
+        return acc * alpha[:, None], l_i, m_new
+
+    @triton.jit
+    def _wgmma_order(p8, BM: tl.constexpr, BN: tl.constexpr):
+        """P's columns in :func:`v_token_order`: column n = (j1 j0 t1 t0 b) of each 32 goes to
+        k = (j1 t1 t0 j0 b), which in registers is no move at all (see that function)."""
+        p8 = tl.reshape(p8, (BM, BN // 32, 2, 2, 2, 2, 2))
+        p8 = tl.permute(p8, (0, 1, 2, 4, 5, 3, 6))
+        return tl.reshape(p8, (BM, BN))
+
+    @triton.jit
+    def _scores(q8, k_src, k_row, n0, D: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr):
+        """Integer scores of one key tile: ``k_src`` is a descriptor of all K rows (TMA) or
+        this head's K base pointer."""
+        if TMA:
+            k = k_src.load([k_row + n0, 0]).T  # [D, BN] int8
+        else:
+            offs_n = n0 + tl.arange(0, BN)
+            k = tl.load(k_src + offs_n[None, :] * D + tl.arange(0, D)[:, None])  # [D, BN] int8, K-major
+        return tl.dot(q8, k, out_dtype=tl.int32)  # exact
+
+    @triton.jit
+    def _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n0, S_k, S_kpad,
+                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, MASKED: tl.constexpr,
+                    PV_PROMOTE: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr, VPERM: tl.constexpr,
+                    LMMA: tl.constexpr, INTERPRET: tl.constexpr):
+        """The online softmax of one tile's scores and its P.V (see the module docstring)."""
         offs_n = n0 + tl.arange(0, BN)
-        d = tl.arange(0, D)
-        k = tl.load(k_base + offs_n[None, :] * D + d[:, None])  # [D, BN] int8, D contiguous: K-major
-        qk = tl.dot(q8, k, out_dtype=tl.int32)  # exact
+        if TMA:  # first: the barrier wait stays out of the wgmma pipeline stage (ptxas would serialize)
+            v = v_src.load([v_row, n0]).T  # [BN, D] e4m3 from V^T: K-major
         if MASKED:
             col_ok = offs_n < S_k
             qk = tl.where(col_ok[None, :], qk, -4194303)  # below any real score, inside the 2^22 trick range
         sc = qsc * tl.load(ks_base + n0 // KB)  # log2-domain units per integer unit, per row
-        m_new = tl.maximum(m_i, tl.max(qk, 1).to(tl.float32) * sc)
-        qkf = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # int32 -> fp32, exact
-        t = qkf * sc[:, None] - (m_new - 8.807354922057604)[:, None]  # log2(448 * 2^(s - m))
+        acc, l_i, m_i = _rescale(acc, l_i, m_i, tl.max(qk, 1).to(tl.float32) * sc, LMMA)
+        shift = m_i - 8.807354922057604  # stored P = 448 * 2^(s - m): log2(448)
+        qkb = (qk + 0x4B400000).to(tl.float32, bitcast=True)  # 1.5 * 2^23 + qk, exact
+        if FOLD:  # t = (M + qk) c - (M c + shift): one FMA per score
+            bias = tl.fma(sc, 12582912.0, shift)
+            t = tl.fma(qkb, sc[:, None], -bias[:, None])
+        else:
+            t = (qkb - 12582912.0) * sc[:, None] - shift[:, None]  # int32 -> fp32 exactly, then scale
         if MASKED:
             t = tl.where(col_ok[None, :], t, float("-inf"))
-        p = tl.math.exp2(t)  # in [0, 448]
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = tl.load(v_base + d[None, :] * S_kpad + offs_n[:, None])  # [BN, D] e4m3 from V^T: K-major
+        p = tl.math.exp2(t)  # 448 * 2^(s - m), in [0, 448]
+        if not LMMA:
+            l_i += tl.sum(p, 1)
+        if not TMA:
+            v = tl.load(v_src + tl.arange(0, D)[None, :] * S_kpad + offs_n[:, None])  # [BN, D] e4m3, K-major
         if INTERPRET:  # the interpreter's fp32 -> e4m3 cast truncates; the GPU's rounds to nearest even
             p8 = _round_e4m3(p).to(tl.float8e4nv)
         else:
             p8 = p.to(tl.float8e4nv)
+        if VPERM:
+            p8 = _wgmma_order(p8, BM, BN)
         if PV_PROMOTE:
             acc = tl.dot(p8, v, acc, max_num_imprecise_acc=BN)
         else:
             acc = tl.dot(p8, v, acc)
-        return acc, l_i, m_new
+        if LMMA:  # the row sums of the rounded P on the tensor cores (16: wgmma's smallest N here)
+            l_i = tl.dot(p8, ones, l_i)
+        return acc, l_i, m_i
 
     @triton.jit
     def _quant_q_rows(q_ptr, b, h, m64, m_ok, sqb, sqs, sqh, qk_c, D: tl.constexpr):
@@ -570,11 +693,12 @@ if HAS_TRITON:
         tl.store(qs_ptr + bh64 * S_qpad + m64, qsc)
 
     @triton.jit(do_not_specialize=["S_q", "S_k"])
-    def _attn_fwd_kernel(q_ptr, q8_ptr, qs_ptr, k8_ptr, ks_ptr, v8_ptr, vs_ptr, vm_ptr, o_ptr,
+    def _attn_fwd_kernel(q_ptr, q8_ptr, qs_ptr, k8_ptr, ks_ptr, v8_ptr, vs_ptr, vm_ptr, o_ptr, ones_ptr,
                          S_q, S_qpad, S_k, S_kpad, H, qk_c,
                          sqb, sqs, sqh, sob, sos, soh,
                          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr,
-                         PV_PROMOTE: tl.constexpr, Q_PRE: tl.constexpr, INTERPRET: tl.constexpr):
+                         PV_PROMOTE: tl.constexpr, Q_PRE: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr,
+                         VPERM: tl.constexpr, LMMA: tl.constexpr, INTERPRET: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -591,28 +715,51 @@ if HAS_TRITON:
         else:  # prologue: quantize this program's queries in registers
             q8, qsc = _quant_q_rows(q_ptr, b, h, m64, m_ok, sqb, sqs, sqh, qk_c, D)
 
-        k_base = k8_ptr + bh64 * S_kpad * D
-        v_base = v8_ptr + bh64 * D * S_kpad
+        if TMA:  # descriptors of the [B*H*S_kpad, D] keys and [B*H*D, S_kpad] values
+            k_src = k8_ptr
+            v_src = v8_ptr
+        else:
+            k_src = k8_ptr + bh64 * S_kpad * D
+            v_src = v8_ptr + bh64 * D * S_kpad
         ks_base = ks_ptr + bh64 * (S_kpad // KB)
         m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BM,), dtype=tl.float32)
+        if LMMA:
+            l_i = tl.zeros((BM, 16), dtype=tl.float32)
+        else:
+            l_i = tl.zeros((BM,), dtype=tl.float32)
         acc = tl.zeros((BM, D), dtype=tl.float32)
+        if LMMA:  # loaded (not tl.full) so that Triton stages it in shared memory once, not every tile
+            ones = tl.load(ones_ptr + tl.arange(0, BN)[:, None] * 16 + tl.arange(0, 16)[None, :])  # [BN, 16] e4m3
+        else:
+            ones = 0
+        k_row = bh * S_kpad
+        v_row = bh * D
         n_full = (S_k // BN) * BN
         for n0 in range(0, n_full, BN):
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, qsc, k_base, v_base, ks_base, n0, S_k, S_kpad,
-                                       D, BN, KB, False, PV_PROMOTE, INTERPRET)
+            qk = _scores(q8, k_src, k_row, n0, D, BN, TMA)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n0, S_k, S_kpad,
+                                        D, BM, BN, KB, False, PV_PROMOTE, FOLD, TMA, VPERM, LMMA, INTERPRET)
         if n_full < S_k:  # the ragged last tile, masked
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, qsc, k_base, v_base, ks_base, n_full, S_k, S_kpad,
-                                       D, BN, KB, True, PV_PROMOTE, INTERPRET)
+            qk = _scores(q8, k_src, k_row, n_full, D, BN, TMA)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n_full, S_k, S_kpad,
+                                        D, BM, BN, KB, True, PV_PROMOTE, FOLD, TMA, VPERM, LMMA, INTERPRET)
 
         vs = tl.load(vs_ptr + bh64 * D + d)
         vm = tl.load(vm_ptr + bh64 * D + d)
+        if LMMA:
+            l_i = tl.max(l_i, 1)  # 16 equal columns
         o = acc * (1.0 / l_i)[:, None] * vs[None, :] + vm[None, :]
         if INTERPRET:  # the interpreter truncates fp32 -> bf16; round to nearest even first
             if o_ptr.dtype.element_ty == tl.bfloat16:
                 o = _round_bf16(o)
         tl.store(o_ptr + b * sob + m64[:, None] * sos + h * soh + d[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=m_ok[:, None])
+
+
+@functools.cache
+def _ones_e4m3(device: torch.device, n: int) -> torch.Tensor:
+    """``[n, 16]`` e4m3 ones: the B operand of the ``l_mma`` row sums."""
+    return torch.ones(n, 16, device=device).to(torch.float8_e4m3fn)
 
 
 def _require_triton() -> None:
@@ -630,9 +777,15 @@ def _stats_splits(s: int) -> tuple[int, int]:
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, layout: Layout = "bshd", k_block: int = K_BLOCK,
-                smooth_k: bool = True, smooth_v: bool = True) -> QuantKV:
-    """The K/V pre-pass on the GPU (two Triton kernels); :func:`quantize_kv_reference` is its definition."""
+                smooth_k: bool = True, smooth_v: bool = True, v_perm: bool | None = None) -> QuantKV:
+    """The K/V pre-pass on the GPU (two Triton kernels); :func:`quantize_kv_reference` is its definition.
+
+    ``v_perm`` (V's token order) defaults to :func:`env_config`'s: the main kernel follows
+    whatever order the returned :class:`QuantKV` has.
+    """
     _require_triton()
+    v_perm = env_config().v_perm if v_perm is None else v_perm
+    _check_v_perm(v_perm, k_block)
     k, b, s, h, d = _bshd_view(k, layout)
     v, bv, sv, hv, dv = _bshd_view(v, layout)
     if (b, s, h, d) != (bv, sv, hv, dv):
@@ -653,10 +806,12 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, layout: Layout = "bshd", k_blo
     v8t = torch.empty(b * h, d, s_pad, dtype=torch.float8_e4m3fn, device=dev)
     vs = torch.empty(b * h, d, dtype=torch.float32, device=dev)
     vm = torch.empty(b * h, d, dtype=torch.float32, device=dev)
-    _kv_quant_kernel[(s_pad // k_block, b * h)](k, v, part, k8, ks, v8t, vs, vm, s, s_pad, h, 1.0 / s, *kst, *vst,
-                                                D=d, KB=k_block, NSPLIT=nsplit, SMOOTH_K=smooth_k,
-                                                SMOOTH_V=smooth_v, num_warps=8 if d >= 128 else 4)
-    return QuantKV(k8, ks, v8t, vs, vm, b, h, s, k_block)
+    stat = torch.empty(b * h, 2, d, dtype=torch.float32, device=dev)
+    _kv_finalize_kernel[(b * h,)](part, stat, vs, vm, 1.0 / s, D=d, NSPLIT=nsplit, SMOOTH_K=smooth_k,
+                                  SMOOTH_V=smooth_v, num_warps=4)
+    _kv_quant_kernel[(s_pad // k_block, b * h)](k, v, stat, vm, k8, ks, v8t, s, s_pad, h, *kst, *vst,
+                                                D=d, KB=k_block, VPERM=v_perm, num_warps=8 if d >= 128 else 4)
+    return QuantKV(k8, ks, v8t, vs, vm, b, h, s, k_block, v_perm)
 
 
 def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None, layout: Layout = "bshd",
@@ -669,7 +824,7 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
     """
     _require_triton()
     cfg = config or DEFAULT_CONFIG
-    check_config(cfg, kv.k_block)
+    check_config(replace(cfg, v_perm=kv.v_perm), kv.k_block)  # the kernel follows kv's V order
     qv, b, s_q, h, d = _bshd_view(q, layout)
     if (b, h, d) != (kv.batch, kv.heads, kv.head_dim):
         raise ValueError(f"q {tuple(q.shape)} ({layout}) does not match the keys (B={kv.batch}, H={kv.heads}, "
@@ -691,12 +846,17 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
         _q_quant_kernel[grid](qv, q8, qs, s_q, s_qpad, h, qk_c, *qst, D=d, BM=cfg.block_m, num_warps=4)
     else:
         q8, qs = kv.k8, kv.k_scale  # unused placeholders
+    k_src, v_src = kv.k8, kv.v8t
+    if cfg.tma:
+        k_src = TensorDescriptor.from_tensor(kv.k8.view(-1, d), [cfg.block_n, d])
+        v_src = TensorDescriptor.from_tensor(kv.v8t.view(-1, kv.seq_pad), [d, cfg.block_n])
     _attn_fwd_kernel[grid](
-        qv, q8, qs, kv.k8, kv.k_scale, kv.v8t, kv.v_scale, kv.v_mean, ov,
+        qv, q8, qs, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, ov, _ones_e4m3(q.device, cfg.block_n),
         s_q, s_qpad, kv.seq, kv.seq_pad, h, qk_c,
         *qst, ov.stride(0), ov.stride(1), ov.stride(2),
         D=d, BM=cfg.block_m, BN=cfg.block_n, KB=kv.k_block, PV_PROMOTE=cfg.pv_promote, Q_PRE=cfg.q_prepass,
-        INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FOLD=cfg.fold, TMA=cfg.tma, VPERM=kv.v_perm, LMMA=cfg.l_mma, INTERPRET=interpreting(), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return out
 
@@ -705,7 +865,8 @@ def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
                    layout: Layout = "bshd", config: AttnConfig | None = None, k_block: int = K_BLOCK,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """8-bit attention (Triton): :func:`quantize_kv` then :func:`attention_prepared`."""
-    return attention_prepared(q, quantize_kv(k, v, layout, k_block), scale, layout, config, out)
+    cfg = config or DEFAULT_CONFIG
+    return attention_prepared(q, quantize_kv(k, v, layout, k_block, v_perm=cfg.v_perm), scale, layout, cfg, out)
 
 
 def env_config() -> AttnConfig:
@@ -719,9 +880,16 @@ def env_config() -> AttnConfig:
 def parse_config(text: str) -> AttnConfig:
     """Inverse of :meth:`AttnConfig.describe`."""
     parts = text.strip().split("-")
+    form = "m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168]"
     try:
-        vals = {p[0]: int(p[1:]) for p in parts if p and p[0] in "mnws" and p[1:].isdigit()}
+        vals = {p[0]: int(p[1:]) for p in parts if p and p[0] in "mnwsr" and p[1:].isdigit()}
+        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma"}
+        extra = [p for p in parts[4:] if p not in known and not (p[:1] == "r" and p[1:].isdigit())]
+        if extra or len(parts) < 4:
+            raise ValueError(f"unknown parts {extra}")
         return AttnConfig(vals["m"], vals["n"], vals["w"], vals["s"], pv_promote="promote" in parts,
-                          q_prepass="qpre" in parts)
+                          q_prepass="qpre" in parts, fold="fold" in parts, tma="tma" in parts,
+                          v_perm="vperm" in parts, l_mma="lmma" in parts,
+                          maxnreg=vals.get("r", 0))
     except (KeyError, ValueError) as e:
-        raise ValueError(f"attention config {text!r} is not of the form m128-n128-w8-s3[-promote][-qpre]") from e
+        raise ValueError(f"attention config {text!r} is not of the form {form}") from e
