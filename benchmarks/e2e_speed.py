@@ -305,7 +305,9 @@ def main(argv=None) -> int:
         a.frames = 5 if a.frames == 81 else a.frames
     modes = [MODES[m] for m in a.modes.split(",") if m]
     out = Path(a.out)
-    payload = {**run_metadata(), "rows": []}
+    from wanquant.kernels.attention import env_config
+
+    payload = {**run_metadata(), "rows": [], "attn_config": env_config().describe()}
     if a.resume:
         old = json.loads(Path(a.resume).read_text())
         payload["rows"] = [r for r in old["rows"] if "error" not in r]

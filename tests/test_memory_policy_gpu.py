@@ -44,15 +44,23 @@ def gpu_pipe(tiny_ckpt):
     return pipe
 
 
+def _scratch_bytes() -> int:
+    """The fast path's FP8 scratch buffers: shared by every layer and kept across policies."""
+    from wanquant.kernels import dispatch
+
+    return sum(t.untyped_storage().nbytes() for t in dispatch._SCRATCH.values() if t.is_cuda)
+
+
 def _generate_with_peak(pipe, memory):
-    """Frames, peak allocated bytes while generating, bytes allocated before it started."""
+    """Frames, peak allocated bytes while generating, bytes allocated before it started
+    (less the shared FP8 scratch, which the first video of the process allocates)."""
     import wanquant.api as wq
 
     wq.set_memory_policy(pipe, memory, device="cuda", settings=TINY_SETTINGS, chunk_tokens=8192)
     ev = tiny_sample()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    base = torch.cuda.memory_allocated() - _scratch_bytes()
     frames = wq.generate(pipe, ev.first_frame(), ev.prompt, TINY_SETTINGS, seed=0)
     torch.cuda.synchronize()
     return frames, torch.cuda.max_memory_allocated(), base
@@ -66,8 +74,8 @@ def test_low_equals_resident_on_cuda_and_peaks_lower(gpu_pipe):
     low, low_peak, low_base = _generate_with_peak(gpu_pipe, "low")
     assert np.array_equal(low, resident)
     expert = mo.measure_footprint(gpu_pipe, "cuda").expert
-    # between videos the GPU holds the VAE only, against both experts, the VAE (and the encoder)
-    assert resident_base - low_base >= 2 * expert * 0.9
+    # between videos the GPU holds the VAE only (and the scratch), against both experts, the VAE (and the encoder)
+    assert resident_base - low_base >= 2 * expert * 0.9, (resident_base, low_base, expert)
     assert low_peak <= resident_peak - expert * 0.9
     state = mo.memory_state_of(gpu_pipe)
     assert not any(s.any_resident() for s in state.experts.values()) and not state.text_encoder.any_resident()
