@@ -404,7 +404,25 @@ def test_cli_has_the_attention_flag():
 
     p = build_parser()
     base = ["generate", "--image", "x.png", "--prompt", "p", "--out", "o.mp4"]
-    assert p.parse_args(base).attention == "sdpa"
+    assert p.parse_args(base).attention == "auto"
+    assert p.parse_args([*base, "--attention", "sdpa"]).attention == "sdpa"
     assert p.parse_args([*base, "--attention", "int8"]).attention == "int8"
     with pytest.raises(SystemExit):
         p.parse_args([*base, "--attention", "fp4"])
+
+
+@not_interp
+def test_auto_attention_is_sdpa_off_hopper_and_says_why():
+    from conftest import build_tiny_pipeline
+
+    from wanquant import api
+    from wanquant.model import attention as MA
+
+    assert MA.resolve_mode("auto", "cpu") == ("sdpa", "auto: cpu device")
+    assert MA.resolve_mode("int8", "cpu") == ("int8", "as asked")
+    pipe = build_tiny_pipeline()
+    text = api.set_attention(pipe, "auto", "cpu")
+    assert "SDPA" in text and "auto: cpu device" in text
+    assert MA.self_attention_mode(pipe.transformer) == "sdpa"
+    with pytest.raises(ValueError, match="resolve"):
+        MA.set_self_attention(pipe.transformer, "auto")

@@ -102,12 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: Ulysses context-parallel degree (default: processes / ring degree)")
     g.add_argument("--ring-degree", type=int, default=1, help="under torchrun: ring-attention degree (default 1)")
     g.add_argument("--memory", default="off", choices=["off", *api.MEMORY_POLICIES],
-                   help="'off' (default): everything loads on --device as given. EXPERIMENTAL policies (they did not "
-                        "yet meet their targets at full A14B scale, benchmarks/results/memory.md): 'resident' (both "
-                        "experts), 'low' (only the running expert; the other waits in host memory) or 'auto' "
-                        "(resident if it fits, else low; the choice and why are logged). Not with torchrun")
-    g.add_argument("--attention", default="sdpa", choices=list(api.ATTENTION_MODES),
-                   help="self-attention: 'sdpa' (PyTorch, default) or 'int8' (wanquant's 8-bit kernel: INT8 Q.K^T, "
+                   help="'off' (default): everything loads on --device as given. 'resident' (both experts on the GPU), "
+                        "'low' (only the running expert; the other waits in pinned host memory: 720p x 81 in 16 GB, "
+                        "480p x 81 in 12 GB, benchmarks/results/memory.md) or 'auto' (resident if it fits the free "
+                        "GPU memory, else low; the choice and why are logged): use auto on 12-24 GB cards. "
+                        "Not with torchrun")
+    g.add_argument("--attention", default="auto", choices=list(api.ATTENTION_MODES),
+                   help="self-attention: 'auto' (default: int8 on a Hopper GPU, sdpa elsewhere and under torchrun; "
+                        "the choice is logged), 'sdpa' (PyTorch) or 'int8' (wanquant's 8-bit kernel: INT8 Q.K^T, "
                         "FP8 P.V; CUDA GPUs with FP8 tensor cores, e.g. H100; not with context parallelism yet)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (one compilation serves all blocks; the first step "
@@ -236,10 +238,12 @@ def cmd_generate(args) -> int:
             api.load_quantized(pipe, args.quantized, device=load_device, backend=args.backend,
                                allow_mismatch=args.allow_mismatch)
         _load_loras(pipe, args)
+        if dist is not None and args.attention == "auto":
+            args.attention = "sdpa"  # the 8-bit kernel has no context-parallel path yet
         if dist is not None and args.attention != "sdpa":
             raise ValueError(f"--attention {args.attention} does not support context parallelism (torchrun) yet; "
                              "use --attention sdpa")
-        api.set_attention(pipe, args.attention)  # after load_quantized: it replaces the experts
+        api.set_attention(pipe, args.attention, device)  # after load_quantized: it replaces the experts
         if dist is not None:  # after the W4A4 experts are in place: CP hooks live on module instances
             api.check_context_parallel_shape(pipe, settings.height, settings.width, settings.num_frames)
             api.enable_context_parallel(pipe, args.ulysses_degree, args.ring_degree)

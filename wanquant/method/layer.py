@@ -175,7 +175,8 @@ def quantize_layer(weight: torch.Tensor, bias: torch.Tensor | None, stats: Layer
     t = lap("lowrank", t)
     if cfg.gptq.enabled:
         g = cfg.gptq
-        qz, deq, ginfo = gptq_quantize(resid, h, wfmt, g.block_size, g.damp, g.max_damp_retries, g.act_order, name)
+        qz, deq, ginfo = gptq_quantize(resid, h, wfmt, g.block_size, g.damp, g.max_damp_retries, g.act_order, name,
+                                       cuda_graph=g.cuda_graph)
     else:
         qz = wfmt.quantize(resid)
         deq, ginfo = wfmt.dequantize(qz), {"fallback": None}

@@ -49,7 +49,8 @@ from wanquant.model.wan import blocks_of, experts_of
 log = logging.getLogger(__name__)
 
 SELF_ATTN_ATTR = "attn1"  # as wanquant.model.block.SELF_ATTN_ATTR (no import: block imports this module)
-MODES = ("sdpa", "int8")  # what users pick (CLI --attention)
+AUTO = "auto"  # int8 on Hopper (measured faster than cuDNN within the quality bar), else sdpa
+MODES = (AUTO, "sdpa", "int8")  # what users pick (CLI --attention)
 REFERENCE_MODE = "int8_reference"  # the PyTorch reference of "int8" (tests, CPU)
 ALL_MODES = (*MODES, REFERENCE_MODE)
 _BACKENDS = {"int8": ("WANQUANT_INT8", "wanquant_int8"),
@@ -180,8 +181,27 @@ def _self_attentions(transformer: nn.Module) -> list[nn.Module]:
     return [getattr(block, SELF_ATTN_ATTR) for block in blocks_of(transformer)]
 
 
+def resolve_mode(mode: str, device: torch.device | str) -> tuple[str, str]:
+    """The mode ``mode`` stands for on ``device``, and why: ``auto`` is ``int8`` on Hopper
+    (sm_90, where benchmarks/results/attention.md measures it against SDPA cuDNN and the
+    testbed shows its quality), ``sdpa`` elsewhere (sm_89 runs int8 too, unmeasured)."""
+    if mode != AUTO:
+        return mode, "as asked"
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "sdpa", f"auto: {dev.type} device"
+    ok, why = K.int8_attention_status(dev)
+    if not ok:
+        return "sdpa", f"auto: {why}"
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if torch.cuda.get_device_capability(index)[0] != 9:
+        return "sdpa", f"auto: {why} is not Hopper (int8 attention is measured on sm_90 only)"
+    return "int8", f"auto: {why}"
+
+
 def check_attention_mode(mode: str) -> None:
-    """Raise if ``mode`` is unknown or cannot run on this machine (before loading a model)."""
+    """Raise if ``mode`` is unknown or cannot run on this machine (before loading a model;
+    ``auto`` always can)."""
     if mode not in ALL_MODES:
         raise ValueError(f"attention mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "int8":
@@ -201,6 +221,8 @@ def set_self_attention(transformer: nn.Module, mode: str) -> int:
     runs anywhere.
     """
     check_attention_mode(mode)
+    if mode == AUTO:
+        raise ValueError("attention 'auto' depends on the device: resolve it with resolve_mode(mode, device) first")
     attns = _self_attentions(transformer)
     for attn in attns:
         proc = attn.processor
@@ -228,15 +250,20 @@ def self_attention_mode(transformer: nn.Module) -> str:
     return modes.pop() if len(modes) == 1 else "mixed"
 
 
-def set_pipeline_attention(pipe, mode: str) -> str:
-    """:func:`set_self_attention` on every expert of a Wan pipeline; returns a description."""
+def set_pipeline_attention(pipe, mode: str, device: torch.device | str | None = None) -> str:
+    """:func:`set_self_attention` on every expert of a Wan pipeline; returns a description.
+    ``auto`` is resolved for ``device`` (default: the current CUDA device if there is one)."""
+    check_attention_mode(mode)
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    mode, why = resolve_mode(mode, device)
     counts = [(e.attr, set_self_attention(e.module, mode)) for e in experts_of(pipe)]
     where = ", ".join(f"{attr} ({n} blocks)" for attr, n in counts)
+    chosen = "" if why == "as asked" else f" [{why}]"
     if mode == "sdpa":
-        return f"self-attention: PyTorch SDPA on {where}"
+        return f"self-attention: PyTorch SDPA on {where}{chosen}"
     detail = int8_available()[1] if mode == "int8" else "PyTorch reference"
     return (f"self-attention: 8-bit (INT8 Q.K^T, FP8 P.V; {detail}) on {where}; "
-            "cross-attention unchanged (SDPA)")
+            f"cross-attention unchanged (SDPA){chosen}")
 
 
 def chunk_attention(attn: nn.Module, key: torch.Tensor, value: torch.Tensor
@@ -254,8 +281,8 @@ def chunk_attention(attn: nn.Module, key: torch.Tensor, value: torch.Tensor
         ok, reason = K.int8_attention_status(key.device)
         if not ok:
             raise AttentionUnavailableError(f"wanquant int8 attention cannot run: {reason}")
-        kv = K.quantize_kv(key, value)
         config = K.env_config()
+        kv = K.quantize_kv(key, value, v_perm=config.v_perm)
         return lambda q: K.attention_prepared(q, kv, config=config)
     kv = K.quantize_kv_reference(key, value)
     return lambda q: K.attention_prepared_reference(q, kv)
