@@ -260,7 +260,9 @@ def _load_layers(path: Path, targets) -> dict[str, QuantizedLinearParams]:
 
 
 def _run_id(cfg, run: CalibrationRun, samples, fingerprints) -> str:
-    d = {"cfg": cfg.to_dict(), "settings": run.settings.to_dict(), "bpp": run.blocks_per_pass,
+    cfg_d = cfg.to_dict()
+    cfg_d["gptq"].pop("cuda_graph", None)  # changes launches, not values: a run resumes with it on or off
+    d = {"cfg": cfg_d, "settings": run.settings.to_dict(), "bpp": run.blocks_per_pass,
          "res": run.reservoir_tokens, "seed": run.seed, "samples": samples_fingerprint(samples), "models": fingerprints,
          "cond_only": run.cond_only, "fast_hessian": run.fast_hessian, "schedule": run.schedule}
     if (run.shards or 1) != 1:  # not the number of processes: a sharded run may resume on another count

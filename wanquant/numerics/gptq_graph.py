@@ -30,23 +30,31 @@ class GraphRunner:
     """``fn(*inputs)`` captured once as a CUDA graph on static copies of ``inputs``."""
 
     def __init__(self, fn: Callable[..., Any], *inputs: torch.Tensor) -> None:
-        self.inputs = tuple(x.detach().clone(memory_format=torch.contiguous_format) for x in inputs)
-        side = torch.cuda.Stream(device=self.inputs[0].device)
-        side.wait_stream(torch.cuda.current_stream(side.device))
-        with torch.cuda.stream(side):  # warm-up off the current stream, as PyTorch's recipe asks
-            for _ in range(_WARMUP):
-                fn(*self.inputs)
-        torch.cuda.current_stream(side.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls of other threads (memory samplers, loaders) do not break the capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.outputs = fn(*self.inputs)
+        self.device = inputs[0].device
+        # Capture and replay use the *current* device's streams: make it the inputs' one.
+        with torch.cuda.device(self.device):
+            self.inputs = tuple(x.detach().clone(memory_format=torch.contiguous_format) for x in inputs)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the current stream, as PyTorch's recipe asks
+                for _ in range(_WARMUP):
+                    fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # Our own stream (torch's shared default capture stream lives on the first device that used it);
+            # thread_local: CUDA calls of other threads (memory samplers, loaders) do not break the capture.
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+                self.outputs = fn(*self.inputs)
 
     def run(self, *inputs: torch.Tensor) -> Any:
         """Replay on ``inputs`` (same shapes and dtypes as at capture); the outputs are reused buffers."""
-        for static, x in zip(self.inputs, inputs, strict=True):
-            static.copy_(x)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            for static, x in zip(self.inputs, inputs, strict=True):
+                if x.shape != static.shape:  # copy_ would broadcast silently
+                    raise ValueError(f"graph captured for input shape {tuple(static.shape)}, got {tuple(x.shape)}; "
+                                     "its cache key must include every input shape")
+                static.copy_(x)
+            self.graph.replay()
         return self.outputs
 
 
