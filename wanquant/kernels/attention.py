@@ -157,17 +157,22 @@ class AttnConfig:
         return f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}{tail}"
 
 
-# Fastest measured on an H100 (benchmarks/results/attention.md, 2026-12-05): 30.1 ms at
-# 32,760 tokens (1.23x SDPA cuDNN), 163.9 ms at 75,600 (1.21x); 64-row tiles let 2-3 CTAs
-# share an SM. The -qpre variant measured the same within 1 %.
-DEFAULT_CONFIG = AttnConfig(block_m=64, block_n=128, num_warps=4, num_stages=3)
-# What the benchmark sweeps on an H100 (the fastest measured becomes DEFAULT_CONFIG).
-# Compiled for sm_90 with Triton 3.6 (no GPU needed; SASS of the main loop, per warp and
-# 64x128 tile): the old default issues 664 instructions, ``fold`` saves 60, ``vperm`` 49
-# (no SHFL/PRMT/SEL for P), ``lmma`` 57 more (498 in all), none spills or serializes its
-# wgmmas. 64-row tiles with 4 warps need 220-255 registers, so 2 CTAs share an SM and
-# overlap each other's softmax and MMAs; 64x64 tiles with ``qpre`` fit 149 (-r168: 3 CTAs);
-# 128-row tiles with 8 warps: one CTA, whose two warpgroups meet at every tile's barrier.
+# Fastest measured on an H100 (benchmarks/results/attention.md, 2026-12-06): 26.66 ms at
+# 32,760 tokens (1.39x SDPA cuDNN), 144.38 ms at 75,600 (1.41x); the old default
+# (m64-n128-w4-s3) 29.87 / 161.85 ms. 64-row tiles let 2 CTAs share an SM; Q quantized in a
+# pre-pass, K/V tiles by TMA, the exponent's offset folded into its FMA, V permuted for
+# the wgmma operand order. ``tma`` is dropped on GPUs without TMA (before sm_90): same numbers.
+DEFAULT_CONFIG = AttnConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, q_prepass=True, fold=True,
+                            v_perm=True, tma=True)
+# What the benchmark sweeps on an H100 (the fastest measured becomes DEFAULT_CONFIG;
+# benchmarks/results/attention_sweep.md). Compiled for sm_90 with Triton 3.6: the first
+# config's main loop issues 664 SASS instructions per warp and 64x128 tile, ``fold`` saves
+# 60, ``vperm`` 49 (no SHFL/PRMT/SEL for P), ``lmma`` 57 more, none spills or serializes
+# its wgmmas; measured, ``lmma`` (row sums on the tensor cores, promoted per tile so that
+# they stay exact) is 1-2 ms slower at 32k tokens, ``tma`` 1.3 ms faster, ``qpre`` 0.6 ms.
+# 64-row tiles with 4 warps need 220-255 registers, so 2 CTAs share an SM and overlap each
+# other's softmax and MMAs; 128-row tiles with 8 warps: one CTA, whose two warpgroups meet
+# at every tile's barrier.
 _FAST = dict(fold=True, v_perm=True, l_mma=True)
 CONFIGS = (
     AttnConfig(64, 128, 4, 3),
@@ -763,6 +768,14 @@ def _ones_e4m3(device: torch.device, n: int) -> torch.Tensor:
     return torch.ones(n, 16, device=device).to(torch.float8_e4m3fn)
 
 
+def _has_tma(device: torch.device) -> bool:
+    """TMA (tensor memory accelerator) copies exist from sm_90 (Hopper); the interpreter emulates them."""
+    if device.type != "cuda":
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
 def _require_triton() -> None:
     if not HAS_TRITON:
         raise RuntimeError("wanquant's 8-bit attention needs Triton (pip install triton); the PyTorch reference "
@@ -826,6 +839,8 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
     _require_triton()
     cfg = config or DEFAULT_CONFIG
     check_config(replace(cfg, v_perm=kv.v_perm), kv.k_block)  # the kernel follows kv's V order
+    if cfg.tma and not _has_tma(q.device):
+        cfg = replace(cfg, tma=False)
     qv, b, s_q, h, d = _bshd_view(q, layout)
     if (b, h, d) != (kv.batch, kv.heads, kv.head_dim):
         raise ValueError(f"q {tuple(q.shape)} ({layout}) does not match the keys (B={kv.batch}, H={kv.heads}, "
