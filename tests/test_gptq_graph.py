@@ -28,55 +28,13 @@ def _weight(n: int, k: int, device: str = "cpu") -> torch.Tensor:
     return torch.randn(n, k, device=device) * torch.exp(torch.randn(1, k, device=device) * 0.3)
 
 
-# ---- the independent reference: the column loop as it was before the block refactor -------------
-def _original_loop(w, u, perm, fmt, block):
-    n, k = w.shape
-    g = fmt.group_size
-    group = [c // g for c in perm]
-    inv = [0] * k
-    for p, c in enumerate(perm):
-        inv[c] = p
-    pos = {G: sorted(inv[G * g:(G + 1) * g]) for G in range(k // g)}
-    first = {ps[0]: G for G, ps in pos.items()}
-    q = torch.zeros_like(w)
-    scales = torch.zeros(n, k // g, dtype=fmt.scale_dtype, device=w.device)
-    steps = torch.zeros(n, k // g, dtype=torch.float32, device=w.device)
-    loss = torch.zeros(n, dtype=w.dtype, device=w.device)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1, u1, err1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2], torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device)
-        for i in range(i2 - i1):
-            if i1 + i in first:
-                G = first[i1 + i]
-                cur = _original_current_columns(w, w1, err1, u, pos[G], i1, i2, i)
-                scales[:, G], steps[:, G] = fmt.group_scale(cur.abs().amax(1))
-            col = w1[:, i]
-            qc = fmt.round_to_step(col, steps[:, group[i1 + i]])
-            err1[:, i] = (col - qc) / u1[i, i]
-            w1[:, i:].addr_(err1[:, i], u1[i, i:], alpha=-1.0)
-            q[:, i1 + i] = qc
-        w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
-        loss += err1.square().sum(1)
-    return q, scales, steps, loss
-
-
-def _original_current_columns(w, w1, err1, u, ps, i1, i2, i):
-    if ps[0] >= i1 and ps[-1] < i2:
-        return w1[:, torch.tensor([p - i1 for p in ps], device=w.device)]
-    cols = []
-    for p in ps:
-        if p < i2:
-            cols.append(w1[:, p - i1])
-        else:
-            cols.append(w[:, p] - err1[:, :i] @ u[i1:i1 + i, p] if i else w[:, p])
-    return torch.stack(cols, 1)
-
-
 def _with_original_loop(monkeypatch, *args, **kwargs):
-    """gptq_quantize with its plain-order path replaced by the original loop."""
+    """gptq_quantize with its plain-order path replaced by the general column loop (any order,
+    groups across blocks; the code before the block path existed, which act-order still runs)."""
+    original = gptq._gptq_loop
     with monkeypatch.context() as m:
         m.setattr(gptq, "_plain_loop", lambda w, u, fmt, block, cuda_graph:
-                  _original_loop(w, u, list(range(w.shape[1])), fmt, block))
+                  original(w, u, list(range(w.shape[1])), fmt, block))
         return gptq_quantize(*args, **kwargs)
 
 
