@@ -99,6 +99,21 @@ def quantize_tiny(out, **kwargs):
     return quantize_pipeline(build_tiny_pipeline(), samples, fast_config(), run, out, **kwargs)
 
 
+def interrupt_on_call(monkeypatch, module, name: str, call: int = 2):
+    """Make ``module.name`` raise KeyboardInterrupt on its ``call``-th call (a simulated
+    interruption); returns the original function, to put back with ``monkeypatch.setattr``."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, flaky)
+    return real
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A tiny checkpoint shared by a test module; tests that change it take ``tiny_ckpt_copy``."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_SETTINGS, build_tiny_pipeline, fast_config
+from conftest import TINY_SETTINGS, build_tiny_pipeline, fast_config, interrupt_on_call
 from safetensors.torch import load_file
 
 from wanquant.calibration import passes
@@ -54,15 +54,7 @@ def test_resume_at_the_second_expert_records_the_first_again(tmp_path, tiny_samp
     high-noise outputs, runs that expert once more, and ends with the same checkpoint."""
     full, out = tmp_path / "full", tmp_path / "resumed"
     quantize_pipeline(build_tiny_pipeline(), tiny_samples, fast_config(), _run(), full)
-    real, calls = passes.calibrate_pass, {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(passes, "calibrate_pass", flaky)
+    real = interrupt_on_call(monkeypatch, passes, "calibrate_pass")
     with pytest.raises(KeyboardInterrupt):
         quantize_pipeline(build_tiny_pipeline(), tiny_samples, fast_config(), _run(), out)
     monkeypatch.setattr(passes, "calibrate_pass", real)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_SETTINGS, build_tiny_pipeline, fast_config
+from conftest import TINY_SETTINGS, build_tiny_pipeline, fast_config, interrupt_on_call
 
 import wanquant.api as wq
 from wanquant.artifacts.checkpoint import CheckpointError, OutputBusyError, lock_path, read_manifest, sha256_file
@@ -101,15 +101,7 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path, tiny_samples):
 
 def _interrupt_after_first_pass(tmp_path, samples, monkeypatch) -> Path:
     run = CalibrationRun(TINY_SETTINGS, blocks_per_pass=1, reservoir_tokens=128, progress=False)
-    real, calls = passes.calibrate_pass, {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(passes, "calibrate_pass", flaky)
+    real = interrupt_on_call(monkeypatch, passes, "calibrate_pass")
     out = tmp_path / "q"
     with pytest.raises(KeyboardInterrupt):
         _quantize(out, samples, run)
