@@ -56,7 +56,9 @@ from wanquant.method.config import preset
 from wanquant.method.layer import quantize_layer
 from wanquant.model.pipeline import GenerationSettings, encode_prompts, run_pipeline
 from wanquant.model.wan import ExpertSpec, blocks_of, experts_of, input_key, quant_targets
-from wanquant.numerics.stats import HESSIAN_STRIP, HessianAccumulator, LayerStatsAccumulator, accumulate_gram
+from wanquant.numerics.stats import (
+    HESSIAN_STRIP, HessianAccumulator, LayerStatsAccumulator, accumulate_gram, admission_threshold,
+)
 
 PAPER = dict(samples=12, height=480, width=832, frames=61, steps=40, guidance=3.5)
 
@@ -169,17 +171,18 @@ def _timestep_per_bin(spec: ExpertSpec, qcfg) -> list[float]:
     return list(per_bin.values())
 
 
-def forward_costs(expert, cfg, qcfg, args: dict, hooked_blocks: int, device, tokens: int, reps: int = 2) -> dict:
+def forward_costs(expert, cfg, qcfg, args: dict, hooked_blocks: int, device, tokens: int, forwards_per_bin: int,
+                  reps: int = 2) -> dict:
     """One expert forward without statistics, and with statistics on ``hooked_blocks`` blocks.
 
     Hooked forwards cost a fixed part (Hessians, maxima, reservoir keys) and the reservoir
-    copies, which shrink over a run: at the j-th forward of a bin about ``capacity / j``
-    tokens of each input enter (:class:`TokenReservoir`). Measured: the fixed part with
-    every reservoir's capacity set to 0 (nothing enters; timing only), then one forward per
-    timestep bin twice with the real capacity (the first round fills the reservoirs), each
-    round followed by waiting for its copies; the seconds per copied byte come from the
-    second round (the first also pays first-use costs). :func:`project` adds the copies a
-    whole run makes from their expected count.
+    copies. A calibration run plans its reservoirs (:meth:`StatsCollector.expect`): over the
+    ``forwards_per_bin`` forwards of a bin each admits about ``capacity + 6 sqrt(capacity)``
+    tokens, spread evenly. Measured: the fixed part with every reservoir's capacity 0
+    (nothing enters; timing only), then, with a fresh collector planned for
+    ``forwards_per_bin`` forwards per bin, one forward per bin, its copies waited for; the
+    seconds per copied byte come from the difference. :func:`project` adds the copies a
+    whole run makes (:func:`expected_copied_rows`).
     """
     spec = high_spec(expert)
     targets = {spec.attr: [t for t in quant_targets(expert, qcfg) if t.block < hooked_blocks]}
@@ -187,53 +190,61 @@ def forward_costs(expert, cfg, qcfg, args: dict, hooked_blocks: int, device, tok
         plain = timed(lambda: expert(**args), device, reps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    col = StatsCollector([spec], targets, qcfg)  # outside inference mode, as calibration builds it
-    col.set_cond_context(args["encoder_hidden_states"])
     ts = _timestep_per_bin(spec, qcfg)
-    reservoirs = [r for a in col.acc[spec.attr].values() for r in a.reservoirs]
-    cap = reservoirs[0].capacity if reservoirs else 0
-
-    def copied() -> int:
-        return sum(r.n_copied * a.k * 2 for a in col.acc[spec.attr].values() for r in a.reservoirs)
 
     def forward(t: float) -> None:
         expert(**dict(args, timestep=torch.tensor([t], device=device)))
 
-    def one_round() -> tuple[float, float]:
-        """Mean seconds and copied bytes of a forward per bin, its copies waited for."""
-        before = copied()
-        cuda_sync(device)
-        t0 = time.perf_counter()
-        for t in ts:
-            forward(t)
-        col.settle()
-        cuda_sync(device)
-        return (time.perf_counter() - t0) / len(ts), (copied() - before) / len(ts)
+    col = StatsCollector([spec], targets, qcfg)  # outside inference mode, as calibration builds it
+    cap = next((r.capacity for a in col.acc[spec.attr].values() for r in a.reservoirs), 0)
+    col.set_cond_context(args["encoder_hidden_states"])
+    with torch.inference_mode():
+        with col:
+            for a in col.acc[spec.attr].values():
+                for r in a.reservoirs:
+                    r.capacity = 0
+            fixed = timed(lambda: forward(ts[0]), device, reps)
+    del col
+    free()
+    col = StatsCollector([spec], targets, qcfg)
+    col.plan_forwards({spec.attr: {b: forwards_per_bin for b in range(len(ts))}}, 1, checked=False)
+    col.set_cond_context(args["encoder_hidden_states"])
+
+    def copied() -> int:
+        return sum(r.n_copied * a.k * 2 for a in col.acc[spec.attr].values() for r in a.reservoirs)
 
     with torch.inference_mode():
         with col:
-            for r in reservoirs:
-                r.capacity = 0
-            fixed = timed(lambda: forward(ts[0]), device, reps)
-            for r in reservoirs:
-                r.capacity = cap
-            fill_s, fill_b = one_round()
-            second_s, second_b = one_round()
+            cuda_sync(device)
+            t0 = time.perf_counter()
+            for t in ts:
+                forward(t)
+            col.settle()
+            cuda_sync(device)
+            planned_s = (time.perf_counter() - t0) / len(ts)
         peak = gpu_peak_gb(device)
-    per_byte = max(0.0, second_s - fixed) / second_b if second_b else 0.0
-    return {"plain_s": plain, "hooked_fixed_s": fixed, "hooked_fill_s": fill_s, "hooked_second_s": second_s,
+    planned_b = copied() / len(ts)
+    per_forward = {input_key(t): t.shape[1] for t in targets[spec.attr] if not t.group.static_per_video}
+    row_bytes = 2 * sum(per_forward.values()) / hooked_blocks
+    per_byte = max(0.0, planned_s - fixed) / planned_b if planned_b else 0.0
+    return {"plain_s": plain, "hooked_fixed_s": fixed, "hooked_planned_s": planned_s,
             "hooked_blocks": hooked_blocks, "hook_per_block_s": max(0.0, fixed - plain) / hooked_blocks,
-            "copy_s_per_byte": per_byte, "capacity": cap, "tokens": tokens,
-            "row_bytes_per_block": fill_b / hooked_blocks / max(1, min(tokens, cap)),  # one token of every input
-            "copied_mb_per_forward": {"fill": fill_b / 1e6, "second": second_b / 1e6},
+            "copy_s_per_byte": per_byte, "capacity": cap, "tokens": tokens, "forwards_per_bin": forwards_per_bin,
+            "row_bytes_per_block": row_bytes,  # one token of every per-forward input of a block
+            "copied_mb_per_forward": planned_b / 1e6,
             "bins": len(ts), "peak_gb_hooked": peak, "collector": col, "spec": spec, "targets": targets}
 
 
+def forwards_per_bin(samples: int, steps: int, bins: int, cfg_forwards: int = 2, experts: int = 2) -> int:
+    """Hooked forwards of one expert's bin in a run (:func:`project`'s even split)."""
+    return max(1, round(samples * steps * cfg_forwards / (experts * bins)))
+
+
 def expected_copied_rows(capacity: int, tokens: int, forwards: float) -> float:
-    """Expected tokens copied into one reservoir over ``forwards`` batches of ``tokens``: at the
-    j-th a token enters with probability ``capacity / (j tokens)`` (at most 1)."""
-    n = max(0, int(round(forwards)))
-    return sum(min(tokens, capacity / j) for j in range(1, n + 1))
+    """Expected tokens copied into one planned reservoir over ``forwards`` batches of ``tokens``:
+    those with keys below :func:`admission_threshold` (all of them for a short stream)."""
+    stream = max(0, int(round(forwards))) * tokens
+    return stream * admission_threshold(capacity, stream) if stream else 0.0
 
 
 STAGES = ("finalize", "smooth", "lowrank", "gptq", "clip", "eval")
@@ -461,8 +472,10 @@ def main(argv=None) -> None:
     result["components"] = {"check_around": comp, "full_around_experts": comp_full}
     log("around the experts", comp, comp_full)
     fa = forward_args(one_block, check["height"], check["width"], check["frames"], device)
+    nb = len(_timestep_per_bin(high_spec(pipe.transformer), qcfg))
     fc = forward_costs(pipe.transformer, one_block, qcfg, fa, 1, device,
-                       tokens_of(one_block, check["height"], check["width"], check["frames"]))
+                       tokens_of(one_block, check["height"], check["width"], check["frames"]),
+                       forwards_per_bin(check["samples"], check["steps"], nb))
     del fc["collector"], fc["targets"], fc["spec"]
     free()
     parts = {"collect": 0.0, "quantize_layers": 0.0, "_finish": 0.0}
@@ -504,7 +517,8 @@ def main(argv=None) -> None:
     expert_bytes = sum(p.numel() * p.element_size() for p in expert.parameters())
     hooked = min(args.hooked_blocks, expert_cfg["num_layers"])
     fa_full = forward_args(expert_cfg, paper["height"], paper["width"], paper["frames"], device)
-    full = forward_costs(expert, expert_cfg, qcfg, fa_full, hooked, device, ptok)
+    full = forward_costs(expert, expert_cfg, qcfg, fa_full, hooked, device, ptok,
+                         forwards_per_bin(paper["samples"], paper["steps"], nb))
     col, spec, targets = full.pop("collector"), full.pop("spec"), full.pop("targets")
     result["components"]["full"] = full
     log("full forwards", full)
@@ -537,7 +551,6 @@ def main(argv=None) -> None:
             "capacity": fc["capacity"], "tokens": fc["tokens"],
             "block_write_s": io["block_write_s"], "block_read_s": io["block_read_s"],
             "d2h_gbps": swap["d2h_gbps"], "h2d_gbps": swap["h2d_gbps"], "merge_block_s": merge_s}
-    nb = fc["bins"]
     predicted = project(unit, check["samples"], check["steps"], 2, 1, 2, False, one_expert_bytes, te_bytes, bins=nb)
     err = (predicted["total"] - check_wall) / check_wall
     by_part = {"collect": (sum(predicted[k] for k in ("text_encode", "around_experts", "forwards", "hooks", "swaps")),
@@ -653,10 +666,10 @@ def _markdown(r: dict) -> str:
               f"GB); host: reservoirs {_fmt(m['reservoirs_gb'])} GB", ""]
     f = r["components"]["full"]
     lines += [f"Hooks ({f['hooked_blocks']} blocks hooked): fixed part {_fmt(f['hook_per_block_s'], 4)} s per block "
-              f"and forward; reservoir copies {_fmt(f['copy_s_per_byte'] * 1e9, 3)} s per GB (fill "
-              f"{_fmt(f['copied_mb_per_forward']['fill'])} MB, second forward of a bin "
-              f"{_fmt(f['copied_mb_per_forward']['second'])} MB); forward without hooks {_fmt(f['plain_s'], 3)} s, "
-              f"first hooked round {_fmt(f['hooked_fill_s'], 3)} s, second {_fmt(f['hooked_second_s'], 3)} s", "",
+              f"and forward; reservoirs planned for {f['forwards_per_bin']} forwards per bin copy "
+              f"{_fmt(f['copied_mb_per_forward'])} MB per forward at {_fmt(f['copy_s_per_byte'] * 1e9, 3)} s per GB; "
+              f"forward without hooks {_fmt(f['plain_s'], 3)} s, hooked without copies {_fmt(f['hooked_fixed_s'], 3)} "
+              f"s, hooked with planned copies {_fmt(f['hooked_planned_s'], 3)} s", "",
               "PTQ of one block (s per stage; finalize = statistics read back):", "",
               "| config | " + " | ".join(STAGES) + " | block |", "|---|" + "---|" * (len(STAGES) + 1)]
     for name, o in r["components"]["ptq"]["configs"].items():

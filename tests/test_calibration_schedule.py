@@ -178,3 +178,44 @@ def test_cuda_spilled_statistics_equal_resident_ones(tiny_samples):
             assert acc.hessian.hessian.device.type == "cpu" and res.hessian.hessian.device.type == "cuda"
             torch.testing.assert_close(acc.hessian.hessian, res.hessian.hessian.cpu(), rtol=1e-5, atol=1e-4)
             assert acc.hessian.n_tokens == res.hessian.n_tokens
+
+
+def _collect(tiny_samples, cond_only: bool, reservoir_tokens: int = 8):
+    pipe = build_tiny_pipeline()
+    cfg = fast_config()
+    experts = experts_of(pipe)
+    targets = {e.attr: quant_targets(e.module, cfg) for e in experts}
+    run = _run(cond_only=cond_only)
+    run.reservoir_tokens = reservoir_tokens
+    return passes.collect(pipe, experts, targets, tiny_samples, cfg, run, 0, False)
+
+
+@pytest.mark.parametrize("cond_only", [False, True])
+def test_forward_plan_matches_the_run_and_keeps_the_same_samples(tiny_samples, monkeypatch, cond_only):
+    """The reservoirs' plan (forwards per expert and bin) is what the pipeline runs, and the
+    planned reservoirs keep the same tokens as unplanned ones, copying fewer."""
+    col = _collect(tiny_samples, cond_only)
+    for attr, per_bin in col._plan.items():
+        calls = col.records[attr].calls
+        for b in range(col.bins[attr].num_bins):
+            ran = calls[(b, "cond")] + (0 if cond_only else calls[(b, "uncond")])
+            assert ran == per_bin.get(b, 0) * len(tiny_samples), (attr, b)
+    monkeypatch.setattr(passes.StatsCollector, "expect", lambda self, *a: None)
+    plain = _collect(tiny_samples, cond_only)
+    planned_any = False
+    for attr, accs in col.acc.items():
+        for key, acc in accs.items():
+            for r, p in zip(acc.reservoirs, plain.acc[attr][key].reservoirs):
+                assert torch.equal(r.keys.sort().values, p.keys.sort().values), (attr, key)
+                order_r, order_p = r.keys.argsort(), p.keys.argsort()
+                assert torch.equal(r.tokens[order_r], p.tokens[order_p]), (attr, key)
+                assert r.n_copied <= p.n_copied
+                planned_any |= r.threshold < 1.0
+    assert planned_any  # the plan's threshold was in force somewhere
+
+
+def test_a_plan_that_overcounts_the_forwards_is_caught_after_the_first_sample(tiny_samples, monkeypatch):
+    real = passes.denoising_timesteps
+    monkeypatch.setattr(passes, "denoising_timesteps", lambda pipe, settings: real(pipe, settings) * 2)
+    with pytest.raises(RuntimeError, match="the plan said"):
+        _collect(tiny_samples, False)

@@ -8,6 +8,7 @@ import torch
 
 from wanquant.numerics.stats import (
     AbsMax, HessianAccumulator, LayerStats, LayerStatsAccumulator, LogHistogram, TokenReservoir,
+    admission_threshold,
 )
 
 
@@ -132,6 +133,62 @@ def test_reservoir_is_exactly_the_smallest_keys_and_copies_few() -> None:
     r.merge(o)
     assert set(r.tokens[:, 0].long().tolist()) == set(torch.topk(both, cap, largest=False).indices.tolist())
     assert r.n_seen == 35000
+
+
+def _equal_batches(n: int, size: int, k: int = 2, start: int = 0) -> list[torch.Tensor]:
+    return [torch.arange(start + i * size, start + (i + 1) * size, dtype=torch.float32)[:, None].expand(size, k)
+            .contiguous() for i in range(n)]
+
+
+@pytest.mark.parametrize("planned", ["exact", "more_than_planned"])
+def test_planned_reservoir_keeps_the_same_sample_and_copies_about_capacity(planned) -> None:
+    """A stream planned in advance keeps exactly the tokens of the unplanned reservoir (brute
+    force: the smallest keys), copies about ``capacity`` tokens in all instead of
+    ``capacity (1 + ln batches)``, and merges as before."""
+    cap, seed = int(torch.randint(200, 600, ())), int(torch.randint(0, 2**30, ()))
+    n, size = int(torch.randint(60, 120, ())), int(torch.randint(300, 700, ()))
+    stream = _equal_batches(n, size)
+    plain, plan = TokenReservoir(2, cap, seed), TokenReservoir(2, cap, seed)
+    plan.expect_batches(n if planned == "exact" else n // 2)  # a longer stream than planned: still exact
+    for x in stream:
+        plain.update(x)
+        plan.update(x)
+    keys = _keys_of(seed, [size] * n)
+    best = set(torch.topk(keys, cap, largest=False).indices.tolist())
+    assert set(plan.tokens[:, 0].long().tolist()) == best == set(plain.tokens[:, 0].long().tolist())
+    assert torch.equal(keys[plan.tokens[:, 0].long()], plan.keys)
+    assert plan.n_seen == plain.n_seen == n * size
+    bound = cap + 6 * cap ** 0.5 + 32
+    if planned == "exact":  # Binomial(n size, threshold): mean `bound`, sd < sqrt(bound)
+        assert plan.n_copied < bound + 6 * bound ** 0.5
+    assert plan.n_copied * 2 < plain.n_copied
+    other = TokenReservoir(2, cap, seed + 1)
+    other.expect_batches(n)
+    for x in _equal_batches(n, size, start=n * size):
+        other.update(x)
+    both = torch.cat([keys, _keys_of(seed + 1, [size] * n)])
+    plan.merge(other)
+    assert set(plan.tokens[:, 0].long().tolist()) == set(torch.topk(both, cap, largest=False).indices.tolist())
+
+
+def test_admission_threshold_is_a_six_sigma_bound() -> None:
+    """Brute force: over many streams, the ``cap``-th smallest key stays below the threshold,
+    and the expected admissions are ``cap + 6 sqrt(cap) + 32``."""
+    cap, stream = int(torch.randint(50, 400, ())), int(torch.randint(5000, 20000, ()))
+    thr = admission_threshold(cap, stream)
+    kth = torch.rand(200, stream, dtype=torch.float64).kthvalue(cap, dim=1).values
+    assert (kth < thr).all()
+    assert thr * stream == pytest.approx(cap + 6 * cap ** 0.5 + 32)
+    assert admission_threshold(cap, cap) == 1.0 and admission_threshold(cap, cap + 1) == 1.0
+
+
+def test_plan_must_precede_the_stream() -> None:
+    r = TokenReservoir(2, 10, 0)
+    r.update(torch.randn(5, 2))
+    with pytest.raises(RuntimeError, match="before its first batch"):
+        r.expect_batches(3)
+    with pytest.raises(ValueError, match=">= 1"):
+        TokenReservoir(2, 10, 0).expect_batches(0)
 
 
 def test_reservoir_merge_weighting() -> None:

@@ -70,6 +70,8 @@ class StatsCollector:
         self._bin = {e.attr: 0 for e in experts}
         self._branch = {e.attr: "cond" for e in experts}
         self._cond_context: torch.Tensor | None = None
+        self._plan: dict[str, dict[int, int]] | None = None  # hooked forwards per sample, per expert and bin
+        self._samples = 0  # samples started (set_cond_context)
         self._cond_cast: dict = {}
         self._handles: list = []
         q = cfg.smooth.act_quantile
@@ -94,10 +96,48 @@ class StatsCollector:
                     device="cpu" if (e.attr, key) in host_keys else dev, seed=seed + 1000 * i, name=f"{e.attr}.{key}",
                     fast_hessian=fast_hessian)
 
+    def expect(self, timesteps: list[float], branches: int, samples: int) -> None:
+        """The run ahead: ``samples`` generations, each of these denoising ``timesteps`` with
+        ``branches`` forwards per step (2 under classifier-free guidance). Every reservoir
+        of a per-forward input then admits only tokens that can end in its sample
+        (:meth:`TokenReservoir.expect_batches`): about its capacity in all, not
+        ``capacity (1 + ln forwards)``. Checked after every sample against what ran."""
+        hooked_branches = 1 if self.cond_only else branches
+        per_sample = {}
+        for e in self.experts:
+            per_bin = Counter(self.bins[e.attr].bin_of(t) for t in timesteps if e.covers(t))
+            per_sample[e.attr] = {b: n * hooked_branches for b, n in per_bin.items()}
+        self.plan_forwards(per_sample, samples)
+
+    def plan_forwards(self, per_sample: dict[str, dict[int, int]], samples: int, checked: bool = True) -> None:
+        """:meth:`expect` from hooked forwards per sample, expert and bin (``checked``: against what runs)."""
+        for attr, per_bin in per_sample.items():
+            for key, acc in self.acc[attr].items():
+                if not self._hooked[attr][key].group.static_per_video:
+                    acc.expect_batches({b: n * samples for b, n in per_bin.items()})
+        self._plan = per_sample if checked else None
+
+    def _check_plan(self) -> None:
+        """Fewer forwards than planned would have made the admission threshold too tight."""
+        if self._plan is None or not self._samples:
+            return
+        for attr, per_bin in self._plan.items():
+            calls = self.records[attr].calls
+            for b, n in per_bin.items():
+                ran = calls[(b, "cond")] + (0 if self.cond_only else calls[(b, "uncond")])
+                if ran < n * self._samples:
+                    raise RuntimeError(
+                        f"{attr}: timestep bin {b} ran {ran} hooked forwards in {self._samples} samples, the plan "
+                        f"said {n} per sample (wanquant.calibration.collect.StatsCollector.expect): the reservoirs "
+                        "would sample fewer tokens than they should. This is a bug in wanquant's forward plan for "
+                        "this pipeline; please report it")
+
     def set_cond_context(self, prompt_embeds: torch.Tensor) -> None:
         """The conditional text embedding of the sample being run (identifies the branch).
         A new sample: the static inputs of the previous one are added now."""
         self.flush()
+        self._check_plan()
+        self._samples += 1
         self._cond_context, self._cond_cast = prompt_embeds, {}
 
     def attach(self) -> "StatsCollector":
@@ -108,17 +148,20 @@ class StatsCollector:
                 self._handles.append(t.members[0].register_forward_pre_hook(self._layer_hook(e.attr, key, t)))
         return self
 
-    def detach(self) -> None:
+    def detach(self, check: bool = True) -> None:
+        """Remove the hooks, add the last sample's static inputs (``check``: the forward plan)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self.flush()
+        if check:
+            self._check_plan()
 
     def __enter__(self) -> "StatsCollector":
         return self.attach()
 
-    def __exit__(self, *exc) -> None:
-        self.detach()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.detach(check=exc_type is None)  # an interrupted sample ran fewer forwards: not the plan's fault
 
     def _expert_hook(self, attr: str):
         def hook(module, args, kwargs):

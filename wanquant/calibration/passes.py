@@ -30,7 +30,7 @@ from wanquant.distributed import DistContext
 from wanquant.method.shared_clip import shared_clip_table
 from wanquant.method.layer import quantize_layer
 from wanquant.method.params import QuantizedLinearParams
-from wanquant.model.pipeline import encode_prompts, run_pipeline
+from wanquant.model.pipeline import denoising_timesteps, encode_prompts, guidance_branches, run_pipeline
 from wanquant.model.wan import ExpertSpec, input_key
 from wanquant.numerics.stats import LayerStatsAccumulator
 
@@ -71,8 +71,10 @@ def collect(pipe, experts: list[ExpertSpec], targets, samples, cfg: QuantConfig,
         host = host_keys(hooked, targets, run, pipe._execution_device, copies)
         if host:
             log.info("statistics of %d inputs kept in host memory (device budget)", len(host))
-        return StatsCollector(hooked, targets, cfg, run.reservoir_tokens, seed=seed, cond_only=run.cond_only,
-                              fast_hessian=run.fast_hessian, host_keys=host)
+        col = StatsCollector(hooked, targets, cfg, run.reservoir_tokens, seed=seed, cond_only=run.cond_only,
+                             fast_hessian=run.fast_hessian, host_keys=host)
+        col.expect(denoising_timesteps(pipe, run.settings), guidance_branches(run.settings), len(samples))
+        return col
 
     if trajectory is None:
         collector = make_collector()

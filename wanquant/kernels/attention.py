@@ -148,11 +148,14 @@ class AttnConfig:
     # Register cap per thread (ptxas .maxnreg; 0: the compiler's choice): 168 lets three
     # 128-thread CTAs share an SM where the kernel fits without spilling (64x64 tiles).
     maxnreg: int = 0
+    # Triton's automatic warp specialization of the key loop (tl.range(warp_specialize=True)):
+    # producer warps issue the K/V copies, the MMAs overlap the softmax (FlashAttention-3's plan).
+    warp_spec: bool = False
 
     def describe(self) -> str:
         flags = [("promote", self.pv_promote), ("qpre", self.q_prepass), ("fold", self.fold),
                  ("tma", self.tma), ("vperm", self.v_perm),
-                 ("lmma", self.l_mma), (f"r{self.maxnreg}", self.maxnreg > 0)]
+                 ("lmma", self.l_mma), (f"r{self.maxnreg}", self.maxnreg > 0), ("ws", self.warp_spec)]
         tail = "".join(f"-{name}" for name, on in flags if on)
         return f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}{tail}"
 
@@ -704,7 +707,7 @@ if HAS_TRITON:
                          sqb, sqs, sqh, sob, sos, soh,
                          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr,
                          PV_PROMOTE: tl.constexpr, Q_PRE: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr,
-                         VPERM: tl.constexpr, LMMA: tl.constexpr, INTERPRET: tl.constexpr):
+                         VPERM: tl.constexpr, LMMA: tl.constexpr, WS: tl.constexpr, INTERPRET: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -741,10 +744,16 @@ if HAS_TRITON:
         k_row = bh * S_kpad
         v_row = bh * D
         n_full = (S_k // BN) * BN
-        for n0 in range(0, n_full, BN):
-            qk = _scores(q8, k_src, k_row, n0, D, BN, TMA)
-            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n0, S_k, S_kpad,
-                                        D, BM, BN, KB, False, PV_PROMOTE, FOLD, TMA, VPERM, LMMA, INTERPRET)
+        if WS:
+            for n0 in tl.range(0, n_full, BN, warp_specialize=True):
+                qk = _scores(q8, k_src, k_row, n0, D, BN, TMA)
+                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n0, S_k, S_kpad,
+                                            D, BM, BN, KB, False, PV_PROMOTE, FOLD, TMA, VPERM, LMMA, INTERPRET)
+        else:
+            for n0 in range(0, n_full, BN):
+                qk = _scores(q8, k_src, k_row, n0, D, BN, TMA)
+                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n0, S_k, S_kpad,
+                                            D, BM, BN, KB, False, PV_PROMOTE, FOLD, TMA, VPERM, LMMA, INTERPRET)
         if n_full < S_k:  # the ragged last tile, masked
             qk = _scores(q8, k_src, k_row, n_full, D, BN, TMA)
             acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n_full, S_k, S_kpad,
@@ -871,7 +880,7 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
         s_q, s_qpad, kv.seq, kv.seq_pad, h, qk_c,
         *qst, ov.stride(0), ov.stride(1), ov.stride(2),
         D=d, BM=cfg.block_m, BN=cfg.block_n, KB=kv.k_block, PV_PROMOTE=cfg.pv_promote, Q_PRE=cfg.q_prepass,
-        FOLD=cfg.fold, TMA=cfg.tma, VPERM=kv.v_perm, LMMA=cfg.l_mma, INTERPRET=interpreting(), num_warps=cfg.num_warps,
+        FOLD=cfg.fold, TMA=cfg.tma, VPERM=kv.v_perm, LMMA=cfg.l_mma, WS=cfg.warp_spec, INTERPRET=interpreting(), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return out
@@ -896,16 +905,16 @@ def env_config() -> AttnConfig:
 def parse_config(text: str) -> AttnConfig:
     """Inverse of :meth:`AttnConfig.describe`."""
     parts = text.strip().split("-")
-    form = "m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168]"
+    form = "m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws]"
     try:
         vals = {p[0]: int(p[1:]) for p in parts if p and p[0] in "mnwsr" and p[1:].isdigit()}
-        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma"}
+        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws"}
         extra = [p for p in parts[4:] if p not in known and not (p[:1] == "r" and p[1:].isdigit())]
         if extra or len(parts) < 4:
             raise ValueError(f"unknown parts {extra}")
         return AttnConfig(vals["m"], vals["n"], vals["w"], vals["s"], pv_promote="promote" in parts,
                           q_prepass="qpre" in parts, fold="fold" in parts, tma="tma" in parts,
                           v_perm="vperm" in parts, l_mma="lmma" in parts,
-                          maxnreg=vals.get("r", 0))
+                          maxnreg=vals.get("r", 0), warp_spec="ws" in parts)
     except (KeyError, ValueError) as e:
         raise ValueError(f"attention config {text!r} is not of the form {form}") from e

@@ -8,6 +8,7 @@ asks of it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import sys
@@ -186,6 +187,19 @@ def run_pipeline(pipe, image: Image.Image | None, prompt: str, settings: Generat
     with torch.inference_mode():
         out = pipe(**kwargs)
     return out.frames[0]
+
+
+def denoising_timesteps(pipe, settings: GenerationSettings) -> list[float]:
+    """The timesteps a generation with ``settings`` denoises (the scheduler's, set on a copy)."""
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(settings.num_inference_steps, device="cpu")
+    return [float(t) for t in scheduler.timesteps]
+
+
+def guidance_branches(settings: GenerationSettings) -> int:
+    """Expert forwards per denoising step: cond and uncond under classifier-free guidance
+    (diffusers' Wan pipelines decide it from ``guidance_scale`` alone, for both experts)."""
+    return 2 if settings.guidance_scale > 1.0 else 1
 
 
 def video_tokens(pipe, height: int, width: int, num_frames: int) -> int:

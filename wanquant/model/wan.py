@@ -117,6 +117,11 @@ class ExpertSpec:
     def timestep_bins(self, cfg: QuantConfig) -> TimestepBins:
         return TimestepBins(self.t_start, self.t_end, tuple(cfg.bins_for(self.role).edges))
 
+    def covers(self, t: float) -> bool:
+        """Whether the pipeline runs this expert at timestep ``t``: the high-noise (or only)
+        expert from the boundary up, the low-noise one below it (diffusers' Wan pipelines)."""
+        return t >= self.t_end and (self.role != "low" or t < self.t_start)
+
 
 def is_wan_transformer(module: nn.Module) -> bool:
     from diffusers import WanTransformer3DModel

@@ -22,6 +22,7 @@ no configuration.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -332,6 +333,15 @@ class HessianAccumulator:
         return self.hessian / max(self.n_tokens, 1)
 
 
+def admission_threshold(capacity: int, stream: int, sigmas: float = 6.0) -> float:
+    """A key bound that the ``capacity`` smallest of ``stream`` i.i.d. uniform keys stay below
+    but for a ``sigmas``-sigma event: the keys below it number Binomial(stream, threshold),
+    mean ``capacity + sigmas sqrt(capacity) + 32``, sd below ``sqrt`` of that."""
+    if stream <= capacity:
+        return 1.0
+    return min(1.0, (capacity + sigmas * math.sqrt(capacity) + 32) / stream)
+
+
 class TokenReservoir:
     """A uniform random sample of at most ``capacity`` tokens from a stream.
 
@@ -349,6 +359,12 @@ class TokenReservoir:
     order (deterministic). Over a stream of equal batches about ``capacity * (1 + ln
     batches)`` tokens are copied in all (``n_copied``), not ``capacity`` per batch.
     Tokens are kept on the CPU in ``dtype`` (default: the first batch's dtype).
+
+    A stream of known length (:meth:`expect_batches`) copies far fewer: only tokens whose
+    key is below :func:`admission_threshold` of the whole stream can end among the
+    ``capacity`` smallest (but for a 6-sigma miss), so only they are admitted, about
+    ``capacity`` in all, spread over the stream instead of a full fill first. The final
+    sample is the same set of tokens as without the plan.
     """
 
     def __init__(self, k: int, capacity: int, seed: int = 0, dtype: torch.dtype | None = None, name: str = "") -> None:
@@ -357,7 +373,9 @@ class TokenReservoir:
         self.k, self.capacity, self.seed, self.name = k, capacity, seed, name
         self.gen = torch.Generator().manual_seed(seed)
         self._keys = torch.zeros(0, dtype=torch.float64)  # one per slot, always current
-        self._tokens = torch.zeros(0, k, dtype=dtype or torch.float32)
+        self._tokens = torch.zeros(0, k, dtype=dtype or torch.float32)  # slots; grown geometrically, rows >= len(keys)
+        self.expected_batches: int | None = None
+        self.threshold = 1.0  # keys at or above it are never admitted (set from the first batch of a planned stream)
         self._dtype_set = dtype is not None
         self._pending: list[tuple[torch.Tensor, torch.Tensor, object]] = []  # (slots, rows, event or None), in order
         self.n_seen = 0
@@ -370,7 +388,15 @@ class TokenReservoir:
     @property
     def tokens(self) -> torch.Tensor:
         self._settle(wait=True)
-        return self._tokens
+        return self._tokens[:len(self._keys)]
+
+    def expect_batches(self, n: int) -> None:
+        """The stream will be ``n`` batches of equal size: admit only what can end in the sample."""
+        if n < 1:
+            raise ValueError(f"layer {self.name!r}: expected batches must be >= 1, got {n}")
+        if self.n_seen:
+            raise RuntimeError(f"layer {self.name!r}: plan the stream before its first batch")
+        self.expected_batches = n
 
     def load(self, keys: torch.Tensor, tokens: torch.Tensor, n_seen: int) -> None:
         """Take over another reservoir's state (slot order), e.g. one received from another process."""
@@ -391,8 +417,15 @@ class TokenReservoir:
         if not self._dtype_set:
             self._tokens, self._dtype_set = self._tokens.to(x.dtype), True
         keys = torch.rand(x.shape[0], generator=self.gen, dtype=torch.float64)
+        if self.expected_batches is not None and not self.n_seen:
+            self.threshold = admission_threshold(self.capacity, self.expected_batches * x.shape[0])
         self.n_seen += x.shape[0] * weight
-        slots, rows = self._admit(keys)
+        if self.threshold < 1.0:
+            below = torch.nonzero(keys < self.threshold).flatten()
+            slots, rows = self._admit(keys[below])
+            rows = below[rows]
+        else:
+            slots, rows = self._admit(keys)
         if not len(rows):
             return
         self.n_copied += len(rows)
@@ -438,11 +471,14 @@ class TokenReservoir:
                     break  # still in flight: written at a later update
                 event.synchronize()
             if len(self._tokens) < len(self._keys) or self._tokens.is_inference():
-                # Slots beyond the last written one are filled below. The buffer outlives the
-                # (inference-mode) forward that grows it: a normal tensor, writable afterwards.
+                # Slots beyond the last written one are filled below; doubling keeps a stream
+                # of small admissions from copying the buffer each time. The buffer outlives
+                # the (inference-mode) forward that grows it: a normal tensor, writable afterwards.
+                rows_now = max(len(self._keys), min(self.capacity, 2 * len(self._tokens)))
                 with torch.inference_mode(False):
-                    grow = self._tokens.new_empty(len(self._keys) - len(self._tokens), self.k)
-                    self._tokens = torch.cat([self._tokens, grow])
+                    grown = self._tokens.new_empty(rows_now, self.k)
+                    grown[:len(self._tokens)] = self._tokens
+                    self._tokens = grown
             self._tokens[slots] = rows.to(self._tokens.dtype)
             backlog -= len(slots)
             self._pending.pop(0)
@@ -531,6 +567,14 @@ class LayerStatsAccumulator:
             self.hist.amax = self.absmax  # the same maxima: computed once
         self.hessian = HessianAccumulator(k, hessian_dtype, device, name, fast=fast_hessian, strip=hessian_strip)
         self.reservoirs = [TokenReservoir(k, reservoir_capacity, seed + b, name=name) for b in range(num_bins)]
+
+    def expect_batches(self, per_bin: dict[int, int]) -> None:
+        """How many batches (forwards) each bin's stream will have: see :meth:`TokenReservoir.expect_batches`."""
+        for b, n in per_bin.items():
+            if not 0 <= b < self.num_bins:
+                raise ValueError(f"layer {self.name!r}: bin {b} outside [0, {self.num_bins})")
+            if n:
+                self.reservoirs[b].expect_batches(n)
 
     def update(self, x: torch.Tensor, bin_index: int) -> None:
         if not 0 <= bin_index < self.num_bins:
