@@ -222,8 +222,16 @@ def forward_costs(expert, cfg, qcfg, args: dict, hooked_blocks: int, device, tok
             col.settle()
             cuda_sync(device)
             planned_s = (time.perf_counter() - t0) / len(ts)
+            planned_b = copied() / len(ts)
+            # After a whole run every reservoir holds `capacity` tokens; the PTQ measured on this
+            # collector (the clip search reads them) needs that too: one unplanned round fills them.
+            for a in col.acc[spec.attr].values():
+                for r in a.reservoirs:
+                    r.threshold = 1.0
+            for t in ts:
+                forward(t)
+            col.settle()
         peak = gpu_peak_gb(device)
-    planned_b = copied() / len(ts)
     per_forward = {input_key(t): t.shape[1] for t in targets[spec.attr] if not t.group.static_per_video}
     row_bytes = 2 * sum(per_forward.values()) / hooked_blocks
     per_byte = max(0.0, planned_s - fixed) / planned_b if planned_b else 0.0

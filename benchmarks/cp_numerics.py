@@ -37,7 +37,8 @@ _SDPA = torch.nn.functional.scaled_dot_product_attention
 def flash_chunked(chunks: int):
     """An SDPA drop-in: flash attention over ``chunks`` key blocks, merged by log-sum-exp."""
 
-    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        q, k, v = query, key, value  # SDPA's keyword names: diffusers passes them by name
         # the VAE's fp32 attention and masked calls are not what ring attention splits
         if attn_mask is not None or is_causal or dropout_p or not q.is_cuda or q.dtype not in (torch.float16,
                                                                                                  torch.bfloat16):
