@@ -169,7 +169,8 @@ def test_reference_layouts_and_ragged_tiles_agree():
 
 @not_interp
 def test_config_parsing_and_checks():
-    for cfg in (*K.CONFIGS, K.DEFAULT_CONFIG, K.AttnConfig(32, 64, 4, 2, pv_promote=True, tma=True, maxnreg=128)):
+    for cfg in (*K.CONFIGS, K.DEFAULT_CONFIG, K.AttnConfig(32, 64, 4, 2, pv_promote=True, tma=True, maxnreg=128),
+                K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, warp_spec=True)):
         assert K.parse_config(cfg.describe()) == cfg
         K.check_config(cfg, K.K_BLOCK)
     with pytest.raises(ValueError, match="divide"):
@@ -227,7 +228,9 @@ FAST = dict(fold=True, v_perm=True, l_mma=True)
 @pytest.mark.parametrize("cfg", [K.AttnConfig(64, 64, 4, 2), K.AttnConfig(32, 32, 4, 2),
                                  K.AttnConfig(16, 64, 4, 2, pv_promote=True), K.AttnConfig(32, 64, 4, 2, q_prepass=True),
                                  K.AttnConfig(32, 64, 4, 2, **FAST),
-                                 K.AttnConfig(64, 32, 4, 2, q_prepass=True, tma=True, maxnreg=168, **FAST)],
+                                 K.AttnConfig(64, 32, 4, 2, q_prepass=True, tma=True, maxnreg=168, **FAST),
+                                 K.AttnConfig(32, 64, 4, 2, q_prepass=True, tma=True, fold=True, v_perm=True,
+                                              warp_spec=True)],
                          ids=lambda c: c.describe())
 def test_kernel_matches_reference(cfg):
     """Same quantization as the reference; only accumulation order and exp2's last bits differ."""
