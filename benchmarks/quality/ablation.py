@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 ABLATION_ORDER: tuple[str, ...] = ("bf16", "rtn", "smooth", "svdquant", "gptq", "global_clip", "per_bin_clip",
                                    "shared_policy", "ours")
-EXTRA_CONFIGS: tuple[str, ...] = ("ours_rank16", "ours_narrow_clip")
+EXTRA_CONFIGS: tuple[str, ...] = ("ours_rank16", "ours_narrow_clip", "ours_global_clip", "ours_no_clip")
 # Issue 17: the same ladder pieces on the ``safe_ceil`` MX scale rule (weights and
 # activations), each component removed from ``ours_safe_ceil`` one at a time, and the
 # low-rank branch scaled to the width (Wan's rank 32 on 5120 = 0.6 % of the width).
@@ -89,7 +89,8 @@ LADDER: tuple[tuple[str, str], ...] = (("smooth", "rtn"), ("svdquant", "smooth")
                                        ("global_clip", "gptq"), ("per_bin_clip", "global_clip"),
                                        ("per_bin_clip", "shared_policy"), ("ours", "per_bin_clip"),
                                        ("ours_rank16", "per_bin_clip"), ("ours", "ours_rank16"),
-                                       ("ours", "ours_narrow_clip"), ("rtn_safe_ceil", "rtn"),
+                                       ("ours", "ours_narrow_clip"), ("ours", "ours_global_clip"),
+                                       ("ours_global_clip", "ours_no_clip"), ("rtn_safe_ceil", "rtn"),
                                        ("ours_safe_ceil", "ours"),
                                        # Each component of the safe_ceil preset: with it vs without it.
                                        ("ours_safe_ceil", "ours_safe_ceil_no_smooth"),
@@ -146,11 +147,15 @@ def ablation_configs(width: int = 256) -> dict[str, QuantConfig | None]:
     # Extra row: ours on the paper's clip grid, whose corner (0.6, +1) the search kept
     # choosing; with the OCP floor rule (c, +1) raises the exponent once amax / 2^e >= 4 / c.
     ours_narrow_clip = replace(ours, clip=paper.clip)
+    # Extra rows (issue 17's preset decision): ours with one clip setting for all bins, and without the search.
+    ours_global_clip = replace(ours, clip=replace(ours.clip, per_bin=False))
+    ours_no_clip = replace(ours, clip=replace(ours.clip, enabled=False))
     sc = with_scale_rule(ours, "safe_ceil")
     rank_w = rank_for_width(width)
     return {"bf16": None, "rtn": rtn, "smooth": smooth, "svdquant": svdquant, "gptq": gptq,
             "global_clip": global_clip, "per_bin_clip": per_bin_clip, "shared_policy": shared_policy, "ours": ours,
             "ours_rank16": ours_rank16, "ours_narrow_clip": ours_narrow_clip,
+            "ours_global_clip": ours_global_clip, "ours_no_clip": ours_no_clip,
             "rtn_safe_ceil": with_scale_rule(rtn, "safe_ceil"), "ours_safe_ceil": sc,
             "ours_safe_ceil_no_smooth": replace(sc, smooth=replace(sc.smooth, enabled=False)),
             "ours_safe_ceil_rank0": replace(sc, lowrank=replace(sc.lowrank, rank=0)),
