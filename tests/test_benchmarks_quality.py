@@ -64,7 +64,9 @@ def test_scale_rule_and_component_rows():
     cfgs = A.ablation_configs(width=256)
     ours, sc = cfgs["ours"], cfgs["ours_safe_ceil"]
     # The scale-rule rows change only the formats' rule, for weights and activations alike.
-    for new, old in (("rtn_safe_ceil", "rtn"), ("ours_safe_ceil", "ours")):
+    assert not ours.clip.per_bin and cfgs["ours_per_bin_clip"].clip.per_bin
+    assert _diff(cfgs["ours_per_bin_clip"], ours) == _diff(cfgs["ours_no_clip"], ours) == {"clip"}
+    for new, old in (("rtn_safe_ceil", "rtn"), ("ours_safe_ceil", "ours_per_bin_clip")):
         assert _diff(cfgs[new], cfgs[old]) == {"weight_format", "act_format"}
         assert cfgs[new].weight_format.scale_rule == cfgs[new].act_format.scale_rule == "safe_ceil"
         assert cfgs[new].weight_format.group_size == cfgs[old].weight_format.group_size
@@ -83,7 +85,7 @@ def test_scale_rule_and_component_rows():
     assert A.rank_for_width(5120) == 32 and A.rank_for_width(256) == 2 and A.rank_for_width(16) == 1
     assert A.rank_for_width(2560) == 16
     assert cfgs["ours_safe_ceil_rank_w"].lowrank.rank == 2 and _diff(cfgs["ours_safe_ceil_rank_w"], sc) == {"lowrank"}
-    assert _diff(cfgs["ours_rank_w"], ours) == {"lowrank"} and _diff(cfgs["svdquant_rank_w"], cfgs["svdquant"]) == {
+    assert _diff(cfgs["ours_rank_w"], cfgs["ours_per_bin_clip"]) == {"lowrank"} and _diff(cfgs["svdquant_rank_w"], cfgs["svdquant"]) == {
         "lowrank"}
     assert A.ablation_configs(width=1024)["ours_rank_w"].lowrank.rank == 6
     with pytest.raises(ValueError, match="positive"):

@@ -13,15 +13,17 @@ method is :func:`~wanquant.method.config.paper_preset` itself:
 ``global_clip``+ activation clip search, one setting per layer for all bins
 ``per_bin_clip`` the paper: clip settings per expert, per timestep bin (= ``paper_preset()``)
 ``shared_policy`` the paper with one clip table per layer shared by both experts
-``ours``       ``wanquant_preset()``: searched alpha, rank 32 (as SVDQuant), per-bin clip
+``ours``       ``wanquant_preset()``: searched alpha, rank 32 (as SVDQuant), a global clip
                search on a wider grid (clip ratio 0.5-1.0, exponent offset -1..+2)
 =============  ===========================================================================
 
 Extras: ``ours_rank16`` (ours at the paper's rank) and ``ours_narrow_clip`` (ours on the
-paper's clip grid), to tell apart what each of our changes buys.
+paper's per-bin clip grid), to tell apart what each of our changes buys;
+``ours_per_bin_clip`` (per-bin clip tables: the preset until 2026-12-06) and
+``ours_no_clip``.
 
-Scale rule (issue 17): ``rtn_safe_ceil`` and ``ours_safe_ceil`` are ``rtn`` and ``ours``
-with the ``safe_ceil`` MX scale rule for weights and activations; ``ours_safe_ceil_*``
+Scale rule (issue 17): ``rtn_safe_ceil`` and ``ours_safe_ceil`` are ``rtn`` and
+``ours_per_bin_clip`` with the ``safe_ceil`` MX scale rule for weights and activations; ``ours_safe_ceil_*``
 remove one component each (``no_smooth``, ``rank0``, ``no_gptq``, ``no_clip``,
 ``global_clip``: one clip setting for all bins, ``shared_policy``: one table for both
 experts). ``*_rank_w`` rows scale the low-rank size to the width as Wan's rank 32 is to
@@ -68,7 +70,7 @@ log = logging.getLogger(__name__)
 
 ABLATION_ORDER: tuple[str, ...] = ("bf16", "rtn", "smooth", "svdquant", "gptq", "global_clip", "per_bin_clip",
                                    "shared_policy", "ours")
-EXTRA_CONFIGS: tuple[str, ...] = ("ours_rank16", "ours_narrow_clip", "ours_global_clip", "ours_no_clip")
+EXTRA_CONFIGS: tuple[str, ...] = ("ours_rank16", "ours_narrow_clip", "ours_per_bin_clip", "ours_no_clip")
 # Issue 17: the same ladder pieces on the ``safe_ceil`` MX scale rule (weights and
 # activations), each component removed from ``ours_safe_ceil`` one at a time, and the
 # low-rank branch scaled to the width (Wan's rank 32 on 5120 = 0.6 % of the width).
@@ -89,9 +91,9 @@ LADDER: tuple[tuple[str, str], ...] = (("smooth", "rtn"), ("svdquant", "smooth")
                                        ("global_clip", "gptq"), ("per_bin_clip", "global_clip"),
                                        ("per_bin_clip", "shared_policy"), ("ours", "per_bin_clip"),
                                        ("ours_rank16", "per_bin_clip"), ("ours", "ours_rank16"),
-                                       ("ours", "ours_narrow_clip"), ("ours", "ours_global_clip"),
-                                       ("ours_global_clip", "ours_no_clip"), ("rtn_safe_ceil", "rtn"),
-                                       ("ours_safe_ceil", "ours"),
+                                       ("ours", "ours_narrow_clip"), ("ours_per_bin_clip", "ours"),
+                                       ("ours", "ours_no_clip"), ("rtn_safe_ceil", "rtn"),
+                                       ("ours_safe_ceil", "ours_per_bin_clip"),
                                        # Each component of the safe_ceil preset: with it vs without it.
                                        ("ours_safe_ceil", "ours_safe_ceil_no_smooth"),
                                        ("ours_safe_ceil", "ours_safe_ceil_rank0"),
@@ -147,15 +149,17 @@ def ablation_configs(width: int = 256) -> dict[str, QuantConfig | None]:
     # Extra row: ours on the paper's clip grid, whose corner (0.6, +1) the search kept
     # choosing; with the OCP floor rule (c, +1) raises the exponent once amax / 2^e >= 4 / c.
     ours_narrow_clip = replace(ours, clip=paper.clip)
-    # Extra rows (issue 17's preset decision): ours with one clip setting for all bins, and without the search.
-    ours_global_clip = replace(ours, clip=replace(ours.clip, per_bin=False))
+    # Extra rows (issue 17's preset decision): ours with per-bin clip tables (the preset until
+    # 2026-12-06), and without the search. The safe_ceil rows remove components from the
+    # per-bin version, as when they were first run.
+    ours_per_bin_clip = replace(ours, clip=replace(ours.clip, per_bin=True))
     ours_no_clip = replace(ours, clip=replace(ours.clip, enabled=False))
-    sc = with_scale_rule(ours, "safe_ceil")
+    sc = with_scale_rule(ours_per_bin_clip, "safe_ceil")
     rank_w = rank_for_width(width)
     return {"bf16": None, "rtn": rtn, "smooth": smooth, "svdquant": svdquant, "gptq": gptq,
             "global_clip": global_clip, "per_bin_clip": per_bin_clip, "shared_policy": shared_policy, "ours": ours,
             "ours_rank16": ours_rank16, "ours_narrow_clip": ours_narrow_clip,
-            "ours_global_clip": ours_global_clip, "ours_no_clip": ours_no_clip,
+            "ours_per_bin_clip": ours_per_bin_clip, "ours_no_clip": ours_no_clip,
             "rtn_safe_ceil": with_scale_rule(rtn, "safe_ceil"), "ours_safe_ceil": sc,
             "ours_safe_ceil_no_smooth": replace(sc, smooth=replace(sc.smooth, enabled=False)),
             "ours_safe_ceil_rank0": replace(sc, lowrank=replace(sc.lowrank, rank=0)),
@@ -164,7 +168,7 @@ def ablation_configs(width: int = 256) -> dict[str, QuantConfig | None]:
             "ours_safe_ceil_global_clip": replace(sc, clip=replace(sc.clip, per_bin=False)),
             "ours_safe_ceil_shared_policy": replace(sc, clip=replace(sc.clip, per_expert=False)),
             "ours_safe_ceil_rank_w": replace(sc, lowrank=replace(sc.lowrank, rank=rank_w)),
-            "ours_rank_w": replace(ours, lowrank=replace(ours.lowrank, rank=rank_w)),
+            "ours_rank_w": replace(ours_per_bin_clip, lowrank=replace(ours.lowrank, rank=rank_w)),
             "svdquant_rank_w": replace(svdquant, lowrank=replace(svdquant.lowrank, rank=rank_w))}
 
 
