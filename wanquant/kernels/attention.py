@@ -744,7 +744,7 @@ if HAS_TRITON:
         k_row = bh * S_kpad
         v_row = bh * D
         n_full = (S_k // BN) * BN
-        if WS:
+        if WS:  # the default stays on the plain loop it was measured with
             for n0 in tl.range(0, n_full, BN, warp_specialize=True):
                 qk = _scores(q8, k_src, k_row, n0, D, BN, TMA)
                 acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n0, S_k, S_kpad,
@@ -880,8 +880,8 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
         s_q, s_qpad, kv.seq, kv.seq_pad, h, qk_c,
         *qst, ov.stride(0), ov.stride(1), ov.stride(2),
         D=d, BM=cfg.block_m, BN=cfg.block_n, KB=kv.k_block, PV_PROMOTE=cfg.pv_promote, Q_PRE=cfg.q_prepass,
-        FOLD=cfg.fold, TMA=cfg.tma, VPERM=kv.v_perm, LMMA=cfg.l_mma, WS=cfg.warp_spec, INTERPRET=interpreting(), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+        FOLD=cfg.fold, TMA=cfg.tma, VPERM=kv.v_perm, LMMA=cfg.l_mma, WS=cfg.warp_spec, INTERPRET=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return out
 
