@@ -25,7 +25,8 @@ FAST = dict(fold=True, v_perm=True, l_mma=True)
 CONFIGS = [K.DEFAULT_CONFIG, K.AttnConfig(64, 128, 4, 2), K.AttnConfig(128, 128, 8, 3, pv_promote=True),
            K.AttnConfig(64, 64, 4, 3, q_prepass=True), K.AttnConfig(64, 128, 4, 3, **FAST),
            K.AttnConfig(64, 128, 4, 3, tma=True, **FAST),
-           K.AttnConfig(64, 64, 4, 4, q_prepass=True, maxnreg=168, **FAST)]
+           K.AttnConfig(64, 64, 4, 4, q_prepass=True, maxnreg=168, **FAST),
+           K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True, half_exp=True)]
 
 
 def qkv(s, h=4, d=128, b=1, seed=0, k_mean=0.0, v_mean=0.0, fused=True):
@@ -75,7 +76,9 @@ def test_kernel_matches_reference(cfg):
     assert K.relative_error(out16, want) < err + 3e-3
 
 
-@pytest.mark.parametrize("cfg", [*K.CONFIGS, K.AttnConfig(64, 128, 4, 3, pv_promote=True)],
+@pytest.mark.parametrize("cfg", [*K.CONFIGS, K.AttnConfig(64, 128, 4, 3, pv_promote=True),
+                                 K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True,
+                                              half_exp=True)],
                          ids=lambda c: c.describe())
 def test_long_sequences_match_reference(cfg):
     """16,421 Gaussian keys: the row sums reach ~S x 448, where an FP8 accumulator that is

@@ -70,7 +70,8 @@ log = logging.getLogger(__name__)
 
 ABLATION_ORDER: tuple[str, ...] = ("bf16", "rtn", "smooth", "svdquant", "gptq", "global_clip", "per_bin_clip",
                                    "shared_policy", "ours")
-EXTRA_CONFIGS: tuple[str, ...] = ("ours_rank16", "ours_narrow_clip", "ours_per_bin_clip", "ours_no_clip")
+EXTRA_CONFIGS: tuple[str, ...] = ("ours_rank16", "ours_narrow_clip", "ours_per_bin_clip", "ours_no_clip",
+                                   "ours_no_smooth", "ours_rank0", "ours_no_gptq", "ours_shared_policy")
 # Issue 17: the same ladder pieces on the ``safe_ceil`` MX scale rule (weights and
 # activations), each component removed from ``ours_safe_ceil`` one at a time, and the
 # low-rank branch scaled to the width (Wan's rank 32 on 5120 = 0.6 % of the width).
@@ -92,7 +93,9 @@ LADDER: tuple[tuple[str, str], ...] = (("smooth", "rtn"), ("svdquant", "smooth")
                                        ("per_bin_clip", "shared_policy"), ("ours", "per_bin_clip"),
                                        ("ours_rank16", "per_bin_clip"), ("ours", "ours_rank16"),
                                        ("ours", "ours_narrow_clip"), ("ours_per_bin_clip", "ours"),
-                                       ("ours", "ours_no_clip"), ("rtn_safe_ceil", "rtn"),
+                                       ("ours", "ours_no_clip"), ("ours", "ours_no_smooth"),
+                                       ("ours", "ours_rank0"), ("ours", "ours_no_gptq"),
+                                       ("ours", "ours_shared_policy"), ("rtn_safe_ceil", "rtn"),
                                        ("ours_safe_ceil", "ours_per_bin_clip"),
                                        # Each component of the safe_ceil preset: with it vs without it.
                                        ("ours_safe_ceil", "ours_safe_ceil_no_smooth"),
@@ -154,12 +157,20 @@ def ablation_configs(width: int = 256) -> dict[str, QuantConfig | None]:
     # per-bin version, as when they were first run.
     ours_per_bin_clip = replace(ours, clip=replace(ours.clip, per_bin=True))
     ours_no_clip = replace(ours, clip=replace(ours.clip, enabled=False))
+    # Each other component the preset keeps, removed one at a time (issue 17's bar: each
+    # must help by more than twice its standard error).
+    ours_no_smooth = replace(ours, smooth=replace(ours.smooth, enabled=False))
+    ours_rank0 = replace(ours, lowrank=replace(ours.lowrank, rank=0))
+    ours_no_gptq = replace(ours, gptq=replace(ours.gptq, enabled=False))
+    ours_shared_policy = replace(ours, clip=replace(ours.clip, per_expert=False))
     sc = with_scale_rule(ours_per_bin_clip, "safe_ceil")
     rank_w = rank_for_width(width)
     return {"bf16": None, "rtn": rtn, "smooth": smooth, "svdquant": svdquant, "gptq": gptq,
             "global_clip": global_clip, "per_bin_clip": per_bin_clip, "shared_policy": shared_policy, "ours": ours,
             "ours_rank16": ours_rank16, "ours_narrow_clip": ours_narrow_clip,
             "ours_per_bin_clip": ours_per_bin_clip, "ours_no_clip": ours_no_clip,
+            "ours_no_smooth": ours_no_smooth, "ours_rank0": ours_rank0, "ours_no_gptq": ours_no_gptq,
+            "ours_shared_policy": ours_shared_policy,
             "rtn_safe_ceil": with_scale_rule(rtn, "safe_ceil"), "ours_safe_ceil": sc,
             "ours_safe_ceil_no_smooth": replace(sc, smooth=replace(sc.smooth, enabled=False)),
             "ours_safe_ceil_rank0": replace(sc, lowrank=replace(sc.lowrank, rank=0)),

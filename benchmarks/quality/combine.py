@@ -33,9 +33,10 @@ KEPT_COMPONENTS = {
                        ("global clip", "ours_safe_ceil_global_clip", "ours_safe_ceil_no_clip"),
                        ("per-bin clip", "ours_safe_ceil", "ours_safe_ceil_global_clip"),
                        ("per-expert policy", "ours_safe_ceil", "ours_safe_ceil_shared_policy")),
-    "ours": (("smoothing", "smooth", "rtn"), ("low-rank", "svdquant", "smooth"), ("GPTQ", "gptq", "svdquant"),
-             ("global clip", "global_clip", "gptq"), ("per-bin clip", "per_bin_clip", "global_clip"),
-             ("per-expert policy", "per_bin_clip", "shared_policy")),
+    # The preset as it is (one clip setting per layer and expert): each kept component removed alone.
+    "ours": (("smoothing", "ours", "ours_no_smooth"), ("low-rank", "ours", "ours_rank0"),
+             ("GPTQ", "ours", "ours_no_gptq"), ("global clip", "ours", "ours_no_clip"),
+             ("per-expert policy", "ours", "ours_shared_policy")),
 }
 OUTSIDE_PAIRS = (("ours", "modelopt_svdquant"), ("ours_safe_ceil", "modelopt_svdquant"),
                  ("rtn_safe_ceil", "modelopt_mxfp4_rtn"), ("rtn", "modelopt_mxfp4_rtn"))

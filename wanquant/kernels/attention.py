@@ -102,6 +102,7 @@ STATS_BLOCK = 128  # tokens per step of the K/V statistics kernel
 MAX_SPLITS = 32  # programs per (batch, head) in the statistics kernel
 _MAGIC_F = 12582912.0  # 1.5 * 2^23: (x + M) - M rounds |x| < 2^22 to an integer, ties to even
 _MAGIC_I = 0x4B400000  # the bits of 1.5 * 2^23
+HALF_EXP_MAX_BLOCK_N = 128  # 128 x 448 < 65,504: a tile's fp16 row sum cannot overflow
 V_PERM_BLOCK = 32  # tokens per block of the v_perm token order (one k32 step of the FP8 wgmma)
 
 
@@ -151,11 +152,19 @@ class AttnConfig:
     # Triton's automatic warp specialization of the key loop (tl.range(warp_specialize=True)):
     # producer warps issue the K/V copies, the MMAs overlap the softmax (FlashAttention-3's plan).
     warp_spec: bool = False
+    # exp2 on packed halves: t rounded to fp16, ``ex2.approx.f16x2`` (two exponentials per
+    # issue of the MUFU pipe, 16 lanes per SM and clock: the FP8 kernel's narrowest pipe, as
+    # wide as the tensor cores' work per score at D = 128), P cast to e4m3 from fp16, and
+    # each tile's row sums in fp16 (at most block_n x 448 <= 57,344 < 65,504 for block_n <= 128).
+    # Adds ~0.3 % rms to P, under e4m3's 2.7 %. Measured slower on an H100 (8-12 %,
+    # benchmarks/results/attention_variants_h16.md): MUFU is not the limit, issue slots are.
+    half_exp: bool = False
 
     def describe(self) -> str:
         flags = [("promote", self.pv_promote), ("qpre", self.q_prepass), ("fold", self.fold),
                  ("tma", self.tma), ("vperm", self.v_perm),
-                 ("lmma", self.l_mma), (f"r{self.maxnreg}", self.maxnreg > 0), ("ws", self.warp_spec)]
+                 ("lmma", self.l_mma), (f"r{self.maxnreg}", self.maxnreg > 0), ("ws", self.warp_spec),
+                 ("h16", self.half_exp)]
         tail = "".join(f"-{name}" for name, on in flags if on)
         return f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}{tail}"
 
@@ -260,6 +269,9 @@ def check_config(cfg: AttnConfig, k_block: int) -> None:
     if cfg.v_perm and cfg.block_n % V_PERM_BLOCK:
         raise ValueError(f"v_perm needs block_n a multiple of {V_PERM_BLOCK}, got {cfg.block_n}: "
                          "use block_n >= 32 or v_perm=False")
+    if cfg.half_exp and (cfg.block_n > HALF_EXP_MAX_BLOCK_N or cfg.l_mma):
+        raise ValueError(f"half_exp sums a tile's P in fp16: needs block_n <= {HALF_EXP_MAX_BLOCK_N} "
+                         f"(got {cfg.block_n}) and l_mma off (got {cfg.l_mma})")
 
 
 def int8_attention_status(device: torch.device | str | None = None) -> tuple[bool, str]:
@@ -416,7 +428,11 @@ def attention_prepared_reference(q: torch.Tensor, kv: QuantKV, scale: float | No
         qk = (qd @ kv.k8[:, n0:n1].double().transpose(1, 2)).float()  # exact integers
         sc = qs * kv.k_scale[:, n0 // kv.k_block, None]
         m_new = torch.maximum(m, qk.amax(-1) * sc)
-        p = torch.exp2(_exponent(qk, sc, m_new, LOG2_P_SCALE, cfg.fold))  # 448 * 2^(s - m)
+        t = _exponent(qk, sc, m_new, LOG2_P_SCALE, cfg.fold)
+        if cfg.half_exp:  # exp2 of the fp16-rounded exponent, rounded to fp16
+            p = torch.exp2(t.half().float()).half().float()
+        else:
+            p = torch.exp2(t)  # 448 * 2^(s - m)
         alpha = torch.exp2(m - m_new)
         p8 = p.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
         l = l * alpha + (p8.float().sum(-1) if cfg.l_mma else p.sum(-1))
@@ -613,6 +629,14 @@ if HAS_TRITON:
         return acc * alpha[:, None], l_i, m_new
 
     @triton.jit
+    def _exp2_f16(t, INTERPRET: tl.constexpr):
+        """``2^t`` of fp16 ``t`` in fp16: one ``ex2.approx.f16x2`` per two values on the GPU."""
+        if INTERPRET:  # no inline PTX in the interpreter
+            return tl.math.exp2(t.to(tl.float32)).to(tl.float16)
+        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [t], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+
+    @triton.jit
     def _wgmma_order(p8, BM: tl.constexpr, BN: tl.constexpr):
         """P's columns in :func:`v_token_order`: column n = (j1 j0 t1 t0 b) of each 32 goes to
         k = (j1 t1 t0 j0 b), which in registers is no move at all (see that function)."""
@@ -635,7 +659,7 @@ if HAS_TRITON:
     def _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n0, S_k, S_kpad,
                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, MASKED: tl.constexpr,
                     PV_PROMOTE: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr, VPERM: tl.constexpr,
-                    LMMA: tl.constexpr, INTERPRET: tl.constexpr):
+                    LMMA: tl.constexpr, HALF_EXP: tl.constexpr, INTERPRET: tl.constexpr):
         """The online softmax of one tile's scores and its P.V (see the module docstring)."""
         offs_n = n0 + tl.arange(0, BN)
         if TMA:  # first: the barrier wait stays out of the wgmma pipeline stage (ptxas would serialize)
@@ -654,13 +678,17 @@ if HAS_TRITON:
             t = (qkb - 12582912.0) * sc[:, None] - shift[:, None]  # int32 -> fp32 exactly, then scale
         if MASKED:
             t = tl.where(col_ok[None, :], t, float("-inf"))
-        p = tl.math.exp2(t)  # 448 * 2^(s - m), in [0, 448]
-        if not LMMA:
-            l_i += tl.sum(p, 1)
+        if HALF_EXP:
+            p = _exp2_f16(t.to(tl.float16), INTERPRET)
+            l_i += tl.sum(p, 1).to(tl.float32)  # fp16 within the tile: <= BN x 448 < 65,504
+        else:
+            p = tl.math.exp2(t)  # 448 * 2^(s - m), in [0, 448]
+            if not LMMA:
+                l_i += tl.sum(p, 1)
         if not TMA:
             v = tl.load(v_src + tl.arange(0, D)[None, :] * S_kpad + offs_n[:, None])  # [BN, D] e4m3, K-major
         if INTERPRET:  # the interpreter's fp32 -> e4m3 cast truncates; the GPU's rounds to nearest even
-            p8 = _round_e4m3(p).to(tl.float8e4nv)
+            p8 = _round_e4m3(p.to(tl.float32)).to(tl.float8e4nv)
         else:
             p8 = p.to(tl.float8e4nv)
         if VPERM:
@@ -707,7 +735,8 @@ if HAS_TRITON:
                          sqb, sqs, sqh, sob, sos, soh,
                          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr,
                          PV_PROMOTE: tl.constexpr, Q_PRE: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr,
-                         VPERM: tl.constexpr, LMMA: tl.constexpr, WS: tl.constexpr, INTERPRET: tl.constexpr):
+                         VPERM: tl.constexpr, LMMA: tl.constexpr, WS: tl.constexpr, HALF_EXP: tl.constexpr,
+                         INTERPRET: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -748,16 +777,18 @@ if HAS_TRITON:
             for n0 in tl.range(0, n_full, BN, warp_specialize=True):
                 qk = _scores(q8, k_src, k_row, n0, D, BN, TMA)
                 acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n0, S_k, S_kpad,
-                                            D, BM, BN, KB, False, PV_PROMOTE, FOLD, TMA, VPERM, LMMA, INTERPRET)
+                                            D, BM, BN, KB, False, PV_PROMOTE, FOLD, TMA, VPERM, LMMA, HALF_EXP,
+                                            INTERPRET)
         else:
             for n0 in range(0, n_full, BN):
                 qk = _scores(q8, k_src, k_row, n0, D, BN, TMA)
                 acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n0, S_k, S_kpad,
-                                            D, BM, BN, KB, False, PV_PROMOTE, FOLD, TMA, VPERM, LMMA, INTERPRET)
+                                            D, BM, BN, KB, False, PV_PROMOTE, FOLD, TMA, VPERM, LMMA, HALF_EXP,
+                                            INTERPRET)
         if n_full < S_k:  # the ragged last tile, masked
             qk = _scores(q8, k_src, k_row, n_full, D, BN, TMA)
             acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n_full, S_k, S_kpad,
-                                        D, BM, BN, KB, True, PV_PROMOTE, FOLD, TMA, VPERM, LMMA, INTERPRET)
+                                        D, BM, BN, KB, True, PV_PROMOTE, FOLD, TMA, VPERM, LMMA, HALF_EXP, INTERPRET)
 
         vs = tl.load(vs_ptr + bh64 * D + d)
         vm = tl.load(vm_ptr + bh64 * D + d)
@@ -880,7 +911,8 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
         s_q, s_qpad, kv.seq, kv.seq_pad, h, qk_c,
         *qst, ov.stride(0), ov.stride(1), ov.stride(2),
         D=d, BM=cfg.block_m, BN=cfg.block_n, KB=kv.k_block, PV_PROMOTE=cfg.pv_promote, Q_PRE=cfg.q_prepass,
-        FOLD=cfg.fold, TMA=cfg.tma, VPERM=kv.v_perm, LMMA=cfg.l_mma, WS=cfg.warp_spec, INTERPRET=interpreting(),
+        FOLD=cfg.fold, TMA=cfg.tma, VPERM=kv.v_perm, LMMA=cfg.l_mma, WS=cfg.warp_spec, HALF_EXP=cfg.half_exp,
+        INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return out
@@ -905,16 +937,16 @@ def env_config() -> AttnConfig:
 def parse_config(text: str) -> AttnConfig:
     """Inverse of :meth:`AttnConfig.describe`."""
     parts = text.strip().split("-")
-    form = "m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws]"
+    form = "m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws][-h16]"
     try:
         vals = {p[0]: int(p[1:]) for p in parts if p and p[0] in "mnwsr" and p[1:].isdigit()}
-        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws"}
+        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws", "h16"}
         extra = [p for p in parts[4:] if p not in known and not (p[:1] == "r" and p[1:].isdigit())]
         if extra or len(parts) < 4:
             raise ValueError(f"unknown parts {extra}")
         return AttnConfig(vals["m"], vals["n"], vals["w"], vals["s"], pv_promote="promote" in parts,
                           q_prepass="qpre" in parts, fold="fold" in parts, tma="tma" in parts,
                           v_perm="vperm" in parts, l_mma="lmma" in parts,
-                          maxnreg=vals.get("r", 0), warp_spec="ws" in parts)
+                          maxnreg=vals.get("r", 0), warp_spec="ws" in parts, half_exp="h16" in parts)
     except (KeyError, ValueError) as e:
         raise ValueError(f"attention config {text!r} is not of the form {form}") from e

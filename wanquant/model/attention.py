@@ -146,7 +146,7 @@ def _int8_reference_backend(query: torch.Tensor, key: torch.Tensor, value: torch
         return _sdpa_fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config)
     if torch.compiler.is_compiling():
         return ops.attention_int8(query, key, value, scale, True)
-    return K.attention_int8_reference(query, key, value, scale=scale, layout="bshd")
+    return K.attention_int8_reference(query, key, value, scale=scale, layout="bshd", config=K.env_config())
 
 
 _FUNCTIONS = {"int8": _int8_backend, REFERENCE_MODE: _int8_reference_backend}
