@@ -12,17 +12,23 @@ channels transplanted (:mod:`wanquant.model.outliers`, written to ``OUT/testbed_
 ``--modelopt`` adds NVIDIA ModelOpt's rows (``pip install .[compare]``). Results
 (``benchmarks/results/testbed_quality.{json,md}``, the layout of
 :mod:`benchmarks.quality.combine`) carry both testbeds' activation statistics, per-row
-standard errors and paired per-video differences per component. Issue 17's full run::
+standard errors and paired per-video differences per component. Issue 17's full run, on
+one GPU (``--workers``: processes sharing it; start the CUDA MPS daemon first,
+``nvidia-cuda-mps-control -d``, or they take turns and run several times slower)::
 
-    python -m benchmarks.testbed_quality --out runs/q17full --testbed plain outlier --calib-seeds 3 \
-        --num-calib 8 --num-eval 32 --steps 40 --modelopt --stats-samples 3 --configs bf16 rtn smooth \
-        svdquant gptq global_clip per_bin_clip shared_policy ours rtn_safe_ceil ours_safe_ceil \
-        ours_safe_ceil_no_smooth ours_safe_ceil_rank0 ours_safe_ceil_no_gptq ours_safe_ceil_no_clip \
-        ours_safe_ceil_global_clip ours_safe_ceil_shared_policy ours_safe_ceil_rank_w ours_rank_w svdquant_rank_w
+    python -m benchmarks.testbed_quality --out runs/q17full --testbed outlier plain --calib-seeds 3 \
+        --num-calib 8 --num-eval 32 --steps 40 --device cuda --workers 15 --modelopt --no-vmaf --no-brisque \
+        --layer-error-videos 0 --no-shuffled-prompts --stats-samples 0 --no-results --configs bf16 rtn \
+        rtn_safe_ceil smooth svdquant gptq global_clip per_bin_clip shared_policy ours ours_no_smooth ours_rank0 \
+        ours_no_gptq ours_no_clip ours_shared_policy ours_per_bin_clip ours_safe_ceil ours_rank_w svdquant_rank_w
 
+then the same arguments with ``--measure-only --stats-samples 3`` (and without
+``--no-results``) write the tables; the measured rows (``OUT/<testbed>/seed<k>/configs``)
+are all that command needs, so they can be copied off the GPU machine without the videos.
 Per-config results are cached under ``OUT/<testbed>/seed<k>``: a rerun resumes, and
-several processes may share the work (``--generate-only`` with disjoint ``--configs``,
-then one call with ``--measure-only``, or simply rerun: cached configs are reused).
+several processes may share the work (``--workers``, or ``--generate-only`` with disjoint
+``--configs`` then ``--measure-only``). ``--missing-ok`` writes the tables of a run that
+ended early (comparisons pair rows on the calibration seeds both have).
 :func:`run_quality` alone (one testbed, one seed) also writes the single-run tables and
 plots of earlier versions.
 """
@@ -33,7 +39,9 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -102,13 +110,17 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
                 reservoir_tokens: int = 4096, layer_errors: bool = True, write_videos: bool = True,
                 plots: bool = True, generate: bool = True, measure: bool = True, backend: str = "reference",
                 weights: str | Path | None = None, layer_error_videos: int = 2, calib_seed: int = 0,
-                testbed: str = "plain", modelopt: bool = False) -> dict:
+                testbed: str = "plain", modelopt: bool = False, worker: bool = False,
+                shuffled_prompts: bool = True, missing_ok: bool = False) -> dict:
     """Run (or resume) the ablation and write results; returns the JSON payload.
 
     ``make_pipeline`` and ``generation`` (whose size the samples are rendered at) override
     the testbed's (tests pass a tiny pipeline); ``results_dir=None`` writes no result files.
     ``measure=False`` only generates and caches videos (returns ``{}``); ``generate=False``
     only measures videos already cached in ``out`` (see :func:`ablation.run_ablation`).
+    ``worker``: one of several processes sharing ``out``: generates and measures the configs
+    no other process holds, writes nothing else and returns ``{}``. ``missing_ok``: configs
+    never generated are left out of the tables (a run that ended early).
     """
     from wanquant.model.testbed import TestbedConfig
     from wanquant.testbed.dataset import list_samples
@@ -134,12 +146,12 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
     hidden = tb.dim if model_id != "custom" else _width_of(make_pipeline)
     settings = A.AblationSettings(gen, configs=list(configs or A.ABLATION_ORDER), reservoir_tokens=reservoir_tokens,
                                   vmaf=vmaf, brisque=brisque, layer_errors=layer_errors, device=device,
-                                  backend=backend, model_id=model_id, layer_error_videos=layer_error_videos)
+                                  backend=backend, model_id=model_id, layer_error_videos=layer_error_videos,
+                                  shuffled_prompts=shuffled_prompts)
     t0 = time.perf_counter()
     res = A.run_ablation(make_pipeline, calib, evals, settings, out, overwrite=overwrite, generate=generate,
-                         measure=measure, configs=A.ablation_configs(hidden))
-    if not measure:
-        return {}
+                         measure=measure, configs=A.ablation_configs(hidden), skip_busy=worker,
+                         missing_ok=missing_ok)
     rows = res["rows"]
     if modelopt:
         # The outside reference: after every config, on the same calibration samples and videos.
@@ -149,8 +161,11 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
         if not ok:
             log.warning("ModelOpt rows skipped: %s", why)
         else:
-            for r in MO.run_rows(make_pipeline, calib, evals, settings, out, A.load_frames(out, A.BASELINE)):
+            for r in MO.run_rows(make_pipeline, calib, evals, settings, out, res["reference"], generate=generate,
+                                 measure=measure, skip_busy=worker, missing_ok=missing_ok):
                 rows[r["config"]] = r
+    if not measure or worker:
+        return {}
     ordered = [rows[c] for c in A.ALL_CONFIGS if c in rows] + [r for c, r in rows.items() if c not in A.ALL_CONFIGS]
     meta = run_metadata(command)
     gen_devices = sorted({json.dumps(r.get("generated_on", {}), sort_keys=True) for r in ordered})
@@ -454,6 +469,36 @@ def testbed_weights(testbed: str, out: Path, weights: Path | None = None) -> Pat
     return dst
 
 
+# Workers first generate every 16-bit baseline (all others are measured against them),
+# then share every other config.
+WORKER_PHASES = ("baseline", "configs")
+
+
+def run_workers(argv: list[str], n: int, out: Path) -> None:
+    """Run ``n`` copies of this command as workers, phase by phase; their logs go to ``OUT/logs``."""
+    import subprocess
+
+    argv = [a for i, a in enumerate(argv) if a != "--workers" and (i == 0 or argv[i - 1] != "--workers")
+            and not a.startswith("--workers=")]
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for phase in WORKER_PHASES:
+        t0 = time.perf_counter()
+        procs = []
+        for i in range(n):
+            with open(logs / f"{phase}{i}-{os.getpid()}.log", "a") as f:
+                procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.testbed_quality", *argv,
+                                               "--worker-phase", phase], stdout=f, stderr=subprocess.STDOUT))
+        while any(pr.poll() is None for pr in procs):
+            time.sleep(30.0)
+            done = len(list(out.glob("*/seed*/frames/*.npz")))
+            log.info("workers (%s): %d running, %d videos sets on disk, %.0f s", phase,
+                     sum(pr.poll() is None for pr in procs), done, time.perf_counter() - t0)
+        failed = [i for i, pr in enumerate(procs) if pr.returncode]
+        if failed:
+            raise RuntimeError(f"workers {failed} of phase {phase} failed; see {logs}/{phase}<i>-{os.getpid()}.log")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
@@ -481,20 +526,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="recompute cached configs")
     p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results files")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny tensors: 1 is fastest)")
+    p.add_argument("--note", default=None, help="a sentence for the results (e.g. how the videos were made)")
+    p.add_argument("--missing-ok", action="store_true",
+                   help="with --measure-only: leave out configs that were never generated (a run that ended early)")
+    p.add_argument("--no-shuffled-prompts", action="store_true", help="skip the 16-bit row with deranged prompts")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes that share the configs (a GPU runs many small models at once); "
+                        "this process then measures and combines")
+    p.add_argument("--worker-phase", choices=WORKER_PHASES, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.workers > 1 and args.worker_phase is None:
+        for tb in args.testbed:  # written once, before the workers read it
+            testbed_weights(tb, args.out, args.weights)
+        run_workers(list(sys.argv[1:] if argv is None else argv), args.workers, args.out)
+        if args.generate_only:
+            return 0
+        args.measure_only = True
+    baseline_phase = args.worker_phase == "baseline"
     per: dict[str, list[dict]] = {}
     for tb in args.testbed:
         weights = testbed_weights(tb, args.out, args.weights)
         for k in range(args.calib_seeds):
             payload = run_quality(args.out / tb / f"seed{k}", args.num_calib, args.num_eval, args.steps,
-                                  args.guidance, args.configs, args.device, not args.no_vmaf, not args.no_brisque,
+                                  args.guidance, [A.BASELINE] if baseline_phase else args.configs, args.device,
+                                  not args.no_vmaf, not args.no_brisque,
                                   args.overwrite, None, generate=not args.measure_only,
-                                  measure=not args.generate_only, backend=args.backend, weights=weights,
-                                  reservoir_tokens=args.reservoir_tokens, layer_error_videos=args.layer_error_videos,
+                                  measure=not (args.generate_only or baseline_phase), backend=args.backend,
+                                  weights=weights, reservoir_tokens=args.reservoir_tokens,
+                                  layer_error_videos=args.layer_error_videos,
                                   calib_seed=k, testbed=tb, write_videos=False, plots=False,
-                                  modelopt=args.modelopt)
+                                  modelopt=args.modelopt and not baseline_phase,
+                                  worker=args.worker_phase is not None,
+                                  shuffled_prompts=not args.no_shuffled_prompts, missing_ok=args.missing_ok)
             if payload:
                 per.setdefault(tb, []).append(payload)
     if per:
@@ -504,9 +569,14 @@ def main(argv: list[str] | None = None) -> int:
 
         stats = {tb: testbed_stats(testbed_weights(tb, args.out, args.weights), args.stats_samples, args.steps,
                                    args.guidance) for tb in per} if args.stats_samples else {}
-        combined = C.combine(per, run_metadata(" ".join(["python -m benchmarks.testbed_quality", *(argv or [])])
-                                               if argv is not None else None), stats)
+        meta = run_metadata(" ".join(["python -m benchmarks.testbed_quality", *(argv or [])])
+                            if argv is not None else None)
+        meta["device"] = per[next(iter(per))][0]["device"]  # says where the videos were generated
+        combined = C.combine(per, meta, stats)
         md = C.markdown(combined)
+        if args.note:
+            combined["note"] = args.note
+            md = f"> {args.note}\n\n{md}"
         if not args.no_results:
             write_results(NAME, combined, md, RESULTS_DIR)
         print(md)

@@ -105,7 +105,8 @@ LADDER: tuple[tuple[str, str], ...] = (("smooth", "rtn"), ("svdquant", "smooth")
                                        ("ours_safe_ceil", "ours_safe_ceil_global_clip"),
                                        ("ours_safe_ceil", "ours_safe_ceil_shared_policy"),
                                        ("ours_safe_ceil_rank_w", "ours_safe_ceil_rank0"),
-                                       ("svdquant_rank_w", "smooth"), ("ours_rank_w", "ours_safe_ceil_rank_w"))
+                                       ("svdquant_rank_w", "smooth"), ("ours_rank_w", "ours_rank0"),
+                                       ("ours", "ours_rank_w"))
 BASELINE = "bf16"
 # Bump when a metric's definition changes: cached rows are then re-measured.
 METRICS_VERSION = 1
@@ -179,7 +180,7 @@ def ablation_configs(width: int = 256) -> dict[str, QuantConfig | None]:
             "ours_safe_ceil_global_clip": replace(sc, clip=replace(sc.clip, per_bin=False)),
             "ours_safe_ceil_shared_policy": replace(sc, clip=replace(sc.clip, per_expert=False)),
             "ours_safe_ceil_rank_w": replace(sc, lowrank=replace(sc.lowrank, rank=rank_w)),
-            "ours_rank_w": replace(ours_per_bin_clip, lowrank=replace(ours.lowrank, rank=rank_w)),
+            "ours_rank_w": replace(ours, lowrank=replace(ours.lowrank, rank=rank_w)),
             "svdquant_rank_w": replace(svdquant, lowrank=replace(svdquant.lowrank, rank=rank_w))}
 
 
@@ -397,17 +398,86 @@ def _dtype_of(pipe) -> torch.dtype | None:
     return next(expert.parameters()).dtype if expert is not None else None
 
 
+def cached_unit(out: Path, name: str, ckey: dict, produce: Callable[[], tuple[dict, list[np.ndarray]]],
+                reference, evals, settings: AblationSettings, overwrite: bool = False, generate: bool = True,
+                measure: bool = True, skip_busy: bool = False, need_frames: bool = False, wait_busy: bool = False,
+                missing_ok: bool = False):
+    """One config's (row, videos), from ``out``'s cache or ``produce()`` (under a lock shared by
+    processes), measured against ``reference`` when ``measure``. Returns (None, None) when
+    another process holds it and ``measure`` is off or ``skip_busy`` is on; ``wait_busy``
+    waits for that process instead (workers that all need the 16-bit videos). A cached row
+    already measured with these metric settings is used without its frames (videos None)
+    unless ``need_frames``: measured rows travel without their videos."""
+    path, fpath = out / "configs" / f"{name}.json", out / "frames" / f"{name}.npz"
+    mkey = settings.metrics_key()
+    cached = None if overwrite else _cached(path, ckey)
+    if cached is not None and fpath.exists():
+        log.info("%s: using the cached videos in %s", name, fpath)
+        row, videos = cached["row"], _load_frames(fpath)
+    elif cached is not None and not need_frames and cached["row"].get("metrics_key") == mkey:
+        log.info("%s: using the cached, measured row in %s (no videos)", name, path)
+        row, videos = cached["row"], None
+    elif not generate:
+        if missing_ok:
+            log.warning("%s: not generated in %s: left out", name, out)
+            return None, None
+        raise RuntimeError(f"{name}: no videos for these settings in {out}; run the generation first")
+    else:
+        lock = _claim(out / "configs" / f"{name}.lock")
+        if lock is None and wait_busy:
+            log.info("%s: another process is generating it: waiting", name)
+            while (out / "configs" / f"{name}.lock").exists():
+                time.sleep(2.0)
+            return cached_unit(out, name, ckey, produce, reference, evals, settings, False, generate, measure,
+                               skip_busy, need_frames, wait_busy=False)
+        if lock is None:
+            if measure and not skip_busy:
+                raise RuntimeError(f"{name}: another process is generating it in {out}; wait for it")
+            log.info("%s: another process is generating it: skipping", name)
+            return None, None
+        try:
+            again = None if overwrite else _cached(path, ckey)
+            if again is not None and fpath.exists():  # finished by another process meanwhile
+                lock.unlink(missing_ok=True)
+                return cached_unit(out, name, ckey, produce, reference, evals, settings, False, generate, measure,
+                                   skip_busy, need_frames)
+            t0 = time.perf_counter()
+            row, videos = produce()
+            row["seconds"]["total_generation"] = time.perf_counter() - t0
+            row.pop("metrics_key", None)
+            _save_frames(fpath, videos)
+            _write_json(path, {"key": ckey, "row": row})
+        finally:
+            lock.unlink(missing_ok=True)
+    if measure and row.get("metrics_key") != mkey:
+        if reference is None and name != BASELINE and ckey.get("config") is not None:
+            raise RuntimeError(f"{name}: the 16-bit videos are needed to measure it; generate {BASELINE} first")
+        t0 = time.perf_counter()
+        row.update(evaluate_videos(videos, evals, reference, vmaf=settings.vmaf, brisque=settings.brisque))
+        row["seconds"]["metrics"] = time.perf_counter() - t0
+        row["metrics_key"] = mkey
+        _write_json(path, {"key": ckey, "row": row})
+    if measure:
+        log.info("%s: psnr vs bf16 %s, gt psnr %.2f, traj %.2f, vbench avg %.4f", name, row.get("psnr_vs_bf16"),
+                 row["gt_psnr"], row["trajectory_err"], row["vbench_style_avg"])
+    return row, videos
+
+
 def run_ablation(make_pipeline: Callable[[], object], calib: list[CalibSample], evals, settings: AblationSettings,
                  out: str | Path, overwrite: bool = False, configs: dict[str, QuantConfig | None] | None = None,
-                 generate: bool = True, measure: bool = True) -> dict:
-    """Run (or resume) every config of ``settings.configs``; returns {"rows", "extra_rows"}.
+                 generate: bool = True, measure: bool = True, skip_busy: bool = False,
+                 missing_ok: bool = False) -> dict:
+    """Run (or resume) every config of ``settings.configs``; returns {"rows", "extra_rows", "reference"}.
 
     ``make_pipeline()`` must return a fresh 16-bit pipeline each call (quantization
     replaces a pipeline's experts in place). Generation and measurement are separate
     steps: ``measure=False`` only generates (e.g. on a GPU machine without ffmpeg);
     ``generate=False`` only measures configs whose videos are already in ``out`` (and
     fails for any that are not). A cached config measured with other metric settings is
-    re-measured from its saved frames.
+    re-measured from its saved frames. ``skip_busy``: configs another process is producing
+    are left out (several workers generating and measuring one directory); ``missing_ok``
+    leaves out configs that were never generated (see :func:`cached_unit`).
+    ``reference``: the 16-bit videos (None when they were not needed).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -418,7 +488,6 @@ def run_ablation(make_pipeline: Callable[[], object], calib: list[CalibSample], 
     key = settings.key()
     key["calib"] = [s.source for s in calib]
     key["eval"] = [s.prompt for s in evals]
-    mkey = settings.metrics_key()
     base: list = []
 
     def base_pipe():
@@ -426,58 +495,30 @@ def run_ablation(make_pipeline: Callable[[], object], calib: list[CalibSample], 
             base.append(make_pipeline())
         return base[0]
 
-    def one(name: str, ckey: dict, produce: Callable[[], tuple[dict, list[np.ndarray]]], reference):
-        path, fpath = out / "configs" / f"{name}.json", out / "frames" / f"{name}.npz"
-        cached = None if overwrite else _cached(path, ckey)
-        if cached is not None and fpath.exists():
-            log.info("%s: using the cached videos in %s", name, fpath)
-            row, videos = cached["row"], _load_frames(fpath)
-        elif not generate:
-            raise RuntimeError(f"{name}: no videos for these settings in {out}; run the generation first")
-        else:
-            lock = _claim(out / "configs" / f"{name}.lock")
-            if lock is None:
-                if measure:
-                    raise RuntimeError(f"{name}: another process is generating it in {out}; wait for it")
-                log.info("%s: another process is generating it: skipping", name)
-                return None, None
-            try:
-                again = None if overwrite else _cached(path, ckey)
-                if again is not None and fpath.exists():  # finished by another process meanwhile
-                    lock.unlink(missing_ok=True)
-                    return one(name, ckey, produce, reference)
-                t0 = time.perf_counter()
-                row, videos = produce()
-                row["seconds"]["total_generation"] = time.perf_counter() - t0
-                row.pop("metrics_key", None)
-                _save_frames(fpath, videos)
-                _write_json(path, {"key": ckey, "row": row})
-            finally:
-                lock.unlink(missing_ok=True)
-        if measure and row.get("metrics_key") != mkey:
-            t0 = time.perf_counter()
-            row.update(evaluate_videos(videos, evals, reference, vmaf=settings.vmaf, brisque=settings.brisque))
-            row["seconds"]["metrics"] = time.perf_counter() - t0
-            row["metrics_key"] = mkey
-            _write_json(path, {"key": ckey, "row": row})
-        if measure:
-            log.info("%s: psnr vs bf16 %s, gt psnr %.2f, traj %.2f, vbench avg %.4f", name, row.get("psnr_vs_bf16"),
-                     row["gt_psnr"], row["trajectory_err"], row["vbench_style_avg"])
-        return row, videos
+    def one(name, ckey, produce, reference, need_frames=False):
+        # Workers wait for the 16-bit videos (every other config is measured against them).
+        return cached_unit(out, name, ckey, produce, reference, evals, settings, overwrite, generate, measure,
+                           skip_busy, need_frames, wait_busy=skip_busy and measure and name == BASELINE,
+                           missing_ok=missing_ok and name != BASELINE)
 
     results: dict[str, dict] = {}
-    reference = None
     # The baseline's videos are the reference of every other config's fidelity: always
     # first, unless this call only generates other configs (another process does bf16).
     with_base = measure or BASELINE in settings.configs
     order = ([BASELINE] if with_base else []) + [c for c in settings.configs if c != BASELINE]
+    todo = [c for c in order if c != BASELINE]
+    base_cfgs = {c: table[c] for c in todo}
+    # The 16-bit frames are loaded only if some config still has to be measured.
+    need_ref = measure and any(_to_measure(out, c, {**key, "config": cfg.to_dict()}, settings, generate)
+                               for c, cfg in base_cfgs.items())
+    reference = None
     for name in order:
         cfg = table[name] if name != BASELINE else None
         ckey = {**key, "config": cfg.to_dict() if cfg is not None else None}
         log.info("%s: %s", name, short_switches(cfg))
         row, videos = one(name, ckey, lambda: generate_config(name, cfg, make_pipeline, calib, evals, settings, out,
                                                               base_pipe()),
-                          None if name == BASELINE else reference)
+                          None if name == BASELINE else reference, need_frames=name == BASELINE and need_ref)
         if row is None:
             continue
         results[name] = row
@@ -503,7 +544,15 @@ def run_ablation(make_pipeline: Callable[[], object], calib: list[CalibSample], 
         extras["first_frame_held"] = {"config": "first_frame_held",
                                       "switches": {"quantized": False, "video": "frame 0 held"},
                                       **{k: res[k] for k in ("gt_psnr", "trajectory_err", "missing_frac")}}
-    return {"rows": results, "extra_rows": extras}
+    return {"rows": results, "extra_rows": extras, "reference": reference}
+
+
+def _to_measure(out: Path, name: str, ckey: dict, settings: AblationSettings, generate: bool) -> bool:
+    """Whether this call will measure config ``name`` (then the 16-bit videos are needed)."""
+    cached = _cached(out / "configs" / f"{name}.json", ckey)
+    if cached is None:
+        return generate
+    return cached["row"].get("metrics_key") != settings.metrics_key()
 
 
 def load_frames(out: str | Path, name: str) -> list[np.ndarray]:
@@ -567,4 +616,4 @@ def _se(values) -> float | None:
 
 
 __all__ = ["ABLATION_ORDER", "LADDER", "AblationSettings", "ablation_configs", "switches", "short_switches",
-           "run_ablation", "generate_config", "evaluate_videos", "load_frames", "acceptance", "component_verdicts"]
+           "run_ablation", "cached_unit", "generate_config", "evaluate_videos", "load_frames", "acceptance", "component_verdicts"]

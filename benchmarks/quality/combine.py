@@ -11,7 +11,9 @@ for each testbed and returns::
 
 Per video, a config's metric is the mean over calibration seeds; ``psnr_se`` is the
 standard error of the row's mean over the videos, a component's ``delta_se`` the standard
-error of the paired per-video differences (so video-to-video spread cancels).
+error of the paired per-video differences (so video-to-video spread cancels). A run that
+ended early may hold a row for fewer seeds than another: comparisons then pair the two
+rows on the seeds both have (``seeds`` in each comparison).
 """
 
 from __future__ import annotations
@@ -69,13 +71,17 @@ def _finite(x: float) -> float | None:
 
 
 def combine_rows(seed_payloads: list[dict], extra_rows: list[dict] = ()) -> dict[str, dict]:
-    """Config -> the combined row (per-video seed means kept in ``per_video``)."""
+    """Config -> the combined row (per-video seed means kept in ``per_video``, per seed in
+    ``per_video_by_seed``)."""
     by_config: dict[str, list[dict]] = {}
-    for p in seed_payloads:
+    seeds_of: dict[str, list[int]] = {}
+    for i, p in enumerate(seed_payloads):
         for r in p["rows"]:
             by_config.setdefault(r["config"], []).append(r)
+            seeds_of.setdefault(r["config"], []).append(int(p.get("calib_seed", i)))
     for r in extra_rows:
         by_config.setdefault(r["config"], []).append(r)
+        seeds_of.setdefault(r["config"], []).append(-1)
     cfgs = A.ablation_configs()
     out = {}
     for name, rs in by_config.items():
@@ -101,6 +107,8 @@ def combine_rows(seed_payloads: list[dict], extra_rows: list[dict] = ()) -> dict
             "calibration_seconds": _finite(np.mean([r.get("seconds", {}).get("calibrate_quantize", np.nan)
                                                     for r in rs])),
             "per_video": {m: [_finite(x) for x in v] for m, v in pv.items()},
+            "per_video_by_seed": {m: {str(k): [_finite(x) for x in per_video([r], m)] for k, r in zip(seeds_of[name], rs)}
+                                  for m in METRICS},
             "outside": rs[0].get("outside"),
         }
     return out
@@ -110,13 +118,21 @@ def paired(rows: dict[str, dict], new: str, old: str, metric: str = "psnr_vs_bf1
     """``new`` minus ``old`` on ``metric``: mean of paired per-video differences, its SE, wins."""
     if new not in rows or old not in rows:
         return None
-    a = np.asarray(rows[new]["per_video"][metric], dtype=np.float64)
-    b = np.asarray(rows[old]["per_video"][metric], dtype=np.float64)
+    by_a, by_b = (rows[n].get("per_video_by_seed", {}).get(metric) for n in (new, old))
+    common = sorted(set(by_a) & set(by_b), key=int) if by_a and by_b else []
+    if by_a and by_b and not common:
+        return None
+    if common and (len(common) < len(by_a) or len(common) < len(by_b)):
+        a, b = (np.nanmean(np.asarray([by[k] for k in common], dtype=np.float64), axis=0) for by in (by_a, by_b))
+    else:
+        a = np.asarray(rows[new]["per_video"][metric], dtype=np.float64)
+        b = np.asarray(rows[old]["per_video"][metric], dtype=np.float64)
     d = a - b
     ok = np.isfinite(d)
     s = se(d[ok])
     mean = float(d[ok].mean()) if ok.any() else float("nan")
     return {"component": f"{new} vs {old}", "metric": metric, "delta": mean, "delta_se": s,
+            "seeds": len(common) if common else min(rows[new].get("seeds", 1), rows[old].get("seeds", 1)),
             "wins": f"{int((d[ok] > 0).sum())}/{int(ok.sum())}",
             "over_2se": bool(s is not None and mean > 2 * s)}
 
@@ -186,19 +202,20 @@ def markdown(p: dict) -> str:
                   f"{t['guidance_scale']}, {t['frames']} frames at {t['size'][0]}x{t['size'][1]}; "
                   f"{t['calib_seeds']} calibration seed(s) x {t['calibration_samples']} calib samples.", "",
                   "| config | scale rule | switches | PSNR vs 16-bit (dB) +- SE | SSIM | GT PSNR (dB) | traj err (px) "
-                  "| VBench-style avg | calib s |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| VBench-style avg | calib s | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in t["rows"]:
             ps = "n/a" if r["psnr_vs_16bit"] is None else f"{r['psnr_vs_16bit']:.2f} +- {_f(r['psnr_se'])}"
             lines.append(f"| {r['config']} | {r['scale_rule'] or '16-bit'} | {r['switches']} | {ps} | "
                          f"{_f(r['ssim'], '.4f')} | {_f(r['gt_psnr'])} | {_f(r['trajectory_err'])} | "
-                         f"{_f(r['vbench_style_avg'], '.4f')} | {_f(r['calibration_seconds'], '.0f')} |")
+                         f"{_f(r['vbench_style_avg'], '.4f')} | {_f(r['calibration_seconds'], '.0f')} | "
+                         f"{r.get('seeds', '')} |")
         if t["components"]:
             lines += ["", "Paired per-video differences (PSNR vs 16-bit; +- = SE of the paired differences; "
-                          "wins = videos where the first row is better):", "",
-                      "| comparison | delta (dB) | wins | > 2 SE |", "|---|---|---|---|"]
+                          "wins = videos where the first row is better; seeds = calibration seeds both rows have):",
+                      "", "| comparison | delta (dB) | wins | > 2 SE | seeds |", "|---|---|---|---|---|"]
             for c in t["components"]:
                 lines.append(f"| {c['component']} | {c['delta']:+.2f} +- {_f(c['delta_se'])} | {c['wins']} | "
-                             f"{'yes' if c['over_2se'] else 'no'} |")
+                             f"{'yes' if c['over_2se'] else 'no'} | {c.get('seeds', '')} |")
         for preset, b in t["bars"].items():
             if not b:
                 continue

@@ -97,9 +97,12 @@ def quantize_pipeline(pipe, row: str, forward_loop) -> None:
     mtq.quantize(experts, copy.deepcopy(quant_config(row)), forward_loop=lambda _m: forward_loop())
 
 
-def run_rows(make_pipeline, calib, evals, settings, out, reference, rows: tuple[str, ...] = ROWS) -> list[dict]:
+def run_rows(make_pipeline, calib, evals, settings, out, reference, rows: tuple[str, ...] = ROWS,
+             generate: bool = True, measure: bool = True, skip_busy: bool = False,
+             missing_ok: bool = False) -> list[dict]:
     """Quantize a fresh pipeline per row, generate ``evals`` with the ablation's seeds, measure
-    against ``reference`` (the 16-bit videos); cached in ``out`` like the ablation's configs."""
+    against ``reference`` (the 16-bit videos); cached in ``out`` like the ablation's configs
+    (:func:`benchmarks.quality.ablation.cached_unit`, the same flags)."""
     import time
     from importlib.metadata import version
     from pathlib import Path
@@ -113,12 +116,7 @@ def run_rows(make_pipeline, calib, evals, settings, out, reference, rows: tuple[
            "modelopt": version("nvidia-modelopt")}
     done = []
     for row in rows:
-        path, fpath = out / "configs" / f"{row}.json", out / "frames" / f"{row}.npz"
-        ckey = {**key, "config": quant_config(row)}
-        cached = A._cached(path, ckey)
-        if cached is not None and fpath.exists():
-            r, videos = cached["row"], A._load_frames(fpath)
-        else:
+        def produce(row=row):
             log.info("%s: %s", row, DESCRIBE[row])
             pipe = make_pipeline()
             t0 = time.perf_counter()
@@ -128,17 +126,16 @@ def run_rows(make_pipeline, calib, evals, settings, out, reference, rows: tuple[
             t0 = time.perf_counter()
             with torch.no_grad():
                 videos = A._generate(pipe, evals, settings.generation, settings.eval_seed)
-            r = {"config": row, "describe": DESCRIBE[row], "scale_rule": SCALE_RULE[row],
-                 "switches": {"quantized": True, "outside": "NVIDIA ModelOpt " + version("nvidia-modelopt")},
-                 "outside": "nvidia-modelopt " + version("nvidia-modelopt"),
-                 "seconds": {"calibrate_quantize": cal, "generate": time.perf_counter() - t0}}
-            A._save_frames(fpath, videos)
-            A._write_json(path, {"key": ckey, "row": r})
-        if r.get("metrics_key") != settings.metrics_key():
-            r.update(A.evaluate_videos(videos, evals, reference, vmaf=settings.vmaf, brisque=settings.brisque))
-            r["metrics_key"] = settings.metrics_key()
-            A._write_json(path, {"key": ckey, "row": r})
-        done.append(r)
+            return ({"config": row, "describe": DESCRIBE[row], "scale_rule": SCALE_RULE[row],
+                     "switches": {"quantized": True, "outside": "NVIDIA ModelOpt " + version("nvidia-modelopt")},
+                     "outside": "nvidia-modelopt " + version("nvidia-modelopt"),
+                     "generated_on": {"device": A.device_name(settings.device), "dtype": str(A._dtype_of(pipe))},
+                     "seconds": {"calibrate_quantize": cal, "generate": time.perf_counter() - t0}}, videos)
+
+        r, _ = A.cached_unit(out, row, {**key, "config": quant_config(row)}, produce, reference, evals, settings,
+                             generate=generate, measure=measure, skip_busy=skip_busy, missing_ok=missing_ok)
+        if r is not None:
+            done.append(r)
     return done
 
 
