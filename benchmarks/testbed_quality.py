@@ -9,7 +9,7 @@ the ground truth (PSNR, object-trajectory error) and the offline VBench-style di
 ``--testbed plain outlier`` runs the trained testbed and its copy with massive AdaLN
 channels transplanted (:mod:`wanquant.model.outliers`, written to ``OUT/testbed_outlier``);
 ``--calib-seeds K`` calibrates each config K times on disjoint calibration samples;
-``--modelopt`` adds NVIDIA ModelOpt's rows (``pip install .[compare]``). Results
+``--modelopt [ROW ...]`` adds NVIDIA ModelOpt's rows, all or those named (``pip install .[compare]``). Results
 (``benchmarks/results/testbed_quality.{json,md}``, the layout of
 :mod:`benchmarks.quality.combine`) carry both testbeds' activation statistics, per-row
 standard errors and paired per-video differences per component. Issue 17's full run, on
@@ -56,6 +56,7 @@ import torch  # noqa: E402
 from benchmarks.common.meta import RESULTS_DIR, run_metadata, write_results  # noqa: E402
 from benchmarks.quality import ablation as A  # noqa: E402
 from benchmarks.quality import layer_errors as LE  # noqa: E402
+from benchmarks.quality.modelopt_rows import ROWS as MO_ROWS  # noqa: E402
 from benchmarks.quality import vbench_style as VB  # noqa: E402
 from wanquant.calibration.samples import CalibSample  # noqa: E402
 from wanquant.evaluation import metrics as M  # noqa: E402
@@ -110,7 +111,7 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
                 reservoir_tokens: int = 4096, layer_errors: bool = True, write_videos: bool = True,
                 plots: bool = True, generate: bool = True, measure: bool = True, backend: str = "reference",
                 weights: str | Path | None = None, layer_error_videos: int = 2, calib_seed: int = 0,
-                testbed: str = "plain", modelopt: bool = False, worker: bool = False,
+                testbed: str = "plain", modelopt_rows: tuple[str, ...] = (), worker: bool = False,
                 shuffled_prompts: bool = True, missing_ok: bool = False) -> dict:
     """Run (or resume) the ablation and write results; returns the JSON payload.
 
@@ -153,7 +154,7 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
                          measure=measure, configs=A.ablation_configs(hidden), skip_busy=worker,
                          missing_ok=missing_ok)
     rows = res["rows"]
-    if modelopt:
+    if modelopt_rows:
         # The outside reference: after every config, on the same calibration samples and videos.
         from benchmarks.quality import modelopt_rows as MO
 
@@ -161,8 +162,8 @@ def run_quality(out: str | Path, num_calib: int = 8, num_eval: int = 8, steps: i
         if not ok:
             log.warning("ModelOpt rows skipped: %s", why)
         else:
-            for r in MO.run_rows(make_pipeline, calib, evals, settings, out, res["reference"], generate=generate,
-                                 measure=measure, skip_busy=worker, missing_ok=missing_ok):
+            for r in MO.run_rows(make_pipeline, calib, evals, settings, out, res["reference"], tuple(modelopt_rows),
+                                 generate=generate, measure=measure, skip_busy=worker, missing_ok=missing_ok):
                 rows[r["config"]] = r
     if not measure or worker:
         return {}
@@ -505,8 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--testbed", nargs="+", default=["plain"], choices=TESTBEDS,
                    help="plain: the trained testbed; outlier: the same with massive AdaLN channels transplanted")
     p.add_argument("--calib-seeds", type=int, default=1, help="calibration seeds (disjoint calib samples each)")
-    p.add_argument("--modelopt", action="store_true",
-                   help="add NVIDIA ModelOpt rows (needs `pip install .[compare]`; skipped with a message otherwise)")
+    p.add_argument("--modelopt", nargs="*", default=None, choices=MO_ROWS, metavar="ROW",
+                   help=f"add NVIDIA ModelOpt rows (all, or those named: {', '.join(MO_ROWS)}; needs "
+                        "`pip install .[compare]`; skipped with a message otherwise)")
     p.add_argument("--stats-samples", type=int, default=2, help="calib samples for the activation statistics (0: none)")
     p.add_argument("--num-calib", type=int, default=8)
     p.add_argument("--num-eval", type=int, default=8)
@@ -557,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                                   weights=weights, reservoir_tokens=args.reservoir_tokens,
                                   layer_error_videos=args.layer_error_videos,
                                   calib_seed=k, testbed=tb, write_videos=False, plots=False,
-                                  modelopt=args.modelopt and not baseline_phase,
+                                  modelopt_rows=() if args.modelopt is None or baseline_phase
+                                  else tuple(args.modelopt or MO_ROWS),
                                   worker=args.worker_phase is not None,
                                   shuffled_prompts=not args.no_shuffled_prompts, missing_ok=args.missing_ok)
             if payload:

@@ -387,7 +387,8 @@ def test_calibration_seed_and_outside_rows_on_a_tiny_pipeline(tmp_path):
         per.append(run_quality(tmp_path / f"seed{k}", num_calib=1, num_eval=2, configs=["bf16", "rtn_safe_ceil"],
                                make_pipeline=build_tiny_pipeline, trained=False, generation=TINY_SETTINGS,
                                results_dir=None, reservoir_tokens=256, vmaf=False, brisque=False, plots=False,
-                               write_videos=False, layer_errors=False, calib_seed=k, modelopt=with_mo))
+                               write_videos=False, layer_errors=False, calib_seed=k,
+                               modelopt_rows=MO.ROWS if with_mo else ()))
     assert [p["calib_seed"] for p in per] == [0, 1]
     assert per[0]["settings"]["calibration_seeds"] == [1000] and per[1]["settings"]["calibration_seeds"] == [1001]
     names = [r["config"] for r in per[0]["rows"]]

@@ -212,12 +212,12 @@ def wanquant_preset() -> QuantConfig:
     top of a grid ending at 0.7 (benchmarks/results/ablation_synthetic.md). The clip grid
     reaches 0.5 and an exponent offset of +2 because on the trained testbed ~95 % of the
     paper grid's choices sat on its corner (0.6, +1); on this wider grid the optimum is
-    interior, (0.55, +1) (benchmarks/results/testbed_quality.md, ``ours_narrow_clip``).
+    interior, (0.55, +1) (benchmarks/results/testbed_quality_plain16.md, ``ours_narrow_clip``).
     The clip search is global, not per bin: on the testbed with transplanted massive
-    activations per-bin tables did not beat one setting (-0.02 +- 0.05 dB, 16 videos, two
-    calibration seeds) while the search itself earned +0.50 +- 0.17 dB, and a global search
-    costs half as much (benchmarks/results/testbed_quality_outlier16b.md). The paper preset
-    keeps per-bin tables.
+    activations per-bin tables did not beat one setting (+0.02 +- 0.02 dB, 32 videos x 40
+    steps) while the search itself earned +0.41 +- 0.16 dB, and a global search costs half
+    as much on the testbed (benchmarks/results/testbed_quality.md). The paper preset keeps
+    per-bin tables.
     """
     return QuantConfig(smooth=SmoothConfig(alpha_grid=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8]),
                        clip=ClipConfig(clip_ratios=[0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0],
