@@ -140,7 +140,8 @@ def test_reference_variants_agree():
     want = K.attention_int8_reference(q, k, v, config=base).float()
     for cfg in (K.AttnConfig(64, 64, 4, 2, v_perm=True), K.AttnConfig(64, 64, 4, 2, fold=True),
                 K.AttnConfig(64, 64, 4, 2, fold=True, v_perm=True, l_mma=True),
-                K.AttnConfig(64, 64, 4, 2, fold=True, v_perm=True, half_exp=True)):
+                K.AttnConfig(64, 64, 4, 2, fold=True, v_perm=True, half_exp=True),
+                K.AttnConfig(64, 64, 4, 2, fold=True, v_perm=True, l_mma=True, lazy_rescale=True)):
         got = K.attention_int8_reference(q, k, v, config=cfg).float()
         bound = 1e-6 if cfg == K.AttnConfig(64, 64, 4, 2, v_perm=True) else 3e-3
         assert K.relative_error(got, want) < bound, cfg.describe()
@@ -172,7 +173,8 @@ def test_reference_layouts_and_ragged_tiles_agree():
 def test_config_parsing_and_checks():
     for cfg in (*K.CONFIGS, K.DEFAULT_CONFIG, K.AttnConfig(32, 64, 4, 2, pv_promote=True, tma=True, maxnreg=128),
                 K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, warp_spec=True),
-                K.AttnConfig(64, 128, 4, 3, fold=True, half_exp=True)):
+                K.AttnConfig(64, 128, 4, 3, fold=True, half_exp=True),
+                K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, **FAST)):
         assert K.parse_config(cfg.describe()) == cfg
         K.check_config(cfg, K.K_BLOCK)
     with pytest.raises(ValueError, match="divide"):
@@ -235,7 +237,9 @@ FAST = dict(fold=True, v_perm=True, l_mma=True)
                                  K.AttnConfig(64, 32, 4, 2, q_prepass=True, tma=True, maxnreg=168, **FAST),
                                  K.AttnConfig(32, 64, 4, 2, q_prepass=True, tma=True, fold=True, v_perm=True,
                                               warp_spec=True),
-                                 K.AttnConfig(32, 64, 4, 2, q_prepass=True, fold=True, v_perm=True, half_exp=True)],
+                                 K.AttnConfig(32, 64, 4, 2, q_prepass=True, fold=True, v_perm=True, half_exp=True),
+                                 K.AttnConfig(32, 64, 4, 2, lazy_rescale=True),
+                                 K.AttnConfig(32, 32, 4, 2, q_prepass=True, tma=True, lazy_rescale=True, **FAST)],
                          ids=lambda c: c.describe())
 def test_kernel_matches_reference(cfg):
     """Same quantization as the reference; only accumulation order and exp2's last bits differ."""
@@ -435,3 +439,57 @@ def test_auto_attention_is_sdpa_off_hopper_and_says_why():
     assert MA.self_attention_mode(pipe.transformer) == "sdpa"
     with pytest.raises(ValueError, match="resolve"):
         MA.set_self_attention(pipe.transformer, "auto")
+
+
+@not_interp
+def test_block_any_matches_brute_force():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for rows, s in ((1, 5), (4, 13), (32, 64), (64, 40)):
+        flags = torch.rand(3, s, generator=g) < 0.05
+        got = K._block_any(flags, rows)
+        want = torch.stack([torch.tensor([bool(f[(j // rows) * rows:(j // rows + 1) * rows].any()) for j in range(s)])
+                            for f in flags])
+        assert torch.equal(got, want)
+
+
+def _growing_keys(s, h, d, seed):
+    """Keys whose norm grows 6x over the first half of the sequence, then stays: row maxima
+    rise tile after tile, then settle, so lazy rescaling rescales mid-stream, then skips."""
+    q, k, v = _fused_qkv(s, h, d, seed=seed, k_mean=0.5)
+    ramp = torch.cat([torch.linspace(0.5, 3.0, s // 2), torch.full((s - s // 2,), 3.0)])[None, :, None, None]
+    return q, (k.float() * ramp).to(k.dtype), v
+
+
+@not_interp
+def test_lazy_rescale_reference_is_attention(monkeypatch):
+    """The lazy reference against fp64 attention, on keys whose maxima grow then settle and on
+    plain Gaussian keys: the same error as rescaling every tile, both at FP8's level; on the
+    growing keys some blocks of rows rescale after the first tile and some skip."""
+    seed = int(torch.randint(0, 2**31, ()))
+    decided = []
+    block_any = K._block_any
+    monkeypatch.setattr(K, "_block_any", lambda f, rows: decided.append(block_any(f, rows)) or decided[-1])
+    for i, (q, k, v) in enumerate((_growing_keys(384, 2, 64, seed), qkv(s=256, h=2, d=64, seed=seed))):
+        eager = K.attention_int8_reference(q, k, v, config=K.AttnConfig(32, 32, 4, 2, **FAST)).float()
+        lazy = K.attention_int8_reference(q, k, v, config=K.AttnConfig(32, 32, 4, 2, lazy_rescale=True, **FAST))
+        ref = exact(q, k, v)
+        assert K.relative_error(lazy.float(), ref) < 0.045
+        assert abs(K.relative_error(lazy.float(), ref) - K.relative_error(eager, ref)) < 0.01
+        if i == 0:
+            later = torch.stack(decided[1:])  # [tiles - 1, B*H, S]
+            assert later.any() and not later.all()
+
+
+@interp
+@pytest.mark.parametrize("cfg", [K.AttnConfig(32, 32, 4, 2, lazy_rescale=True),
+                                 K.AttnConfig(32, 32, 4, 2, q_prepass=True, lazy_rescale=True, **FAST)],
+                         ids=lambda c: c.describe())
+def test_lazy_kernel_matches_reference_when_maxima_grow(cfg):
+    """Rescales in the middle of the key loop (growing keys) take the same branch as the reference."""
+    q, k, v = _growing_keys(384, 2, 64, seed=int(torch.randint(0, 2**31, ())))
+    kv = K.quantize_kv_reference(k, v, k_block=32, v_perm=cfg.v_perm)
+    out = _poisoned(q.shape, torch.float32)
+    K.attention_prepared(q, kv, config=cfg, out=out)
+    want = K.attention_prepared_reference(q, kv, out_dtype=torch.float32, config=cfg)
+    assert not out.isnan().any()
+    assert K.relative_error(out, want) < 1e-5
