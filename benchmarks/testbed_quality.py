@@ -9,8 +9,8 @@ the ground truth (PSNR, object-trajectory error) and the offline VBench-style di
 ``--testbed plain outlier`` runs the trained testbed and its copy with massive AdaLN
 channels transplanted (:mod:`wanquant.model.outliers`, written to ``OUT/testbed_outlier``);
 ``--calib-seeds K`` calibrates each config K times on disjoint calibration samples;
-``--modelopt [ROW ...]`` adds NVIDIA ModelOpt's rows, all or those named (``pip install .[compare]``). Results
-(``benchmarks/results/testbed_quality.{json,md}``, the layout of
+``--modelopt [ROW ...]`` adds NVIDIA ModelOpt's rows, all or those named (``pip install
+.[compare]``). Results (``benchmarks/results/testbed_quality.{json,md}``, the layout of
 :mod:`benchmarks.quality.combine`) carry both testbeds' activation statistics, per-row
 standard errors and paired per-video differences per component. Issue 17's full run, on
 one GPU (``--workers``: processes sharing it; start the CUDA MPS daemon first,
@@ -493,7 +493,7 @@ def run_workers(argv: list[str], n: int, out: Path) -> None:
         while any(pr.poll() is None for pr in procs):
             time.sleep(30.0)
             done = len(list(out.glob("*/seed*/frames/*.npz")))
-            log.info("workers (%s): %d running, %d videos sets on disk, %.0f s", phase,
+            log.info("workers (%s): %d running, %d video sets on disk, %.0f s", phase,
                      sum(pr.poll() is None for pr in procs), done, time.perf_counter() - t0)
         failed = [i for i, pr in enumerate(procs) if pr.returncode]
         if failed:

@@ -107,8 +107,8 @@ def combine_rows(seed_payloads: list[dict], extra_rows: list[dict] = ()) -> dict
             "calibration_seconds": _finite(np.mean([r.get("seconds", {}).get("calibrate_quantize", np.nan)
                                                     for r in rs])),
             "per_video": {m: [_finite(x) for x in v] for m, v in pv.items()},
-            "per_video_by_seed": {m: {str(k): [_finite(x) for x in per_video([r], m)] for k, r in zip(seeds_of[name], rs)}
-                                  for m in METRICS},
+            "per_video_by_seed": {m: {str(k): [_finite(x) for x in per_video([r], m)]
+                                      for k, r in zip(seeds_of[name], rs)} for m in METRICS},
             "outside": rs[0].get("outside"),
         }
     return out

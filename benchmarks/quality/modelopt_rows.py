@@ -120,8 +120,8 @@ def run_rows(make_pipeline, calib, evals, settings, out, reference, rows: tuple[
             log.info("%s: %s", row, DESCRIBE[row])
             pipe = make_pipeline()
             t0 = time.perf_counter()
-            quantize_pipeline(pipe, row, lambda: [run_pipeline(pipe, s.image, s.prompt, settings.generation, seed=s.seed)
-                                                  for s in calib])
+            quantize_pipeline(pipe, row, lambda: [run_pipeline(pipe, s.image, s.prompt, settings.generation,
+                                                               seed=s.seed) for s in calib])
             cal = time.perf_counter() - t0
             t0 = time.perf_counter()
             with torch.no_grad():
