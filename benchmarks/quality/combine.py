@@ -119,12 +119,13 @@ def paired(rows: dict[str, dict], new: str, old: str, metric: str = "psnr_vs_bf1
     if new not in rows or old not in rows:
         return None
     by_a, by_b = (rows[n].get("per_video_by_seed", {}).get(metric) for n in (new, old))
-    common = sorted(set(by_a) & set(by_b), key=int) if by_a and by_b else []
-    if by_a and by_b and not common:
-        return None
-    if common and (len(common) < len(by_a) or len(common) < len(by_b)):
+    if by_a and by_b:  # per seed: pair on the seeds both rows have
+        common = sorted(set(by_a) & set(by_b), key=int)
+        if not common:
+            return None
         a, b = (np.nanmean(np.asarray([by[k] for k in common], dtype=np.float64), axis=0) for by in (by_a, by_b))
     else:
+        common = []
         a = np.asarray(rows[new]["per_video"][metric], dtype=np.float64)
         b = np.asarray(rows[old]["per_video"][metric], dtype=np.float64)
     d = a - b
