@@ -527,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-brisque", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="recompute cached configs")
     p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results files")
+    p.add_argument("--results-name", default=NAME, help="benchmarks/results/NAME.{json,md} (a partial or side run)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny tensors: 1 is fastest)")
     p.add_argument("--note", default=None, help="a sentence for the results (e.g. how the videos were made)")
     p.add_argument("--missing-ok", action="store_true",
@@ -581,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             combined["note"] = args.note
             md = f"> {args.note}\n\n{md}"
         if not args.no_results:
-            write_results(NAME, combined, md, RESULTS_DIR)
+            write_results(args.results_name, combined, md, RESULTS_DIR)
         print(md)
     return 0
 
