@@ -450,6 +450,9 @@ def cached_unit(out: Path, name: str, ckey: dict, produce: Callable[[], tuple[di
         finally:
             lock.unlink(missing_ok=True)
     if measure and row.get("metrics_key") != mkey:
+        base_frames = out / "frames" / f"{BASELINE}.npz"
+        if reference is None and name != BASELINE and base_frames.exists():  # e.g. a row added to a measured run
+            reference = _load_frames(base_frames)
         if reference is None and name != BASELINE and ckey.get("config") is not None:
             raise RuntimeError(f"{name}: the 16-bit videos are needed to measure it; generate {BASELINE} first")
         t0 = time.perf_counter()
@@ -506,11 +509,9 @@ def run_ablation(make_pipeline: Callable[[], object], calib: list[CalibSample], 
     # first, unless this call only generates other configs (another process does bf16).
     with_base = measure or BASELINE in settings.configs
     order = ([BASELINE] if with_base else []) + [c for c in settings.configs if c != BASELINE]
-    todo = [c for c in order if c != BASELINE]
-    base_cfgs = {c: table[c] for c in todo}
     # The 16-bit frames are loaded only if some config still has to be measured.
-    need_ref = measure and any(_to_measure(out, c, {**key, "config": cfg.to_dict()}, settings, generate)
-                               for c, cfg in base_cfgs.items())
+    need_ref = measure and any(_to_measure(out, c, {**key, "config": table[c].to_dict()}, settings, generate)
+                               for c in order if c != BASELINE)
     reference = None
     for name in order:
         cfg = table[name] if name != BASELINE else None
