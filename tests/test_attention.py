@@ -174,7 +174,8 @@ def test_config_parsing_and_checks():
     for cfg in (*K.CONFIGS, K.DEFAULT_CONFIG, K.AttnConfig(32, 64, 4, 2, pv_promote=True, tma=True, maxnreg=128),
                 K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, warp_spec=True),
                 K.AttnConfig(64, 128, 4, 3, fold=True, half_exp=True),
-                K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, **FAST)):
+                K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, **FAST),
+                K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, qk_ahead=True)):
         assert K.parse_config(cfg.describe()) == cfg
         K.check_config(cfg, K.K_BLOCK)
     with pytest.raises(ValueError, match="divide"):
@@ -239,7 +240,10 @@ FAST = dict(fold=True, v_perm=True, l_mma=True)
                                               warp_spec=True),
                                  K.AttnConfig(32, 64, 4, 2, q_prepass=True, fold=True, v_perm=True, half_exp=True),
                                  K.AttnConfig(32, 64, 4, 2, lazy_rescale=True),
-                                 K.AttnConfig(32, 32, 4, 2, q_prepass=True, tma=True, lazy_rescale=True, **FAST)],
+                                 K.AttnConfig(32, 32, 4, 2, q_prepass=True, tma=True, lazy_rescale=True, **FAST),
+                                 K.AttnConfig(32, 64, 4, 2, qk_ahead=True),
+                                 K.AttnConfig(32, 32, 4, 2, q_prepass=True, tma=True, lazy_rescale=True, qk_ahead=True,
+                                              fold=True, v_perm=True)],
                          ids=lambda c: c.describe())
 def test_kernel_matches_reference(cfg):
     """Same quantization as the reference; only accumulation order and exp2's last bits differ."""
@@ -290,6 +294,12 @@ def test_kernel_degenerate_inputs():
     assert torch.isfinite(out).all() and K.relative_error(out, want) < 1e-5
     torch.testing.assert_close(out[:, 5], v.float().mean(1), rtol=0.05, atol=0.05)  # zero query: mean of V
     assert (out[..., 3] == 0).all()
+    # keys fewer than one tile: the look-ahead variant's loop is empty, only the masked tile runs
+    kv = K.quantize_kv(k, v, k_block=128)
+    cfg = K.AttnConfig(16, 128, 4, 2, qk_ahead=True)
+    out = K.attention_prepared(q, kv, config=cfg, out=_poisoned(q.shape, torch.float32))
+    want = K.attention_prepared_reference(q, kv, out_dtype=torch.float32, config=cfg)
+    assert torch.isfinite(out).all() and K.relative_error(out, want) < 1e-5
 
 
 # ---------------------------------------------------------------------------------
@@ -482,7 +492,8 @@ def test_lazy_rescale_reference_is_attention(monkeypatch):
 
 @interp
 @pytest.mark.parametrize("cfg", [K.AttnConfig(32, 32, 4, 2, lazy_rescale=True),
-                                 K.AttnConfig(32, 32, 4, 2, q_prepass=True, lazy_rescale=True, **FAST)],
+                                 K.AttnConfig(32, 32, 4, 2, q_prepass=True, lazy_rescale=True, **FAST),
+                                 K.AttnConfig(32, 32, 4, 2, lazy_rescale=True, qk_ahead=True)],
                          ids=lambda c: c.describe())
 def test_lazy_kernel_matches_reference_when_maxima_grow(cfg):
     """Rescales in the middle of the key loop (growing keys) take the same branch as the reference."""

@@ -27,7 +27,10 @@ CONFIGS = [K.DEFAULT_CONFIG, K.AttnConfig(64, 128, 4, 2), K.AttnConfig(128, 128,
            K.AttnConfig(64, 128, 4, 3, tma=True, **FAST),
            K.AttnConfig(64, 64, 4, 4, q_prepass=True, maxnreg=168, **FAST),
            K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True, half_exp=True),
-           K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, **FAST)]
+           K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, **FAST),
+           K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True, qk_ahead=True),
+           K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True, lazy_rescale=True,
+                        qk_ahead=True)]
 
 
 def qkv(s, h=4, d=128, b=1, seed=0, k_mean=0.0, v_mean=0.0, fused=True):
@@ -80,7 +83,9 @@ def test_kernel_matches_reference(cfg):
 @pytest.mark.parametrize("cfg", [*K.CONFIGS, K.AttnConfig(64, 128, 4, 3, pv_promote=True),
                                  K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True,
                                               half_exp=True),
-                                 K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, **FAST)],
+                                 K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, **FAST),
+                                 K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True,
+                                              lazy_rescale=True, qk_ahead=True)],
                          ids=lambda c: c.describe())
 def test_long_sequences_match_reference(cfg):
     """16,421 Gaussian keys: the row sums reach ~S x 448, where an FP8 accumulator that is

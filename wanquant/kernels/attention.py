@@ -168,14 +168,22 @@ class AttnConfig:
     # and the maximum are rescaled only when some row of the block outgrows it (after the
     # first tiles, rarely) instead of every tile: about 72 of the ~500 instructions a thread
     # issues per 64x128 tile (an estimate from the register tiles, not a profile).
-    # Stored P = 448 * 2^(s - m - slack) <= 448 still. Not timed on a GPU yet.
+    # Stored P = 448 * 2^(s - m - slack) <= 448 still. Measured 3 % slower on an H100 (the
+    # per-tile test costs what it saves; benchmarks/results/attention_variants_lazy.md).
     lazy_rescale: bool = False
+    # FlashAttention-3's intra-warpgroup overlap: the next tile's Q.K^T is issued before this
+    # tile's softmax, so that the tensor cores work while the softmax does (costs a second
+    # score tile in registers: 64 more per thread at 64x128). Same numbers, another order of
+    # instructions. Measured 37 % slower on an H100 at 64x128 (attention_variants_lazy.md):
+    # the extra tile does not fit beside what two CTAs per SM leave each thread.
+    qk_ahead: bool = False
 
     def describe(self) -> str:
         flags = [("promote", self.pv_promote), ("qpre", self.q_prepass), ("fold", self.fold),
                  ("tma", self.tma), ("vperm", self.v_perm),
                  ("lmma", self.l_mma), (f"r{self.maxnreg}", self.maxnreg > 0), ("ws", self.warp_spec),
-                 ("h16", self.half_exp), ("lazy", self.lazy_rescale)]
+                 ("h16", self.half_exp), ("lazy", self.lazy_rescale),
+                 ("ahead", self.qk_ahead)]
         tail = "".join(f"-{name}" for name, on in flags if on)
         return f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}{tail}"
 
@@ -766,7 +774,8 @@ if HAS_TRITON:
                          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr,
                          PV_PROMOTE: tl.constexpr, Q_PRE: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr,
                          VPERM: tl.constexpr, LMMA: tl.constexpr, WS: tl.constexpr, HALF_EXP: tl.constexpr,
-                         LAZY: tl.constexpr, SLACK: tl.constexpr, TOP: tl.constexpr, INTERPRET: tl.constexpr):
+                         LAZY: tl.constexpr, SLACK: tl.constexpr, AHEAD: tl.constexpr, TOP: tl.constexpr,
+                         INTERPRET: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -809,6 +818,18 @@ if HAS_TRITON:
                 acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n0, S_k, S_kpad,
                                             D, BM, BN, KB, False, PV_PROMOTE, FOLD, TMA, VPERM, LMMA, HALF_EXP,
                                             LAZY, SLACK, TOP, INTERPRET)
+        elif AHEAD:  # tile 0's scores first (K is padded: a valid read even when n_full == 0)
+            qk = _scores(q8, k_src, k_row, 0, D, BN, TMA)
+            for n0 in range(BN, n_full, BN):
+                qk_next = _scores(q8, k_src, k_row, n0, D, BN, TMA)
+                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n0 - BN, S_k,
+                                            S_kpad, D, BM, BN, KB, False, PV_PROMOTE, FOLD, TMA, VPERM, LMMA,
+                                            HALF_EXP, LAZY, SLACK, TOP, INTERPRET)
+                qk = qk_next
+            if n_full > 0:
+                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, ones, qk, qsc, v_src, ks_base, v_row, n_full - BN, S_k,
+                                            S_kpad, D, BM, BN, KB, False, PV_PROMOTE, FOLD, TMA, VPERM, LMMA,
+                                            HALF_EXP, LAZY, SLACK, TOP, INTERPRET)
         else:
             for n0 in range(0, n_full, BN):
                 qk = _scores(q8, k_src, k_row, n0, D, BN, TMA)
@@ -943,7 +964,7 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
         *qst, ov.stride(0), ov.stride(1), ov.stride(2),
         D=d, BM=cfg.block_m, BN=cfg.block_n, KB=kv.k_block, PV_PROMOTE=cfg.pv_promote, Q_PRE=cfg.q_prepass,
         FOLD=cfg.fold, TMA=cfg.tma, VPERM=kv.v_perm, LMMA=cfg.l_mma, WS=cfg.warp_spec, HALF_EXP=cfg.half_exp,
-        LAZY=cfg.lazy_rescale, SLACK=LAZY_SLACK,
+        LAZY=cfg.lazy_rescale, SLACK=LAZY_SLACK, AHEAD=cfg.qk_ahead,
         TOP=LOG2_P_SCALE - LAZY_SLACK if cfg.lazy_rescale else LOG2_P_SCALE, INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
@@ -969,10 +990,10 @@ def env_config() -> AttnConfig:
 def parse_config(text: str) -> AttnConfig:
     """Inverse of :meth:`AttnConfig.describe`."""
     parts = text.strip().split("-")
-    form = "m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws][-h16][-lazy]"
+    form = "m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws][-h16][-lazy][-ahead]"
     try:
         vals = {p[0]: int(p[1:]) for p in parts if p and p[0] in "mnwsr" and p[1:].isdigit()}
-        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws", "h16", "lazy"}
+        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws", "h16", "lazy", "ahead"}
         extra = [p for p in parts[4:] if p not in known and not (p[:1] == "r" and p[1:].isdigit())]
         if extra or len(parts) < 4:
             raise ValueError(f"unknown parts {extra}")
@@ -980,6 +1001,6 @@ def parse_config(text: str) -> AttnConfig:
                           q_prepass="qpre" in parts, fold="fold" in parts, tma="tma" in parts,
                           v_perm="vperm" in parts, l_mma="lmma" in parts,
                           maxnreg=vals.get("r", 0), warp_spec="ws" in parts, half_exp="h16" in parts,
-                          lazy_rescale="lazy" in parts)
+                          lazy_rescale="lazy" in parts, qk_ahead="ahead" in parts)
     except (KeyError, ValueError) as e:
         raise ValueError(f"attention config {text!r} is not of the form {form}") from e
