@@ -184,6 +184,8 @@ def test_config_parsing_and_checks():
         K.check_config(K.AttnConfig(64, 16, 4, 2, v_perm=True), K.K_BLOCK)
     with pytest.raises(ValueError, match="half_exp"):  # a 256-key tile's fp16 row sum could overflow
         K.check_config(K.AttnConfig(64, 256, 4, 2, half_exp=True), 256)
+    with pytest.raises(ValueError, match="qk_ahead and warp_spec"):
+        K.check_config(K.AttnConfig(64, 128, 4, 3, warp_spec=True, qk_ahead=True), K.K_BLOCK)
     _, k, v = qkv(s=40)
     with pytest.raises(ValueError, match="v_perm needs k_block"):
         K.quantize_kv_reference(k, v, k_block=16, v_perm=True)

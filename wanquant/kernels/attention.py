@@ -288,6 +288,8 @@ def check_config(cfg: AttnConfig, k_block: int) -> None:
     if cfg.v_perm and cfg.block_n % V_PERM_BLOCK:
         raise ValueError(f"v_perm needs block_n a multiple of {V_PERM_BLOCK}, got {cfg.block_n}: "
                          "use block_n >= 32 or v_perm=False")
+    if cfg.qk_ahead and cfg.warp_spec:
+        raise ValueError("qk_ahead and warp_spec are two forms of the key loop: set one of them")
     if cfg.half_exp and (cfg.block_n > HALF_EXP_MAX_BLOCK_N or cfg.l_mma):
         raise ValueError(f"half_exp sums a tile's P in fp16: needs block_n <= {HALF_EXP_MAX_BLOCK_N} "
                          f"(got {cfg.block_n}) and l_mma off (got {cfg.l_mma})")
