@@ -175,7 +175,9 @@ def test_config_parsing_and_checks():
                 K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, warp_spec=True),
                 K.AttnConfig(64, 128, 4, 3, fold=True, half_exp=True),
                 K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, **FAST),
-                K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, qk_ahead=True)):
+                K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, qk_ahead=True),
+                K.AttnConfig(64, 128, 4, 4, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
+                             pv_overlap=True)):
         assert K.parse_config(cfg.describe()) == cfg
         K.check_config(cfg, K.K_BLOCK)
     with pytest.raises(ValueError, match="divide"):
@@ -186,6 +188,13 @@ def test_config_parsing_and_checks():
         K.check_config(K.AttnConfig(64, 256, 4, 2, half_exp=True), 256)
     with pytest.raises(ValueError, match="qk_ahead and warp_spec"):
         K.check_config(K.AttnConfig(64, 128, 4, 3, warp_spec=True, qk_ahead=True), K.K_BLOCK)
+    gws = dict(q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True)
+    with pytest.raises(ValueError, match="pv_overlap is a schedule of the Gluon kernel"):
+        K.check_config(K.AttnConfig(64, 128, 4, 3, pv_overlap=True), K.K_BLOCK)
+    with pytest.raises(ValueError, match=r"gluon_ws needs \['v_perm'\] on and \['l_mma'\] off"):
+        K.check_config(K.AttnConfig(64, 128, 4, 3, **{**gws, "v_perm": False}, l_mma=True), K.K_BLOCK)
+    with pytest.raises(ValueError, match="64 queries per 4-warp consumer"):
+        K.check_config(K.AttnConfig(128, 128, 8, 3, **gws), K.K_BLOCK)
     _, k, v = qkv(s=40)
     with pytest.raises(ValueError, match="v_perm needs k_block"):
         K.quantize_kv_reference(k, v, k_block=16, v_perm=True)

@@ -30,7 +30,12 @@ CONFIGS = [K.DEFAULT_CONFIG, K.AttnConfig(64, 128, 4, 2), K.AttnConfig(128, 128,
            K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, **FAST),
            K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True, qk_ahead=True),
            K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True, lazy_rescale=True,
-                        qk_ahead=True)]
+                        qk_ahead=True),
+           K.AttnConfig(64, 128, 4, 4, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True),
+           K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
+                        pv_overlap=True),
+           K.AttnConfig(64, 64, 4, 2, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
+                        pv_overlap=True)]
 
 
 def qkv(s, h=4, d=128, b=1, seed=0, k_mean=0.0, v_mean=0.0, fused=True):
@@ -85,7 +90,11 @@ def test_kernel_matches_reference(cfg):
                                               half_exp=True),
                                  K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, **FAST),
                                  K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True,
-                                              lazy_rescale=True, qk_ahead=True)],
+                                              lazy_rescale=True, qk_ahead=True),
+                                 K.AttnConfig(64, 128, 4, 4, q_prepass=True, tma=True, fold=True, v_perm=True,
+                                              gluon_ws=True),
+                                 K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True,
+                                              gluon_ws=True, pv_overlap=True)],
                          ids=lambda c: c.describe())
 def test_long_sequences_match_reference(cfg):
     """16,421 Gaussian keys: the row sums reach ~S x 448, where an FP8 accumulator that is

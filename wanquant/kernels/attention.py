@@ -82,6 +82,8 @@ from typing import Literal
 import torch
 
 from wanquant.kernels.act_quant import HAS_TRITON, interpreting
+from wanquant.kernels.attention_ws import CONSUMERS as WS_CONSUMERS
+from wanquant.kernels.attention_ws import HAS_GLUON, attention_ws_launch
 
 if HAS_TRITON:
     import triton
@@ -106,6 +108,7 @@ _MAGIC_I = 0x4B400000  # the bits of 1.5 * 2^23
 # 2: on Gaussian scores 11 % of 64x128 tiles rescale at 8,192 keys (5 % of the last 32),
 # and the error against exact attention moves from 3.96 % to 4.01 %.
 LAZY_SLACK = 2.0
+WS_BLOCK_M = 64  # queries per consumer warpgroup of the Gluon kernel (attention_ws.BLOCK_M)
 HALF_EXP_MAX_BLOCK_N = 128  # 128 x 448 < 65,504: a tile's fp16 row sum cannot overflow
 V_PERM_BLOCK = 32  # tokens per block of the v_perm token order (one k32 step of the FP8 wgmma)
 
@@ -177,13 +180,21 @@ class AttnConfig:
     # instructions. Measured 37 % slower on an H100 at 64x128 (attention_variants_lazy.md):
     # the extra tile does not fit beside what two CTAs per SM leave each thread.
     qk_ahead: bool = False
+    # The main loop as a warp-specialized Gluon kernel (kernels/attention_ws.py, sm_90 only):
+    # a producer warpgroup issues the TMA copies into a num_stages-deep ring, two consumer
+    # warpgroups of block_m = 64 queries each run the softmax (FlashAttention-3's layout).
+    # Needs q_prepass, fold, tma, v_perm and 4 warps; same numbers as the Triton kernel.
+    gluon_ws: bool = False
+    # With gluon_ws: tile j's Q.K^T and tile j-1's P.V are in flight together and tile j's
+    # softmax runs under the P.V (the accumulator is rescaled once it retires).
+    pv_overlap: bool = False
 
     def describe(self) -> str:
         flags = [("promote", self.pv_promote), ("qpre", self.q_prepass), ("fold", self.fold),
                  ("tma", self.tma), ("vperm", self.v_perm),
                  ("lmma", self.l_mma), (f"r{self.maxnreg}", self.maxnreg > 0), ("ws", self.warp_spec),
                  ("h16", self.half_exp), ("lazy", self.lazy_rescale),
-                 ("ahead", self.qk_ahead)]
+                 ("ahead", self.qk_ahead), ("gws", self.gluon_ws), ("ov", self.pv_overlap)]
         tail = "".join(f"-{name}" for name, on in flags if on)
         return f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}{tail}"
 
@@ -290,9 +301,28 @@ def check_config(cfg: AttnConfig, k_block: int) -> None:
                          "use block_n >= 32 or v_perm=False")
     if cfg.qk_ahead and cfg.warp_spec:
         raise ValueError("qk_ahead and warp_spec are two forms of the key loop: set one of them")
+    if cfg.pv_overlap and not cfg.gluon_ws:
+        raise ValueError("pv_overlap is a schedule of the Gluon kernel: set gluon_ws too")
+    if cfg.gluon_ws:
+        _check_gluon_config(cfg)
     if cfg.half_exp and (cfg.block_n > HALF_EXP_MAX_BLOCK_N or cfg.l_mma):
         raise ValueError(f"half_exp sums a tile's P in fp16: needs block_n <= {HALF_EXP_MAX_BLOCK_N} "
                          f"(got {cfg.block_n}) and l_mma off (got {cfg.l_mma})")
+
+
+def _check_gluon_config(cfg: AttnConfig) -> None:
+    """What the warp-specialized Gluon kernel implements (kernels/attention_ws.py)."""
+    needs = {"q_prepass": cfg.q_prepass, "fold": cfg.fold, "tma": cfg.tma, "v_perm": cfg.v_perm}
+    missing = [name for name, on in needs.items() if not on]
+    other = {"pv_promote": cfg.pv_promote, "l_mma": cfg.l_mma, "warp_spec": cfg.warp_spec, "half_exp": cfg.half_exp,
+             "lazy_rescale": cfg.lazy_rescale, "qk_ahead": cfg.qk_ahead, "maxnreg": cfg.maxnreg > 0}
+    extra = [name for name, on in other.items() if on]
+    if missing or extra:
+        raise ValueError(f"gluon_ws needs {missing} on and {extra} off (the Gluon kernel has one code path: "
+                         "q_prepass, fold, tma, v_perm)")
+    if (cfg.block_m, cfg.num_warps) != (WS_BLOCK_M, 4) or cfg.block_n not in (64, 128) or cfg.num_stages < 2:
+        raise ValueError(f"gluon_ws runs {WS_BLOCK_M} queries per 4-warp consumer, block_n 64 or 128 and >= 2 "
+                         f"stages; got {cfg.describe()}")
 
 
 def int8_attention_status(device: torch.device | str | None = None) -> tuple[bool, str]:
@@ -870,6 +900,14 @@ def _has_tma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+def _gluon_runs_on(device: torch.device) -> bool:
+    """The Gluon kernel needs a Hopper GPU (sm_90: wgmma, TMA, setmaxnreg) and no interpreter."""
+    if not HAS_GLUON or interpreting() or device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
 def _require_triton() -> None:
     if not HAS_TRITON:
         raise RuntimeError("wanquant's 8-bit attention needs Triton (pip install triton); the PyTorch reference "
@@ -935,6 +973,8 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
     check_config(replace(cfg, v_perm=kv.v_perm), kv.k_block)  # the kernel follows kv's V order
     if cfg.tma and not _has_tma(q.device):
         cfg = replace(cfg, tma=False)
+    if cfg.gluon_ws and not _gluon_runs_on(q.device):  # the Triton kernel: same numbers
+        cfg = replace(cfg, gluon_ws=False, pv_overlap=False)
     qv, b, s_q, h, d = _bshd_view(q, layout)
     if (b, h, d) != (kv.batch, kv.heads, kv.head_dim):
         raise ValueError(f"q {tuple(q.shape)} ({layout}) does not match the keys (B={kv.batch}, H={kv.heads}, "
@@ -947,15 +987,21 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
     if ov.data_ptr() != out.data_ptr() or ov.stride(-1) != 1:
         raise ValueError("out needs a unit last stride")
     qk_c = default_scale(d, scale) * LOG2E / INT8_MAX
-    grid = (triton.cdiv(s_q, cfg.block_m), b * h)
+    rows = cfg.block_m * (WS_CONSUMERS if cfg.gluon_ws else 1)  # queries per program
+    grid = (triton.cdiv(s_q, rows), b * h)
     qst = (qv.stride(0), qv.stride(1), qv.stride(2))
-    s_qpad = grid[0] * cfg.block_m
+    s_qpad = grid[0] * rows
     if cfg.q_prepass:
         q8 = torch.empty(b * h, s_qpad, d, dtype=torch.int8, device=q.device)
         qs = torch.empty(b * h, s_qpad, dtype=torch.float32, device=q.device)
-        _q_quant_kernel[grid](qv, q8, qs, s_q, s_qpad, h, qk_c, *qst, D=d, BM=cfg.block_m, num_warps=4)
+        _q_quant_kernel[(grid[0] * rows // cfg.block_m, grid[1])](qv, q8, qs, s_q, s_qpad, h, qk_c, *qst, D=d,
+                                                                  BM=cfg.block_m, num_warps=4)
     else:
         q8, qs = kv.k8, kv.k_scale  # unused placeholders
+    if cfg.gluon_ws:
+        attention_ws_launch(q8, qs, kv, ov, s_q, s_qpad, cfg.block_n, cfg.num_stages, cfg.pv_overlap,
+                            LOG2_P_SCALE)
+        return out
     k_src, v_src = kv.k8, kv.v8t
     if cfg.tma:
         k_src = TensorDescriptor.from_tensor(kv.k8.view(-1, d), [cfg.block_n, d])
@@ -992,10 +1038,10 @@ def env_config() -> AttnConfig:
 def parse_config(text: str) -> AttnConfig:
     """Inverse of :meth:`AttnConfig.describe`."""
     parts = text.strip().split("-")
-    form = "m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws][-h16][-lazy][-ahead]"
+    form = "m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws][-h16][-lazy][-ahead][-gws][-ov]"
     try:
         vals = {p[0]: int(p[1:]) for p in parts if p and p[0] in "mnwsr" and p[1:].isdigit()}
-        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws", "h16", "lazy", "ahead"}
+        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws", "h16", "lazy", "ahead", "gws", "ov"}
         extra = [p for p in parts[4:] if p not in known and not (p[:1] == "r" and p[1:].isdigit())]
         if extra or len(parts) < 4:
             raise ValueError(f"unknown parts {extra}")
@@ -1003,6 +1049,7 @@ def parse_config(text: str) -> AttnConfig:
                           q_prepass="qpre" in parts, fold="fold" in parts, tma="tma" in parts,
                           v_perm="vperm" in parts, l_mma="lmma" in parts,
                           maxnreg=vals.get("r", 0), warp_spec="ws" in parts, half_exp="h16" in parts,
-                          lazy_rescale="lazy" in parts, qk_ahead="ahead" in parts)
+                          lazy_rescale="lazy" in parts, qk_ahead="ahead" in parts, gluon_ws="gws" in parts,
+                          pv_overlap="ov" in parts)
     except (KeyError, ValueError) as e:
         raise ValueError(f"attention config {text!r} is not of the form {form}") from e

@@ -1,0 +1,56 @@
+"""The warp-specialized Gluon attention kernel (wanquant.kernels.attention_ws), on the CPU.
+
+Gluon has no interpreter: here the kernel is compiled for sm_90 with the installed Triton's
+ptxas (no GPU needed) and its PTX is checked for what the design relies on; its numbers
+are checked on an H100 by tests/test_attention_gpu.py against the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from wanquant.kernels import attention_ws as W
+
+if not W.HAS_GLUON:
+    pytest.skip("this Triton has no Gluon Hopper API", allow_module_level=True)
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+try:
+    from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+except ImportError:  # pragma: no cover - the private entry point moved
+    pytest.skip("this Triton's Gluon has no GluonASTSource", allow_module_level=True)
+
+import triton  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+
+
+def compile_ptx(block_n: int, stages: int, overlap: bool, d: int = 128) -> str:
+    layouts = {"q": gl.NVMMASharedLayout.get_default_for([2 * W.BLOCK_M, d], gl.int8),
+               "k": gl.NVMMASharedLayout.get_default_for([block_n, d], gl.int8),
+               "v": gl.NVMMASharedLayout.get_default_for([d, block_n], gl.float8e4nv)}
+    types = {"q_desc": f"tensordesc<i8[{2 * W.BLOCK_M},{d}],{layouts['q']!r}>",
+             "k_desc": f"tensordesc<i8[{block_n},{d}],{layouts['k']!r}>",
+             "v_desc": f"tensordesc<fp8e4nv[{d},{block_n}],{layouts['v']!r}>", "o_ptr": "*bf16"}
+    consts = dict(D=d, BN=block_n, KB=128, STAGES=stages, TOP=8.807354922057604, OVERLAP=overlap)
+    fn = W._attn_ws_kernel
+    sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
+           for n in fn.arg_names}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+
+@pytest.mark.parametrize("block_n,stages,overlap", [(128, 3, True), (128, 4, False), (64, 2, True)])
+def test_kernel_compiles_for_sm90_as_designed(block_n, stages, overlap):
+    ptx = compile_ptx(block_n, stages, overlap)
+    # two consumer warpgroups get 240 registers each; the producer gives its surplus back
+    assert re.search(rf"setmaxnreg\.inc\.sync\.aligned\.u32\s+{W.CONSUMER_REGS}", ptx)
+    assert "setmaxnreg.dec" in ptx
+    assert "wgmma.mma_async.sync.aligned.m64n%dk32.s32.s8.s8" % block_n in ptx  # INT8 Q.K^T
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx  # FP8 P.V, D = 128
+    assert "cp.async.bulk.tensor.2d" in ptx  # TMA copies
+    # the P.V is left in flight across the softmax only in the overlapped schedule
+    waits = set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))
+    assert ("1" in waits) == overlap

@@ -1,0 +1,237 @@
+"""The 8-bit attention's main loop as a warp-specialized Gluon kernel (FlashAttention-3's layout).
+
+Same numbers as :func:`wanquant.kernels.attention.attention_prepared` with a ``fold``,
+``tma``, ``v_perm``, ``q_prepass`` config (INT8 Q.K^T, the magic-number int32 -> fp32 with the
+scale folded into one FMA, P = 448 * 2^(s - m) in e4m3, FP8 P.V, fp32 row sums); only the
+schedule differs. Why: with 8-bit operands the tensor cores need as long for a 64 x 128
+tile as the special-function units need for its 8,192 exponentials, so the time is the sum
+of the two unless the softmax of one tile runs while the tensor cores work on another. The
+plain Triton kernel (one warpgroup per program, two programs per SM) leaves that overlap to
+chance; Triton 3.6 will not keep a wgmma in flight across the softmax either.
+
+Here one program owns ``2 x 64`` queries of one head and splits its warps three ways
+(``gl.warp_specialize``):
+
+* a *producer* (the default partition, 4 warps, few registers) issues every TMA copy: Q
+  once, then K and V tiles into a ring of ``STAGES`` shared-memory slots, each guarded by a
+  ``ready`` and an ``empty`` mbarrier;
+* two *consumer* warpgroups (240 registers each) run the online softmax for 64 queries each.
+  With ``OVERLAP`` a consumer issues tile j's Q.K^T and tile j-1's P.V back to back and
+  computes tile j's softmax while the P.V runs (the accumulator is rescaled after it
+  retires); without it, tile by tile as the Triton kernel does.
+
+Gluon is Triton's lower-level dialect (explicit layouts, async wgmma, mbarriers); it has no
+interpreter, so this kernel runs on sm_90 GPUs only and is checked there against the same
+PyTorch reference as the Triton kernel (tests/test_attention_gpu.py).
+"""
+
+from __future__ import annotations
+
+from wanquant.kernels.act_quant import HAS_TRITON
+
+HAS_GLUON = False
+if HAS_TRITON:
+    try:
+        from triton.experimental import gluon
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+                                                                      warpgroup_mma_wait)
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+        # Triton 3.6's name of the TMA load; later Gluon calls it async_load (same arguments)
+        _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+        HAS_GLUON = True
+    except (ImportError, AttributeError):  # an older Triton without Gluon's Hopper API
+        HAS_GLUON = False
+
+BLOCK_M = 64  # queries per consumer warpgroup (one wgmma M)
+CONSUMERS = 2
+CONSUMER_REGS = 240  # setmaxnreg for each consumer; the producer keeps what is left
+
+
+if HAS_GLUON:
+    _BM = gl.constexpr(BLOCK_M)
+    _CONSUMERS = gl.constexpr(CONSUMERS)
+    _REGS = gl.constexpr(CONSUMER_REGS)
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
+                  q_row, k_row, v_row, n_tiles, BN: gl.constexpr, STAGES: gl.constexpr):
+        mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [q_row, 0], q_ready, q_smem)
+        for j in range(n_tiles):
+            s = j % STAGES
+            # a fresh barrier counts as having completed the phase before its first: parity 1 passes
+            mbarrier.wait(kv_empty.index(s), ((j // STAGES) & 1) ^ 1)
+            bar = kv_ready.index(s)
+            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            _tma_load(k_desc, [k_row + j * BN, 0], bar, k_smem.index(s))
+            _tma_load(v_desc, [v_row, j * BN], bar, v_smem.index(s))
+
+    @gluon.jit
+    def _wgmma_order(p8, BM: gl.constexpr, BN: gl.constexpr):
+        """P's columns in ``v_token_order`` (see attention.py): a move-free register relabelling."""
+        p8 = gl.reshape(p8, (BM, BN // 32, 2, 2, 2, 2, 2))
+        p8 = gl.permute(p8, (0, 1, 2, 4, 5, 3, 6))
+        return gl.reshape(p8, (BM, BN))
+
+    @gluon.jit
+    def _p_operand(p, p_layout: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr):
+        """P (fp32, accumulator layout) as the e4m3 register operand of the P.V wgmma. The
+        column order is relabelled first, in fp32, so that the conversion packs each register's
+        four e4m3 values directly (F2FP pairs merged in place, no byte moves)."""
+        return gl.convert_layout(_wgmma_order(p, BM, BN), p_layout, assert_trivial=True).to(gl.float8e4nv)
+
+    @gluon.jit
+    def _softmax(qk, m_i, l_i, sc, col, n_valid, TOP: gl.constexpr, MASK: gl.constexpr):
+        """One tile's online-softmax step on integer scores: (p fp32, alpha, m_new, l_new)."""
+        if MASK:
+            qk = gl.where(col[None, :] < n_valid, qk, -4194303)  # below any real score, in the 2^22 range
+        m_tile = gl.max(qk, axis=1).to(gl.float32) * sc
+        m_new = gl.maximum(m_i, m_tile)
+        alpha = gl.exp2(m_i - m_new)
+        bias = gl.fma(sc, 12582912.0, m_new - TOP)
+        qkb = (qk + 0x4B400000).to(gl.float32, bitcast=True)  # 1.5 * 2^23 + qk, exact
+        t = gl.fma(qkb, sc[:, None], -bias[:, None])
+        if MASK:
+            t = gl.where(col[None, :] < n_valid, t, float("-inf"))
+        p = gl.exp2(t)  # 448 * 2^(s - m)
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+    @gluon.jit
+    def _consumer(q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, qs_ptr, ks_ptr, vs_ptr, vm_ptr, o_ptr,
+                  q_srow, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
+                  D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr,
+                  OVERLAP: gl.constexpr, CID: gl.constexpr):
+        BM: gl.constexpr = _BM
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, D, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+        q_mine = q_smem.slice(CID * BM, BM, dim=0)
+        r = gl.arange(0, BM, layout=rows_s)
+        qsc = gl.load(qs_ptr + q_srow + CID * BM + r)  # per-row scale (softmax scale, log2 e folded in)
+        col = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+        ks_base = ks_ptr + bh * (S_kpad // KB)
+        m_i = gl.full([BM], float("-inf"), gl.float32, layout=rows_s)
+        l_i = gl.zeros([BM], gl.float32, layout=rows_s)
+        acc = gl.zeros([BM, D], gl.float32, layout=o_layout)
+        zero_s = gl.zeros([BM, BN], gl.int32, layout=s_layout)
+        mbarrier.wait(q_ready, 0)
+        n_last = S_k - (n_tiles - 1) * BN  # valid keys of the last tile
+
+        if OVERLAP:  # tile 0 alone, then QK(j) and PV(j-1) in flight together, softmax(j) under PV(j-1)
+            mbarrier.wait(kv_ready.index(0), 0)
+            tok = warpgroup_mma(q_mine, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+            sc = qsc * gl.load(ks_base)
+            # P crosses the loop in fp32: an e4m3 tensor would cross it one byte per register
+            # and be re-packed with ~100 byte moves per tile
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, n_tiles == 1)
+            for j in range(1, n_tiles):
+                s = j % STAGES
+                sp = (j - 1) % STAGES
+                mbarrier.wait(kv_ready.index(s), (j // STAGES) & 1)
+                tok = warpgroup_mma(q_mine, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                p8 = _p_operand(p, p_layout, BM, BN)
+                acc_tok = warpgroup_mma(p8, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
+                qk = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
+                sc = qsc * gl.load(ks_base + (j * BN) // KB)
+                if j == n_tiles - 1:
+                    p, alpha, m_new, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, True)
+                else:
+                    p, alpha, m_new, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, False)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
+                mbarrier.arrive(kv_empty.index(sp), count=1)
+                acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
+                m_i = m_new
+            sl = (n_tiles - 1) % STAGES
+            p8 = _p_operand(p, p_layout, BM, BN)
+            acc_tok = warpgroup_mma(p8, v_smem.index(sl).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
+            mbarrier.arrive(kv_empty.index(sl), count=1)
+        else:
+            for j in range(n_tiles):
+                s = j % STAGES
+                mbarrier.wait(kv_ready.index(s), (j // STAGES) & 1)
+                tok = warpgroup_mma(q_mine, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+                sc = qsc * gl.load(ks_base + (j * BN) // KB)
+                if j == n_tiles - 1:
+                    p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, True)
+                else:
+                    p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, False)
+                acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
+                p8 = _p_operand(p, p_layout, BM, BN)
+                acc_tok = warpgroup_mma(p8, v_smem.index(s).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
+                mbarrier.arrive(kv_empty.index(s), count=1)
+
+        d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        vs = gl.load(vs_ptr + bh * D + d)
+        vm = gl.load(vm_ptr + bh * D + d)
+        inv_l = gl.convert_layout(1.0 / l_i, rows_o, assert_trivial=True)
+        o = acc * inv_l[:, None] * vs[None, :] + vm[None, :]
+        m = s0 + CID * BM + gl.arange(0, BM, layout=rows_o)
+        ptr = o_ptr + b * sob + m.to(gl.int64)[:, None] * sos + h * soh + d[None, :]
+        gl.store(ptr, o.to(o_ptr.dtype.element_ty), mask=(m < S_q)[:, None])
+
+    @gluon.jit(do_not_specialize=["S_q", "S_k"])
+    def _attn_ws_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs_ptr, vm_ptr, o_ptr,
+                        S_q, S_qpad, S_k, S_kpad, H, sob, sos, soh,
+                        D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr,
+                        TOP: gl.constexpr, OVERLAP: gl.constexpr):
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = (bh // H).to(gl.int64)
+        h = (bh % H).to(gl.int64)
+        s0 = pid_m * (_CONSUMERS * _BM)
+        q_row = bh * S_qpad + s0
+        n_tiles = gl.cdiv(S_k, BN)
+
+        q_smem = gl.allocate_shared_memory(gl.int8, [_CONSUMERS * _BM, D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BN, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, D, BN], v_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_ready, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(kv_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=_CONSUMERS)
+
+        gl.warp_specialize(
+            [(_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
+                          q_row, bh * S_kpad, bh * D, n_tiles, BN, STAGES)),
+             (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, qs_ptr, ks_ptr, vs_ptr, vm_ptr,
+                          o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
+                          D, BN, KB, STAGES, TOP, OVERLAP, 0)),
+             (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, qs_ptr, ks_ptr, vs_ptr, vm_ptr,
+                          o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
+                          D, BN, KB, STAGES, TOP, OVERLAP, 1))],
+            [4, 4], [_REGS, _REGS])
+
+
+def attention_ws_launch(q8, qs, kv, ov, s_q: int, s_qpad: int, block_n: int, stages: int, overlap: bool,
+                        top: float) -> None:
+    """Run :func:`_attn_ws_kernel` on a prepared problem (``q8 [B*H, S_qpad, D]`` INT8 from the Q
+    pre-pass with ``S_qpad`` a multiple of 128, ``kv`` a ``QuantKV`` with ``v_perm``, ``ov`` the
+    ``[B, S, H, D]`` output view)."""
+    if not HAS_GLUON:
+        raise RuntimeError("the warp-specialized attention needs Triton >= 3.6 with Gluon (triton.experimental.gluon)")
+    import triton
+    d = kv.head_dim
+    rows = CONSUMERS * BLOCK_M
+    q_layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.int8)
+    k_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.int8)
+    v_layout = gl.NVMMASharedLayout.get_default_for([d, block_n], gl.float8e4nv)
+    q_desc = GluonDescriptor.from_tensor(q8.view(-1, d), [rows, d], q_layout)
+    k_desc = GluonDescriptor.from_tensor(kv.k8.view(-1, d), [block_n, d], k_layout)
+    v_desc = GluonDescriptor.from_tensor(kv.v8t.view(-1, kv.seq_pad), [d, block_n], v_layout)
+    grid = (triton.cdiv(s_q, rows), kv.batch * kv.heads)
+    _attn_ws_kernel[grid](q_desc, k_desc, v_desc, qs, kv.k_scale, kv.v_scale, kv.v_mean, ov,
+                          s_q, s_qpad, kv.seq, kv.seq_pad, kv.heads, ov.stride(0), ov.stride(1), ov.stride(2),
+                          D=d, BN=block_n, KB=kv.k_block, STAGES=stages, TOP=top, OVERLAP=overlap, num_warps=4)
