@@ -35,7 +35,9 @@ CONFIGS = [K.DEFAULT_CONFIG, K.AttnConfig(64, 128, 4, 2), K.AttnConfig(128, 128,
            K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
                         pv_overlap=True),
            K.AttnConfig(64, 64, 4, 2, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
-                        pv_overlap=True)]
+                        pv_overlap=True),
+           K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
+                        pv_overlap=True, ping_pong=True)]
 
 
 def qkv(s, h=4, d=128, b=1, seed=0, k_mean=0.0, v_mean=0.0, fused=True):

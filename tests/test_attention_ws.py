@@ -27,14 +27,15 @@ import triton  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 
 
-def compile_ptx(block_n: int, stages: int, overlap: bool, d: int = 128) -> str:
+def compile_ptx(block_n: int, stages: int, overlap: bool, pingpong: bool = False, d: int = 128) -> str:
     layouts = {"q": gl.NVMMASharedLayout.get_default_for([2 * W.BLOCK_M, d], gl.int8),
                "k": gl.NVMMASharedLayout.get_default_for([block_n, d], gl.int8),
                "v": gl.NVMMASharedLayout.get_default_for([d, block_n], gl.float8e4nv)}
     types = {"q_desc": f"tensordesc<i8[{2 * W.BLOCK_M},{d}],{layouts['q']!r}>",
              "k_desc": f"tensordesc<i8[{block_n},{d}],{layouts['k']!r}>",
              "v_desc": f"tensordesc<fp8e4nv[{d},{block_n}],{layouts['v']!r}>", "o_ptr": "*bf16"}
-    consts = dict(D=d, BN=block_n, KB=128, STAGES=stages, TOP=8.807354922057604, OVERLAP=overlap)
+    consts = dict(D=d, BN=block_n, KB=128, STAGES=stages, TOP=8.807354922057604, OVERLAP=overlap,
+                  PINGPONG=pingpong)
     fn = W._attn_ws_kernel
     sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
            for n in fn.arg_names}
@@ -42,9 +43,10 @@ def compile_ptx(block_n: int, stages: int, overlap: bool, d: int = 128) -> str:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
 
 
-@pytest.mark.parametrize("block_n,stages,overlap", [(128, 3, True), (128, 4, False), (64, 2, True)])
-def test_kernel_compiles_for_sm90_as_designed(block_n, stages, overlap):
-    ptx = compile_ptx(block_n, stages, overlap)
+@pytest.mark.parametrize("block_n,stages,overlap,pingpong", [(128, 3, True, False), (128, 4, False, False),
+                                                             (64, 2, True, False), (128, 3, True, True)])
+def test_kernel_compiles_for_sm90_as_designed(block_n, stages, overlap, pingpong):
+    ptx = compile_ptx(block_n, stages, overlap, pingpong)
     # two consumer warpgroups get 240 registers each; the producer gives its surplus back
     assert re.search(rf"setmaxnreg\.inc\.sync\.aligned\.u32\s+{W.CONSUMER_REGS}", ptx)
     assert "setmaxnreg.dec" in ptx

@@ -164,7 +164,9 @@ class AttnConfig:
     # wide as the tensor cores' work per score at D = 128), P cast to e4m3 from fp16, and
     # each tile's row sums in fp16 (at most block_n x 448 <= 57,344 < 65,504 for block_n <= 128).
     # Adds ~0.3 % rms to P, under e4m3's 2.7 %. Measured slower on an H100 (8-12 %,
-    # benchmarks/results/attention_variants_h16.md): MUFU is not the limit, issue slots are.
+    # benchmarks/results/attention_variants_h16.md). Why: sm_90 has no packed MUFU.EX2 --
+    # ptxas turns each ex2.approx.f16x2 into two MUFU.EX2.F16 plus byte moves (SASS compiled
+    # here), so the exponentials cost as much as in fp32 and the conversions come on top.
     half_exp: bool = False
     # FlashAttention-4's lazy rescaling: a tile's P is stored relative to a running maximum
     # that may be up to LAZY_SLACK (log2 units) too low, so that the accumulator, the row sums
@@ -188,13 +190,15 @@ class AttnConfig:
     # With gluon_ws: tile j's Q.K^T and tile j-1's P.V are in flight together and tile j's
     # softmax runs under the P.V (the accumulator is rescaled once it retires).
     pv_overlap: bool = False
+    # With pv_overlap: the two consumers take turns issuing their wgmmas (FlashAttention-3's ping-pong).
+    ping_pong: bool = False
 
     def describe(self) -> str:
         flags = [("promote", self.pv_promote), ("qpre", self.q_prepass), ("fold", self.fold),
                  ("tma", self.tma), ("vperm", self.v_perm),
                  ("lmma", self.l_mma), (f"r{self.maxnreg}", self.maxnreg > 0), ("ws", self.warp_spec),
                  ("h16", self.half_exp), ("lazy", self.lazy_rescale),
-                 ("ahead", self.qk_ahead), ("gws", self.gluon_ws), ("ov", self.pv_overlap)]
+                 ("ahead", self.qk_ahead), ("gws", self.gluon_ws), ("ov", self.pv_overlap), ("pp", self.ping_pong)]
         tail = "".join(f"-{name}" for name, on in flags if on)
         return f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}{tail}"
 
@@ -303,6 +307,8 @@ def check_config(cfg: AttnConfig, k_block: int) -> None:
         raise ValueError("qk_ahead and warp_spec are two forms of the key loop: set one of them")
     if cfg.pv_overlap and not cfg.gluon_ws:
         raise ValueError("pv_overlap is a schedule of the Gluon kernel: set gluon_ws too")
+    if cfg.ping_pong and not cfg.pv_overlap:
+        raise ValueError("ping_pong orders the overlapped schedule's wgmmas: set gluon_ws and pv_overlap too")
     if cfg.gluon_ws:
         _check_gluon_config(cfg)
     if cfg.half_exp and (cfg.block_n > HALF_EXP_MAX_BLOCK_N or cfg.l_mma):
@@ -974,7 +980,7 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
     if cfg.tma and not _has_tma(q.device):
         cfg = replace(cfg, tma=False)
     if cfg.gluon_ws and not _gluon_runs_on(q.device):  # the Triton kernel: same numbers
-        cfg = replace(cfg, gluon_ws=False, pv_overlap=False)
+        cfg = replace(cfg, gluon_ws=False, pv_overlap=False, ping_pong=False)
     qv, b, s_q, h, d = _bshd_view(q, layout)
     if (b, h, d) != (kv.batch, kv.heads, kv.head_dim):
         raise ValueError(f"q {tuple(q.shape)} ({layout}) does not match the keys (B={kv.batch}, H={kv.heads}, "
@@ -1000,7 +1006,7 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
         q8, qs = kv.k8, kv.k_scale  # unused placeholders
     if cfg.gluon_ws:
         attention_ws_launch(q8, qs, kv, ov, s_q, s_qpad, cfg.block_n, cfg.num_stages, cfg.pv_overlap,
-                            LOG2_P_SCALE)
+                            cfg.ping_pong, LOG2_P_SCALE)
         return out
     k_src, v_src = kv.k8, kv.v8t
     if cfg.tma:
@@ -1038,10 +1044,10 @@ def env_config() -> AttnConfig:
 def parse_config(text: str) -> AttnConfig:
     """Inverse of :meth:`AttnConfig.describe`."""
     parts = text.strip().split("-")
-    form = "m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws][-h16][-lazy][-ahead][-gws][-ov]"
+    form = "m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws][-h16][-lazy][-ahead][-gws][-ov][-pp]"
     try:
         vals = {p[0]: int(p[1:]) for p in parts if p and p[0] in "mnwsr" and p[1:].isdigit()}
-        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws", "h16", "lazy", "ahead", "gws", "ov"}
+        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws", "h16", "lazy", "ahead", "gws", "ov", "pp"}
         extra = [p for p in parts[4:] if p not in known and not (p[:1] == "r" and p[1:].isdigit())]
         if extra or len(parts) < 4:
             raise ValueError(f"unknown parts {extra}")
@@ -1050,6 +1056,6 @@ def parse_config(text: str) -> AttnConfig:
                           v_perm="vperm" in parts, l_mma="lmma" in parts,
                           maxnreg=vals.get("r", 0), warp_spec="ws" in parts, half_exp="h16" in parts,
                           lazy_rescale="lazy" in parts, qk_ahead="ahead" in parts, gluon_ws="gws" in parts,
-                          pv_overlap="ov" in parts)
+                          pv_overlap="ov" in parts, ping_pong="pp" in parts)
     except (KeyError, ValueError) as e:
         raise ValueError(f"attention config {text!r} is not of the form {form}") from e

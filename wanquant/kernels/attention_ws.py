@@ -18,7 +18,9 @@ Here one program owns ``2 x 64`` queries of one head and splits its warps three 
 * two *consumer* warpgroups (240 registers each) run the online softmax for 64 queries each.
   With ``OVERLAP`` a consumer issues tile j's Q.K^T and tile j-1's P.V back to back and
   computes tile j's softmax while the P.V runs (the accumulator is rescaled after it
-  retires); without it, tile by tile as the Triton kernel does.
+  retires); without it, tile by tile as the Triton kernel does. With ``PINGPONG`` (overlap
+  only) the two consumers take turns issuing their wgmmas (two mbarriers), so that one's
+  softmax tends to run while the other's products do.
 
 Gluon is Triton's lower-level dialect (explicit layouts, async wgmma, mbarriers); it has no
 interpreter, so this kernel runs on sm_90 GPUs only and is checked there against the same
@@ -98,10 +100,10 @@ if HAS_GLUON:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
 
     @gluon.jit
-    def _consumer(q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, qs_ptr, ks_ptr, vs_ptr, vm_ptr, o_ptr,
+    def _consumer(q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr, vm_ptr, o_ptr,
                   q_srow, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
                   D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr,
-                  OVERLAP: gl.constexpr, CID: gl.constexpr):
+                  OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, CID: gl.constexpr):
         BM: gl.constexpr = _BM
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 32])
@@ -131,13 +133,19 @@ if HAS_GLUON:
             # P crosses the loop in fp32: an e4m3 tensor would cross it one byte per register
             # and be re-packed with ~100 byte moves per tile
             p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, n_tiles == 1)
+            if PINGPONG and CID == 1:  # consumer 0 issues first
+                mbarrier.arrive(turn.index(0), count=1)
             for j in range(1, n_tiles):
                 s = j % STAGES
                 sp = (j - 1) % STAGES
                 mbarrier.wait(kv_ready.index(s), (j // STAGES) & 1)
+                if PINGPONG:  # FlashAttention-3's ping-pong: the consumers take turns at the tensor cores
+                    mbarrier.wait(turn.index(CID), (j - 1) & 1)
                 tok = warpgroup_mma(q_mine, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 p8 = _p_operand(p, p_layout, BM, BN)
                 acc_tok = warpgroup_mma(p8, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(turn.index(1 - CID), count=1)
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
                 sc = qsc * gl.load(ks_base + (j * BN) // KB)
                 if j == n_tiles - 1:
@@ -183,7 +191,7 @@ if HAS_GLUON:
     def _attn_ws_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs_ptr, vm_ptr, o_ptr,
                         S_q, S_qpad, S_k, S_kpad, H, sob, sos, soh,
                         D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr,
-                        TOP: gl.constexpr, OVERLAP: gl.constexpr):
+                        TOP: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
         b = (bh // H).to(gl.int64)
@@ -198,7 +206,10 @@ if HAS_GLUON:
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_ready, count=1)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(kv_ready.index(i), count=1)
             mbarrier.init(kv_empty.index(i), count=_CONSUMERS)
@@ -206,17 +217,17 @@ if HAS_GLUON:
         gl.warp_specialize(
             [(_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
                           q_row, bh * S_kpad, bh * D, n_tiles, BN, STAGES)),
-             (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, qs_ptr, ks_ptr, vs_ptr, vm_ptr,
+             (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr, vm_ptr,
                           o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                          D, BN, KB, STAGES, TOP, OVERLAP, 0)),
-             (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, qs_ptr, ks_ptr, vs_ptr, vm_ptr,
+                          D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 0)),
+             (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr, vm_ptr,
                           o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                          D, BN, KB, STAGES, TOP, OVERLAP, 1))],
+                          D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 1))],
             [4, 4], [_REGS, _REGS])
 
 
 def attention_ws_launch(q8, qs, kv, ov, s_q: int, s_qpad: int, block_n: int, stages: int, overlap: bool,
-                        top: float) -> None:
+                        pingpong: bool, top: float) -> None:
     """Run :func:`_attn_ws_kernel` on a prepared problem (``q8 [B*H, S_qpad, D]`` INT8 from the Q
     pre-pass with ``S_qpad`` a multiple of 128, ``kv`` a ``QuantKV`` with ``v_perm``, ``ov`` the
     ``[B, S, H, D]`` output view)."""
@@ -234,4 +245,5 @@ def attention_ws_launch(q8, qs, kv, ov, s_q: int, s_qpad: int, block_n: int, sta
     grid = (triton.cdiv(s_q, rows), kv.batch * kv.heads)
     _attn_ws_kernel[grid](q_desc, k_desc, v_desc, qs, kv.k_scale, kv.v_scale, kv.v_mean, ov,
                           s_q, s_qpad, kv.seq, kv.seq_pad, kv.heads, ov.stride(0), ov.stride(1), ov.stride(2),
-                          D=d, BN=block_n, KB=kv.k_block, STAGES=stages, TOP=top, OVERLAP=overlap, num_warps=4)
+                          D=d, BN=block_n, KB=kv.k_block, STAGES=stages, TOP=top, OVERLAP=overlap,
+                          PINGPONG=pingpong, num_warps=4)
