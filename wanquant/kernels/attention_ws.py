@@ -100,6 +100,17 @@ if HAS_GLUON:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
 
     @gluon.jit
+    def _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, col, n_last,
+                      BN: gl.constexpr, KB: gl.constexpr, TOP: gl.constexpr):
+        """:func:`_softmax` of key tile ``j`` at its K scale; only the last tile is masked."""
+        sc = qsc * gl.load(ks_base + (j * BN) // KB)
+        if j == n_tiles - 1:
+            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, True)
+        else:
+            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, False)
+        return p, alpha, m_new, l_new
+
+    @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr, vm_ptr, o_ptr,
                   q_srow, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
                   D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr,
@@ -129,10 +140,9 @@ if HAS_GLUON:
             mbarrier.wait(kv_ready.index(0), 0)
             tok = warpgroup_mma(q_mine, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-            sc = qsc * gl.load(ks_base)
             # P crosses the loop in fp32: an e4m3 tensor would cross it one byte per register
             # and be re-packed with ~100 byte moves per tile
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, n_tiles == 1)
+            p, alpha, m_i, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, 0, n_tiles, col, n_last, BN, KB, TOP)
             if PINGPONG and CID == 1:  # consumer 0 issues first
                 mbarrier.arrive(turn.index(0), count=1)
             for j in range(1, n_tiles):
@@ -147,11 +157,7 @@ if HAS_GLUON:
                 if PINGPONG:
                     mbarrier.arrive(turn.index(1 - CID), count=1)
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
-                sc = qsc * gl.load(ks_base + (j * BN) // KB)
-                if j == n_tiles - 1:
-                    p, alpha, m_new, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, True)
-                else:
-                    p, alpha, m_new, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, False)
+                p, alpha, m_new, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, col, n_last, BN, KB, TOP)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
                 mbarrier.arrive(kv_empty.index(sp), count=1)
                 acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
@@ -167,11 +173,7 @@ if HAS_GLUON:
                 mbarrier.wait(kv_ready.index(s), (j // STAGES) & 1)
                 tok = warpgroup_mma(q_mine, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-                sc = qsc * gl.load(ks_base + (j * BN) // KB)
-                if j == n_tiles - 1:
-                    p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, True)
-                else:
-                    p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, False)
+                p, alpha, m_i, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, col, n_last, BN, KB, TOP)
                 acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
                 p8 = _p_operand(p, p_layout, BM, BN)
                 acc_tok = warpgroup_mma(p8, v_smem.index(s).permute((1, 0)), acc, is_async=True)
