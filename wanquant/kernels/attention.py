@@ -82,6 +82,7 @@ from typing import Literal
 import torch
 
 from wanquant.kernels.act_quant import HAS_TRITON, interpreting
+from wanquant.kernels.attention_ws import BLOCK_M as WS_BLOCK_M
 from wanquant.kernels.attention_ws import CONSUMERS as WS_CONSUMERS
 from wanquant.kernels.attention_ws import HAS_GLUON, attention_ws_launch
 
@@ -108,7 +109,6 @@ _MAGIC_I = 0x4B400000  # the bits of 1.5 * 2^23
 # 2: on Gaussian scores 11 % of 64x128 tiles rescale at 8,192 keys (5 % of the last 32),
 # and the error against exact attention moves from 3.96 % to 4.01 %.
 LAZY_SLACK = 2.0
-WS_BLOCK_M = 64  # queries per consumer warpgroup of the Gluon kernel (attention_ws.BLOCK_M)
 HALF_EXP_MAX_BLOCK_N = 128  # 128 x 448 < 65,504: a tile's fp16 row sum cannot overflow
 V_PERM_BLOCK = 32  # tokens per block of the v_perm token order (one k32 step of the FP8 wgmma)
 
