@@ -16,6 +16,7 @@ import torch
 
 from conftest import INTERPRETING, interp, run_interpreter_suite
 from wanquant.kernels import attention as K
+from wanquant.kernels import attention_reference as R
 
 not_interp = pytest.mark.skipif(INTERPRETING, reason="runs in the parent process")
 
@@ -467,7 +468,7 @@ def test_block_any_matches_brute_force():
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     for rows, s in ((1, 5), (4, 13), (32, 64), (64, 40)):
         flags = torch.rand(3, s, generator=g) < 0.05
-        got = K._block_any(flags, rows)
+        got = R._block_any(flags, rows)
         want = torch.stack([torch.tensor([bool(f[(j // rows) * rows:(j // rows + 1) * rows].any()) for j in range(s)])
                             for f in flags])
         assert torch.equal(got, want)
@@ -488,8 +489,8 @@ def test_lazy_rescale_reference_is_attention(monkeypatch):
     growing keys some blocks of rows rescale after the first tile and some skip."""
     seed = int(torch.randint(0, 2**31, ()))
     decided = []
-    block_any = K._block_any
-    monkeypatch.setattr(K, "_block_any", lambda f, rows: decided.append(block_any(f, rows)) or decided[-1])
+    block_any = R._block_any
+    monkeypatch.setattr(R, "_block_any", lambda f, rows: decided.append(block_any(f, rows)) or decided[-1])
     for i, (q, k, v) in enumerate((_growing_keys(384, 2, 64, seed), qkv(s=256, h=2, d=64, seed=seed))):
         eager = K.attention_int8_reference(q, k, v, config=K.AttnConfig(32, 32, 4, 2, **FAST)).float()
         lazy = K.attention_int8_reference(q, k, v, config=K.AttnConfig(32, 32, 4, 2, lazy_rescale=True, **FAST))

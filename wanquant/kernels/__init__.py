@@ -8,7 +8,11 @@
 * :mod:`~wanquant.kernels.dispatch`: which formats and devices the fast path serves, and
   ``FastW4A4``, a layer prepared for it;
 * :mod:`~wanquant.kernels.attention`: 8-bit attention (INT8 Q.K^T with K smoothed by its
-  token mean, FP8 P.V), used by Wan's self-attention when asked for.
+  token mean, FP8 P.V), used by Wan's self-attention when asked for: the launchers, with
+  its options in :mod:`~wanquant.kernels.attention_config`, its PyTorch reference in
+  :mod:`~wanquant.kernels.attention_reference`, its Triton kernels in
+  :mod:`~wanquant.kernels.attention_triton` and its warp-specialized Gluon main loop in
+  :mod:`~wanquant.kernels.attention_ws`.
 * :mod:`~wanquant.kernels.ops`: the W4A4 fast path and the 8-bit attention as
   ``torch.library`` custom ops (fake implementations for ``torch.compile``, PyTorch
   references on CPU).
