@@ -71,7 +71,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _wgmma_order(p8, BM: gl.constexpr, BN: gl.constexpr):
-        """P's columns in ``v_token_order`` (see attention.py): a move-free register relabelling."""
+        """P's columns in ``v_token_order`` (see attention_config.py): a move-free register relabelling."""
         p8 = gl.reshape(p8, (BM, BN // 32, 2, 2, 2, 2, 2))
         p8 = gl.permute(p8, (0, 1, 2, 4, 5, 3, 6))
         return gl.reshape(p8, (BM, BN))
