@@ -132,16 +132,17 @@ def test_fp8_dot_equals_mxfp4_dot(K):
 # ---------------------------------------------------------------------------------
 @interp
 @pytest.mark.parametrize(
-    "m,k,r,rule,clip,off,bm,bk",
+    "m,k,r,rule,clip,off,bm,bk,programs",
     [
-        (1, 64, 0, "ocp_floor", 1.0, 0, 16, 64),
-        (5, 128, 8, "safe_ceil", 0.7, -1, 16, 64),
-        (33, 160, 32, "ocp_floor", 0.9, 1, 32, 32),
-        (20, 256, 16, "ocp_floor", 0.6, 0, 64, 128),
-        (2, 5120, 32, "ocp_floor", 1.0, 0, 16, 512),
+        (1, 64, 0, "ocp_floor", 1.0, 0, 16, 64, None),
+        (5, 128, 8, "safe_ceil", 0.7, -1, 16, 64, None),
+        (33, 160, 32, "ocp_floor", 0.9, 1, 32, 32, None),
+        (50, 160, 16, "ocp_floor", 0.9, 1, 16, 32, 2),  # 4 row blocks, 2 programs: each loops twice
+        (20, 256, 16, "ocp_floor", 0.6, 0, 64, 128, None),
+        (2, 5120, 32, "ocp_floor", 1.0, 0, 16, 512, None),
     ],
 )
-def test_act_kernel_bit_exact(K, m, k, r, rule, clip, off, bm, bk):
+def test_act_kernel_bit_exact(K, m, k, r, rule, clip, off, bm, bk, programs):
     x = _activations(m, k, seed=m * 1000 + k)
     g = torch.Generator().manual_seed(k)
     inv = 1.0 / (torch.rand(k, generator=g) * 2 + 0.25)
@@ -150,7 +151,8 @@ def test_act_kernel_bit_exact(K, m, k, r, rule, clip, off, bm, bk):
     r_pad = K.act_quant.padded_rank(r)
     m_pad = K.act_quant.pad_rows(m)
     out = _poisoned_act_out(K, m_pad, k, 2 * r_pad)
-    got = K.act_quant.act_quant(x, inv, l1s, clip, off, rule, write_exps=True, block_m=bm, block_k=bk, out=out)
+    got = K.act_quant.act_quant(x, inv, l1s, clip, off, rule, write_exps=True, block_m=bm, block_k=bk, out=out,
+                                programs=programs)
     ref = K.act_quant.act_quant_reference(x, inv, l1s, clip, off, rule)
     assert torch.equal(got.q.view(torch.uint8), ref.q.view(torch.uint8))  # codes and exponents
     assert torch.equal(got.exps, ref.exps)

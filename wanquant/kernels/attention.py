@@ -98,8 +98,8 @@ import torch
 from wanquant.kernels.act_quant import HAS_TRITON, interpreting
 from wanquant.kernels.attention_config import (CONFIGS, DEFAULT_CONFIG, E4M3_MAX, HALF_EXP_MAX_BLOCK_N, INT8_MAX,
                                                K_BLOCK, LAZY_SLACK, LOG2_P_SCALE, LOG2E, MAX_SPLITS, P_SCALE,
-                                               STATS_BLOCK, V_PERM_BLOCK, AttnConfig, Layout, QuantKV, _bshd_view,
-                                               _ceil_to, _check_v_perm, check_config, check_head_dim, default_scale,
+                                               STATS_BLOCK, STATS_TILE, V_PERM_BLOCK, AttnConfig, Layout, QuantKV,
+                                               _bshd_view, _ceil_to, _check_v_perm, check_config, check_head_dim, default_scale,
                                                env_config, parse_config, v_token_order)
 from wanquant.kernels.attention_reference import (attention_fp32, attention_int8_reference,
                                                   attention_prepared_reference, quantize_kv_reference,
@@ -117,8 +117,8 @@ if HAS_TRITON:
 __all__ = [
     # attention_config
     "CONFIGS", "DEFAULT_CONFIG", "E4M3_MAX", "HALF_EXP_MAX_BLOCK_N", "INT8_MAX", "K_BLOCK", "LAZY_SLACK",
-    "LOG2_P_SCALE", "LOG2E", "MAX_SPLITS", "P_SCALE", "STATS_BLOCK", "V_PERM_BLOCK", "AttnConfig", "Layout",
-    "QuantKV", "check_config", "check_head_dim", "default_scale", "env_config", "parse_config", "v_token_order",
+    "LOG2_P_SCALE", "LOG2E", "MAX_SPLITS", "P_SCALE", "STATS_BLOCK", "STATS_TILE", "V_PERM_BLOCK", "AttnConfig",
+    "Layout", "QuantKV", "check_config", "check_head_dim", "default_scale", "env_config", "parse_config", "v_token_order",
     # attention_reference
     "attention_fp32", "attention_int8_reference", "attention_prepared_reference", "quantize_kv_reference",
     "quantize_q_reference", "relative_error",
@@ -210,7 +210,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, layout: Layout = "bshd", k_blo
     part = torch.empty(b * h, nsplit, 4, d, dtype=torch.float32, device=dev)
     kst = (k.stride(0), k.stride(1), k.stride(2))
     vst = (v.stride(0), v.stride(1), v.stride(2))
-    _kv_stats_kernel[(b * h, nsplit)](k, v, part, s, h, per, *kst, *vst, D=d, BT=STATS_BLOCK, NSPLIT=nsplit,
+    _kv_stats_kernel[(b * h, nsplit)](k, v, part, s, h, per, *kst, *vst, D=d, BT=STATS_TILE, NSPLIT=nsplit,
                                       num_warps=8)
     k8 = torch.empty(b * h, s_pad, d, dtype=torch.int8, device=dev)
     ks = torch.empty(b * h, s_pad // k_block, dtype=torch.float32, device=dev)

@@ -53,29 +53,45 @@ if HAS_TRITON:
 
         ``part [B*H, NSPLIT, 4, D]`` fp32: (sum k, sum v, max v, min v) over the split's
         tokens. Splitting S over NSPLIT programs keeps every SM busy (B*H alone is 40).
+        The four statistics accumulate elementwise in [BT, D] registers and are reduced
+        over tokens once at the end: a reduction per tile would put a cross-warp barrier
+        between every load and the next (measured 3.5x over the read floor at 75,600 tokens).
+        The next tile is loaded before this one is added (Triton pipelines only loops with dots).
         """
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         d = tl.arange(0, D)
-        ksum = tl.zeros((D,), dtype=tl.float32)
-        vsum = tl.zeros((D,), dtype=tl.float32)
-        vmax = tl.full((D,), float("-inf"), dtype=tl.float32)
-        vmin = tl.full((D,), float("inf"), dtype=tl.float32)
+        t = tl.arange(0, BT)
+        ksum = tl.zeros((BT, D), dtype=tl.float32)
+        vsum = tl.zeros((BT, D), dtype=tl.float32)
+        vmax = tl.full((BT, D), float("-inf"), dtype=tl.float32)
+        vmin = tl.full((BT, D), float("inf"), dtype=tl.float32)
         start = sp * tok_per_split
+        end = tl.minimum(start + tok_per_split, S)
+        k_base = k_ptr + b * skb + h * skh + d[None, :]
+        v_base = v_ptr + b * svb + h * svh + d[None, :]
+        s = start + t
+        ok = s < end
+        kt_next = tl.load(k_base + s.to(tl.int64)[:, None] * sks, mask=ok[:, None], other=0.0)
+        vt_next = tl.load(v_base + s.to(tl.int64)[:, None] * svs, mask=ok[:, None], other=0.0)
         for t0 in range(start, start + tok_per_split, BT):
-            s = t0 + tl.arange(0, BT)
-            ok = s < S
-            s64 = s.to(tl.int64)
-            kt = tl.load(k_ptr + b * skb + s64[:, None] * sks + h * skh + d[None, :], mask=ok[:, None], other=0.0)
-            vt = tl.load(v_ptr + b * svb + s64[:, None] * svs + h * svh + d[None, :], mask=ok[:, None], other=0.0)
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-            ksum += tl.sum(kt, 0)
-            vsum += tl.sum(vt, 0)
-            vmax = tl.maximum(vmax, tl.max(tl.where(ok[:, None], vt, float("-inf")), 0))
-            vmin = tl.minimum(vmin, tl.min(tl.where(ok[:, None], vt, float("inf")), 0))
+            kt = kt_next.to(tl.float32)
+            vt = vt_next.to(tl.float32)
+            vok = ok
+            s = t0 + BT + t
+            ok = s < end
+            kt_next = tl.load(k_base + s.to(tl.int64)[:, None] * sks, mask=ok[:, None], other=0.0)
+            vt_next = tl.load(v_base + s.to(tl.int64)[:, None] * svs, mask=ok[:, None], other=0.0)
+            ksum += kt
+            vsum += vt
+            vmax = tl.maximum(vmax, tl.where(vok[:, None], vt, float("-inf")))
+            vmin = tl.minimum(vmin, tl.where(vok[:, None], vt, float("inf")))
+        ksum = tl.sum(ksum, 0)
+        vsum = tl.sum(vsum, 0)
+        vmax = tl.max(vmax, 0)
+        vmin = tl.min(vmin, 0)
         base = part_ptr + (bh * NSPLIT + sp) * (4 * D)
         tl.store(base + d, ksum)
         tl.store(base + D + d, vsum)

@@ -1,0 +1,153 @@
+"""The memory-bound pre-passes of a W4A4 block at 720p, against their read/write floors.
+
+Two kernels read every activation before the compute-bound kernels run:
+
+* the activation quantization of each W4A4 linear (``kernels.act_quant``: a first pass for
+  the row maximum and the low-rank projection, a second that writes e4m3); swept over its
+  launches, including grid-stride launches with a few programs per SM, whose row blocks in
+  flight fit in L2 so that the second pass re-reads from L2 instead of HBM;
+* the K/V pre-pass of the 8-bit attention (``kernels.attention.quantize_kv``: statistics,
+  then INT8 K and e4m3 V), on K and V as strided views of a fused q/k/v buffer.
+
+Every act_quant launch's output is checked against the default launch (e4m3 codes and row
+scales bit for bit, the low-rank projection to 1e-6); the K/V codes against the PyTorch
+reference (at most 1e-4 of them one rounding step apart: the means are summed in another order). Floors use the copy bandwidth measured in
+the same run. Medians of CUDA-event timings with the L2 flushed (``triton.testing.do_bench``).
+
+    python -m benchmarks.prepass_speed --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common.meta import RESULTS_DIR, run_metadata, write_results
+from wanquant.kernels import act_quant as A
+from wanquant.kernels import attention as K
+from wanquant.kernels import dispatch as D
+
+# (layer, K): the activation widths of a Wan block (qkv, o, cross q/o and FFN up read 5120)
+ACT_SHAPES = {"qkv_o_ffnup": 5120, "ffn_down": 13824}
+RANK = 32
+HEADS, HEAD_DIM = 40, 128
+# (block_m, block_k, num_warps, num_stages, programs per SM or None for one per block)
+ACT_LAUNCHES = [(bm, bk, nw, 3, per_sm) for bm in (16, 32) for bk in (128, 256) for nw in (4, 8)
+                for per_sm in (1, 2)] + [(64, 128, 8, 3, 1), (64, 128, 8, 3, 2)]
+
+
+def bench(fn, rep_ms: int = 100) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=20, rep=rep_ms, return_mode="median"))
+
+
+def copy_tbps(device: torch.device) -> float:
+    a = torch.empty(1 << 29, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    return 2 * a.numel() / bench(lambda: b.copy_(a)) / 1e9
+
+
+def act_rows(m: int, device: torch.device, tbps: float, sms: int, budget_s: float, t0: float) -> list[dict]:
+    rows = []
+    for layer, k in ACT_SHAPES.items():
+        g = torch.Generator(device=device).manual_seed(k)
+        x = (torch.randn(m, k, device=device, generator=g) * 2).to(torch.bfloat16)
+        inv = 1.0 / (torch.rand(k, device=device, generator=g) + 0.5)
+        l1 = (torch.randn(RANK, k, device=device, generator=g) * 0.05).to(torch.bfloat16)
+        l1s = A.lowrank_weights(l1, inv)
+        m_pad = A.pad_rows(m)
+        floor_ms = (m * k * 3) / (tbps * 1e9)  # read bf16 once, write e4m3 once
+
+        def run(launch):
+            bm, bk, bk1, nw, ns = D.fit_act_launch(launch[:4], A.padded_rank(RANK))
+            progs = None if launch[4] is None else launch[4] * sms
+            return lambda: A.act_quant(x, inv, l1s, 0.9, 0, nsplit=D.NSPLIT, m_pad=m_pad, block_m=bm, block_k=bk,
+                                       block_k_lr=bk1, num_warps=nw, num_stages=ns, programs=progs)
+
+        default = (*D.act_launch_for(m, device), None)
+        want = run(default)()
+        for launch in [default, *ACT_LAUNCHES]:
+            if time.time() - t0 > budget_s:
+                break
+            name = "bm{}-bk{}-w{}-s{}".format(*launch[:4]) + ("" if launch[4] is None else f"-p{launch[4]}xSM")
+            row = {"kernel": "act_quant", "layer": layer, "M": m, "K": k, "rank": RANK, "launch": name,
+                   "default": launch is default, "floor_ms": round(floor_ms, 4),
+                   "floor_2read_ms": round(floor_ms * 5 / 3, 4)}
+            try:
+                fn = run(launch)
+                got = fn()
+                row["check_ok"] = bool(torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
+                                       and torch.equal(got.row_scale, want.row_scale)
+                                       and (got.lowrank.float() - want.lowrank.float()).norm()
+                                       <= 1e-6 * want.lowrank.float().norm())
+                row["ms"] = round(bench(fn), 4)
+                row["vs_floor"] = round(row["ms"] / floor_ms, 3)
+            except Exception as e:  # a launch that does not fit (shared memory, registers)
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del x
+    return rows
+
+
+def kv_rows(s: int, device: torch.device, tbps: float) -> list[dict]:
+    g = torch.Generator(device=device).manual_seed(s)
+    qkv = torch.randn(1, s, 3, HEADS, HEAD_DIM, device=device, generator=g).to(torch.bfloat16)
+    k, v = qkv[:, :, 1], qkv[:, :, 2]
+    n = s * HEADS * HEAD_DIM
+    floor_ms = (2 * n * 2 + 2 * n) / (tbps * 1e9)  # read K and V (bf16) once, write INT8 K and e4m3 V
+    want = K.quantize_kv_reference(k, v, v_perm=True)
+    got = K.quantize_kv(k, v, v_perm=True)
+    # the kernel sums the means in another order than PyTorch: a code or two may land on
+    # the other side of a rounding tie (one step apart)
+    diff = torch.cat([(got.k8.int() - want.k8.int()).flatten(),
+                      (got.v8t.view(torch.uint8).int() - want.v8t.view(torch.uint8).int()).flatten()])
+    mismatch = (diff != 0).float().mean().item()
+    ok = mismatch <= 1e-4
+    row = {"kernel": "quantize_kv", "S": s, "heads": HEADS, "head_dim": HEAD_DIM, "check_ok": bool(ok),
+           "code_mismatch_fraction": mismatch, "ms": round(bench(lambda: K.quantize_kv(k, v, v_perm=True)), 4),
+           "floor_ms": round(floor_ms, 4),
+           "floor_2read_ms": round(floor_ms + 2 * n * 2 / (tbps * 1e9), 4)}
+    row["vs_floor"] = round(row["ms"] / floor_ms, 3)
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"- copy bandwidth: {meta['copy_TBps']:.2f} TB/s\n",
+             "| kernel | shape | launch | ms | floor ms (1 read / 2 reads) | x floor | check |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shape = f"M={r['M']} K={r['K']}" if r["kernel"] == "act_quant" else f"S={r['S']}"
+        launch = r.get("launch", "-") + (" (default)" if r.get("default") else "")
+        ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "-")[:60]
+        lines.append(f"| {r['kernel']} | {shape} | {launch} | {ms} | {r['floor_ms']:.3f} / {r['floor_2read_ms']:.3f} "
+                     f"| {r.get('vs_floor', '-')} | {'ok' if r.get('check_ok') else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--tokens", type=int, default=75600)
+    ap.add_argument("--budget-s", type=float, default=200.0, help="later act_quant launches are skipped past it")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("prepass_speed needs a CUDA GPU")
+    device = torch.device("cuda")
+    t0 = time.time()
+    meta = run_metadata()
+    meta["copy_TBps"] = round(copy_tbps(device), 3)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    rows = kv_rows(args.tokens, device, meta["copy_TBps"])
+    rows += act_rows(args.tokens, device, meta["copy_TBps"], sms, args.budget_s, t0)
+    write_results("prepass_speed", {**meta, "rows": rows}, markdown(meta, rows), Path(args.out))
+    print(markdown(meta, rows))
+
+
+if __name__ == "__main__":
+    main()
