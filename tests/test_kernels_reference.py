@@ -268,3 +268,17 @@ def test_act_launch_follows_measurements(K):
     assert K.dispatch.act_launch_for(8192, cpu) == K.dispatch.ACT_LAUNCH_SMALL
     assert K.dispatch.act_launch_for(32760, cpu) == K.dispatch.ACT_LAUNCH_LARGE
     assert K.dispatch.act_launch_for(75600, cpu) == K.dispatch.ACT_LAUNCH_SMALL
+
+
+def test_act_launch_names_parse_and_bad_ones_say_the_form(K, monkeypatch):
+    assert K.dispatch.parse_act_launch("bm16-bk128-w4-s3-p2xSM") == ((16, 128, 4, 3), 2)
+    assert K.dispatch.parse_act_launch("bm64-bk128-w8-s3") == ((64, 128, 8, 3), None)
+    for bad in ("bm16-bk128", "bm16-bk128-w4-s3-p0xSM", "m16-bk128-w4-s3", "bm16-bk128-w4-s3-p2xSM-x"):
+        with pytest.raises(ValueError, match="expected bm<rows>"):
+            K.dispatch.parse_act_launch(bad)
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(K.dispatch.ACT_LAUNCH_ENV, raising=False)
+    assert K.dispatch.act_plan(75600, cpu) == (K.dispatch.act_launch_for(75600, cpu), None)
+    assert K.dispatch.act_plan(75600, cpu, (32, 64, 4, 2)) == ((32, 64, 4, 2), None)  # an explicit launch wins
+    monkeypatch.setenv(K.dispatch.ACT_LAUNCH_ENV, "bm16-bk128-w4-s3-p2xSM")
+    assert K.dispatch.act_plan(75600, cpu) == ((16, 128, 4, 3), 2 * 132)

@@ -106,9 +106,43 @@ LAYER_GEMM_CONFIG = GemmConfig(group_m=16)
 
 def act_launch_for(m: int, device: torch.device) -> tuple[int, int, int, int]:
     """Activation-kernel launch for ``m`` tokens (see ACT_LAUNCH_LARGE)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     blocks = -(-pad_rows(m) // ACT_LAUNCH_LARGE[0])
+    sms = _sm_count(device)
     return ACT_LAUNCH_LARGE if 1.5 * sms <= blocks < 3 * sms else ACT_LAUNCH_SMALL
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+ACT_LAUNCH_ENV = "WANQUANT_ACT_LAUNCH"
+
+
+def parse_act_launch(text: str) -> tuple[tuple[int, int, int, int], int | None]:
+    """``"bm16-bk128-w4-s3"`` or ``"bm16-bk128-w4-s3-p2xSM"`` -> (launch, programs per SM or None)."""
+    parts = text.strip().split("-")
+    try:
+        bm, bk, nw, ns = (int(p.removeprefix(pre)) for p, pre in zip(parts[:4], ("bm", "bk", "w", "s"), strict=True))
+        per_sm = int(parts[4].removeprefix("p").removesuffix("xSM")) if len(parts) == 5 else None
+        if len(parts) > 5 or min(bm, bk, nw, ns) < 1 or (per_sm is not None and per_sm < 1):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"activation launch {text!r}: expected bm<rows>-bk<cols>-w<warps>-s<stages>[-p<n>xSM], "
+                         "e.g. bm64-bk128-w8-s3 or bm16-bk128-w4-s3-p1xSM") from None
+    return (bm, bk, nw, ns), per_sm
+
+
+def act_plan(m: int, device: torch.device, launch: tuple[int, int, int, int] | None = None
+             ) -> tuple[tuple[int, int, int, int], int | None]:
+    """(launch, programs) of the activation kernel for ``m`` tokens: ``launch`` if given, else
+    ``$WANQUANT_ACT_LAUNCH`` (benchmarks), else :func:`act_launch_for` with one program per row block."""
+    if launch is not None:
+        return launch, None
+    env = os.environ.get(ACT_LAUNCH_ENV, "")
+    if env:
+        launch, per_sm = parse_act_launch(env)
+        return launch, None if per_sm is None else per_sm * _sm_count(device)
+    return act_launch_for(m, device), None
 
 
 # Limits for the activation kernel's first pass when the low-rank branch is wide (LoRAs
@@ -248,11 +282,11 @@ class FastW4A4:
 
     def quantize_input(self, x2: torch.Tensor, clip_ratio: float, exp_offset: int):
         """Step 1 alone (benchmarks time it separately)."""
-        launch = self.act_launch or act_launch_for(x2.shape[0], self.device)
+        launch, programs = act_plan(x2.shape[0], self.device, self.act_launch)
         bm, bk, bk1, nw, ns = fit_act_launch(launch, padded_rank(self.rank))
         return act_quant(x2, self.inv_smooth, self.l1s, clip_ratio, exp_offset, self.act_format.scale_rule,
                          nsplit=NSPLIT, m_pad=pad_rows(x2.shape[0]), block_m=bm, block_k=bk,
-                         num_warps=nw, num_stages=ns, block_k_lr=bk1)
+                         num_warps=nw, num_stages=ns, block_k_lr=bk1, programs=programs)
 
     def expand_weight(self) -> torch.Tensor:
         """Step 2 alone: the e4m3 weight in the shared scratch buffer."""

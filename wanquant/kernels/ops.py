@@ -97,9 +97,10 @@ def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_
         x2 = x2.contiguous()
     m = x2.shape[0]
     r_pad = 0 if l1s is None else l1s.shape[1] // 2
-    bm, bk, bk1, nw, ns = D.fit_act_launch(act_launch or D.act_launch_for(m, x.device), padded_rank(r_pad))
+    launch, programs = D.act_plan(m, x.device, act_launch)
+    bm, bk, bk1, nw, ns = D.fit_act_launch(launch, padded_rank(r_pad))
     aq = act_quant(x2, inv_smooth, l1s, clip_ratio, exp_offset, scale_rule, nsplit=D.NSPLIT, m_pad=pad_rows(m),
-                   block_m=bm, block_k=bk, num_warps=nw, num_stages=ns, block_k_lr=bk1)
+                   block_m=bm, block_k=bk, num_warps=nw, num_stages=ns, block_k_lr=bk1, programs=programs)
     w8 = expand_weight(qweight, wscales, s_w, out=D.weight_scratch(x.device, n * k).view(n, k))
     if backend == "triton":
         chunks = None if lr_idx is None else (lr_idx, lr_cnt)
