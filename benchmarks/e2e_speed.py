@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 import traceback
@@ -51,6 +52,7 @@ import torch
 from benchmarks.common.a14b import A14B, HIGH, TINY_EXPERT, build_expert
 from benchmarks.common.meta import RESULTS_DIR, run_metadata, write_results
 from benchmarks.common.meters import cuda_sync, free, kernel_us
+from wanquant.kernels.dispatch import ACT_LAUNCH_ENV
 
 T_HIGH = 950.0  # a high-noise timestep (middle bin of the high-noise expert)
 TEXT_TOKENS = 512
@@ -307,7 +309,8 @@ def main(argv=None) -> int:
     out = Path(a.out)
     from wanquant.kernels.attention import env_config
 
-    payload = {**run_metadata(), "rows": [], "attn_config": env_config().describe()}
+    payload = {**run_metadata(), "rows": [], "attn_config": env_config().describe(),
+               "act_launch": os.environ.get(ACT_LAUNCH_ENV) or "default (dispatch.act_plan)"}
     if a.resume:
         old = json.loads(Path(a.resume).read_text())
         payload["rows"] = [r for r in old["rows"] if "error" not in r]

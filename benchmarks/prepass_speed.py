@@ -52,7 +52,8 @@ def copy_tbps(device: torch.device) -> float:
     return 2 * a.numel() / bench(lambda: b.copy_(a)) / 1e9
 
 
-def act_rows(m: int, device: torch.device, tbps: float, sms: int, budget_s: float, t0: float) -> list[dict]:
+def act_rows(m: int, device: torch.device, tbps: float, sms: int, budget_s: float, t0: float,
+             launches: list[tuple] = ACT_LAUNCHES) -> list[dict]:
     rows = []
     for layer, k in ACT_SHAPES.items():
         g = torch.Generator(device=device).manual_seed(k)
@@ -71,7 +72,7 @@ def act_rows(m: int, device: torch.device, tbps: float, sms: int, budget_s: floa
 
         default = (*D.act_launch_for(m, device), None)
         want = run(default)()
-        for launch in [default, *ACT_LAUNCHES]:
+        for launch in [default, *launches]:
             if time.time() - t0 > budget_s:
                 break
             name = "bm{}-bk{}-w{}-s{}".format(*launch[:4]) + ("" if launch[4] is None else f"-p{launch[4]}xSM")
@@ -135,6 +136,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS_DIR))
     ap.add_argument("--tokens", type=int, default=75600)
     ap.add_argument("--budget-s", type=float, default=200.0, help="later act_quant launches are skipped past it")
+    ap.add_argument("--launches", nargs="*", help="act_quant launches to time besides the default, e.g. "
+                    "bm16-bk128-w4-s3-p1xSM (default: a grid of block sizes, warps and programs per SM)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("prepass_speed needs a CUDA GPU")
@@ -144,7 +147,8 @@ def main() -> None:
     meta["copy_TBps"] = round(copy_tbps(device), 3)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     rows = kv_rows(args.tokens, device, meta["copy_TBps"])
-    rows += act_rows(args.tokens, device, meta["copy_TBps"], sms, args.budget_s, t0)
+    launches = ACT_LAUNCHES if args.launches is None else [(*l, p) for l, p in map(D.parse_act_launch, args.launches)]
+    rows += act_rows(args.tokens, device, meta["copy_TBps"], sms, args.budget_s, t0, launches)
     write_results("prepass_speed", {**meta, "rows": rows}, markdown(meta, rows), Path(args.out))
     print(markdown(meta, rows))
 

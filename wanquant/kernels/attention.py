@@ -105,6 +105,7 @@ from wanquant.kernels.attention_reference import (attention_fp32, attention_int8
                                                   attention_prepared_reference, quantize_kv_reference,
                                                   quantize_q_reference, relative_error)
 from wanquant.kernels.attention_ws import CONSUMERS as WS_CONSUMERS
+from wanquant.kernels.attention_ws import HEAD_DIM as WS_HEAD_DIM
 from wanquant.kernels.attention_ws import HAS_GLUON, attention_ws_launch
 
 if HAS_TRITON:
@@ -238,9 +239,11 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
     check_config(replace(cfg, v_perm=kv.v_perm), kv.k_block)  # the kernel follows kv's V order
     if cfg.tma and not _has_tma(q.device):
         cfg = replace(cfg, tma=False)
-    if cfg.gluon_ws and not _gluon_runs_on(q.device):  # the Triton kernel: same numbers
-        cfg = replace(cfg, gluon_ws=False, pv_overlap=False, ping_pong=False)
     qv, b, s_q, h, d = _bshd_view(q, layout)
+    # The Gluon kernel's numbers are checked on the GPU at Wan's head dim only; elsewhere
+    # the Triton kernel runs the same config (same numbers).
+    if cfg.gluon_ws and (d != WS_HEAD_DIM or not _gluon_runs_on(q.device)):
+        cfg = replace(cfg, gluon_ws=False, pv_overlap=False, ping_pong=False)
     if (b, h, d) != (kv.batch, kv.heads, kv.head_dim):
         raise ValueError(f"q {tuple(q.shape)} ({layout}) does not match the keys (B={kv.batch}, H={kv.heads}, "
                          f"D={kv.head_dim})")

@@ -129,13 +129,16 @@ class AttnConfig:
         return f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}{tail}"
 
 
-# Fastest measured on an H100 (benchmarks/results/attention.md, 2026-12-06): 26.66 ms at
-# 32,760 tokens (1.39x SDPA cuDNN), 144.38 ms at 75,600 (1.41x); the old default
-# (m64-n128-w4-s3) 29.87 / 161.85 ms. 64-row tiles let 2 CTAs share an SM; Q quantized in a
-# pre-pass, K/V tiles by TMA, the exponent's offset folded into its FMA, V permuted for
-# the wgmma operand order. ``tma`` is dropped on GPUs without TMA (before sm_90): same numbers.
+# Fastest measured: the Triton kernel's best tiles (64-row tiles, Q quantized in a pre-pass,
+# K/V tiles by TMA, the exponent's offset folded into its FMA, V permuted for the wgmma
+# operand order; on an H100, 2026-12-06: 26.66 ms at 32,760 tokens, 144.38 at 75,600) run as
+# the warp-specialized Gluon kernel with Q.K^T(j) and P.V(j-1) in flight together
+# (``gws-ov``): on an H200, 2026-12-07, 27.20 / 142.50 ms against the Triton kernel's
+# 27.35 / 146.17 in the same run (benchmarks/results/attention.md). Where Gluon's Hopper API
+# is missing or the GPU is not sm_90 the same config runs the Triton kernel (same numbers);
+# ``tma`` is dropped before sm_90.
 DEFAULT_CONFIG = AttnConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, q_prepass=True, fold=True,
-                            v_perm=True, tma=True)
+                            v_perm=True, tma=True, gluon_ws=True, pv_overlap=True)
 # What the benchmark sweeps on an H100 (the fastest measured becomes DEFAULT_CONFIG;
 # benchmarks/results/attention_sweep.md). Compiled for sm_90 with Triton 3.6: the first
 # config's main loop issues 664 SASS instructions per warp and 64x128 tile, ``fold`` saves

@@ -47,6 +47,7 @@ if HAS_TRITON:
 
 BLOCK_M = 64  # queries per consumer warpgroup (one wgmma M)
 CONSUMERS = 2
+HEAD_DIM = 128  # the head dim its GPU tests cover (Wan's); attention.py runs others on the Triton kernel
 CONSUMER_REGS = 240  # setmaxnreg for each consumer; the producer keeps what is left
 
 
