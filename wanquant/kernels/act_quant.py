@@ -223,90 +223,109 @@ if HAS_TRITON:
         return b.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _act_quant_kernel(
-        x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr,
-        M, M_pad, K, stride_xm, clip_ratio, exp_offset, NBLK,
+    def _act_quant_block(
+        blk, x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr,
+        M, M_pad, K, stride_xm, clip_ratio, exp_offset,
         R: tl.constexpr, NSPLIT_W: tl.constexpr, NSPLIT: tl.constexpr, HAS_LR: tl.constexpr,
         SAFE_CEIL: tl.constexpr, WRITE_EXPS: tl.constexpr,
         INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BK1: tl.constexpr,
     ):
-        # Programs loop over row blocks (grid-stride): with one program per block the
-        # second pass's re-read of x comes from HBM; with few programs (``programs``)
-        # the blocks in flight fit in L2 and the re-read hits it.
-        for blk in range(tl.program_id(0), NBLK, tl.num_programs(0)):
-            rows = blk * BM + tl.arange(0, BM)
-            row_ok = rows < M
-            row_in = rows < M_pad
-            rows64 = rows.to(tl.int64)
-            cols0 = tl.arange(0, BK)
-            nk = K // BK
+        """Row block ``blk`` of :func:`_act_quant_kernel`."""
+        rows = blk * BM + tl.arange(0, BM)
+        row_ok = rows < M
+        row_in = rows < M_pad
+        rows64 = rows.to(tl.int64)
+        cols0 = tl.arange(0, BK)
+        nk = K // BK
 
-            # ---- pass 1: row absmax (-> row exponent) and the low-rank down projection ----
-            # (its own K step BK1: a wide branch, LoRAs appended, needs a shorter weight tile
-            # to fit the pipelined shared memory; see dispatch.fit_act_launch)
-            RW: tl.constexpr = NSPLIT_W * R  # hi | lo column blocks of L1 diag(1/smooth)
-            amax = tl.zeros((BM,), dtype=tl.float32)
+        # ---- pass 1: row absmax (-> row exponent) and the low-rank down projection ----
+        # (its own K step BK1: a wide branch, LoRAs appended, needs a shorter weight tile
+        # to fit the pipelined shared memory; see dispatch.fit_act_launch)
+        RW: tl.constexpr = NSPLIT_W * R  # hi | lo column blocks of L1 diag(1/smooth)
+        amax = tl.zeros((BM,), dtype=tl.float32)
+        if HAS_LR:
+            acc = tl.zeros((BM, RW), dtype=tl.float32)
+            rw = tl.arange(0, RW)
+        cols1 = tl.arange(0, BK1)
+        for kb in range(K // BK1):
+            cols = kb * BK1 + cols1
+            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None], other=0.0)
+            xs = x.to(tl.float32) * tl.load(inv_s_ptr + cols)[None, :]
+            amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
             if HAS_LR:
-                acc = tl.zeros((BM, RW), dtype=tl.float32)
-                rw = tl.arange(0, RW)
-            cols1 = tl.arange(0, BK1)
-            for kb in range(K // BK1):
-                cols = kb * BK1 + cols1
-                x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None], other=0.0)
-                xs = x.to(tl.float32) * tl.load(inv_s_ptr + cols)[None, :]
-                amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
-                if HAS_LR:
-                    w = tl.load(l1s_ptr + cols[:, None] * RW + rw[None, :])  # [BK, RW] bf16
-                    if INTERPRET:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
-                        acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(x, w, acc)
+                w = tl.load(l1s_ptr + cols[:, None] * RW + rw[None, :])  # [BK, RW] bf16
+                if INTERPRET:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+                    acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, w, acc)
 
-            e_row = _mx_exponent(amax, clip_ratio, exp_offset, SAFE_CEIL)
-            s = tl.maximum(e_row - 6, -100)  # HEADROOM, ROW_EXP_MIN
-            tl.store(sa_ptr + rows, _exp2i(s), mask=row_in)
-            if HAS_LR:
-                lr = tl.sum(tl.reshape(acc, (BM, NSPLIT_W, R)), axis=1)  # x.hi + x.lo
-                rr = tl.arange(0, R)
-                lr_hi = _round_bf16(lr)
-                lr_base = lr_ptr + rows64[:, None] * (NSPLIT * R) + rr[None, :]
-                tl.store(lr_base, lr_hi.to(tl.bfloat16), mask=row_in[:, None])
-                if NSPLIT == 2:
-                    tl.store(lr_base + R, _round_bf16(lr - lr_hi).to(tl.bfloat16), mask=row_in[:, None])
+        e_row = _mx_exponent(amax, clip_ratio, exp_offset, SAFE_CEIL)
+        s = tl.maximum(e_row - 6, -100)  # HEADROOM, ROW_EXP_MIN
+        tl.store(sa_ptr + rows, _exp2i(s), mask=row_in)
+        if HAS_LR:
+            lr = tl.sum(tl.reshape(acc, (BM, NSPLIT_W, R)), axis=1)  # x.hi + x.lo
+            rr = tl.arange(0, R)
+            lr_hi = _round_bf16(lr)
+            lr_base = lr_ptr + rows64[:, None] * (NSPLIT * R) + rr[None, :]
+            tl.store(lr_base, lr_hi.to(tl.bfloat16), mask=row_in[:, None])
+            if NSPLIT == 2:
+                tl.store(lr_base + R, _round_bf16(lr - lr_hi).to(tl.bfloat16), mask=row_in[:, None])
 
-            # ---- pass 2: group exponents, E2M1 rounding at the row scale, e4m3 values ----
-            # (x is re-read; the next tile's load is issued before this one is processed so
-            # that a load is always in flight: Triton pipelines only loops with dots.)
-            G: tl.constexpr = BK // 32
-            inv_row = _exp2i(-s)[:, None, None]
-            x_ptrs = x_ptr + rows64[:, None] * stride_xm + cols0[None, :]
-            x_next = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-            inv_next = tl.load(inv_s_ptr + cols0)
-            for kb in range(nk):
-                cols = kb * BK + cols0
-                x = x_next
-                inv = inv_next
-                k_next = tl.minimum(kb + 1, nk - 1) * BK  # the last iteration re-reads its own tile (cached)
-                x_next = tl.load(x_ptrs + k_next, mask=row_ok[:, None], other=0.0)
-                inv_next = tl.load(inv_s_ptr + k_next + cols0)
-                xs3 = tl.reshape(x.to(tl.float32) * inv[None, :], (BM, G, 32))
-                ax3 = tl.abs(xs3)
-                e = _mx_exponent(tl.max(ax3, axis=2), clip_ratio, exp_offset, SAFE_CEIL)  # [BM, G]
-                d = tl.maximum(e - s[:, None], -30)[:, :, None]  # group shift vs the row scale
-                u = ax3 * inv_row  # exact: power-of-two scaling
-                ub = u.to(tl.int32, bitcast=True) >> 23  # biased binade of u (u >= 0)
-                sp = tl.maximum(ub, d + 127)  # biased exponent of (spacing * 2)
-                magic = ((sp + 22) << 23 | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2^(23 + spacing)
-                r = (u + magic) - magic  # E2M1 round-to-nearest-even at this element's spacing
-                r = tl.minimum(r, _exp2i(d) * 6.0)  # E2M1 saturates at 6
-                if INTERPRET:  # e4m3's 2^-9 grid (1.5 * 2^14), changes only d < -8: the GPU's cast
-                    r = (r + 24576.0) - 24576.0  # rounds to nearest even itself, the interpreter's truncates
-                val = tl.where((xs3 < 0) & (r > 0), -r, r)  # -0 stays +0, as in formats
-                out = tl.reshape(val, (BM, BK)).to(tl.float8e4nv)
-                tl.store(q_ptr + rows64[:, None] * K + cols[None, :], out, mask=row_in[:, None])
-                if WRITE_EXPS:
-                    gcols = kb * G + tl.arange(0, G)
-                    tl.store(exps_ptr + rows64[:, None] * (K // 32) + gcols[None, :], e.to(tl.int8), mask=row_in[:, None])
+        # ---- pass 2: group exponents, E2M1 rounding at the row scale, e4m3 values ----
+        # (x is re-read; the next tile's load is issued before this one is processed so
+        # that a load is always in flight: Triton pipelines only loops with dots.)
+        G: tl.constexpr = BK // 32
+        inv_row = _exp2i(-s)[:, None, None]
+        x_ptrs = x_ptr + rows64[:, None] * stride_xm + cols0[None, :]
+        x_next = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+        inv_next = tl.load(inv_s_ptr + cols0)
+        for kb in range(nk):
+            cols = kb * BK + cols0
+            x = x_next
+            inv = inv_next
+            k_next = tl.minimum(kb + 1, nk - 1) * BK  # the last iteration re-reads its own tile (cached)
+            x_next = tl.load(x_ptrs + k_next, mask=row_ok[:, None], other=0.0)
+            inv_next = tl.load(inv_s_ptr + k_next + cols0)
+            xs3 = tl.reshape(x.to(tl.float32) * inv[None, :], (BM, G, 32))
+            ax3 = tl.abs(xs3)
+            e = _mx_exponent(tl.max(ax3, axis=2), clip_ratio, exp_offset, SAFE_CEIL)  # [BM, G]
+            d = tl.maximum(e - s[:, None], -30)[:, :, None]  # group shift vs the row scale
+            u = ax3 * inv_row  # exact: power-of-two scaling
+            ub = u.to(tl.int32, bitcast=True) >> 23  # biased binade of u (u >= 0)
+            sp = tl.maximum(ub, d + 127)  # biased exponent of (spacing * 2)
+            magic = ((sp + 22) << 23 | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2^(23 + spacing)
+            r = (u + magic) - magic  # E2M1 round-to-nearest-even at this element's spacing
+            r = tl.minimum(r, _exp2i(d) * 6.0)  # E2M1 saturates at 6
+            if INTERPRET:  # e4m3's 2^-9 grid (1.5 * 2^14), changes only d < -8: the GPU's cast
+                r = (r + 24576.0) - 24576.0  # rounds to nearest even itself, the interpreter's truncates
+            val = tl.where((xs3 < 0) & (r > 0), -r, r)  # -0 stays +0, as in formats
+            out = tl.reshape(val, (BM, BK)).to(tl.float8e4nv)
+            tl.store(q_ptr + rows64[:, None] * K + cols[None, :], out, mask=row_in[:, None])
+            if WRITE_EXPS:
+                gcols = kb * G + tl.arange(0, G)
+                tl.store(exps_ptr + rows64[:, None] * (K // 32) + gcols[None, :], e.to(tl.int8), mask=row_in[:, None])
+
+    @triton.jit
+    def _act_quant_kernel(
+        x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr,
+        M, M_pad, K, stride_xm, clip_ratio, exp_offset, NBLK,
+        R: tl.constexpr, NSPLIT_W: tl.constexpr, NSPLIT: tl.constexpr, HAS_LR: tl.constexpr,
+        SAFE_CEIL: tl.constexpr, WRITE_EXPS: tl.constexpr, GRID_STRIDE: tl.constexpr,
+        INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BK1: tl.constexpr,
+    ):
+        # GRID_STRIDE: fewer programs than row blocks (``programs``), each looping over
+        # blocks, so that the blocks in flight may fit in L2 and the second pass re-read x
+        # from there. Without it the block is not wrapped in a loop: the loop costs
+        # registers (more spills at 64-row blocks, in ptxas's counts for sm_90).
+        if GRID_STRIDE:
+            for blk in range(tl.program_id(0), NBLK, tl.num_programs(0)):
+                _act_quant_block(blk, x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr,
+                                 M, M_pad, K, stride_xm, clip_ratio, exp_offset, R, NSPLIT_W, NSPLIT, HAS_LR,
+                                 SAFE_CEIL, WRITE_EXPS, INTERPRET, BM, BK, BK1)
+        else:
+            _act_quant_block(tl.program_id(0), x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr,
+                             M, M_pad, K, stride_xm, clip_ratio, exp_offset, R, NSPLIT_W, NSPLIT, HAS_LR,
+                             SAFE_CEIL, WRITE_EXPS, INTERPRET, BM, BK, BK1)
 
 
 def _pick_bk(k: int, preferred: int = 512, minimum: int = GROUP) -> int:
@@ -378,7 +397,7 @@ def act_quant(
         out.lowrank if r else dummy, out.exps if write_exps else dummy,
         m, m_pad, k, x.stride(0), float(clip_ratio), int(exp_offset), nblk,
         R=max(r, 16), NSPLIT_W=nsplit_w, NSPLIT=nsplit, HAS_LR=r > 0,
-        SAFE_CEIL=scale_rule == "safe_ceil", WRITE_EXPS=write_exps,
+        SAFE_CEIL=scale_rule == "safe_ceil", WRITE_EXPS=write_exps, GRID_STRIDE=grid[0] < nblk,
         INTERPRET=interpreting(), BM=block_m, BK=bk, BK1=bk1, num_warps=num_warps, num_stages=num_stages,
     )
     return out
