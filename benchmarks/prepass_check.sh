@@ -1,0 +1,39 @@
+#!/bin/bash
+# One GPU call for the memory-bound pre-passes (benchmarks/prepass_speed.py): times the K/V
+# statistics + quantization against its floor, and the activation quantization's default
+# launch against grid-stride launches (few programs per SM, for L2 reuse of its second pass);
+# then the 720p step (benchmarks/e2e_speed.py) with the fastest correct launch set through
+# WANQUANT_ACT_LAUNCH. Run from the repository root after installing the wheels diffusers needs:
+#   OUT=/root/out LIMIT=560 bash benchmarks/prepass_check.sh
+# LIMIT: seconds the whole script may take; MODES: the e2e modes, fastest-to-decide first.
+# If a grid-stride launch wins, make it the rule in dispatch.act_plan and rerun e2e_speed in full.
+set -u
+T0=$(date +%s); left() { echo $(( ${LIMIT:-575} - ($(date +%s) - T0) )); }
+OUT=${OUT:-benchmarks/results/prepass_check}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+timeout 100 python3 -m benchmarks.prepass_speed --out $OUT/prepass --budget-s 75 --launches bm16-bk128-w4-s3-p1xSM \
+  bm16-bk128-w8-s3-p1xSM bm32-bk128-w8-s3-p1xSM bm16-bk128-w4-s3-p2xSM \
+  > $OUT/prepass_log.txt 2>&1
+rc=$?
+echo "prepass rc=$rc ($(left)s left)"; grep "^|" $OUT/prepass_log.txt | tail -20
+[ $rc -eq 0 ] || { tail -5 $OUT/prepass_log.txt; exit 1; }
+ACT=$(python3 - <<'PY'
+import json, os, collections, sys
+rows = json.load(open(os.environ["OUT"] + "/prepass/prepass_speed.json"))["rows"]
+t = collections.defaultdict(dict)
+for r in rows:
+    if r["kernel"] == "act_quant" and r.get("ms") and r.get("check_ok"):
+        t[r["launch"]][r["K"]] = r["ms"]
+score = {n: 5 * v[5120] + v[13824] for n, v in t.items() if len(v) == 2}
+for n in sorted(score, key=score.get):
+    print(n, round(score[n], 3), file=sys.stderr)
+best = min(score, key=score.get) if score else ""
+print(best.removesuffix(" (default)") if best and not any(r.get("default") and r["launch"] == best for r in rows) else "")
+PY
+)
+echo "act launch override: '${ACT}'"
+WANQUANT_ACT_LAUNCH=$ACT timeout $(( $(left) - 5 )) python3 -m benchmarks.e2e_speed --out $OUT/e2e --resolutions 720x1280 --modes ${MODES:-bf16_eager,w4a4_int8attn_compile,bf16_compile,bf16_int8attn_compile,w4a4} \
+  --budget-s $(( $(left) - 75 )) > $OUT/e2e_log.txt 2>&1
+echo "e2e rc=$?"; grep -E "x \(|MISSED|met|step_s" $OUT/e2e_log.txt | tail -16
+echo "done $(( $(date +%s) - T0 ))s"
