@@ -1,5 +1,6 @@
 #!/bin/bash
-# One GPU call for the memory-bound pre-passes (benchmarks/prepass_speed.py): times the K/V
+# One GPU call for the memory-bound pre-passes (benchmarks/prepass_speed.py): times the q/k
+# norm + rotary against diffusers eager and compiled, the K/V
 # statistics + quantization against its floor, and the activation quantization's default
 # launch against grid-stride launches (few programs per SM, for L2 reuse of its second pass);
 # then the 720p step (benchmarks/e2e_speed.py) with the fastest correct launch set through
@@ -12,7 +13,7 @@ T0=$(date +%s); left() { echo $(( ${LIMIT:-575} - ($(date +%s) - T0) )); }
 OUT=${OUT:-benchmarks/results/prepass_check}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-timeout 100 python3 -m benchmarks.prepass_speed --out $OUT/prepass --budget-s 75 --launches bm16-bk128-w4-s3-p1xSM \
+timeout 160 python3 -m benchmarks.prepass_speed --out $OUT/prepass --budget-s 110 --launches bm16-bk128-w4-s3-p1xSM \
   bm16-bk128-w8-s3-p1xSM bm32-bk128-w8-s3-p1xSM bm16-bk128-w4-s3-p2xSM \
   > $OUT/prepass_log.txt 2>&1
 rc=$?

@@ -7,12 +7,17 @@ Two kernels read every activation before the compute-bound kernels run:
   launches, including grid-stride launches with a few programs per SM, whose row blocks in
   flight fit in L2 so that the second pass re-reads from L2 instead of HBM;
 * the K/V pre-pass of the 8-bit attention (``kernels.attention.quantize_kv``: statistics,
-  then INT8 K and e4m3 V), on K and V as strided views of a fused q/k/v buffer.
+  then INT8 K and e4m3 V), on K and V as strided views of a fused q/k/v buffer;
+* the q/k RMS-norm + rotary before it (``kernels.rope.qk_norm_rope``), against the same
+  arithmetic as diffusers runs it, eagerly and ``torch.compile``-d (what a compiled block
+  ran before wanquant's processor took it over).
 
 Every act_quant launch's output is checked against the default launch (e4m3 codes and row
 scales bit for bit, the low-rank projection to 1e-6); the K/V codes against the PyTorch
-reference (at most 1e-4 of them one rounding step apart: the means are summed in another order). Floors use the copy bandwidth measured in
-the same run. Medians of CUDA-event timings with the L2 flushed (``triton.testing.do_bench``).
+reference (at most 1e-4 of them one rounding step apart: the means are summed in another
+order); the q/k outputs against the PyTorch reference (at most 1e-3 of them one bf16 step
+apart: the mean square is summed in another order). Floors use the copy bandwidth
+measured in the same run. Medians of CUDA-event timings with the L2 flushed (``triton.testing.do_bench``).
 
     python -m benchmarks.prepass_speed --out benchmarks/results
 """
@@ -30,6 +35,7 @@ from benchmarks.common.meta import RESULTS_DIR, run_metadata, write_results
 from wanquant.kernels import act_quant as A
 from wanquant.kernels import attention as K
 from wanquant.kernels import dispatch as D
+from wanquant.kernels import rope as R
 
 # (layer, K): the activation widths of a Wan block (qkv, o, cross q/o and FFN up read 5120)
 ACT_SHAPES = {"qkv_o_ffnup": 5120, "ffn_down": 13824}
@@ -119,6 +125,36 @@ def kv_rows(s: int, device: torch.device, tbps: float) -> list[dict]:
     return [row]
 
 
+def rope_rows(s: int, device: torch.device, tbps: float) -> list[dict]:
+    g = torch.Generator(device=device).manual_seed(s + 1)
+    c = HEADS * HEAD_DIM
+    qkv = (torch.randn(1, s, 3 * c, device=device, generator=g) * 3).to(torch.bfloat16)
+    q, k = qkv[..., :c], qkv[..., c:2 * c]
+    wq, wk = ((torch.rand(2, c, device=device, generator=g) + 0.5).to(torch.bfloat16)).unbind(0)
+    angle = torch.arange(s, device=device, dtype=torch.float64)[:, None] * torch.rand(
+        HEAD_DIM // 2, device=device, dtype=torch.float64, generator=g).repeat_interleave(2)[None]
+    cos, sin = angle.cos()[None, :, None].float(), angle.sin()[None, :, None].float()  # float32, as diffusers'
+    args = (q, k, wq, wk, cos, sin, HEADS, 1e-6)
+    floor_ms = (2 * 2 * s * c * 2 + 2 * s * HEAD_DIM * 4) / (tbps * 1e9)  # q, k read + written; the tables
+    want = R.qk_norm_rope_reference(*args)
+    impls = {"diffusers eager": lambda: R.qk_norm_rope_reference(*args),
+             "diffusers + torch.compile": torch.compile(lambda: R.qk_norm_rope_reference(*args)),
+             "wanquant qk_norm_rope": lambda: R.qk_norm_rope(*args)}
+    rows = []
+    for name, fn in impls.items():
+        got = fn()
+        steps = torch.cat([(a.view(torch.int16).int() - b.view(torch.int16).int()).abs().flatten()
+                           for a, b in zip(got, want)])
+        mismatch = (steps != 0).float().mean().item()
+        row = {"kernel": "qk_norm_rope", "S": s, "heads": HEADS, "head_dim": HEAD_DIM, "launch": name,
+               "check_ok": bool(mismatch <= 1e-3 and steps.max().item() <= 1), "mismatch_fraction": mismatch,
+               "ms": round(bench(fn), 4), "floor_ms": round(floor_ms, 4), "floor_2read_ms": round(floor_ms, 4)}
+        row["vs_floor"] = round(row["ms"] / floor_ms, 3)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"- copy bandwidth: {meta['copy_TBps']:.2f} TB/s\n",
              "| kernel | shape | launch | ms | floor ms (1 read / 2 reads) | x floor | check |", "|---|---|---|---|---|---|---|"]
@@ -146,7 +182,8 @@ def main() -> None:
     meta = run_metadata()
     meta["copy_TBps"] = round(copy_tbps(device), 3)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    rows = kv_rows(args.tokens, device, meta["copy_TBps"])
+    rows = rope_rows(args.tokens, device, meta["copy_TBps"])
+    rows += kv_rows(args.tokens, device, meta["copy_TBps"])
     launches = ACT_LAUNCHES if args.launches is None else [(*l, p) for l, p in map(D.parse_act_launch, args.launches)]
     rows += act_rows(args.tokens, device, meta["copy_TBps"], sms, args.budget_s, t0, launches)
     write_results("prepass_speed", {**meta, "rows": rows}, markdown(meta, rows), Path(args.out))

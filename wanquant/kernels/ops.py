@@ -10,7 +10,9 @@ norms, rotary, gates, residuals) stays unfused. Registered as opaque ops with a 
   (activation quantization + weight expansion + FP8 GEMM with low-rank and bias), taking
   the layer's prepared operands as tensors;
 * ``wanquant::attention_int8``: :func:`~wanquant.kernels.attention.attention_int8`
-  (K/V pre-pass + main kernel), ``[B, S, H, D]`` in and out.
+  (K/V pre-pass + main kernel), ``[B, S, H, D]`` in and out;
+* ``wanquant::qk_norm_rope``: :func:`~wanquant.kernels.rope.qk_norm_rope`, Wan's q/k
+  RMS-norm and rotary in one pass (Inductor's own fusion of it is 4x off its memory floor).
 
 Each op's CPU implementation runs the PyTorch references of the same steps
 (:func:`~wanquant.kernels.act_quant.act_quant_reference`,
@@ -35,6 +37,8 @@ from torch import Tensor
 from wanquant.kernels import attention as A
 from wanquant.kernels.act_quant import act_quant_reference, pad_rows
 from wanquant.kernels.gemm import GemmConfig, gemm_reference
+from wanquant.kernels.rope import qk_norm_rope as _qk_norm_rope
+from wanquant.kernels.rope import qk_norm_rope_reference
 from wanquant.kernels.weight_prep import expand_weight_reference
 
 # launch key -> (GEMM config, activation launch or None for "by M"), registered by launch_key().
@@ -159,4 +163,30 @@ def _(q, k, v, scale, reference):
     return A.attention_int8_reference(q, k, v, scale=scale, layout="bshd").contiguous()
 
 
-__all__ = ["attention_int8", "launch_key", "w4a4_linear"]
+# ---------------------------------------------------------------------------------------
+# q/k RMS-norm + rotary
+@torch.library.custom_op("wanquant::qk_norm_rope", mutates_args=())
+def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor, heads: int,
+                 eps: float) -> tuple[Tensor, Tensor]:
+    """``q, k [B, T, heads * D]`` -> RMS-normed, rotated ``[B, T, heads, D]`` (contiguous)."""
+    raise NotImplementedError(f"wanquant::qk_norm_rope has no implementation for {q.device.type} tensors")
+
+
+@qk_norm_rope.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, heads, eps):
+    b, t, c = q.shape
+    return q.new_empty(b, t, heads, c // heads), k.new_empty(b, t, heads, c // heads)
+
+
+@qk_norm_rope.register_kernel("cuda")
+def _(q, k, q_weight, k_weight, cos, sin, heads, eps):
+    return _qk_norm_rope(q, k, q_weight, k_weight, cos, sin, heads, eps)
+
+
+@qk_norm_rope.register_kernel("cpu")
+def _(q, k, q_weight, k_weight, cos, sin, heads, eps):
+    q, k = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, heads, eps)
+    return q.contiguous(), k.contiguous()
+
+
+__all__ = ["attention_int8", "launch_key", "qk_norm_rope", "w4a4_linear"]

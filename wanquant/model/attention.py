@@ -215,6 +215,10 @@ def check_attention_mode(mode: str) -> None:
 def set_self_attention(transformer: nn.Module, mode: str) -> int:
     """Run the self-attention of every block of ``transformer`` with ``mode``; returns how many.
 
+    The 8-bit modes also swap diffusers' stock processor for
+    :class:`~wanquant.model.processor.FusedRopeAttnProcessor` (the q/k norm and rotary in
+    one kernel); ``"sdpa"`` swaps it back.
+
     ``"sdpa"`` restores what the module had before int8 was set (diffusers' default,
     PyTorch SDPA, unless a backend had been chosen). ``"int8"`` needs a CUDA GPU with FP8
     tensor cores and Triton (:class:`AttentionUnavailableError` otherwise); ``"int8_reference"``
@@ -231,16 +235,20 @@ def set_self_attention(transformer: nn.Module, mode: str) -> int:
                                             "use attention 'sdpa' with several GPUs")
         if not hasattr(proc, "_attention_backend"):
             raise TypeError(f"{type(proc).__name__} does not go through diffusers' attention dispatcher")
+    from wanquant.model.processor import with_fused_rope, without_fused_rope
+
     for attn in attns:
         proc = attn.processor
         current = proc._attention_backend
         if mode == "sdpa":
             if _mode_of_backend(current) != "sdpa":
                 proc._attention_backend = proc.__dict__.pop(_PREV, None)
+            attn.set_processor(without_fused_rope(proc))
             continue
         if _mode_of_backend(current) == "sdpa":
             proc.__dict__[_PREV] = current
         proc._attention_backend = backend_for(mode)
+        attn.set_processor(with_fused_rope(proc))
     return len(attns)
 
 
@@ -262,7 +270,7 @@ def set_pipeline_attention(pipe, mode: str, device: torch.device | str | None = 
     if mode == "sdpa":
         return f"self-attention: PyTorch SDPA on {where}{chosen}"
     detail = int8_available()[1] if mode == "int8" else "PyTorch reference"
-    return (f"self-attention: 8-bit (INT8 Q.K^T, FP8 P.V; {detail}) on {where}; "
+    return (f"self-attention: 8-bit (INT8 Q.K^T, FP8 P.V; {detail}), q/k norm + rotary fused, on {where}; "
             f"cross-attention unchanged (SDPA){chosen}")
 
 

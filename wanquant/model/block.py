@@ -112,10 +112,11 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Te
 
 
 def _is_stock_processor(proc) -> bool:
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    from wanquant.model.processor import is_wan_processor
 
-    # Exactly the stock class: a subclass (e.g. a context-parallel one) may compute otherwise.
-    return type(proc) is WanAttnProcessor
+    # Exactly the stock class (or wanquant's, whose unfused calls are the stock code): a
+    # subclass (e.g. a context-parallel one) may compute otherwise.
+    return is_wan_processor(proc)
 
 
 def _stock_attention(attn: nn.Module) -> bool:

@@ -1,0 +1,193 @@
+"""Wan's q/k RMS-norm + rotary in one kernel (``wanquant.kernels.rope``) and the processor
+that runs it (``wanquant.model.processor``).
+
+The PyTorch reference against float64 math; the Triton kernel against the reference in
+the interpreter (child process, as in test_attention.py), on strided views of a fused
+q/k/v buffer; the custom op's registration; the processor against diffusers' stock one.
+GPU runs: tests/test_rope_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import INTERPRETING, interp, run_interpreter_suite
+from wanquant.kernels import rope as R
+
+not_interp = pytest.mark.skipif(INTERPRETING, reason="runs in the parent process")
+
+
+def case(b=2, t=7, heads=5, d=16, dtype=torch.bfloat16, table_batch=1, seed=0, table_dtype=torch.float32):
+    """q, k as chunks of one ``[B, T, 3 C]`` buffer; norm weights; diffusers-style rotary tables."""
+    g = torch.Generator().manual_seed(seed)
+    c = heads * d
+    qkv = (torch.randn(b, t, 3 * c, generator=g) * 3).to(dtype)
+    q, k, _ = qkv.chunk(3, dim=-1)
+    wq, wk = (torch.rand(2, c, generator=g) + 0.5).to(dtype).unbind(0)
+    freqs = torch.rand(d // 2, generator=g, dtype=torch.float64).repeat_interleave(2)  # cos[2i] == cos[2i+1]
+    angle = torch.arange(t, dtype=torch.float64)[:, None] * freqs[None] + torch.rand(table_batch, 1, 1, generator=g,
+                                                                                      dtype=torch.float64)
+    return q, k, wq, wk, angle.cos()[:, :, None].to(table_dtype), angle.sin()[:, :, None].to(table_dtype), heads
+
+
+def fp64_definition(x, w, cos, sin, heads, eps):
+    """RMS-norm and rotary in float64 from the same inputs (no intermediate rounding)."""
+    x = x.double()
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    y = y.unflatten(-1, (heads, -1))
+    y1, y2 = y[..., 0::2], y[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([y1 * c - y2 * s, y1 * s + y2 * c], dim=-1).flatten(-2)
+
+
+def ulp_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``|a - b|`` in units of the 16-bit dtype's spacing at ``max(|a|, |b|, 2^-6)``. The
+    outputs are O(1) (normed values times weights near 1); the floor keeps a rotary sum that
+    cancels to near zero, where fp32 rounding alone may flip its sign, from counting as far."""
+    mant = 7 if a.dtype == torch.bfloat16 else 10
+    big = torch.maximum(a.float().abs(), b.float().abs()).clamp_min(2.0 ** -6)
+    spacing = torch.ldexp(torch.ones_like(big), torch.frexp(big).exponent - 1 - mant)
+    return ((a.float() - b.float()).abs() / spacing).ceil()
+
+
+@not_interp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_is_the_exact_math_within_its_roundings(dtype):
+    q, k, wq, wk, cos, sin, heads = case(dtype=dtype, table_batch=2)
+    got_q, got_k = R.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
+    assert got_q.shape == (2, 7, 5, 16) and got_q.dtype == dtype
+    ulp = 2.0 ** -(7 if dtype == torch.bfloat16 else 10)
+    for got, x, w in ((got_q, q, wq), (got_k, k, wk)):
+        want = fp64_definition(x, w, cos, sin, heads, 1e-6)
+        # two roundings (after the norm, after the rotary), each half an ulp, and the
+        # rotary's sum of two rounded products: within 2 ulps of the largest term
+        bound = 2 * ulp * (want.abs() + 2 * x.double().abs().max() / x.double().pow(2).mean().sqrt() * w.max())
+        assert ((got.double() - want).abs() <= bound).all()
+        assert (got.double() - want).abs().max() > 0  # it does round
+
+
+@interp
+@pytest.mark.parametrize("kw", [dict(), dict(b=1, t=3, heads=4, d=128, dtype=torch.float16),
+                                dict(b=2, t=5, heads=3, d=32, table_batch=2), dict(b=1, t=9, heads=8, d=8),
+                                dict(table_dtype=torch.float64)])
+def test_kernel_matches_reference(kw):
+    q, k, wq, wk, cos, sin, heads = case(**kw)
+    assert not q.is_contiguous()
+    want = R.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
+    got = R.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous()
+        # the mean square is summed in another order: rarely, one rounding step apart
+        steps = ulp_steps(g, w)
+        assert steps.max() <= 1 and (steps > 0).float().mean() <= 0.01
+
+
+def test_interpreter_suite():
+    run_interpreter_suite(__file__)
+
+
+@not_interp
+def test_bad_inputs_name_the_problem():
+    q, k, wq, wk, cos, sin, heads = case()
+    with pytest.raises(ValueError, match="one shape"):
+        R.qk_norm_rope_reference(q, k[:, :3], wq, wk, cos, sin, heads, 1e-6)
+    with pytest.raises(ValueError, match="even head_dim"):
+        R.qk_norm_rope_reference(q, k, wq, wk, cos, sin, 7, 1e-6)
+    with pytest.raises(ValueError, match="q_weight must have shape"):
+        R.qk_norm_rope_reference(q, k, wq[:-1], wk, cos, sin, heads, 1e-6)
+    with pytest.raises(ValueError, match="cos must be"):
+        R.qk_norm_rope_reference(q, k, wq, wk, cos[:, :-1], sin, heads, 1e-6)
+    if R.HAS_TRITON:
+        with pytest.raises(ValueError, match="float64"):
+            R.qk_norm_rope(q, k, wq, wk, cos.bfloat16(), sin.bfloat16(), heads, 1e-6)
+        with pytest.raises(ValueError, match="bfloat16 or float16"):
+            R.qk_norm_rope(q.float(), k.float(), wq, wk, cos, sin, heads, 1e-6)
+
+
+@not_interp
+def test_custom_op_registration():
+    from wanquant.kernels import ops
+
+    q, k, wq, wk, cos, sin, heads = case()
+    torch.library.opcheck(ops.qk_norm_rope, (q, k, wq, wk, cos, sin, heads, 1e-6))
+    got = ops.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
+    want = R.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def _bf16_transformer():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, rope_max_seq_len=64).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or "scale_shift" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    keep = model._keep_in_fp32_modules  # as from_pretrained(torch_dtype=bf16) loads it; buffers keep their dtype
+    for name, p in model.named_parameters():
+        if not any(k in name.split(".") for k in keep):
+            p.data = p.data.to(torch.bfloat16)
+    assert model.rope.freqs_cos.dtype == torch.float32
+    return model
+
+
+def _forward(model):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 3, 8, 12, generator=g).to(torch.bfloat16)
+    ctx = torch.randn(1, 7, 32, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=torch.tensor([700.0]), encoder_hidden_states=ctx,
+                     return_dict=False)[0]
+
+
+@not_interp
+def test_processor_swaps_in_with_int8_and_computes_what_stock_does(monkeypatch):
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from wanquant.kernels import ops
+    from wanquant.model import attention as MA
+    from wanquant.model.processor import FusedRopeAttnProcessor
+
+    model = _bf16_transformer()
+    MA.set_self_attention(model, "int8_reference")
+    want = _forward(model)  # stock processor? no: set above; compare with the stock class below
+    assert all(type(b.attn1.processor) is FusedRopeAttnProcessor for b in model.blocks)
+    assert all(type(b.attn2.processor) is WanAttnProcessor for b in model.blocks)  # cross-attention untouched
+    calls = []
+    real = ops.qk_norm_rope
+    monkeypatch.setattr(ops, "qk_norm_rope", lambda *a: calls.append(1) or real(*a))
+    fused = _forward(model)
+    assert len(calls) == 2  # one per block
+    for b in model.blocks:  # the stock class with the same backend: the same numbers (the CPU op is diffusers' math)
+        backend = b.attn1.processor._attention_backend
+        b.attn1.set_processor(WanAttnProcessor())
+        b.attn1.processor._attention_backend = backend
+    assert torch.equal(_forward(model), fused) and torch.equal(want, fused)
+    MA.set_self_attention(model, "int8_reference")
+    MA.set_self_attention(model, "sdpa")
+    assert all(type(b.attn1.processor) is WanAttnProcessor for b in model.blocks)
+    assert MA.self_attention_mode(model) == "sdpa"
+
+
+@not_interp
+def test_processor_compiles_without_graph_breaks():
+    from wanquant.model import attention as MA
+
+    model = _bf16_transformer()
+    MA.set_self_attention(model, "int8_reference")
+    eager = _forward(model)
+    block = model.blocks[0]
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    block.forward = torch.compile(block.forward, fullgraph=True)
+    try:
+        compiled = _forward(model)
+    finally:
+        del block.forward
+    assert torch.isfinite(compiled).all()
+    assert (compiled.float() - eager.float()).norm() <= 0.05 * eager.float().norm()
