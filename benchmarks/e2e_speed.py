@@ -108,6 +108,20 @@ def split_profile(events) -> tuple[dict[str, float], list[dict]]:
     return parts, sorted(kernels, key=lambda k: -k["seconds"])[:12]
 
 
+def inductor_options(text: str) -> dict[str, bool | int]:
+    """``"a=1,b=0"`` -> Inductor settings for ``torch.compile(options=...)``, each cast to
+    the type of its current value (bool or int); an unknown name raises."""
+    import torch._inductor.config as inductor_config
+
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        current = getattr(inductor_config, key)  # AttributeError names an unknown setting
+        out[key] = bool(int(value)) if isinstance(current, bool) else int(value)
+    return out
+
+
 def latent_shape(res: str, frames: int, in_channels: int) -> tuple[int, ...]:
     h, w = (int(v) for v in res.split("x"))
     return (1, in_channels, (frames - 1) // 4 + 1, h // 8, w // 8)
@@ -157,7 +171,7 @@ class Bench:
             for layer in quantized_layers(model).values():
                 layer.prepare_for_compile(self.device)
         if mode.compiled:
-            compile_blocks(model, backend=self.args.compile_backend)
+            compile_blocks(model, backend=self.args.compile_backend, options=inductor_options(self.args.inductor_options))
         else:
             uncompile_blocks(model)
         return model
@@ -301,6 +315,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", help="an e2e_speed.json whose rows are kept and not measured again")
     p.add_argument("--budget-s", type=float, default=0.0, help="start no row after this many seconds (0: no limit)")
     p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--inductor-options", default="", help="Inductor settings for the compiled modes, "
+                   "e.g. coordinate_descent_tuning=1 (comma list of key=int; 0/1 for switches)")
     a = p.parse_args(argv)
     if a.tiny:  # toy sizes unless given
         a.resolutions = "64x64,32x64" if a.resolutions == ",".join(RESOLUTIONS) else a.resolutions
@@ -310,7 +326,8 @@ def main(argv=None) -> int:
     from wanquant.kernels.attention import env_config
 
     payload = {**run_metadata(), "rows": [], "attn_config": env_config().describe(),
-               "act_launch": os.environ.get(ACT_LAUNCH_ENV) or "default (dispatch.act_plan)"}
+               "act_launch": os.environ.get(ACT_LAUNCH_ENV) or "default (dispatch.act_plan)",
+               "inductor_options": inductor_options(a.inductor_options)}
     if a.resume:
         old = json.loads(Path(a.resume).read_text())
         payload["rows"] = [r for r in old["rows"] if "error" not in r]

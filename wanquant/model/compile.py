@@ -51,18 +51,22 @@ def _prepare_hook(transformer: nn.Module):
 
 
 def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: str = "inductor",
-                   fullgraph: bool = False, dynamic: bool = False) -> int:
+                   fullgraph: bool = False, dynamic: bool = False, options: dict | None = None) -> int:
     """Compile every block's ``forward`` of ``transformer``; returns how many blocks.
 
-    ``mode``/``backend``/``fullgraph``/``dynamic`` go to ``torch.compile``. Calling it
-    again recompiles with the new arguments.
+    ``mode``/``backend``/``fullgraph``/``dynamic``/``options`` (Inductor settings, e.g.
+    ``{"coordinate_descent_tuning": True}``; not together with ``mode``) go to
+    ``torch.compile``. Calling it again recompiles with the new arguments.
     """
+    if mode is not None and options:
+        raise ValueError("torch.compile takes a mode or Inductor options, not both")
     uncompile_blocks(transformer)
     blocks = blocks_of(transformer)
     for block in blocks:
         prev = block.__dict__.get("forward")  # token chunking sets an instance forward
         block.__dict__[_PREV] = prev
-        block.forward = torch.compile(block.forward, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+        block.forward = torch.compile(block.forward, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic,
+                                      options=options or None)
     setattr(transformer, _HOOK, transformer.register_forward_pre_hook(_prepare_hook(transformer), with_kwargs=True))
     return len(blocks)
 
