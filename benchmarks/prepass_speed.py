@@ -40,6 +40,7 @@ from wanquant.kernels import rope as R
 # (layer, K): the activation widths of a Wan block (qkv, o, cross q/o and FFN up read 5120)
 ACT_SHAPES = {"qkv_o_ffnup": 5120, "ffn_down": 13824}
 RANK = 32
+ROPE_LAUNCHES = [(nw, rows) for nw in (4, 8, 16) for rows in (1, 2, 4, 8)]  # (num_warps, rows per program)
 HEADS, HEAD_DIM = 40, 128
 # (block_m, block_k, num_warps, num_stages, programs per SM or None for one per block)
 ACT_LAUNCHES = [(bm, bk, nw, 3, per_sm) for bm in (16, 32) for bk in (128, 256) for nw in (4, 8)
@@ -139,7 +140,10 @@ def rope_rows(s: int, device: torch.device, tbps: float) -> list[dict]:
     want = R.qk_norm_rope_reference(*args)
     impls = {"diffusers eager": lambda: R.qk_norm_rope_reference(*args),
              "diffusers + torch.compile": torch.compile(lambda: R.qk_norm_rope_reference(*args)),
-             "wanquant qk_norm_rope": lambda: R.qk_norm_rope(*args)}
+             "wanquant qk_norm_rope (default)": lambda: R.qk_norm_rope(*args)}
+    for nw, rows in ROPE_LAUNCHES:
+        impls[f"wanquant w{nw}-r{rows}"] = lambda nw=nw, rows=rows: R.qk_norm_rope(*args, num_warps=nw,
+                                                                                   rows_per_program=rows)
     rows = []
     for name, fn in impls.items():
         got = fn()

@@ -95,44 +95,48 @@ if HAS_TRITON:
         return (bits & ~((1 << drop) - 1)).to(tl.float64, bitcast=True).to(tl.float32)
 
     @triton.jit
-    def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, T, H, eps,
+    def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, T, H, eps,
                              stride_xb, stride_xt, stride_cb, stride_ct, stride_sb, stride_st,
-                             D2: tl.constexpr, BLOCK_H: tl.constexpr, MANT: tl.constexpr, F64: tl.constexpr):
-        row = tl.program_id(0)
-        b = row // T
-        t = row % T
+                             D2: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, MANT: tl.constexpr,
+                             F64: tl.constexpr):
         h = tl.arange(0, BLOCK_H)[:, None]
         col = h * (2 * D2) + tl.arange(0, 2 * D2)[None, :]  # [BLOCK_H, D]: row-contiguous loads
         mask = h < H
-        x = tl.load(x_ptr + b * stride_xb + t * stride_xt + col, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)
-        ms = tl.sum(x * x) / (H * 2 * D2)
-        y = _round_f32_to_16((x * (1.0 / tl.sqrt_rn(ms + eps))) * w, MANT)
-        y1, y2 = tl.split(tl.reshape(y, [BLOCK_H, D2, 2]))  # the pairs (2i, 2i+1), [BLOCK_H, D2] each
         tab = tl.arange(0, 2 * D2)
-        c, _ = tl.split(tl.reshape(tl.load(cos_ptr + b * stride_cb + t * stride_ct + tab), [D2, 2]))
-        _, s = tl.split(tl.reshape(tl.load(sin_ptr + b * stride_sb + t * stride_st + tab), [D2, 2]))
-        c = c[None, :]
-        s = s[None, :]
-        if F64:
-            y1 = y1.to(tl.float64)
-            y2 = y2.to(tl.float64)
-            o1 = _round_f64_to_16(y1 * c - y2 * s, MANT)
-            o2 = _round_f64_to_16(y1 * s + y2 * c, MANT)
-        else:
-            c = c.to(tl.float32)
-            s = s.to(tl.float32)
-            o1 = _round_f32_to_16(y1 * c - y2 * s, MANT)
-            o2 = _round_f32_to_16(y1 * s + y2 * c, MANT)
-        o = tl.reshape(tl.join(o1, o2), [BLOCK_H, 2 * D2]).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + row * (H * 2 * D2) + col, o, mask=mask)
+        w = tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)  # once for ROWS rows
+        for i in range(ROWS):
+            row = tl.program_id(0) * ROWS + i
+            if row < n_rows:
+                b = row // T
+                t = row % T
+                x = tl.load(x_ptr + b * stride_xb + t * stride_xt + col, mask=mask, other=0.0).to(tl.float32)
+                ms = tl.sum(x * x) / (H * 2 * D2)
+                y = _round_f32_to_16((x * (1.0 / tl.sqrt_rn(ms + eps))) * w, MANT)
+                y1, y2 = tl.split(tl.reshape(y, [BLOCK_H, D2, 2]))  # the pairs (2i, 2i+1), [BLOCK_H, D2] each
+                c, _ = tl.split(tl.reshape(tl.load(cos_ptr + b * stride_cb + t * stride_ct + tab), [D2, 2]))
+                _, s = tl.split(tl.reshape(tl.load(sin_ptr + b * stride_sb + t * stride_st + tab), [D2, 2]))
+                c = c[None, :]
+                s = s[None, :]
+                if F64:
+                    y1 = y1.to(tl.float64)
+                    y2 = y2.to(tl.float64)
+                    o1 = _round_f64_to_16(y1 * c - y2 * s, MANT)
+                    o2 = _round_f64_to_16(y1 * s + y2 * c, MANT)
+                else:
+                    c = c.to(tl.float32)
+                    s = s.to(tl.float32)
+                    o1 = _round_f32_to_16(y1 * c - y2 * s, MANT)
+                    o2 = _round_f32_to_16(y1 * s + y2 * c, MANT)
+                o = tl.reshape(tl.join(o1, o2), [BLOCK_H, 2 * D2]).to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + row.to(tl.int64) * (H * 2 * D2) + col, o, mask=mask)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                 cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float, num_warps: int = 8
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float, num_warps: int = 8,
+                 rows_per_program: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`qk_norm_rope_reference`: ``q``, ``k`` may be strided views
-    (a fused q/k/v projection's chunks) with a unit last stride; outputs are contiguous."""
+    (a fused q/k/v projection's chunks) with a unit last stride; outputs are contiguous.
+    Each program does ``rows_per_program`` tokens, loading the norm weight once for them."""
     b, t, h, d = _check(q, k, q_weight, k_weight, cos, sin, heads)
     if q.dtype not in _DTYPES or k.dtype != q.dtype:
         raise ValueError(f"q and k must be bfloat16 or float16 of one dtype, got {q.dtype} and {k.dtype}")
@@ -151,8 +155,9 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
         cs = [(tab.stride(0) if tab.shape[0] > 1 else 0, tab.stride(1)) for tab in (cos, sin)]
         if cos.stride(3) != 1 or sin.stride(3) != 1:
             raise ValueError("the rotary tables need a unit last stride")
-        _qk_norm_rope_kernel[(b * t,)](x, w, cos, sin, out, t, h, float(eps), x.stride(0), x.stride(1),
-                                       *cs[0], *cs[1], D2=d // 2, BLOCK_H=block_h, MANT=mant,
-                                       F64=cos.dtype == torch.float64, num_warps=num_warps)
+        grid = (triton.cdiv(b * t, rows_per_program),)
+        _qk_norm_rope_kernel[grid](x, w, cos, sin, out, b * t, t, h, float(eps), x.stride(0), x.stride(1),
+                                   *cs[0], *cs[1], D2=d // 2, BLOCK_H=block_h, ROWS=rows_per_program, MANT=mant,
+                                   F64=cos.dtype == torch.float64, num_warps=num_warps)
         outs.append(out)
     return outs[0], outs[1]
