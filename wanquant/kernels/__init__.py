@@ -12,8 +12,11 @@
   its options in :mod:`~wanquant.kernels.attention_config`, its PyTorch reference in
   :mod:`~wanquant.kernels.attention_reference`, its Triton kernels in
   :mod:`~wanquant.kernels.attention_triton` and its warp-specialized Gluon main loop in
-  :mod:`~wanquant.kernels.attention_ws`.
-* :mod:`~wanquant.kernels.ops`: the W4A4 fast path and the 8-bit attention as
+  :mod:`~wanquant.kernels.attention_ws`;
+* :mod:`~wanquant.kernels.rope`: Wan's q/k RMS-norm (over all heads) and rotary in one
+  pass, before the 8-bit attention;
+* :mod:`~wanquant.kernels.ops`: the W4A4 fast path, the 8-bit attention and the q/k norm +
+  rotary as
   ``torch.library`` custom ops (fake implementations for ``torch.compile``, PyTorch
   references on CPU).
 
