@@ -71,23 +71,25 @@ class FusedRopeAttnProcessor(WanAttnProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def with_fused_rope(proc) -> WanAttnProcessor:
-    """A :class:`FusedRopeAttnProcessor` with ``proc``'s settings if ``proc`` is the stock
-    processor; ``proc`` itself otherwise (someone else's processor is left alone)."""
-    if type(proc) is not WanAttnProcessor:
+def _recast(proc, old: type, new: type):
+    """A ``new`` processor with ``proc``'s settings (attention backend, parallel config) if
+    ``proc`` is exactly an ``old`` one; ``proc`` itself otherwise (someone else's processor
+    is left alone)."""
+    if type(proc) is not old:
         return proc
-    new = FusedRopeAttnProcessor()
-    new.__dict__.update(proc.__dict__)
-    return new
+    out = new()
+    out.__dict__.update(proc.__dict__)
+    return out
+
+
+def with_fused_rope(proc) -> WanAttnProcessor:
+    """The stock processor ``proc`` as a :class:`FusedRopeAttnProcessor`."""
+    return _recast(proc, WanAttnProcessor, FusedRopeAttnProcessor)
 
 
 def without_fused_rope(proc) -> WanAttnProcessor:
-    """The stock processor with ``proc``'s settings if ``proc`` is a :class:`FusedRopeAttnProcessor`."""
-    if type(proc) is not FusedRopeAttnProcessor:
-        return proc
-    new = WanAttnProcessor()
-    new.__dict__.update(proc.__dict__)
-    return new
+    """A :class:`FusedRopeAttnProcessor` ``proc`` as the stock processor."""
+    return _recast(proc, FusedRopeAttnProcessor, WanAttnProcessor)
 
 
 def is_wan_processor(proc) -> bool:
