@@ -1,18 +1,23 @@
 #!/bin/bash
-# One GPU call for the memory-bound pre-passes (benchmarks/prepass_speed.py): times the q/k
-# norm + rotary against diffusers eager and compiled, the K/V
-# statistics + quantization against its floor, and the activation quantization's default
-# launch against grid-stride launches (few programs per SM, for L2 reuse of its second pass);
-# then the 720p step (benchmarks/e2e_speed.py) with the fastest correct launch set through
-# WANQUANT_ACT_LAUNCH. Run from the repository root after installing the wheels diffusers needs:
+# One GPU call for the memory-bound pre-passes (benchmarks/prepass_speed.py): the GPU tests of
+# the fused q/k norm + rotary, then its launches against diffusers' arithmetic eager and
+# compiled, the K/V statistics + quantization against its floor, and the activation
+# quantization's default launch against grid-stride launches (few programs per SM, for L2
+# reuse of its second pass); then the 720p step (benchmarks/e2e_speed.py) with the fastest
+# correct activation launch set through WANQUANT_ACT_LAUNCH; then, if time is left, the
+# compiled W4A4 step once more with Inductor's coordinate-descent tuning. Run from the
+# repository root after installing the wheels diffusers needs:
 #   OUT=/root/out LIMIT=560 bash benchmarks/prepass_check.sh
 # LIMIT: seconds the whole script may take; MODES: the e2e modes, fastest-to-decide first.
-# If a grid-stride launch wins, make it the rule in dispatch.act_plan and rerun e2e_speed in full.
+# If a grid-stride launch wins, make it the rule in dispatch.act_plan; if a q/k norm launch
+# beats the default, make it qk_norm_rope's default; then rerun e2e_speed in full.
 set -u
 T0=$(date +%s); left() { echo $(( ${LIMIT:-575} - ($(date +%s) - T0) )); }
 OUT=${OUT:-benchmarks/results/prepass_check}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_rope_gpu.py > $OUT/rope_gpu_tests.txt 2>&1
+echo "rope GPU tests rc=$?"; tail -2 $OUT/rope_gpu_tests.txt
 timeout 160 python3 -m benchmarks.prepass_speed --out $OUT/prepass --budget-s 110 --launches bm16-bk128-w4-s3-p1xSM \
   bm16-bk128-w8-s3-p1xSM bm32-bk128-w8-s3-p1xSM bm16-bk128-w4-s3-p2xSM \
   > $OUT/prepass_log.txt 2>&1
@@ -37,4 +42,9 @@ echo "act launch override: '${ACT}'"
 WANQUANT_ACT_LAUNCH=$ACT timeout $(( $(left) - 5 )) python3 -m benchmarks.e2e_speed --out $OUT/e2e --resolutions 720x1280 --modes ${MODES:-bf16_eager,w4a4_int8attn_compile,bf16_compile,bf16_int8attn_compile,w4a4} \
   --budget-s $(( $(left) - 75 )) > $OUT/e2e_log.txt 2>&1
 echo "e2e rc=$?"; grep -E "x \(|MISSED|met|step_s" $OUT/e2e_log.txt | tail -16
+if [ $(left) -gt 130 ]; then
+  WANQUANT_ACT_LAUNCH=$ACT timeout $(( $(left) - 5 )) python3 -m benchmarks.e2e_speed --out $OUT/e2e_cd --resolutions 720x1280 \
+    --modes w4a4_int8attn_compile --inductor-options coordinate_descent_tuning=1 --budget-s 30 > $OUT/e2e_cd_log.txt 2>&1
+  echo "e2e coordinate descent rc=$?"; grep -E "step_s" $OUT/e2e_cd_log.txt | tail -2
+fi
 echo "done $(( $(date +%s) - T0 ))s"
