@@ -34,3 +34,21 @@ def test_kernel_matches_reference_on_gpu(kw):
         assert torch.isfinite(g).all()
         steps = ulp_steps(g, w)
         assert steps.max() <= 1 and (steps > 0).float().mean() <= 1e-3
+
+
+def test_offsets_past_2_31_elements():
+    """Two 70,000-token rows of a fused q/k/v buffer: 2.15e9 elements, past int32 offsets."""
+    b, t, heads, d = 2, 70_000, 40, 128
+    c = heads * d
+    g = torch.Generator(device="cuda").manual_seed(3)
+    qkv = torch.randn(b, t, 3 * c, device="cuda", generator=g, dtype=torch.bfloat16)
+    q, k = qkv[..., :c], qkv[..., c:2 * c]
+    w = torch.rand(2, c, device="cuda", generator=g).add_(0.5).to(torch.bfloat16)
+    angle = torch.arange(t, device="cuda", dtype=torch.float64)[:, None] * torch.rand(
+        d // 2, device="cuda", dtype=torch.float64, generator=g).repeat_interleave(2)[None]
+    cos, sin = angle.cos()[None, :, None].float(), angle.sin()[None, :, None].float()
+    got = R.qk_norm_rope(q, k, w[0], w[1], cos, sin, heads, 1e-6)
+    tail = slice(t - 64, t)  # the rows whose offsets pass 2^31; the op is row by row
+    want = R.qk_norm_rope_reference(q[1:, tail], k[1:, tail], w[0], w[1], cos[:, tail], sin[:, tail], heads, 1e-6)
+    for gt, wt in zip(got, want):
+        assert ulp_steps(gt[1:, tail], wt).max() <= 1

@@ -107,8 +107,8 @@ if HAS_TRITON:
         for i in range(ROWS):
             row = tl.program_id(0) * ROWS + i
             if row < n_rows:
-                b = row // T
-                t = row % T
+                b = (row // T).to(tl.int64)  # a [2, 75,600, 15,360] q/k/v buffer passes 2^31 elements
+                t = (row % T).to(tl.int64)
                 x = tl.load(x_ptr + b * stride_xb + t * stride_xt + col, mask=mask, other=0.0).to(tl.float32)
                 ms = tl.sum(x * x) / (H * 2 * D2)
                 y = _round_f32_to_16((x * (1.0 / tl.sqrt_rn(ms + eps))) * w, MANT)
