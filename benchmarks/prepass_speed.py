@@ -147,16 +147,22 @@ def rope_rows(s: int, device: torch.device, tbps: float) -> list[dict]:
     rows = []
     for name, fn in impls.items():
         got = fn()
-        steps = torch.cat([(a.view(torch.int16).int() - b.view(torch.int16).int()).abs().flatten()
-                           for a, b in zip(got, want)])
+        steps = torch.cat([R.rounding_steps(a, b).flatten() for a, b in zip(got, want)])
         mismatch = (steps != 0).float().mean().item()
+        # the baselines are not checked: Inductor skips the bf16 rounding between the norm and
+        # the rotary (its compiled numbers differ from eager's by a few bf16 steps)
+        ours = name.startswith("wanquant")
         row = {"kernel": "qk_norm_rope", "S": s, "heads": HEADS, "head_dim": HEAD_DIM, "launch": name,
-               "check_ok": bool(mismatch <= 1e-3 and steps.max().item() <= 1), "mismatch_fraction": mismatch,
+               "check_ok": bool(mismatch <= 1e-3 and steps.max().item() <= 1) if ours else None,
+               "mismatch_fraction": mismatch,
                "ms": round(bench(fn), 4), "floor_ms": round(floor_ms, 4), "floor_2read_ms": round(floor_ms, 4)}
         row["vs_floor"] = round(row["ms"] / floor_ms, 3)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+CHECK = {True: "ok", False: "FAIL", None: "baseline"}
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -167,7 +173,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         launch = r.get("launch", "-") + (" (default)" if r.get("default") else "")
         ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "-")[:60]
         lines.append(f"| {r['kernel']} | {shape} | {launch} | {ms} | {r['floor_ms']:.3f} / {r['floor_2read_ms']:.3f} "
-                     f"| {r.get('vs_floor', '-')} | {'ok' if r.get('check_ok') else 'FAIL'} |")
+                     f"| {r.get('vs_floor', '-')} | {'error' if 'error' in r else CHECK[r.get('check_ok')]} |")
     return "\n".join(lines) + "\n"
 
 

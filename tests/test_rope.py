@@ -41,14 +41,7 @@ def fp64_definition(x, w, cos, sin, heads, eps):
     return torch.stack([y1 * c - y2 * s, y1 * s + y2 * c], dim=-1).flatten(-2)
 
 
-def ulp_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``|a - b|`` in units of the 16-bit dtype's spacing at ``max(|a|, |b|, 2^-6)``. The
-    outputs are O(1) (normed values times weights near 1); the floor keeps a rotary sum that
-    cancels to near zero, where fp32 rounding alone may flip its sign, from counting as far."""
-    mant = 7 if a.dtype == torch.bfloat16 else 10
-    big = torch.maximum(a.float().abs(), b.float().abs()).clamp_min(2.0 ** -6)
-    spacing = torch.ldexp(torch.ones_like(big), torch.frexp(big).exponent - 1 - mant)
-    return ((a.float() - b.float()).abs() / spacing).ceil()
+ulp_steps = R.rounding_steps
 
 
 @not_interp

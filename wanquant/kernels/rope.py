@@ -74,6 +74,17 @@ def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Ten
     return one(q, q_weight), one(k, k_weight)
 
 
+def rounding_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``|a - b|`` of two 16-bit outputs in units of their dtype's spacing at ``max(|a|, |b|,
+    2^-6)``: how far apart in rounding steps. The outputs are O(1) (normed values times
+    weights near 1); the floor keeps a rotary sum that cancels to near zero, where fp32
+    rounding alone may flip its sign, from counting as far."""
+    mant = 7 if a.dtype == torch.bfloat16 else 10
+    big = torch.maximum(a.float().abs(), b.float().abs()).clamp_min(2.0 ** -6)
+    spacing = torch.ldexp(torch.ones_like(big), torch.frexp(big).exponent - 1 - mant)
+    return ((a.float() - b.float()).abs() / spacing).ceil()
+
+
 if HAS_TRITON:
 
     @triton.jit
