@@ -4,14 +4,16 @@ Wan's self-attention normalises the projected queries and keys over the whole in
 dimension (``torch.nn.RMSNorm(heads * head_dim)``, affine) and then rotates each head's
 channel pairs ``(2i, 2i+1)`` with diffusers' rotary tables: ``cos``/``sin`` of shape
 ``[1, T, 1, D]`` (float32: computed in float64, stored as float32) whose even (cos) and odd
-(sin) entries are used. Compiled, this is
-one Inductor reduction kernel per block that reads the de-interleaved pairs with strided
-scalar loads and took 3.2 ms at 75,600 tokens on an H200, where moving its bytes takes
-about 0.8 ms. :func:`qk_norm_rope` does the same arithmetic with contiguous loads:
+(sin) entries are used. Compiled, this is one Inductor reduction kernel per block that
+reads the de-interleaved pairs with strided scalar loads and took 3.2 ms at 75,600 tokens
+on an H200, where moving its bytes takes about 0.8 ms. :func:`qk_norm_rope` does the same
+arithmetic with contiguous loads:
 
-* one program per token row (of ``q`` or of ``k``), holding the row as a
-  ``[heads, head_dim / 2, 2]`` tile, so each pair is split in registers and each token's
-  ``head_dim`` table entries are loaded once for all heads;
+* each program takes a few token rows (of ``q`` or of ``k``) one after the other, loading
+  each row as a ``[heads, head_dim]`` tile (16-byte accesses) and splitting the pairs in
+  registers (``reshape`` to ``[heads, head_dim / 2, 2]``, ``split``; ``join`` back for the
+  store); a token's table row is loaded once for all heads, the norm weight once per
+  program;
 * the norm as ``torch``'s ``_fused_rms_norm`` defines it: fp32 ``x * rsqrt(mean(x^2) +
   eps) * w``, rounded to the input dtype; the rotary as diffusers computes it: the rounded
   values times the tables in the tables' dtype, rounded once more.
