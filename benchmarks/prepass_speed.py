@@ -10,7 +10,9 @@ Two kernels read every activation before the compute-bound kernels run:
   then INT8 K and e4m3 V), on K and V as strided views of a fused q/k/v buffer;
 * the q/k RMS-norm + rotary before it (``kernels.rope.qk_norm_rope``), against the same
   arithmetic as diffusers runs it, eagerly and ``torch.compile``-d (what a compiled block
-  ran before wanquant's processor took it over).
+  ran before wanquant's processor took it over);
+* the block's residual + LayerNorm + modulation steps (``kernels.adaln.residual_norm``, not
+  yet used by the block), against the same expressions eager and ``torch.compile``-d.
 
 Every act_quant launch's output is checked against the default launch (e4m3 codes and row
 scales bit for bit, the low-rank projection to 1e-6); the K/V codes against the PyTorch
@@ -33,6 +35,7 @@ import torch
 
 from benchmarks.common.meta import RESULTS_DIR, run_metadata, write_results
 from wanquant.kernels import act_quant as A
+from wanquant.kernels import adaln as N
 from wanquant.kernels import attention as K
 from wanquant.kernels import dispatch as D
 from wanquant.kernels import rope as R
@@ -41,6 +44,7 @@ from wanquant.kernels import rope as R
 ACT_SHAPES = {"qkv_o_ffnup": 5120, "ffn_down": 13824}
 RANK = 32
 ROPE_LAUNCHES = [(nw, rows) for nw in (4, 8, 16) for rows in (1, 2, 4, 8)]  # (num_warps, rows per program)
+NORM_LAUNCHES = [(nw, rows) for nw in (8, 16) for rows in (1, 2, 4)]
 HEADS, HEAD_DIM = 40, 128
 # (block_m, block_k, num_warps, num_stages, programs per SM or None for one per block)
 ACT_LAUNCHES = [(bm, bk, nw, 3, per_sm) for bm in (16, 32) for bk in (128, 256) for nw in (4, 8)
@@ -103,6 +107,55 @@ def act_rows(m: int, device: torch.device, tbps: float, sms: int, budget_s: floa
     return rows
 
 
+def _baseline_and_ours(kernel: str, shape: dict, impls: dict, want, floor_ms: float) -> list[dict]:
+    """Time each of ``impls`` (name -> fn returning a tuple like ``want``); names starting
+    with "wanquant" are checked against ``want`` (at most one rounding step, rarely)."""
+    rows = []
+    for name, fn in impls.items():
+        ours = name.startswith("wanquant")
+        row = {"kernel": kernel, **shape, "launch": name, "floor_ms": round(floor_ms, 4),
+               "floor_2read_ms": round(floor_ms, 4)}
+        try:
+            got = fn()
+            steps = torch.cat([R.rounding_steps(a, b).flatten() for a, b in zip(got, want)])
+            mismatch = (steps != 0).float().mean().item()
+            # the baselines are not checked: Inductor may skip roundings between ops (its
+            # compiled numbers differ from eager's by a few 16-bit steps)
+            row["check_ok"] = bool(mismatch <= 1e-3 and steps.max().item() <= 1) if ours else None
+            row["mismatch_fraction"] = mismatch
+            row["ms"] = round(bench(fn), 4)
+            row["vs_floor"] = round(row["ms"] / floor_ms, 3)
+        except Exception as e:  # a launch that does not fit, a compile failure: recorded, the run goes on
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def norm_rows(s: int, device: torch.device, tbps: float) -> list[dict]:
+    g = torch.Generator(device=device).manual_seed(s + 2)
+    c = HEADS * HEAD_DIM
+    x = (torch.randn(1, s, c, device=device, generator=g) * 4).to(torch.bfloat16)
+    y = torch.randn(1, s, c, device=device, generator=g).to(torch.bfloat16)
+    gate, scale, shift = (torch.randn(3, 1, 1, c, device=device, generator=g) * 0.3).unbind(0)
+    w, b = torch.rand(c, device=device, generator=g) + 0.5, torch.randn(c, device=device, generator=g) * 0.1
+    steps = {"norm1 + modulation": (dict(x=x, scale=scale, shift=shift), 2),
+             "gated residual + norm2": (dict(x=x, y=y, gate=gate, weight=w, bias=b), 4),
+             "residual + norm3 + modulation": (dict(x=x, y=y, scale=scale, shift=shift), 4)}
+    rows = []
+    for step, (kw, tensors) in steps.items():
+        floor_ms = tensors * s * c * 2 / (tbps * 1e9)
+        want = N.residual_norm_reference(**kw)
+        impls = {"diffusers eager": lambda kw=kw: N.residual_norm_reference(**kw),
+                 "diffusers + torch.compile": torch.compile(lambda kw=kw: N.residual_norm_reference(**kw)),
+                 "wanquant residual_norm (default)": lambda kw=kw: N.residual_norm(**kw)}
+        for nw, r in NORM_LAUNCHES:
+            impls[f"wanquant w{nw}-r{r}"] = lambda kw=kw, nw=nw, r=r: N.residual_norm(**kw, num_warps=nw,
+                                                                                  rows_per_program=r)
+        rows += _baseline_and_ours("residual_norm", {"S": s, "step": step}, impls, want, floor_ms)
+    return rows
+
+
 def kv_rows(s: int, device: torch.device, tbps: float) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(s)
     qkv = torch.randn(1, s, 3, HEADS, HEAD_DIM, device=device, generator=g).to(torch.bfloat16)
@@ -144,26 +197,7 @@ def rope_rows(s: int, device: torch.device, tbps: float) -> list[dict]:
     for nw, rows in ROPE_LAUNCHES:
         impls[f"wanquant w{nw}-r{rows}"] = lambda nw=nw, rows=rows: R.qk_norm_rope(*args, num_warps=nw,
                                                                                    rows_per_program=rows)
-    rows = []
-    for name, fn in impls.items():
-        ours = name.startswith("wanquant")
-        row = {"kernel": "qk_norm_rope", "S": s, "heads": HEADS, "head_dim": HEAD_DIM, "launch": name,
-               "floor_ms": round(floor_ms, 4), "floor_2read_ms": round(floor_ms, 4)}
-        try:
-            got = fn()
-            steps = torch.cat([R.rounding_steps(a, b).flatten() for a, b in zip(got, want)])
-            mismatch = (steps != 0).float().mean().item()
-            # the baselines are not checked: Inductor skips the bf16 rounding between the norm
-            # and the rotary (its compiled numbers differ from eager's by a few bf16 steps)
-            row["check_ok"] = bool(mismatch <= 1e-3 and steps.max().item() <= 1) if ours else None
-            row["mismatch_fraction"] = mismatch
-            row["ms"] = round(bench(fn), 4)
-            row["vs_floor"] = round(row["ms"] / floor_ms, 3)
-        except Exception as e:  # a launch that does not fit, a compile failure: recorded, the run goes on
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+    return _baseline_and_ours("qk_norm_rope", {"S": s, "heads": HEADS, "head_dim": HEAD_DIM}, impls, want, floor_ms)
 
 
 CHECK = {True: "ok", False: "FAIL", None: "baseline"}
@@ -173,7 +207,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"- copy bandwidth: {meta['copy_TBps']:.2f} TB/s\n",
              "| kernel | shape | launch | ms | floor ms (1 read / 2 reads) | x floor | check |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        shape = f"M={r['M']} K={r['K']}" if r["kernel"] == "act_quant" else f"S={r['S']}"
+        shape = f"M={r['M']} K={r['K']}" if r["kernel"] == "act_quant" else f"S={r['S']}" + (
+            f", {r['step']}" if "step" in r else "")
         launch = r.get("launch", "-") + (" (default)" if r.get("default") else "")
         ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "-")[:60]
         lines.append(f"| {r['kernel']} | {shape} | {launch} | {ms} | {r['floor_ms']:.3f} / {r['floor_2read_ms']:.3f} "
@@ -197,6 +232,7 @@ def main() -> None:
     meta["copy_TBps"] = round(copy_tbps(device), 3)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     rows = rope_rows(args.tokens, device, meta["copy_TBps"])
+    rows += norm_rows(args.tokens, device, meta["copy_TBps"])
     rows += kv_rows(args.tokens, device, meta["copy_TBps"])
     launches = ACT_LAUNCHES if args.launches is None else [(*l, p) for l, p in map(D.parse_act_launch, args.launches)]
     rows += act_rows(args.tokens, device, meta["copy_TBps"], sms, args.budget_s, t0, launches)

@@ -90,7 +90,7 @@ def rounding_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _round_f32_to_16(v, MANT: tl.constexpr):
+    def round_f32_to_16bit(v, MANT: tl.constexpr):
         """fp32 ``v`` rounded to nearest even at ``MANT`` stored mantissa bits (exact in the
         16-bit type afterwards)."""
         drop: tl.constexpr = 23 - MANT
@@ -99,7 +99,7 @@ if HAS_TRITON:
         return (bits & ~((1 << drop) - 1)).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _round_f64_to_16(v, MANT: tl.constexpr):
+    def round_f64_to_16bit(v, MANT: tl.constexpr):
         """fp64 ``v`` rounded to nearest even at ``MANT`` stored mantissa bits, as fp32
         (exact there: the 16-bit types' exponent ranges fit fp32's)."""
         drop: tl.constexpr = 52 - MANT
@@ -124,7 +124,7 @@ if HAS_TRITON:
                 t = (row % T).to(tl.int64)
                 x = tl.load(x_ptr + b * stride_xb + t * stride_xt + col, mask=mask, other=0.0).to(tl.float32)
                 ms = tl.sum(x * x) / (H * 2 * D2)
-                y = _round_f32_to_16((x * (1.0 / tl.sqrt_rn(ms + eps))) * w, MANT)
+                y = round_f32_to_16bit((x * (1.0 / tl.sqrt_rn(ms + eps))) * w, MANT)
                 y1, y2 = tl.split(tl.reshape(y, [BLOCK_H, D2, 2]))  # the pairs (2i, 2i+1), [BLOCK_H, D2] each
                 c, _ = tl.split(tl.reshape(tl.load(cos_ptr + b * stride_cb + t * stride_ct + tab), [D2, 2]))
                 _, s = tl.split(tl.reshape(tl.load(sin_ptr + b * stride_sb + t * stride_st + tab), [D2, 2]))
@@ -133,13 +133,13 @@ if HAS_TRITON:
                 if F64:
                     y1 = y1.to(tl.float64)
                     y2 = y2.to(tl.float64)
-                    o1 = _round_f64_to_16(y1 * c - y2 * s, MANT)
-                    o2 = _round_f64_to_16(y1 * s + y2 * c, MANT)
+                    o1 = round_f64_to_16bit(y1 * c - y2 * s, MANT)
+                    o2 = round_f64_to_16bit(y1 * s + y2 * c, MANT)
                 else:
                     c = c.to(tl.float32)
                     s = s.to(tl.float32)
-                    o1 = _round_f32_to_16(y1 * c - y2 * s, MANT)
-                    o2 = _round_f32_to_16(y1 * s + y2 * c, MANT)
+                    o1 = round_f32_to_16bit(y1 * c - y2 * s, MANT)
+                    o2 = round_f32_to_16bit(y1 * s + y2 * c, MANT)
                 o = tl.reshape(tl.join(o1, o2), [BLOCK_H, 2 * D2]).to(out_ptr.dtype.element_ty)
                 tl.store(out_ptr + row.to(tl.int64) * (H * 2 * D2) + col, o, mask=mask)
 
