@@ -17,6 +17,8 @@ high-noise expert at t = 950). Modes:
 ``w4a4_int8attn_compile``  W4A4 + 8-bit self-attention + compiled blocks
 ``w4a4_int8attn``,         the two halves of the last one (only if asked)
 ``w4a4_compile``
+``w4a4_int8attn_``         the last but one with the block's norm steps as wanquant
+``fusednorms_compile``     kernels (``compile_blocks(fused_norms=True)``; only if asked)
 =========================  ========================================================
 
 Per row: one untimed warm-up forward through ONE block (Triton JIT, cuBLAS heuristics;
@@ -64,6 +66,7 @@ class Mode:
     quantized: bool
     attention: str  # "sdpa" or "int8"
     compiled: bool
+    fused_norms: bool = False  # compile_blocks(fused_norms=True): the norm steps as wanquant kernels
 
 
 MODES = {m.name: m for m in (
@@ -74,6 +77,7 @@ MODES = {m.name: m for m in (
     Mode("w4a4_int8attn_compile", True, "int8", True),
     Mode("w4a4_int8attn", True, "int8", False),
     Mode("w4a4_compile", True, "sdpa", True),
+    Mode("w4a4_int8attn_fusednorms_compile", True, "int8", True, fused_norms=True),
 )}
 # The five, most needed first (the targets compare the first three).
 DEFAULT_MODES = ("bf16_eager", "w4a4_int8attn_compile", "bf16_compile", "w4a4", "bf16_int8attn_compile")
@@ -171,7 +175,8 @@ class Bench:
             for layer in quantized_layers(model).values():
                 layer.prepare_for_compile(self.device)
         if mode.compiled:
-            compile_blocks(model, backend=self.args.compile_backend, options=inductor_options(self.args.inductor_options))
+            compile_blocks(model, backend=self.args.compile_backend, options=inductor_options(self.args.inductor_options),
+                           fused_norms=mode.fused_norms)
         else:
             uncompile_blocks(model)
         return model

@@ -97,3 +97,54 @@ def test_bad_inputs_name_the_problem():
             A.residual_norm(kw["x"], kw["y"], kw["gate"].bfloat16())
         with pytest.raises(ValueError, match="contiguous"):
             A.residual_norm(kw["x"].transpose(0, 1).contiguous().transpose(0, 1), kw["y"], kw["gate"])
+
+
+@not_interp
+def test_ops_registration():
+    from wanquant.kernels import ops
+
+    for step in STEPS:
+        kw = case(step)
+        if step == "norm1":
+            torch.library.opcheck(ops.norm_modulate, (kw["x"], kw["scale"], kw["shift"], 1e-6))
+        else:
+            args = (kw["x"], kw["y"], kw.get("gate"), kw.get("weight"), kw.get("bias"), kw.get("scale"),
+                    kw.get("shift"), 1e-6)
+            torch.library.opcheck(ops.residual_norm, args)
+            assert all(torch.equal(g, w) for g, w in zip(ops.residual_norm(*args), A.residual_norm_reference(*args)))
+
+
+@not_interp
+def test_fused_block_forward_is_the_stock_block_on_cpu_and_compiles(monkeypatch):
+    import types
+
+    from test_rope import _bf16_transformer, _forward
+
+    from wanquant.model.compile import compile_blocks, uncompile_blocks
+    from wanquant.model.fused_block import covered, fused_block_forward
+
+    model = _bf16_transformer()
+    stock = _forward(model)
+    calls = []
+    for block in model.blocks:
+        block.forward = types.MethodType(fused_block_forward, block)
+    from wanquant.kernels import ops
+
+    real = ops.residual_norm
+    with monkeypatch.context() as m:
+        m.setattr(ops, "residual_norm", lambda *a: calls.append(1) or real(*a))
+        fused = _forward(model)
+    for block in model.blocks:
+        del block.forward
+    assert len(calls) == 4  # two per block
+    assert torch.equal(fused, stock)  # the CPU ops are diffusers' arithmetic
+    x = torch.zeros(1, 3, 64, dtype=torch.bfloat16)
+    assert covered(model.blocks[0], x, torch.zeros(1, 6, 64)) and not covered(model.blocks[0], x.float(),
+                                                                               torch.zeros(1, 6, 64))
+    compile_blocks(model, backend="aot_eager", fullgraph=True, fused_norms=True)
+    try:
+        compiled = _forward(model)
+    finally:
+        uncompile_blocks(model)
+    assert "forward" not in model.blocks[0].__dict__
+    assert (compiled.float() - stock.float()).norm() <= 0.02 * stock.float().norm()

@@ -16,7 +16,8 @@
 * :mod:`~wanquant.kernels.rope`: Wan's q/k RMS-norm (over all heads) and rotary in one
   pass, before the 8-bit attention;
 * :mod:`~wanquant.kernels.adaln`: a block's residual + LayerNorm + AdaLN modulation steps
-  in one pass per row (benchmarked against Inductor; not yet called by the block);
+  in one pass per row (a candidate: the block calls it only when compiled with
+  ``fused_norms=True``);
 * :mod:`~wanquant.kernels.ops`: the W4A4 fast path, the 8-bit attention and the q/k norm +
   rotary as
   ``torch.library`` custom ops (fake implementations for ``torch.compile``, PyTorch

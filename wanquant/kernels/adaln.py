@@ -17,9 +17,10 @@ three with each row read once (contiguous 16-byte accesses) and both outputs wri
 Roundings to the output dtype are done on the bit pattern before the cast (exact then), so
 the CPU interpreter, which truncates on narrowing casts, gives the GPU's bits.
 
-Not yet wired into the block: ``benchmarks/prepass_speed.py`` times it against the same
-expressions eager and ``torch.compile``-d, which decides whether a block forward calling it
-pays.
+:mod:`wanquant.model.fused_block` calls it (as custom ops) when blocks are compiled with
+``fused_norms=True``, off by default until measured: ``benchmarks/prepass_speed.py`` times
+it against the same expressions eager and ``torch.compile``-d, and ``e2e_speed``'s
+``w4a4_int8attn_fusednorms_compile`` mode times the step with it.
 """
 
 from __future__ import annotations

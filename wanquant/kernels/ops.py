@@ -12,7 +12,10 @@ norms, rotary, gates, residuals) stays unfused. Registered as opaque ops with a 
 * ``wanquant::attention_int8``: :func:`~wanquant.kernels.attention.attention_int8`
   (K/V pre-pass + main kernel), ``[B, S, H, D]`` in and out;
 * ``wanquant::qk_norm_rope``: :func:`~wanquant.kernels.rope.qk_norm_rope`, Wan's q/k
-  RMS-norm and rotary in one pass (Inductor's own fusion of it is 4x off its memory floor).
+  RMS-norm and rotary in one pass (Inductor's own fusion of it is 4x off its memory floor);
+* ``wanquant::norm_modulate`` and ``wanquant::residual_norm``:
+  :func:`~wanquant.kernels.adaln.residual_norm` without and with a residual addend (the
+  block's modulated LayerNorms; a candidate, see that module).
 
 Each op's CPU implementation runs the PyTorch references of the same steps
 (:func:`~wanquant.kernels.act_quant.act_quant_reference`,
@@ -34,6 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from wanquant.kernels import adaln as N
 from wanquant.kernels import attention as A
 from wanquant.kernels.act_quant import act_quant_reference, pad_rows
 from wanquant.kernels.gemm import GemmConfig, gemm_reference
@@ -189,4 +193,51 @@ def _(q, k, q_weight, k_weight, cos, sin, heads, eps):
     return q.contiguous(), k.contiguous()
 
 
-__all__ = ["attention_int8", "launch_key", "qk_norm_rope", "w4a4_linear"]
+# ---------------------------------------------------------------------------------------
+# the block's residual + LayerNorm + modulation steps
+@torch.library.custom_op("wanquant::norm_modulate", mutates_args=())
+def norm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
+    """``LN(x) * (1 + scale) + shift`` in x's dtype (``x`` ``[B, T, C]``; ``scale``/``shift`` ``[B, 1, C]`` fp32)."""
+    raise NotImplementedError(f"wanquant::norm_modulate has no implementation for {x.device.type} tensors")
+
+
+@norm_modulate.register_fake
+def _(x, scale, shift, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@norm_modulate.register_kernel("cuda")
+def _(x, scale, shift, eps):
+    return N.residual_norm(x.contiguous(), scale=scale, shift=shift, eps=eps)[1]
+
+
+@norm_modulate.register_kernel("cpu")
+def _(x, scale, shift, eps):
+    return N.residual_norm_reference(x, scale=scale, shift=shift, eps=eps)[1].contiguous()
+
+
+@torch.library.custom_op("wanquant::residual_norm", mutates_args=())
+def residual_norm(x: Tensor, y: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  scale: Optional[Tensor], shift: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """``x + y [* gate]`` (rounded to x's dtype) and its LayerNorm [``* w + b``] [``* (1 + scale) + shift``]."""
+    raise NotImplementedError(f"wanquant::residual_norm has no implementation for {x.device.type} tensors")
+
+
+@residual_norm.register_fake
+def _(x, y, gate, weight, bias, scale, shift, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@residual_norm.register_kernel("cuda")
+def _(x, y, gate, weight, bias, scale, shift, eps):
+    return N.residual_norm(x.contiguous(), y.contiguous(), gate, weight, bias, scale, shift, eps)
+
+
+@residual_norm.register_kernel("cpu")
+def _(x, y, gate, weight, bias, scale, shift, eps):
+    x_new, n = N.residual_norm_reference(x, y, gate, weight, bias, scale, shift, eps)
+    return x_new.contiguous(), n.contiguous()
+
+
+__all__ = ["attention_int8", "launch_key", "norm_modulate", "qk_norm_rope", "residual_norm", "w4a4_linear"]

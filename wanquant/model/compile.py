@@ -25,6 +25,7 @@ undoes it.
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 from torch import nn
@@ -51,12 +52,16 @@ def _prepare_hook(transformer: nn.Module):
 
 
 def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: str = "inductor",
-                   fullgraph: bool = False, dynamic: bool = False, options: dict | None = None) -> int:
+                   fullgraph: bool = False, dynamic: bool = False, options: dict | None = None,
+                   fused_norms: bool = False) -> int:
     """Compile every block's ``forward`` of ``transformer``; returns how many blocks.
 
     ``mode``/``backend``/``fullgraph``/``dynamic``/``options`` (Inductor settings, e.g.
     ``{"coordinate_descent_tuning": True}``; not together with ``mode``) go to
-    ``torch.compile``. Calling it again recompiles with the new arguments.
+    ``torch.compile``. ``fused_norms``: compile
+    :func:`~wanquant.model.fused_block.fused_block_forward` (the norm steps as wanquant
+    kernels) instead of the stock forward, where no other forward (token chunking) is set.
+    Calling it again recompiles with the new arguments.
     """
     if mode is not None and options:
         raise ValueError("torch.compile takes a mode or Inductor options, not both")
@@ -65,7 +70,12 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
     for block in blocks:
         prev = block.__dict__.get("forward")  # token chunking sets an instance forward
         block.__dict__[_PREV] = prev
-        block.forward = torch.compile(block.forward, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic,
+        forward = block.forward
+        if fused_norms and prev is None:
+            from wanquant.model.fused_block import fused_block_forward
+
+            forward = types.MethodType(fused_block_forward, block)
+        block.forward = torch.compile(forward, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic,
                                       options=options or None)
     setattr(transformer, _HOOK, transformer.register_forward_pre_hook(_prepare_hook(transformer), with_kwargs=True))
     return len(blocks)
