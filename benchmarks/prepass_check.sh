@@ -12,7 +12,9 @@
 # LIMIT: seconds the whole script may take; MODES: the e2e modes, fastest-to-decide first.
 # If a grid-stride launch wins, make it the rule in dispatch.act_plan; if a q/k norm launch
 # beats the default, make it qk_norm_rope's default; if residual_norm beats Inductor's
-# compiled expressions, give the block a forward that calls it; then rerun e2e_speed in full.
+# compiled expressions, time the step with it (MODES=...,w4a4_int8attn_fusednorms_compile)
+# and, if faster, make compile_blocks(fused_norms=True) wanquant's default; then rerun
+# e2e_speed in full.
 set -u
 T0=$(date +%s); left() { echo $(( ${LIMIT:-575} - ($(date +%s) - T0) )); }
 OUT=${OUT:-benchmarks/results/prepass_check}
