@@ -122,19 +122,21 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Te
             raise ValueError(f"{name} must be float32 (diffusers keeps the modulation and norms in fp32), got {v.dtype}")
     if not x.is_contiguous() or (y is not None and not y.is_contiguous()):
         raise ValueError("x and y must be contiguous")
-    x_new = torch.empty_like(x) if y is not None else x
-    n = torch.empty_like(x)
     if scale is not None and shift.shape != scale.shape:
         raise ValueError(f"scale and shift must have one shape, got {tuple(scale.shape)} and {tuple(shift.shape)}")
-    mod = [v.contiguous() if v is not None else None for v in (gate, scale, shift)]
-    per_video = [c if v is not None and v.shape[0] > 1 else 0 for v in mod[:2]]  # [B, 1, C] rows
-    dummy = x  # pointers the kernel does not read when a flag is off
+    x_new = torch.empty_like(x) if y is not None else x
+    n = torch.empty_like(x)
+
+    def ptr(v):  # an unused operand (its flag off) passes x, which the kernel does not read
+        return x if v is None else v.contiguous()
+
+    def row_stride(v):  # [B, 1, C] modulation rows: one per video, or one shared
+        return c if v is not None and v.shape[0] > 1 else 0
+
     grid = (triton.cdiv(b * t, rows_per_program),)
     _residual_norm_kernel[grid](
-        x, y if y is not None else dummy, mod[0] if gate is not None else dummy,
-        weight if weight is not None else dummy, bias if bias is not None else dummy,
-        mod[1] if scale is not None else dummy, mod[2] if shift is not None else dummy, x_new, n,
-        b * t, t, c, float(eps), per_video[0], per_video[1],
+        x, ptr(y), ptr(gate), ptr(weight), ptr(bias), ptr(scale), ptr(shift), x_new, n,
+        b * t, t, c, float(eps), row_stride(gate), row_stride(scale),
         BLOCK_C=triton.next_power_of_2(c), ROWS=rows_per_program, MANT=7 if x.dtype == torch.bfloat16 else 10,
         HAS_Y=y is not None, HAS_GATE=gate is not None, AFFINE=weight is not None, MODULATE=scale is not None,
         num_warps=num_warps)

@@ -158,17 +158,17 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
                          f"got {cos.dtype} and {sin.dtype}")
     if d & (d - 1):
         raise ValueError(f"head_dim {d} is not a power of two")
+    if cos.stride(3) != 1 or sin.stride(3) != 1:
+        raise ValueError("the rotary tables need a unit last stride")
     mant = 7 if q.dtype == torch.bfloat16 else 10
     block_h = triton.next_power_of_2(h)
+    cs = [(tab.stride(0) if tab.shape[0] > 1 else 0, tab.stride(1)) for tab in (cos, sin)]  # per-video or shared
+    grid = (triton.cdiv(b * t, rows_per_program),)
     outs = []
     for x, w in ((q, q_weight), (k, k_weight)):
         if x.stride(2) != 1:
             x = x.contiguous()
         out = torch.empty(b, t, h, d, dtype=x.dtype, device=x.device)
-        cs = [(tab.stride(0) if tab.shape[0] > 1 else 0, tab.stride(1)) for tab in (cos, sin)]
-        if cos.stride(3) != 1 or sin.stride(3) != 1:
-            raise ValueError("the rotary tables need a unit last stride")
-        grid = (triton.cdiv(b * t, rows_per_program),)
         _qk_norm_rope_kernel[grid](x, w, cos, sin, out, b * t, t, h, float(eps), x.stride(0), x.stride(1),
                                    *cs[0], *cs[1], D2=d // 2, BLOCK_H=block_h, ROWS=rows_per_program, MANT=mant,
                                    F64=cos.dtype == torch.float64, num_warps=num_warps)
