@@ -184,3 +184,25 @@ def test_processor_compiles_without_graph_breaks():
         del block.forward
     assert torch.isfinite(compiled).all()
     assert (compiled.float() - eager.float()).norm() <= 0.05 * eager.float().norm()
+
+
+def test_pair_steps_bound_a_flipped_rounding_through_the_rotation():
+    """One rounding step of a normalised value, rotated by any angle, stays <= 2 pair steps
+    (its own step at the pair's length, plus the outputs' rounding), while a plain per-element
+    metric counts it as many steps where a coordinate cancels."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    y = (torch.randn(4096, 2, generator=g, dtype=torch.float64) * 2).to(torch.bfloat16)
+    y2 = y.clone()
+    y2[:, 0] = torch.nextafter(y[:, 0], torch.full_like(y[:, 0], float("inf")))  # one bf16 step up
+    angle = torch.rand(4096, generator=g, dtype=torch.float64) * 6.3
+    c, s = angle.cos(), angle.sin()
+
+    def rotate(v):
+        v = v.double()
+        return torch.stack([v[:, 0] * c - v[:, 1] * s, v[:, 0] * s + v[:, 1] * c], -1).to(torch.bfloat16)
+
+    a, b = rotate(y), rotate(y2)
+    steps = R.pair_rounding_steps(a.view(1, -1), b.view(1, -1))
+    assert steps.max() <= 2 and steps.max() >= 1
+    assert R.rounding_steps(a, b).max() > 2  # cancellation: the per-element metric would call it far
+    assert R.pair_rounding_steps(a.view(1, -1), a.view(1, -1)).max() == 0

@@ -14,8 +14,8 @@ arithmetic with contiguous loads:
   registers (``reshape`` to ``[heads, head_dim / 2, 2]``, ``split``; ``join`` back for the
   store); a token's table row is loaded once for all heads, the norm weight once per
   program;
-* the norm as ``torch``'s ``_fused_rms_norm`` defines it: fp32 ``x * rsqrt(mean(x^2) +
-  eps) * w``, rounded to the input dtype; the rotary as diffusers computes it: the rounded
+* the norm as ``torch``'s decomposition of ``_fused_rms_norm`` defines it (what Inductor
+  compiles): fp32 ``x * rsqrt(mean(x^2) + eps) * w``, rounded once to the input dtype; the rotary as diffusers computes it: the rounded
   values times the tables in the tables' dtype, rounded once more.
 
 Both roundings are done explicitly (round to nearest even on the bit pattern) before the
@@ -65,7 +65,11 @@ def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Ten
     _check(q, k, q_weight, k_weight, cos, sin, heads)
 
     def one(x, w):
-        y = torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps).unflatten(2, (heads, -1))
+        # Written out rather than F.rms_norm: CUDA's eager kernel may round x * rstd before
+        # the weight; torch's decomposition (what Inductor compiles, and the CPU) rounds once.
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = (xf * rstd * w.float()).to(x.dtype).unflatten(2, (heads, -1))
         y1, y2 = y.unflatten(-1, (-1, 2)).unbind(-1)
         c, s = cos[..., 0::2], sin[..., 1::2]
         out = torch.empty_like(y)
@@ -85,6 +89,21 @@ def rounding_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     big = torch.maximum(a.float().abs(), b.float().abs()).clamp_min(2.0 ** -6)
     spacing = torch.ldexp(torch.ones_like(big), torch.frexp(big).exponent - 1 - mant)
     return ((a.float() - b.float()).abs() / spacing).ceil()
+
+
+def pair_rounding_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance of two rotated outputs ``[..., D]`` per channel pair ``(2i, 2i+1)``, in units
+    of their dtype's spacing at the pair's length (at least 2^-6).
+
+    The rotary turns each normalised pair by an angle, which keeps its length: a rounding
+    step of the normalised values (the GPU's approximate rsqrt and contracted multiply-adds
+    flip a few of them) stays one step at the pair's length, however much one coordinate
+    cancels. Within one such step plus the output's own rounding: <= 2."""
+    mant = 7 if a.dtype == torch.bfloat16 else 10
+    pa, pb = (t.float().unflatten(-1, (-1, 2)) for t in (a, b))
+    length = torch.maximum(pa.norm(dim=-1), pb.norm(dim=-1)).clamp_min(2.0 ** -6)
+    spacing = torch.ldexp(torch.ones_like(length), torch.frexp(length).exponent - 1 - mant)
+    return ((pa - pb).norm(dim=-1) / spacing).ceil()
 
 
 if HAS_TRITON:
