@@ -19,6 +19,9 @@ high-noise expert at t = 950). Modes:
 ``w4a4_compile``
 ``w4a4_int8attn_``         the last but one with the block's norm steps as wanquant
 ``fusednorms_compile``     kernels (``compile_blocks(fused_norms=True)``; only if asked)
+``w4a4_int8attn_2pass_``   ``w4a4_int8attn_compile`` with the activation kernel's own
+``compile``                first pass for the row maxima (``row_amax_in_graph=False``;
+                           only if asked)
 =========================  ========================================================
 
 Per row: one untimed warm-up forward through ONE block (Triton JIT, cuBLAS heuristics;
@@ -67,6 +70,7 @@ class Mode:
     attention: str  # "sdpa" or "int8"
     compiled: bool
     fused_norms: bool = False  # compile_blocks(fused_norms=True): the norm steps as wanquant kernels
+    row_amax_in_graph: bool = True  # compile_blocks(row_amax_in_graph=...): False = two-pass activation kernel
 
 
 MODES = {m.name: m for m in (
@@ -78,6 +82,7 @@ MODES = {m.name: m for m in (
     Mode("w4a4_int8attn", True, "int8", False),
     Mode("w4a4_compile", True, "sdpa", True),
     Mode("w4a4_int8attn_fusednorms_compile", True, "int8", True, fused_norms=True),
+    Mode("w4a4_int8attn_2pass_compile", True, "int8", True, row_amax_in_graph=False),
 )}
 # The five, most needed first (the targets compare the first three).
 DEFAULT_MODES = ("bf16_eager", "w4a4_int8attn_compile", "bf16_compile", "w4a4", "bf16_int8attn_compile")
@@ -176,7 +181,7 @@ class Bench:
                 layer.prepare_for_compile(self.device)
         if mode.compiled:
             compile_blocks(model, backend=self.args.compile_backend, options=inductor_options(self.args.inductor_options),
-                           fused_norms=mode.fused_norms)
+                           fused_norms=mode.fused_norms, row_amax_in_graph=mode.row_amax_in_graph)
         else:
             uncompile_blocks(model)
         return model

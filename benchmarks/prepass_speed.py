@@ -75,18 +75,31 @@ def act_rows(m: int, device: torch.device, tbps: float, sms: int, budget_s: floa
         m_pad = A.pad_rows(m)
         floor_ms = (m * k * 3) / (tbps * 1e9)  # read bf16 once, write e4m3 once
 
+        amax = A.row_absmax_reference(x, inv)
+
         def run(launch):
             bm, bk, bk1, nw, ns = D.fit_act_launch(launch[:4], A.padded_rank(RANK))
             progs = None if launch[4] is None else launch[4] * sms
+            given = amax if len(launch) > 5 and launch[5] else None
             return lambda: A.act_quant(x, inv, l1s, 0.9, 0, nsplit=D.NSPLIT, m_pad=m_pad, block_m=bm, block_k=bk,
-                                       block_k_lr=bk1, num_warps=nw, num_stages=ns, programs=progs)
+                                       block_k_lr=bk1, num_warps=nw, num_stages=ns, programs=progs, row_amax=given)
 
         default = (*D.act_launch_for(m, device), None)
         want = run(default)()
-        for launch in [default, *launches]:
+        # "+amax": one pass over x, the row maxima given (in a compiled block Inductor computes
+        # them in the kernel that writes x); "amax alone": what they cost where nothing fuses them
+        amax_alone = torch.compile(lambda: A.row_absmax_reference(x, inv))
+        amax_ms = bench(amax_alone)
+        rows.append({"kernel": "act_quant", "layer": layer, "M": m, "K": k, "launch": "row maxima alone (compiled)",
+                     "ms": round(amax_ms, 4), "floor_ms": round(m * k * 2 / (tbps * 1e9), 4),
+                     "floor_2read_ms": round(m * k * 2 / (tbps * 1e9), 4),
+                     "check_ok": bool(torch.equal(amax_alone(), amax))})
+        print(json.dumps(rows[-1]), flush=True)
+        for launch in [default, (*default, True), *launches]:
             if time.time() - t0 > budget_s:
                 break
-            name = "bm{}-bk{}-w{}-s{}".format(*launch[:4]) + ("" if launch[4] is None else f"-p{launch[4]}xSM")
+            name = ("bm{}-bk{}-w{}-s{}".format(*launch[:4]) + ("" if launch[4] is None else f"-p{launch[4]}xSM")
+                    + ("+amax" if len(launch) > 5 else ""))
             row = {"kernel": "act_quant", "layer": layer, "M": m, "K": k, "rank": RANK, "launch": name,
                    "default": launch is default, "floor_ms": round(floor_ms, 4),
                    "floor_2read_ms": round(floor_ms * 5 / 3, 4)}

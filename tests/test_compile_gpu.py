@@ -73,3 +73,38 @@ def test_compiled_block_matches_eager(seed, attention, backend, tol):
         torch._dynamo.reset()
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
     assert relative_error(got, want) < tol, relative_error(got, want)
+
+
+@pytest.mark.parametrize("k", [512, 1536])
+def test_row_maxima_fused_by_inductor_are_exact(seed, k):
+    """The compiled layer's row maxima, computed by Inductor in the kernel that writes its
+    input (here a modulated LayerNorm), are the activation kernel's own: the op's output is
+    bit-identical to the two-pass kernel on the same input."""
+    from test_runtime import random_params
+    from wanquant.formats import MXFP4
+    from wanquant.kernels import ops
+    from wanquant.kernels.act_quant import row_absmax_reference
+    from wanquant.kernels.dispatch import FastW4A4
+
+    gen = torch.Generator().manual_seed(seed)
+    params = random_params(256, k, 16, 3, gen)
+    f = FastW4A4.prepare(params, MXFP4, "cuda")
+    key = ops.launch_key(f.gemm_config, f.act_launch)
+    clip = params.clip_table.double()
+
+    def layer(x, amax):
+        return ops.w4a4_linear(x, f.qweight, f.wscales, f.s_w, f.w_row_scale, f.inv_smooth, f.l1s, f.l2cat, None,
+                               None, f.bias, clip, 1, MXFP4.scale_rule, f.backend, key, amax)
+
+    def block(h, scale, shift):
+        x = (torch.nn.functional.layer_norm(h.float(), (k,)) * (1 + scale) + shift).to(torch.bfloat16)
+        return x, layer(x, row_absmax_reference(x, f.inv_smooth))
+
+    h = (torch.randn(2, 700, k, generator=gen) * 3).to("cuda", torch.bfloat16)
+    scale, shift = (torch.randn(2, 1, k, generator=gen).to("cuda") * 0.5 for _ in range(2))
+    torch._dynamo.reset()
+    try:
+        x, got = torch.compile(block, fullgraph=True)(h, scale, shift)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, layer(x, None))

@@ -57,7 +57,8 @@ def _params(n: int, k: int, r: int, seed: int) -> QuantizedLinearParams:
 @pytest.mark.parametrize("m", [1, 77, 1000])
 @pytest.mark.parametrize("k", [5120, 13824])
 @pytest.mark.parametrize("rule,clip,off,bm,bk", [("ocp_floor", 1.0, 0, 64, 128), ("safe_ceil", 0.7, -1, 32, 256)])
-def test_act_kernel_bit_exact(m, k, rule, clip, off, bm, bk):
+@pytest.mark.parametrize("given_amax", [False, True])
+def test_act_kernel_bit_exact(m, k, rule, clip, off, bm, bk, given_amax):
     x = _x(m, k, seed=m + k)
     inv = 1.0 / (torch.rand(k, generator=torch.Generator().manual_seed(k)) * 1.5 + 0.5)
     r = 32
@@ -70,8 +71,9 @@ def test_act_kernel_bit_exact(m, k, rule, clip, off, bm, bk):
         torch.full((m_pad, 2 * r), float("nan"), dtype=torch.bfloat16, device=CUDA),
         torch.full((m_pad, k // 32), 127, dtype=torch.int8, device=CUDA),
     )
+    amax = A.row_absmax_reference(x.to(CUDA), inv.to(CUDA)) if given_amax else None  # one pass over x
     got = A.act_quant(x.to(CUDA), inv.to(CUDA), l1s.to(CUDA), clip, off, rule, write_exps=True,
-                      block_m=bm, block_k=bk, out=out)
+                      block_m=bm, block_k=bk, out=out, row_amax=amax)
     torch.cuda.synchronize()
     ref = A.act_quant_reference(x, inv, l1s, clip, off, rule)
     # Equal e4m3 values (so equal codes and exponents). The one allowed difference is the

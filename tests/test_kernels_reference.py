@@ -168,6 +168,49 @@ def test_act_kernel_bit_exact(K, m, k, r, rule, clip, off, bm, bk, programs):
 
 
 @interp
+@pytest.mark.parametrize(
+    "m,k,r,bm,bk,bk1,programs",
+    [
+        (5, 128, 8, 16, 64, None, None),
+        (33, 160, 0, 32, 32, None, None),  # no low-rank branch
+        (50, 160, 16, 16, 32, None, 2),  # grid-stride: each program loops over two row blocks
+        (20, 256, 32, 16, 128, 32, None),  # a wide branch's shorter K step: the maxima are ignored
+    ],
+)
+def test_act_kernel_with_given_row_maxima(K, m, k, r, bm, bk, bk1, programs):
+    """One pass over x with its row maxima given (as Inductor computes them where x is
+    written): the same codes, exponents and row scales as the reference, and the low-rank
+    projection of the two-pass kernel."""
+    x = _activations(m, k, seed=int(torch.randint(0, 2**30, ())))
+    g = torch.Generator().manual_seed(k + r)
+    inv = 1.0 / (torch.rand(k, generator=g) * 2 + 0.25)
+    l1 = (torch.randn(r, k, generator=g) * 0.05).to(torch.bfloat16) if r else None
+    l1s = K.act_quant.lowrank_weights(l1, inv) if r else None
+    m_pad = K.act_quant.pad_rows(m)
+    width = 2 * K.act_quant.padded_rank(r)
+    amax = K.act_quant.row_absmax_reference(x, inv)
+    kw = dict(write_exps=True, block_m=bm, block_k=bk, block_k_lr=bk1, programs=programs)
+    got = K.act_quant.act_quant(x, inv, l1s, 0.9, 0, "ocp_floor", out=_poisoned_act_out(K, m_pad, k, width),
+                                row_amax=amax, **kw)
+    two_pass = K.act_quant.act_quant(x, inv, l1s, 0.9, 0, "ocp_floor", out=_poisoned_act_out(K, m_pad, k, width),
+                                     **kw)
+    ref = K.act_quant.act_quant_reference(x, inv, l1s, 0.9, 0, "ocp_floor")
+    assert torch.equal(got.q.view(torch.uint8), ref.q.view(torch.uint8))
+    assert torch.equal(got.exps, ref.exps)
+    assert torch.equal(got.row_scale, ref.row_scale)
+    if r:
+        assert not torch.isnan(got.lowrank).any()
+        assert torch.equal(got.lowrank, two_pass.lowrank)  # the same dots in the same K order
+
+
+def test_given_row_maxima_must_be_float32_per_row(K):
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    inv = torch.ones(64)
+    with pytest.raises(ValueError, match="row_amax must be contiguous float32"):
+        K.act_quant.act_quant(x, inv, None, 1.0, 0, row_amax=torch.ones(4, dtype=torch.float64))
+
+
+@interp
 @pytest.mark.parametrize("n,k", [(40, 64), (16, 512), (33, 96), (8, 13824)])
 def test_expand_kernel_bit_exact(K, n, k):
     g = torch.Generator().manual_seed(n + k)

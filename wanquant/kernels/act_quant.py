@@ -102,6 +102,13 @@ def fp8_rows_reference(values: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.where(q8.float() == 0, torch.zeros_like(q8), q8)  # zeros are +0, as the kernels write them
 
 
+def row_absmax_reference(x: torch.Tensor, inv_smooth: torch.Tensor) -> torch.Tensor:
+    """``max_k |x[m, k] * (1/smooth)[k]|`` in fp32 ``[M]``: what the activation kernel's first
+    pass finds (the product is one fp32 rounding and the maximum is exact, so any code that
+    computes it this way gets the same bits)."""
+    return (x.float() * inv_smooth.float()).abs().amax(dim=-1)
+
+
 class ActQuantOut(NamedTuple):
     """What the activation kernel writes (rows padded to ``M_pad``)."""
 
@@ -223,11 +230,30 @@ if HAS_TRITON:
         return b.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _lowrank_dot(x, l1s_ptr, cols, acc, RW: tl.constexpr, INTERPRET: tl.constexpr):
+        """``acc + x @ L1s[cols]`` (fp32 accumulator ``[BM, RW]``)."""
+        w = tl.load(l1s_ptr + cols[:, None] * RW + tl.arange(0, RW)[None, :])  # [BK, RW] bf16
+        if INTERPRET:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+            return tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(x, w, acc)
+
+    @triton.jit
+    def _store_lowrank(acc, lr_ptr, rows64, row_in, R: tl.constexpr, NSPLIT_W: tl.constexpr,
+                       NSPLIT: tl.constexpr, BM: tl.constexpr):
+        lr = tl.sum(tl.reshape(acc, (BM, NSPLIT_W, R)), axis=1)  # x.hi + x.lo
+        rr = tl.arange(0, R)
+        lr_hi = _round_bf16(lr)
+        lr_base = lr_ptr + rows64[:, None] * (NSPLIT * R) + rr[None, :]
+        tl.store(lr_base, lr_hi.to(tl.bfloat16), mask=row_in[:, None])
+        if NSPLIT == 2:
+            tl.store(lr_base + R, _round_bf16(lr - lr_hi).to(tl.bfloat16), mask=row_in[:, None])
+
+    @triton.jit
     def _act_quant_block(
-        blk, x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr,
+        blk, x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr, amax_ptr,
         M, M_pad, K, stride_xm, clip_ratio, exp_offset,
         R: tl.constexpr, NSPLIT_W: tl.constexpr, NSPLIT: tl.constexpr, HAS_LR: tl.constexpr,
-        SAFE_CEIL: tl.constexpr, WRITE_EXPS: tl.constexpr,
+        SAFE_CEIL: tl.constexpr, WRITE_EXPS: tl.constexpr, AMAX_IN: tl.constexpr,
         INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BK1: tl.constexpr,
     ):
         """Row block ``blk`` of :func:`_act_quant_kernel`."""
@@ -241,35 +267,30 @@ if HAS_TRITON:
         # ---- pass 1: row absmax (-> row exponent) and the low-rank down projection ----
         # (its own K step BK1: a wide branch, LoRAs appended, needs a shorter weight tile
         # to fit the pipelined shared memory; see dispatch.fit_act_launch)
+        # (AMAX_IN: the row maxima were computed by whoever wrote x, e.g. fused by Inductor
+        # into the norm that produced it; the low-rank dot then runs in pass 2, at K step BK,
+        # and x is read once.)
         RW: tl.constexpr = NSPLIT_W * R  # hi | lo column blocks of L1 diag(1/smooth)
-        amax = tl.zeros((BM,), dtype=tl.float32)
         if HAS_LR:
             acc = tl.zeros((BM, RW), dtype=tl.float32)
-            rw = tl.arange(0, RW)
-        cols1 = tl.arange(0, BK1)
-        for kb in range(K // BK1):
-            cols = kb * BK1 + cols1
-            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None], other=0.0)
-            xs = x.to(tl.float32) * tl.load(inv_s_ptr + cols)[None, :]
-            amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
-            if HAS_LR:
-                w = tl.load(l1s_ptr + cols[:, None] * RW + rw[None, :])  # [BK, RW] bf16
-                if INTERPRET:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
-                    acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(x, w, acc)
+        if AMAX_IN:
+            amax = tl.load(amax_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            amax = tl.zeros((BM,), dtype=tl.float32)
+            cols1 = tl.arange(0, BK1)
+            for kb in range(K // BK1):
+                cols = kb * BK1 + cols1
+                x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None], other=0.0)
+                xs = x.to(tl.float32) * tl.load(inv_s_ptr + cols)[None, :]
+                amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
+                if HAS_LR:
+                    acc = _lowrank_dot(x, l1s_ptr, cols, acc, RW, INTERPRET)
 
         e_row = _mx_exponent(amax, clip_ratio, exp_offset, SAFE_CEIL)
         s = tl.maximum(e_row - 6, -100)  # HEADROOM, ROW_EXP_MIN
         tl.store(sa_ptr + rows, _exp2i(s), mask=row_in)
-        if HAS_LR:
-            lr = tl.sum(tl.reshape(acc, (BM, NSPLIT_W, R)), axis=1)  # x.hi + x.lo
-            rr = tl.arange(0, R)
-            lr_hi = _round_bf16(lr)
-            lr_base = lr_ptr + rows64[:, None] * (NSPLIT * R) + rr[None, :]
-            tl.store(lr_base, lr_hi.to(tl.bfloat16), mask=row_in[:, None])
-            if NSPLIT == 2:
-                tl.store(lr_base + R, _round_bf16(lr - lr_hi).to(tl.bfloat16), mask=row_in[:, None])
+        if HAS_LR and not AMAX_IN:
+            _store_lowrank(acc, lr_ptr, rows64, row_in, R, NSPLIT_W, NSPLIT, BM)
 
         # ---- pass 2: group exponents, E2M1 rounding at the row scale, e4m3 values ----
         # (x is re-read; the next tile's load is issued before this one is processed so
@@ -286,6 +307,8 @@ if HAS_TRITON:
             k_next = tl.minimum(kb + 1, nk - 1) * BK  # the last iteration re-reads its own tile (cached)
             x_next = tl.load(x_ptrs + k_next, mask=row_ok[:, None], other=0.0)
             inv_next = tl.load(inv_s_ptr + k_next + cols0)
+            if AMAX_IN and HAS_LR:
+                acc = _lowrank_dot(x, l1s_ptr, cols, acc, RW, INTERPRET)
             xs3 = tl.reshape(x.to(tl.float32) * inv[None, :], (BM, G, 32))
             ax3 = tl.abs(xs3)
             e = _mx_exponent(tl.max(ax3, axis=2), clip_ratio, exp_offset, SAFE_CEIL)  # [BM, G]
@@ -304,13 +327,15 @@ if HAS_TRITON:
             if WRITE_EXPS:
                 gcols = kb * G + tl.arange(0, G)
                 tl.store(exps_ptr + rows64[:, None] * (K // 32) + gcols[None, :], e.to(tl.int8), mask=row_in[:, None])
+        if AMAX_IN and HAS_LR:
+            _store_lowrank(acc, lr_ptr, rows64, row_in, R, NSPLIT_W, NSPLIT, BM)
 
     @triton.jit
     def _act_quant_kernel(
-        x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr,
+        x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr, amax_ptr,
         M, M_pad, K, stride_xm, clip_ratio, exp_offset, NBLK,
         R: tl.constexpr, NSPLIT_W: tl.constexpr, NSPLIT: tl.constexpr, HAS_LR: tl.constexpr,
-        SAFE_CEIL: tl.constexpr, WRITE_EXPS: tl.constexpr, GRID_STRIDE: tl.constexpr,
+        SAFE_CEIL: tl.constexpr, WRITE_EXPS: tl.constexpr, AMAX_IN: tl.constexpr, GRID_STRIDE: tl.constexpr,
         INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BK1: tl.constexpr,
     ):
         # GRID_STRIDE: fewer programs than row blocks (``programs``), each looping over
@@ -319,13 +344,13 @@ if HAS_TRITON:
         # registers (more spills at 64-row blocks, in ptxas's counts for sm_90).
         if GRID_STRIDE:
             for blk in range(tl.program_id(0), NBLK, tl.num_programs(0)):
-                _act_quant_block(blk, x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr,
+                _act_quant_block(blk, x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr, amax_ptr,
                                  M, M_pad, K, stride_xm, clip_ratio, exp_offset, R, NSPLIT_W, NSPLIT, HAS_LR,
-                                 SAFE_CEIL, WRITE_EXPS, INTERPRET, BM, BK, BK1)
+                                 SAFE_CEIL, WRITE_EXPS, AMAX_IN, INTERPRET, BM, BK, BK1)
         else:
-            _act_quant_block(tl.program_id(0), x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr,
+            _act_quant_block(tl.program_id(0), x_ptr, inv_s_ptr, l1s_ptr, q_ptr, sa_ptr, lr_ptr, exps_ptr, amax_ptr,
                              M, M_pad, K, stride_xm, clip_ratio, exp_offset, R, NSPLIT_W, NSPLIT, HAS_LR,
-                             SAFE_CEIL, WRITE_EXPS, INTERPRET, BM, BK, BK1)
+                             SAFE_CEIL, WRITE_EXPS, AMAX_IN, INTERPRET, BM, BK, BK1)
 
 
 def _pick_bk(k: int, preferred: int = 512, minimum: int = GROUP) -> int:
@@ -355,6 +380,7 @@ def act_quant(
     out: ActQuantOut | None = None,
     block_k_lr: int | None = None,
     programs: int | None = None,
+    row_amax: torch.Tensor | None = None,
 ) -> ActQuantOut:
     """Quantize ``x [M, K]`` (bf16) to e4m3 rows; see the module docstring.
 
@@ -362,6 +388,10 @@ def act_quant(
     ``[K, 2 * R_pad]``), or None. ``out`` lets a caller reuse (or poison) buffers.
     ``block_k_lr``: the K step of the first pass (the low-rank dot), default ``block_k``.
     ``programs``: how many programs share the row blocks (default: one per block).
+    ``row_amax``: fp32 ``[M]``, exactly :func:`row_absmax_reference` of ``x`` (not checked:
+    a smaller value overflows e4m3), computed where ``x`` was written; then ``x`` is read
+    once instead of twice. Ignored where the low-rank dot needs its own K step
+    (``block_k_lr`` below ``block_k``: a wide branch).
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
@@ -391,13 +421,19 @@ def act_quant(
     if programs is not None and programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
     grid = (nblk if programs is None else min(programs, nblk),)
+    if row_amax is not None:
+        if row_amax.shape != (m,) or row_amax.dtype != torch.float32 or not row_amax.is_contiguous():
+            raise ValueError(f"row_amax must be contiguous float32 [{m}], got {row_amax.dtype} {tuple(row_amax.shape)}")
+        if r and bk1 != bk:
+            row_amax = None
     dummy = out.row_scale
     _act_quant_kernel[grid](
         x, inv_smooth, l1s if r else dummy, out.q, out.row_scale,
-        out.lowrank if r else dummy, out.exps if write_exps else dummy,
+        out.lowrank if r else dummy, out.exps if write_exps else dummy, dummy if row_amax is None else row_amax,
         m, m_pad, k, x.stride(0), float(clip_ratio), int(exp_offset), nblk,
         R=max(r, 16), NSPLIT_W=nsplit_w, NSPLIT=nsplit, HAS_LR=r > 0,
-        SAFE_CEIL=scale_rule == "safe_ceil", WRITE_EXPS=write_exps, GRID_STRIDE=grid[0] < nblk,
+        SAFE_CEIL=scale_rule == "safe_ceil", WRITE_EXPS=write_exps, AMAX_IN=row_amax is not None,
+        GRID_STRIDE=grid[0] < nblk,
         INTERPRET=interpreting(), BM=block_m, BK=bk, BK1=bk1, num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -405,6 +441,7 @@ def act_quant(
 
 __all__ = [
     "ActQuantOut", "GROUP", "HEADROOM", "ROW_EXP_MIN", "act_quant", "act_quant_reference", "bf16_split",
+    "row_absmax_reference",
     "fp8_rows_reference", "interpreting", "lowrank_weights", "lowrank_width", "pad_rows", "padded_rank",
     "row_exponents_from_group_exponents",
 ]

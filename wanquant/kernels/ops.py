@@ -39,7 +39,7 @@ from torch import Tensor
 
 from wanquant.kernels import adaln as N
 from wanquant.kernels import attention as A
-from wanquant.kernels.act_quant import act_quant_reference, pad_rows
+from wanquant.kernels.act_quant import act_quant_reference, pad_rows, row_absmax_reference
 from wanquant.kernels.gemm import GemmConfig, gemm_reference
 from wanquant.kernels.rope import qk_norm_rope as _qk_norm_rope
 from wanquant.kernels.rope import qk_norm_rope_reference
@@ -69,26 +69,29 @@ def _clip_of(clip_table: Tensor, bin_index: int) -> tuple[float, int]:
 def w4a4_linear(x: Tensor, qweight: Tensor, wscales: Tensor, s_w: Tensor, w_row_scale: Tensor, inv_smooth: Tensor,
                 l1s: Optional[Tensor], l2cat: Optional[Tensor], lr_idx: Optional[Tensor], lr_cnt: Optional[Tensor],
                 bias: Optional[Tensor], clip_table: Tensor, bin_index: int, scale_rule: str, backend: str,
-                launch: str) -> Tensor:
+                launch: str, row_amax: Optional[Tensor] = None) -> Tensor:
     """``y [..., N]`` of a W4A4 layer on its fast-path operands (see FastW4A4).
 
     ``clip_table``: the layer's ``[bins, 2]`` (ratio, exponent offset) table in host
     memory; ``bin_index`` picks the row. ``backend``: ``"triton"`` (``l2cat`` holds
     ``[L2|L2] * 2^-s_w``) or ``"cublas"`` (unscaled). ``launch``: a :func:`launch_key`.
+    ``row_amax``: :func:`~wanquant.kernels.act_quant.row_absmax_reference` of ``x`` (fp32,
+    one per row of ``x.reshape(-1, K)``), computed in the graph so that Inductor fuses it
+    into the kernel that writes ``x``; the activation kernel then reads ``x`` once.
     """
     raise NotImplementedError(f"wanquant::w4a4_linear has no implementation for {x.device.type} tensors")
 
 
 @w4a4_linear.register_fake
 def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
-      scale_rule, backend, launch):
+      scale_rule, backend, launch, row_amax=None):
     torch._check(x.shape[-1] == 2 * qweight.shape[1], lambda: "input features do not match the packed weight")
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
 @w4a4_linear.register_kernel("cuda")
 def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
-      scale_rule, backend, launch):
+      scale_rule, backend, launch, row_amax=None):
     from wanquant.kernels import dispatch as D
     from wanquant.kernels.act_quant import act_quant, padded_rank
     from wanquant.kernels.gemm import gemm_cublas, gemm_triton
@@ -108,7 +111,8 @@ def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_
     launch, programs = D.act_plan(m, x.device, act_launch)
     bm, bk, bk1, nw, ns = D.fit_act_launch(launch, padded_rank(r_pad))
     aq = act_quant(x2, inv_smooth, l1s, clip_ratio, exp_offset, scale_rule, nsplit=D.NSPLIT, m_pad=pad_rows(m),
-                   block_m=bm, block_k=bk, num_warps=nw, num_stages=ns, block_k_lr=bk1, programs=programs)
+                   block_m=bm, block_k=bk, num_warps=nw, num_stages=ns, block_k_lr=bk1, programs=programs,
+                   row_amax=None if row_amax is None else row_amax.reshape(m))
     w8 = expand_weight(qweight, wscales, s_w, out=D.weight_scratch(x.device, n * k).view(n, k))
     if backend == "triton":
         chunks = None if lr_idx is None else (lr_idx, lr_cnt)
@@ -122,12 +126,14 @@ def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_
 
 @w4a4_linear.register_kernel("cpu")
 def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
-      scale_rule, backend, launch):
+      scale_rule, backend, launch, row_amax=None):
     # The PyTorch references of the three steps on the same operands (fp64 GEMM, one bf16 rounding).
     clip_ratio, exp_offset = _clip_of(clip_table, bin_index)
     n, k = qweight.shape[0], 2 * qweight.shape[1]
     x2 = x.reshape(-1, k).to(torch.bfloat16)
     m = x2.shape[0]
+    if row_amax is not None and not torch.equal(row_amax.reshape(m), row_absmax_reference(x2, inv_smooth)):
+        raise ValueError("row_amax differs from row_absmax_reference(x, inv_smooth): the kernel would mis-scale rows")
     aq = act_quant_reference(x2, inv_smooth, l1s, clip_ratio, exp_offset, scale_rule, nsplit=2, m_pad=pad_rows(m))
     w8 = expand_weight_reference(qweight, wscales, s_w)
     y = gemm_reference(aq.q, aq.row_scale, w8, w_row_scale, aq.lowrank, l2cat, bias, l2_scaled=backend == "triton")

@@ -53,7 +53,7 @@ def _prepare_hook(transformer: nn.Module):
 
 def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: str = "inductor",
                    fullgraph: bool = False, dynamic: bool = False, options: dict | None = None,
-                   fused_norms: bool = False) -> int:
+                   fused_norms: bool = False, row_amax_in_graph: bool = True) -> int:
     """Compile every block's ``forward`` of ``transformer``; returns how many blocks.
 
     ``mode``/``backend``/``fullgraph``/``dynamic``/``options`` (Inductor settings, e.g.
@@ -61,11 +61,16 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
     ``torch.compile``. ``fused_norms``: compile
     :func:`~wanquant.model.fused_block.fused_block_forward` (the norm steps as wanquant
     kernels) instead of the stock forward, where no other forward (token chunking) is set.
+    ``row_amax_in_graph``: each W4A4 layer's activation row maxima as graph ops (fused by
+    Inductor into the kernel that writes the input; the activation kernel reads it once);
+    False: the activation kernel finds them in a first pass of its own.
     Calling it again recompiles with the new arguments.
     """
     if mode is not None and options:
         raise ValueError("torch.compile takes a mode or Inductor options, not both")
     uncompile_blocks(transformer)
+    for layer in quantized_layers(transformer).values():
+        layer.row_amax_in_graph = row_amax_in_graph
     blocks = blocks_of(transformer)
     for block in blocks:
         prev = block.__dict__.get("forward")  # token chunking sets an instance forward

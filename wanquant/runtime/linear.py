@@ -34,6 +34,7 @@ from torch import nn
 
 from wanquant.formats import GroupFormat
 from wanquant.kernels import ops
+from wanquant.kernels.act_quant import row_absmax_reference
 from wanquant.numerics.lora import LoraPiece, LoraTerm, check_pieces, extend_bias, extend_lowrank
 from wanquant.method.layer import reference_forward
 from wanquant.method.params import QuantizedLinearParams
@@ -89,6 +90,10 @@ class W4A4Linear(nn.Module):
         self.cache_static_input = False
         # With the fast path, move the canonical L1/L2 to host memory (0.27 GB per A14B expert).
         self.lowrank_to_host = True
+        # Compiled fast path: the activation's row maxima as graph ops, which Inductor fuses
+        # into the kernel that writes the input (a norm, the GELU), so the activation kernel
+        # reads it once, not twice (kernels.act_quant; wanquant.model.compile sets it).
+        self.row_amax_in_graph = True
         self.report: dict = {}
         # LoRAs by name, in load order (plain attributes: never in state_dict). Their factors
         # stay in host memory; the effective branch is built on the compute device.
@@ -265,9 +270,12 @@ class W4A4Linear(nn.Module):
         """
         f = self._fast
         idx, cnt = f.lr_chunks if f.lr_chunks is not None else (None, None)
+        amax = None
+        if self.row_amax_in_graph:  # Inductor fuses it into the kernel that wrote x
+            amax = row_absmax_reference(x.to(torch.bfloat16).reshape(-1, self.in_features), f.inv_smooth)
         return ops.w4a4_linear(x, f.qweight, f.wscales, f.s_w, f.w_row_scale, f.inv_smooth, f.l1s, f.l2cat, idx, cnt,
                                f.bias, self._clip_cpu, self.state.bin_index, self.afmt.scale_rule, f.backend,
-                               self._launch_key)
+                               self._launch_key, amax)
 
     def _smoothed(self, x: torch.Tensor) -> torch.Tensor:
         # Multiply by the fp32 reciprocal: the kernels do exactly this, so codes match bit for bit.
