@@ -10,18 +10,18 @@
 # through WANQUANT_ACT_LAUNCH. Run from the repository root after installing the wheels
 # diffusers needs:
 #   OUT=/root/out LIMIT=560 MODES=bf16_eager,w4a4_int8attn_compile bash benchmarks/prepass_check.sh
-# LIMIT: seconds the whole script may take. Failing GPU tests are reported and the timings
+# LIMIT: seconds the whole script may take; TESTS, KERNELS (prepass_speed --kernels) narrow a run. Failing GPU tests are reported and the timings
 # still run (their numbers then describe a kernel that is wrong somewhere: fix it first).
 set -u
 T0=$(date +%s); left() { echo $(( ${LIMIT:-575} - ($(date +%s) - T0) )); }
 OUT=${OUT:-benchmarks/results/prepass_check}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_rope_gpu.py tests/test_compile_gpu.py \
-  "tests/test_kernels_gpu.py::test_act_kernel_bit_exact" > $OUT/gpu_tests.txt 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_rope_gpu.py tests/test_compile_gpu.py \
+  tests/test_kernels_gpu.py::test_act_kernel_bit_exact} > $OUT/gpu_tests.txt 2>&1
 tests_rc=$?
 echo "GPU tests rc=$tests_rc"; grep -E "FAILED|passed|failed" $OUT/gpu_tests.txt | tail -12
-timeout 230 python3 -m benchmarks.prepass_speed --out $OUT/prepass --budget-s 170 --launches ${LAUNCHES:-} \
+timeout 230 python3 -m benchmarks.prepass_speed --out $OUT/prepass --budget-s 170 --launches ${LAUNCHES:-} --kernels ${KERNELS:-rope norm kv act} \
   > $OUT/prepass_log.txt 2>&1
 rc=$?
 echo "prepass rc=$rc ($(left)s left)"; grep "^|" $OUT/prepass_log.txt | grep -vE " w(4|8|16)-r[0-9] " | tail -24

@@ -51,6 +51,9 @@ ACT_LAUNCHES = [(bm, bk, nw, 3, per_sm) for bm in (16, 32) for bk in (128, 256) 
                 for per_sm in (1, 2)] + [(64, 128, 8, 3, 1), (64, 128, 8, 3, 2)]
 
 
+KERNELS = ("rope", "norm", "kv", "act")
+
+
 def bench(fn, rep_ms: int = 100) -> float:
     import triton.testing
 
@@ -253,6 +256,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=200.0, help="later act_quant launches are skipped past it")
     ap.add_argument("--launches", nargs="*", help="act_quant launches to time besides the default, e.g. "
                     "bm16-bk128-w4-s3-p1xSM (default: a grid of block sizes, warps and programs per SM)")
+    ap.add_argument("--kernels", nargs="*", default=list(KERNELS), choices=list(KERNELS),
+                    help="which kernels' rows to measure (default: all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("prepass_speed needs a CUDA GPU")
@@ -261,11 +266,16 @@ def main() -> None:
     meta = run_metadata()
     meta["copy_TBps"] = round(copy_tbps(device), 3)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    rows = rope_rows(args.tokens, device, meta["copy_TBps"])
-    rows += norm_rows(args.tokens, device, meta["copy_TBps"])
-    rows += kv_rows(args.tokens, device, meta["copy_TBps"])
-    launches = ACT_LAUNCHES if args.launches is None else [(*l, p) for l, p in map(D.parse_act_launch, args.launches)]
-    rows += act_rows(args.tokens, device, meta["copy_TBps"], sms, args.budget_s, t0, launches)
+    rows = []
+    if "rope" in args.kernels:
+        rows += rope_rows(args.tokens, device, meta["copy_TBps"])
+    if "norm" in args.kernels:
+        rows += norm_rows(args.tokens, device, meta["copy_TBps"])
+    if "kv" in args.kernels:
+        rows += kv_rows(args.tokens, device, meta["copy_TBps"])
+    if "act" in args.kernels:
+        launches = ACT_LAUNCHES if args.launches is None else [(*l, p) for l, p in map(D.parse_act_launch, args.launches)]
+        rows += act_rows(args.tokens, device, meta["copy_TBps"], sms, args.budget_s, t0, launches)
     write_results("prepass_speed", {**meta, "rows": rows}, markdown(meta, rows), Path(args.out))
     print(markdown(meta, rows))
 
