@@ -242,3 +242,28 @@ def test_e2e_kernel_parts(name, part):
     from benchmarks.e2e_speed import part_of
 
     assert part_of(name) == part
+
+
+@pytest.mark.parametrize("mode,row_amax", [(None, True), ("max-autotune-no-cudagraphs", True), (None, False)])
+def test_compile_blocks_keeps_fused_row_maxima_exact(expert, monkeypatch, mode, row_amax):
+    """With the row maxima in the graph, Inductor must round x before it takes them
+    (emulate_precision_casts); a mode goes in as its options, which say the same."""
+    import torch._inductor
+
+    from wanquant.model.compile import ROW_AMAX_INDUCTOR_OPTIONS
+
+    model, _ = expert
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    compile_blocks(model, mode=mode, row_amax_in_graph=row_amax)
+    uncompile_blocks(model)
+    assert len(calls) == TINY_EXPERT["num_layers"]
+    layers = quantized_layers(model).values()
+    assert all(layer.row_amax_in_graph == row_amax for layer in layers)
+    for kw in calls:
+        if row_amax:
+            assert kw["mode"] is None
+            spelled = torch._inductor.list_mode_options(mode) if mode else {}
+            assert kw["options"] == {**spelled, **ROW_AMAX_INDUCTOR_OPTIONS}
+        else:
+            assert kw["mode"] == mode and kw["options"] is None

@@ -85,6 +85,7 @@ def test_row_maxima_fused_by_inductor_are_exact(seed, k):
     from wanquant.kernels import ops
     from wanquant.kernels.act_quant import row_absmax_reference
     from wanquant.kernels.dispatch import FastW4A4
+    from wanquant.model.compile import ROW_AMAX_INDUCTOR_OPTIONS
 
     gen = torch.Generator().manual_seed(seed)
     params = random_params(256, k, 16, 3, gen)
@@ -100,11 +101,17 @@ def test_row_maxima_fused_by_inductor_are_exact(seed, k):
         x = (torch.nn.functional.layer_norm(h.float(), (k,)) * (1 + scale) + shift).to(torch.bfloat16)
         return x, layer(x, row_absmax_reference(x, f.inv_smooth))
 
+    def maxima(h, scale, shift):
+        x = (torch.nn.functional.layer_norm(h.float(), (k,)) * (1 + scale) + shift).to(torch.bfloat16)
+        return x, row_absmax_reference(x, f.inv_smooth)
+
     h = (torch.randn(2, 700, k, generator=gen) * 3).to("cuda", torch.bfloat16)
     scale, shift = (torch.randn(2, 1, k, generator=gen).to("cuda") * 0.5 for _ in range(2))
     torch._dynamo.reset()
     try:
-        x, got = torch.compile(block, fullgraph=True)(h, scale, shift)
+        x, got = torch.compile(block, fullgraph=True, options=ROW_AMAX_INDUCTOR_OPTIONS)(h, scale, shift)
+        x2, amax = torch.compile(maxima, fullgraph=True, options=ROW_AMAX_INDUCTOR_OPTIONS)(h, scale, shift)
     finally:
         torch._dynamo.reset()
     assert torch.equal(got, layer(x, None))
+    assert torch.equal(amax, row_absmax_reference(x2, f.inv_smooth).reshape(amax.shape))

@@ -313,6 +313,8 @@ if HAS_TRITON:
             ax3 = tl.abs(xs3)
             e = _mx_exponent(tl.max(ax3, axis=2), clip_ratio, exp_offset, SAFE_CEIL)  # [BM, G]
             d = tl.maximum(e - s[:, None], -30)[:, :, None]  # group shift vs the row scale
+            if AMAX_IN:  # a given maximum below the true one would overflow e4m3: saturate instead
+                d = tl.minimum(d, 6)
             u = ax3 * inv_row  # exact: power-of-two scaling
             ub = u.to(tl.int32, bitcast=True) >> 23  # biased binade of u (u >= 0)
             sp = tl.maximum(ub, d + 127)  # biased exponent of (spacing * 2)

@@ -51,6 +51,13 @@ def _prepare_hook(transformer: nn.Module):
     return hook
 
 
+# Inductor elides a bf16 downcast-upcast pair inside a fused kernel: row maxima fused into
+# the kernel that writes x would be those of x before its rounding, not of the stored x the
+# activation kernel quantizes (a smaller maximum can overflow e4m3). Emulating the casts
+# keeps them exact, and the compiled block's numbers closer to eager's.
+ROW_AMAX_INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
+
+
 def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: str = "inductor",
                    fullgraph: bool = False, dynamic: bool = False, options: dict | None = None,
                    fused_norms: bool = False, row_amax_in_graph: bool = True) -> int:
@@ -63,7 +70,8 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
     kernels) instead of the stock forward, where no other forward (token chunking) is set.
     ``row_amax_in_graph``: each W4A4 layer's activation row maxima as graph ops (fused by
     Inductor into the kernel that writes the input; the activation kernel reads it once);
-    False: the activation kernel finds them in a first pass of its own.
+    False: the activation kernel finds them in a first pass of its own. With Inductor it
+    sets :data:`ROW_AMAX_INDUCTOR_OPTIONS` (``mode`` then goes in as its options).
     Calling it again recompiles with the new arguments.
     """
     if mode is not None and options:
@@ -71,6 +79,12 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
     uncompile_blocks(transformer)
     for layer in quantized_layers(transformer).values():
         layer.row_amax_in_graph = row_amax_in_graph
+    if row_amax_in_graph and backend == "inductor":
+        if mode is not None:  # the same settings, spelled as options
+            from torch._inductor import list_mode_options
+
+            options, mode = dict(list_mode_options(mode, dynamic)), None
+        options = {**(options or {}), **ROW_AMAX_INDUCTOR_OPTIONS}
     blocks = blocks_of(transformer)
     for block in blocks:
         prev = block.__dict__.get("forward")  # token chunking sets an instance forward
