@@ -258,8 +258,8 @@ def test_compile_blocks_keeps_fused_row_maxima_exact(expert, monkeypatch, mode, 
     compile_blocks(model, mode=mode, row_amax_in_graph=row_amax)
     uncompile_blocks(model)
     assert len(calls) == TINY_EXPERT["num_layers"]
-    layers = quantized_layers(model).values()
-    assert all(layer.row_amax_in_graph == row_amax for layer in layers)
+    for name, layer in quantized_layers(model).items():  # attention outputs: the kernel's own first pass
+        assert layer.row_amax_in_graph == (row_amax and ".to_out." not in name), name
     for kw in calls:
         if row_amax:
             assert kw["mode"] is None

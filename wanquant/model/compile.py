@@ -30,7 +30,7 @@ import types
 import torch
 from torch import nn
 
-from wanquant.model.wan import blocks_of
+from wanquant.model.wan import blocks_of, group_of
 from wanquant.runtime.expert import quantized_layers
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
     :func:`~wanquant.model.fused_block.fused_block_forward` (the norm steps as wanquant
     kernels) instead of the stock forward, where no other forward (token chunking) is set.
     ``row_amax_in_graph``: each W4A4 layer's activation row maxima as graph ops (fused by
-    Inductor into the kernel that writes the input; the activation kernel reads it once);
+    Inductor into the kernel that writes the input; the activation kernel reads it once),
+    except after attention (:attr:`~wanquant.model.wan.LinearGroup.after_attention`);
     False: the activation kernel finds them in a first pass of its own. With Inductor it
     sets :data:`ROW_AMAX_INDUCTOR_OPTIONS` (``mode`` then goes in as its options).
     Calling it again recompiles with the new arguments.
@@ -77,8 +78,8 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
     if mode is not None and options:
         raise ValueError("torch.compile takes a mode or Inductor options, not both")
     uncompile_blocks(transformer)
-    for layer in quantized_layers(transformer).values():
-        layer.row_amax_in_graph = row_amax_in_graph
+    for name, layer in quantized_layers(transformer).items():
+        layer.row_amax_in_graph = row_amax_in_graph and not group_of(name).after_attention
     if row_amax_in_graph and backend == "inductor":
         if mode is not None:  # the same settings, spelled as options
             from torch._inductor import list_mode_options

@@ -37,22 +37,26 @@ class LinearGroup:
     ``name`` (one smoothing vector, one L1, one activation quantization, one GEMM).
     ``static_per_video``: the input is the text context, the same at every step, so the
     output is cached per context (cond / uncond) and expert.
+    ``after_attention``: the input is an attention output, written by an attention kernel
+    rather than by elementwise work Inductor fuses; in compiled blocks the activation kernel
+    then finds its row maxima itself (a separate reduction would read it once more).
     """
 
     name: str
     members: tuple[str, ...]
     input: InputKind = "hidden"
     static_per_video: bool = False
+    after_attention: bool = False
 
 
 # Wan2.1 / Wan2.2 `WanTransformerBlock`. Fused names are the attributes diffusers'
 # `WanAttention` reads when `fused_projections` is set (`to_qkv`, `to_kv`).
 BLOCK_TABLE: tuple[LinearGroup, ...] = (
     LinearGroup("attn1.to_qkv", ("attn1.to_q", "attn1.to_k", "attn1.to_v")),
-    LinearGroup("attn1.to_out.0", ("attn1.to_out.0",)),
+    LinearGroup("attn1.to_out.0", ("attn1.to_out.0",), after_attention=True),
     LinearGroup("attn2.to_q", ("attn2.to_q",)),
     LinearGroup("attn2.to_kv", ("attn2.to_k", "attn2.to_v"), input="text", static_per_video=True),
-    LinearGroup("attn2.to_out.0", ("attn2.to_out.0",)),
+    LinearGroup("attn2.to_out.0", ("attn2.to_out.0",), after_attention=True),
     LinearGroup("ffn.net.0.proj", ("ffn.net.0.proj",)),
     LinearGroup("ffn.net.2", ("ffn.net.2",)),
 )
@@ -92,6 +96,17 @@ class QuantTarget:
     @property
     def shape(self) -> tuple[int, int]:
         return sum(m.out_features for m in self.members), self.members[0].in_features
+
+
+def group_of(layer_name: str) -> LinearGroup:
+    """The :data:`BLOCK_TABLE` entry of a quantized layer named ``blocks.{i}.{group}``."""
+    parts = layer_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == BLOCKS_ATTR and parts[1].isdigit():
+        for group in BLOCK_TABLE:
+            if group.name == parts[2]:
+                return group
+    raise KeyError(f"{layer_name!r} is not a quantized layer of a Wan block (blocks.<i>.<one of "
+                   f"{[g.name for g in BLOCK_TABLE]}>)")
 
 
 def input_key(target: QuantTarget) -> str:
