@@ -267,3 +267,13 @@ def test_compile_blocks_keeps_fused_row_maxima_exact(expert, monkeypatch, mode, 
             assert kw["options"] == {**spelled, **ROW_AMAX_INDUCTOR_OPTIONS}
         else:
             assert kw["mode"] == mode and kw["options"] is None
+
+
+def test_compile_blocks_leaves_a_16bit_model_to_the_callers_settings(monkeypatch):
+    """No W4A4 layers, no row maxima: the BF16 + compile baseline compiles as asked."""
+    model = build_expert(dict(TINY_EXPERT), False, torch.device("cpu"), wanquant_preset())
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    compile_blocks(model, mode="max-autotune-no-cudagraphs")
+    uncompile_blocks(model)
+    assert calls and all(kw["mode"] == "max-autotune-no-cudagraphs" and kw["options"] is None for kw in calls)

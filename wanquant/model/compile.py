@@ -71,16 +71,18 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
     ``row_amax_in_graph``: each W4A4 layer's activation row maxima as graph ops (fused by
     Inductor into the kernel that writes the input; the activation kernel reads it once),
     except after attention (:attr:`~wanquant.model.wan.LinearGroup.after_attention`);
-    False: the activation kernel finds them in a first pass of its own. With Inductor it
-    sets :data:`ROW_AMAX_INDUCTOR_OPTIONS` (``mode`` then goes in as its options).
+    False: the activation kernel finds them in a first pass of its own. With Inductor and
+    W4A4 layers it sets :data:`ROW_AMAX_INDUCTOR_OPTIONS` (``mode`` then goes in as its
+    options); a 16-bit model compiles with the caller's settings alone.
     Calling it again recompiles with the new arguments.
     """
     if mode is not None and options:
         raise ValueError("torch.compile takes a mode or Inductor options, not both")
     uncompile_blocks(transformer)
-    for name, layer in quantized_layers(transformer).items():
+    layers = quantized_layers(transformer)
+    for name, layer in layers.items():
         layer.row_amax_in_graph = row_amax_in_graph and not group_of(name).after_attention
-    if row_amax_in_graph and backend == "inductor":
+    if backend == "inductor" and any(layer.row_amax_in_graph for layer in layers.values()):
         if mode is not None:  # the same settings, spelled as options
             from torch._inductor import list_mode_options
 
