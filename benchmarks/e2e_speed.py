@@ -22,6 +22,9 @@ high-noise expert at t = 950). Modes:
 ``w4a4_int8attn_2pass_``   ``w4a4_int8attn_compile`` with the activation kernel's own
 ``compile``                first pass for the row maxima (``row_amax_in_graph=False``;
                            only if asked)
+``w4a4_int8attn_gelu_``    ``w4a4_int8attn_compile`` with the feed-forward's GELU in
+``compile``                the down projection's activation kernel
+                           (``gelu_in_activation=True``; only if asked)
 =========================  ========================================================
 
 Per row: one untimed warm-up forward through ONE block (Triton JIT, cuBLAS heuristics;
@@ -71,6 +74,7 @@ class Mode:
     compiled: bool
     fused_norms: bool = False  # compile_blocks(fused_norms=True): the norm steps as wanquant kernels
     row_amax_in_graph: bool = True  # compile_blocks(row_amax_in_graph=...): False = two-pass activation kernel
+    gelu_in_activation: bool = False  # compile_blocks(gelu_in_activation=True): the FFN's GELU in the act kernel
 
 
 MODES = {m.name: m for m in (
@@ -83,6 +87,7 @@ MODES = {m.name: m for m in (
     Mode("w4a4_compile", True, "sdpa", True),
     Mode("w4a4_int8attn_fusednorms_compile", True, "int8", True, fused_norms=True),
     Mode("w4a4_int8attn_2pass_compile", True, "int8", True, row_amax_in_graph=False),
+    Mode("w4a4_int8attn_gelu_compile", True, "int8", True, gelu_in_activation=True),
 )}
 # The five, most needed first (the targets compare the first three).
 DEFAULT_MODES = ("bf16_eager", "w4a4_int8attn_compile", "bf16_compile", "w4a4", "bf16_int8attn_compile")
@@ -181,7 +186,8 @@ class Bench:
                 layer.prepare_for_compile(self.device)
         if mode.compiled:
             compile_blocks(model, backend=self.args.compile_backend, options=inductor_options(self.args.inductor_options),
-                           fused_norms=mode.fused_norms, row_amax_in_graph=mode.row_amax_in_graph)
+                           fused_norms=mode.fused_norms, row_amax_in_graph=mode.row_amax_in_graph,
+                           gelu_in_activation=mode.gelu_in_activation)
         else:
             uncompile_blocks(model)
         return model

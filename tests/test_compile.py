@@ -277,3 +277,46 @@ def test_compile_blocks_leaves_a_16bit_model_to_the_callers_settings(monkeypatch
     compile_blocks(model, mode="max-autotune-no-cudagraphs")
     uncompile_blocks(model)
     assert calls and all(kw["mode"] == "max-autotune-no-cudagraphs" and kw["options"] is None for kw in calls)
+
+
+def test_moving_the_gelu_changes_no_number_and_no_key(expert):
+    """On the reference path the down projection applies torch's GELU itself: the expert's
+    output is bit-identical, its state_dict keys unchanged, and restoring gives the module back."""
+    from diffusers.models.activations import GELU
+
+    from wanquant.model.ffn_gelu import ProjectionOnly, move_gelu, restore_gelu
+
+    model, inputs = expert
+    set_backend(model, "reference")
+    want = _run(model, inputs, 950.0)
+    keys = list(model.state_dict())
+    assert all(move_gelu(b) for b in model.blocks)
+    assert all(isinstance(b.ffn.net[0], ProjectionOnly) and b.ffn.net[2].gelu_input for b in model.blocks)
+    assert list(model.state_dict()) == keys
+    assert torch.equal(_run(model, inputs, 950.0), want)
+    for b in model.blocks:
+        restore_gelu(b)
+    assert all(type(b.ffn.net[0]) is GELU and not b.ffn.net[2].gelu_input for b in model.blocks)
+    assert torch.equal(_run(model, inputs, 950.0), want)
+
+
+def test_compiled_block_with_the_gelu_in_the_activation_kernel(expert, monkeypatch):
+    """compile_blocks(gelu_in_activation=True): one graph, no breaks, the reference's output
+    (the CPU op applies torch's GELU before the references of the three steps); undone by
+    uncompile_blocks."""
+    from diffusers.models.activations import GELU
+
+    model, inputs = expert
+    set_self_attention(model, "int8_reference")
+    set_backend(model, "reference")
+    want = _run(model, inputs, 950.0)
+    _prepare_fast(model, monkeypatch)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(model, backend="aot_eager", fullgraph=True, gelu_in_activation=True)
+    assert all(b.ffn.net[2].gelu_input for b in model.blocks)
+    got = _run(model, inputs, 950.0)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+    assert relative_error(got, want) < 2e-2
+    uncompile_blocks(model)
+    assert all(type(b.ffn.net[0]) is GELU and not b.ffn.net[2].gelu_input for b in model.blocks)

@@ -89,6 +89,28 @@ def test_act_kernel_bit_exact(m, k, rule, clip, off, bm, bk, given_amax):
     assert rel < 1e-4, rel  # tensor-core fp32 accumulation (measured ~2e-5)
 
 
+@pytest.mark.parametrize("m", [77, 1000])
+def test_act_kernel_with_gelu_input(m):
+    """The FFN's GELU applied on load: against the reference on torch's CUDA GELU output,
+    almost every e4m3 value equal (the two GELU forms round a few bf16 values apart)."""
+    k, r = 13824, 32
+    g = torch.Generator().manual_seed(m)
+    y = (torch.randn(m, k, generator=g) * 2).to(torch.bfloat16)
+    inv = 1.0 / (torch.rand(k, generator=g) * 1.5 + 0.5)
+    l1s = A.lowrank_weights((torch.randn(r, k, generator=g) * 0.02).to(torch.bfloat16), inv)
+    m_pad = A.pad_rows(m)
+    out = A.ActQuantOut(
+        torch.full((m_pad, k), 0x7F, dtype=torch.uint8, device=CUDA).view(torch.float8_e4m3fn),
+        torch.full((m_pad,), float("nan"), device=CUDA),
+        torch.full((m_pad, 2 * r), float("nan"), dtype=torch.bfloat16, device=CUDA), None)
+    got = A.act_quant(y.to(CUDA), inv.to(CUDA), l1s.to(CUDA), 0.9, 0, out=out, gelu_input=True)
+    x = torch.nn.functional.gelu(y.to(CUDA), approximate="tanh").cpu()
+    ref = A.act_quant_reference(x, inv, l1s, 0.9, 0)
+    assert not torch.isnan(got.q.float()).any() and not torch.isnan(got.lowrank.float()).any()
+    assert (got.q.view(torch.uint8).cpu() == ref.q.view(torch.uint8)).float().mean() >= 0.999
+    assert (got.row_scale.cpu() == ref.row_scale).float().mean() >= 0.99
+
+
 @pytest.mark.parametrize("n,k", [(512, 13824), (15360, 5120)])
 def test_expand_kernel_bit_exact(n, k):
     p = _params(n, k, 1, seed=n)

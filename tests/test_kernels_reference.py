@@ -203,6 +203,41 @@ def test_act_kernel_with_given_row_maxima(K, m, k, r, bm, bk, bk1, programs):
         assert torch.equal(got.lowrank, two_pass.lowrank)  # the same dots in the same K order
 
 
+@interp
+@pytest.mark.parametrize("m,k,r,bm,bk", [(5, 128, 8, 16, 64), (40, 256, 32, 32, 128), (3, 160, 0, 16, 32)])
+def test_act_kernel_quantizes_the_gelu_of_its_input(K, m, k, r, bm, bk):
+    """``gelu_input``: the kernel quantizes torch's tanh GELU of x (rounded to bf16) without
+    it being written. Its GELU is the same function in another form, so a few of the bf16
+    values may round the other way: compared with the reference on torch's GELU output,
+    almost every code agrees and the low-rank projection agrees to fp32 accuracy."""
+    y = (torch.randn(m, k, generator=torch.Generator().manual_seed(int(torch.randint(0, 2**30, ())))) * 2)
+    y[:, :4] *= 8.0  # both tails: gelu -> 0 (negative) and -> x (positive)
+    y = y.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(k)
+    inv = 1.0 / (torch.rand(k, generator=g) * 2 + 0.25)
+    l1 = (torch.randn(r, k, generator=g) * 0.05).to(torch.bfloat16) if r else None
+    l1s = K.act_quant.lowrank_weights(l1, inv) if r else None
+    m_pad = K.act_quant.pad_rows(m)
+    width = 2 * K.act_quant.padded_rank(r)
+    got = K.act_quant.act_quant(y, inv, l1s, 0.9, 0, "ocp_floor", out=_poisoned_act_out(K, m_pad, k, width),
+                                write_exps=True, block_m=bm, block_k=bk, gelu_input=True)
+    x = torch.nn.functional.gelu(y.float(), approximate="tanh").to(torch.bfloat16)
+    ref = K.act_quant.act_quant_reference(x, inv, l1s, 0.9, 0, "ocp_floor")
+    same = got.q.view(torch.uint8) == ref.q.view(torch.uint8)
+    assert same.float().mean() >= 0.999 and not torch.isnan(got.q.float()).any()
+    assert (got.row_scale == ref.row_scale).float().mean() >= 0.9
+    if r:
+        hi_lo = got.lowrank.double()[:, :width // 2] + got.lowrank.double()[:, width // 2:]
+        want = ref.lowrank.double()[:, :width // 2] + ref.lowrank.double()[:, width // 2:]
+        assert ((hi_lo - want).norm() / want.norm()) < 1e-3
+
+
+def test_gelu_input_refuses_given_row_maxima(K):
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="row_amax with gelu_input"):
+        K.act_quant.act_quant(x, torch.ones(64), None, 1.0, 0, row_amax=torch.ones(4), gelu_input=True)
+
+
 def test_given_row_maxima_must_be_float32_per_row(K):
     x = torch.randn(4, 64).to(torch.bfloat16)
     inv = torch.ones(64)
@@ -282,6 +317,18 @@ def test_fast_layer_matches_reference(K, m, k):
         rel = (y[0].double() - want).norm() / want.norm()
         assert rel < 4e-3
     assert fast.memory_bytes() > p.qweight.numel()
+
+
+@interp
+def test_fast_layer_with_gelu_input_is_the_layer_on_the_gelu(K):
+    x, p = _gemm_operands(K, 21, 32, 256, 32, seed=5)
+    fast = K.dispatch.FastW4A4.prepare(p, MXFP4, "cpu", backend="triton",
+                                       gemm_config=K.gemm.GemmConfig(16, 16, 64, 2, 4, 2))
+    clip, off = p.clip_table[1].tolist()
+    y = fast(x.view(1, 21, 256), clip, int(off), gelu_input=True)
+    want = _layer_reference(torch.nn.functional.gelu(x, approximate="tanh"), p, clip, int(off))
+    assert (y[0].double() - want).norm() / want.norm() < 4e-3
+    assert (y[0].double() - _layer_reference(x, p, clip, int(off))).norm() / want.norm() > 0.1  # the GELU matters
 
 
 def test_fast_path_status_reasons(K):

@@ -280,13 +280,13 @@ class FastW4A4:
                    self.bias, self.l1s, self.l2cat, *(self.lr_chunks or ()))
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def quantize_input(self, x2: torch.Tensor, clip_ratio: float, exp_offset: int):
-        """Step 1 alone (benchmarks time it separately)."""
+    def quantize_input(self, x2: torch.Tensor, clip_ratio: float, exp_offset: int, gelu_input: bool = False):
+        """Step 1 alone (benchmarks time it separately); ``gelu_input``: quantize the tanh GELU of ``x2``."""
         launch, programs = act_plan(x2.shape[0], self.device, self.act_launch)
         bm, bk, bk1, nw, ns = fit_act_launch(launch, padded_rank(self.rank))
         return act_quant(x2, self.inv_smooth, self.l1s, clip_ratio, exp_offset, self.act_format.scale_rule,
                          nsplit=NSPLIT, m_pad=pad_rows(x2.shape[0]), block_m=bm, block_k=bk,
-                         num_warps=nw, num_stages=ns, block_k_lr=bk1, programs=programs)
+                         num_warps=nw, num_stages=ns, block_k_lr=bk1, programs=programs, gelu_input=gelu_input)
 
     def expand_weight(self) -> torch.Tensor:
         """Step 2 alone: the e4m3 weight in the shared scratch buffer."""
@@ -300,8 +300,9 @@ class FastW4A4:
                                out=out, config=self.gemm_config, lr_chunks=self.lr_chunks)
         return gemm_cublas(aq.q, aq.row_scale, w8, self.w_row_scale, aq.lowrank, self.l2cat, self.bias, out=out)
 
-    def __call__(self, x: torch.Tensor, clip_ratio: float, exp_offset: int) -> torch.Tensor:
-        """``x [..., K]`` (bf16; other float dtypes are cast) -> ``y [..., N]`` in ``x``'s dtype."""
+    def __call__(self, x: torch.Tensor, clip_ratio: float, exp_offset: int, gelu_input: bool = False) -> torch.Tensor:
+        """``x [..., K]`` (bf16; other float dtypes are cast) -> ``y [..., N]`` in ``x``'s dtype
+        (of ``gelu_tanh(x)`` with ``gelu_input``)."""
         if x.shape[-1] != self.k:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.k}")
         lead = x.shape[:-1]
@@ -311,6 +312,6 @@ class FastW4A4:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         m = x2.shape[0]
-        aq = self.quantize_input(x2, clip_ratio, exp_offset)
+        aq = self.quantize_input(x2, clip_ratio, exp_offset, gelu_input)
         y = self.gemm(aq, self.expand_weight())[:m].reshape(*lead, self.n)
         return y if x.dtype == torch.bfloat16 else y.to(x.dtype)

@@ -69,7 +69,7 @@ def _clip_of(clip_table: Tensor, bin_index: int) -> tuple[float, int]:
 def w4a4_linear(x: Tensor, qweight: Tensor, wscales: Tensor, s_w: Tensor, w_row_scale: Tensor, inv_smooth: Tensor,
                 l1s: Optional[Tensor], l2cat: Optional[Tensor], lr_idx: Optional[Tensor], lr_cnt: Optional[Tensor],
                 bias: Optional[Tensor], clip_table: Tensor, bin_index: int, scale_rule: str, backend: str,
-                launch: str, row_amax: Optional[Tensor] = None) -> Tensor:
+                launch: str, row_amax: Optional[Tensor] = None, gelu_input: bool = False) -> Tensor:
     """``y [..., N]`` of a W4A4 layer on its fast-path operands (see FastW4A4).
 
     ``clip_table``: the layer's ``[bins, 2]`` (ratio, exponent offset) table in host
@@ -78,20 +78,22 @@ def w4a4_linear(x: Tensor, qweight: Tensor, wscales: Tensor, s_w: Tensor, w_row_
     ``row_amax``: :func:`~wanquant.kernels.act_quant.row_absmax_reference` of ``x`` (fp32,
     one per row of ``x.reshape(-1, K)``), computed in the graph so that Inductor fuses it
     into the kernel that writes ``x``; the activation kernel then reads ``x`` once.
+    ``gelu_input``: the layer computes ``gelu_tanh(x)`` W^T (the GELU done by the activation
+    kernel; see :func:`~wanquant.kernels.act_quant.act_quant`).
     """
     raise NotImplementedError(f"wanquant::w4a4_linear has no implementation for {x.device.type} tensors")
 
 
 @w4a4_linear.register_fake
 def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
-      scale_rule, backend, launch, row_amax=None):
+      scale_rule, backend, launch, row_amax=None, gelu_input=False):
     torch._check(x.shape[-1] == 2 * qweight.shape[1], lambda: "input features do not match the packed weight")
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
 @w4a4_linear.register_kernel("cuda")
 def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
-      scale_rule, backend, launch, row_amax=None):
+      scale_rule, backend, launch, row_amax=None, gelu_input=False):
     from wanquant.kernels import dispatch as D
     from wanquant.kernels.act_quant import act_quant, padded_rank
     from wanquant.kernels.gemm import gemm_cublas, gemm_triton
@@ -112,7 +114,7 @@ def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_
     bm, bk, bk1, nw, ns = D.fit_act_launch(launch, padded_rank(r_pad))
     aq = act_quant(x2, inv_smooth, l1s, clip_ratio, exp_offset, scale_rule, nsplit=D.NSPLIT, m_pad=pad_rows(m),
                    block_m=bm, block_k=bk, num_warps=nw, num_stages=ns, block_k_lr=bk1, programs=programs,
-                   row_amax=None if row_amax is None else row_amax.reshape(m))
+                   row_amax=None if row_amax is None else row_amax.reshape(m), gelu_input=gelu_input)
     w8 = expand_weight(qweight, wscales, s_w, out=D.weight_scratch(x.device, n * k).view(n, k))
     if backend == "triton":
         chunks = None if lr_idx is None else (lr_idx, lr_cnt)
@@ -126,11 +128,13 @@ def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_
 
 @w4a4_linear.register_kernel("cpu")
 def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
-      scale_rule, backend, launch, row_amax=None):
+      scale_rule, backend, launch, row_amax=None, gelu_input=False):
     # The PyTorch references of the three steps on the same operands (fp64 GEMM, one bf16 rounding).
     clip_ratio, exp_offset = _clip_of(clip_table, bin_index)
     n, k = qweight.shape[0], 2 * qweight.shape[1]
     x2 = x.reshape(-1, k).to(torch.bfloat16)
+    if gelu_input:  # torch's GELU (the CUDA kernel's form is a step apart on a few values)
+        x2 = torch.nn.functional.gelu(x2.float(), approximate="tanh").to(torch.bfloat16)
     m = x2.shape[0]
     if row_amax is not None and not torch.equal(row_amax.reshape(m), row_absmax_reference(x2, inv_smooth)):
         raise ValueError("row_amax differs from row_absmax_reference(x, inv_smooth): the kernel would mis-scale rows")

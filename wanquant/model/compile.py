@@ -30,6 +30,7 @@ import types
 import torch
 from torch import nn
 
+from wanquant.model.ffn_gelu import move_gelu, restore_gelu
 from wanquant.model.wan import blocks_of, group_of
 from wanquant.runtime.expert import quantized_layers
 
@@ -60,7 +61,8 @@ ROW_AMAX_INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 
 def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: str = "inductor",
                    fullgraph: bool = False, dynamic: bool = False, options: dict | None = None,
-                   fused_norms: bool = False, row_amax_in_graph: bool = True) -> int:
+                   fused_norms: bool = False, row_amax_in_graph: bool = True,
+                   gelu_in_activation: bool = False) -> int:
     """Compile every block's ``forward`` of ``transformer``; returns how many blocks.
 
     ``mode``/``backend``/``fullgraph``/``dynamic``/``options`` (Inductor settings, e.g.
@@ -74,11 +76,16 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
     False: the activation kernel finds them in a first pass of its own. With Inductor and
     W4A4 layers it sets :data:`ROW_AMAX_INDUCTOR_OPTIONS` (``mode`` then goes in as its
     options); a 16-bit model compiles with the caller's settings alone.
+    ``gelu_in_activation``: each feed-forward's GELU moves into its W4A4 down projection's
+    activation kernel (:mod:`wanquant.model.ffn_gelu`; off by default: not yet timed).
     Calling it again recompiles with the new arguments.
     """
     if mode is not None and options:
         raise ValueError("torch.compile takes a mode or Inductor options, not both")
     uncompile_blocks(transformer)
+    if gelu_in_activation:
+        for block in blocks_of(transformer):
+            move_gelu(block)
     layers = quantized_layers(transformer)
     for name, layer in layers.items():
         layer.row_amax_in_graph = row_amax_in_graph and not group_of(name).after_attention
@@ -106,6 +113,7 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
 def uncompile_blocks(transformer: nn.Module) -> None:
     """Undo :func:`compile_blocks` (no-op where it was not applied)."""
     for block in blocks_of(transformer):
+        restore_gelu(block)
         if _PREV in block.__dict__:
             prev = block.__dict__.pop(_PREV)
             if prev is None:

@@ -94,6 +94,10 @@ class W4A4Linear(nn.Module):
         # into the kernel that writes the input (a norm, the GELU), so the activation kernel
         # reads it once, not twice (kernels.act_quant; wanquant.model.compile sets it).
         self.row_amax_in_graph = True
+        # The layer's input is the input of a tanh GELU, which the layer applies first (on
+        # the fast path inside the activation kernel, so the GELU's output is never written;
+        # wanquant.model.fused_block moves a FeedForward's GELU here).
+        self.gelu_input = False
         self.report: dict = {}
         # LoRAs by name, in load order (plain attributes: never in state_dict). Their factors
         # stay in host memory; the effective branch is built on the compute device.
@@ -243,11 +247,13 @@ class W4A4Linear(nn.Module):
         if backend == "fast":
             if self._lowrank_stale:
                 self.prepare_lowrank()
-            y = self._fast(x, clip_ratio, exp_offset)
-        elif backend == "unpack_bf16":
-            y = self.forward_unpack_bf16(x, clip_ratio, exp_offset)
+            y = self._fast(x, clip_ratio, exp_offset, self.gelu_input)
         else:
-            y = self.forward_reference(x, clip_ratio, exp_offset)
+            xa = torch.nn.functional.gelu(x, approximate="tanh") if self.gelu_input else x
+            if backend == "unpack_bf16":
+                y = self.forward_unpack_bf16(xa, clip_ratio, exp_offset)
+            else:
+                y = self.forward_reference(xa, clip_ratio, exp_offset)
         if self.cache_static_input:
             self.state.cache_put(self, x, y)
         return y
@@ -271,11 +277,11 @@ class W4A4Linear(nn.Module):
         f = self._fast
         idx, cnt = f.lr_chunks if f.lr_chunks is not None else (None, None)
         amax = None
-        if self.row_amax_in_graph:  # Inductor fuses it into the kernel that wrote x
+        if self.row_amax_in_graph and not self.gelu_input:  # Inductor fuses it into the kernel that wrote x
             amax = row_absmax_reference(x.to(torch.bfloat16).reshape(-1, self.in_features), f.inv_smooth)
         return ops.w4a4_linear(x, f.qweight, f.wscales, f.s_w, f.w_row_scale, f.inv_smooth, f.l1s, f.l2cat, idx, cnt,
                                f.bias, self._clip_cpu, self.state.bin_index, self.afmt.scale_rule, f.backend,
-                               self._launch_key, amax)
+                               self._launch_key, amax, self.gelu_input)
 
     def _smoothed(self, x: torch.Tensor) -> torch.Tensor:
         # Multiply by the fp32 reciprocal: the kernels do exactly this, so codes match bit for bit.
