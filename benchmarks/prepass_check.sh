@@ -9,7 +9,7 @@
 # eager first for the same-run baseline) with the fastest correct activation launch set
 # through WANQUANT_ACT_LAUNCH. Run from the repository root after installing the wheels
 # diffusers needs:
-#   OUT=/root/out LIMIT=560 MODES=bf16_eager,w4a4_int8attn_compile bash benchmarks/prepass_check.sh
+#   OUT=/root/out LIMIT=560 MODES=w4a4_int8attn_compile,bf16_eager,w4a4_int8attn_gelu_compile bash benchmarks/prepass_check.sh
 # LIMIT: seconds the whole script may take; TESTS, KERNELS (prepass_speed --kernels) narrow a run. Failing GPU tests are reported and the timings
 # still run (their numbers then describe a kernel that is wrong somewhere: fix it first).
 set -u
@@ -17,7 +17,7 @@ T0=$(date +%s); left() { echo $(( ${LIMIT:-575} - ($(date +%s) - T0) )); }
 OUT=${OUT:-benchmarks/results/prepass_check}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-timeout 150 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_rope_gpu.py tests/test_compile_gpu.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_rope_gpu.py tests/test_compile_gpu.py tests/test_kernels_gpu.py::test_act_kernel_with_gelu_input \
   tests/test_kernels_gpu.py::test_act_kernel_bit_exact} > $OUT/gpu_tests.txt 2>&1
 tests_rc=$?
 echo "GPU tests rc=$tests_rc"; grep -E "FAILED|passed|failed" $OUT/gpu_tests.txt | tail -12
