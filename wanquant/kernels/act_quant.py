@@ -467,7 +467,6 @@ def act_quant(
 
 __all__ = [
     "ActQuantOut", "GROUP", "HEADROOM", "ROW_EXP_MIN", "act_quant", "act_quant_reference", "bf16_split",
-    "row_absmax_reference",
     "fp8_rows_reference", "interpreting", "lowrank_weights", "lowrank_width", "pad_rows", "padded_rank",
-    "row_exponents_from_group_exponents",
+    "row_absmax_reference", "row_exponents_from_group_exponents",
 ]
