@@ -207,6 +207,21 @@ def test_config_parsing_and_checks():
 
 
 # ---------------------------------------------------------------------------------
+
+def test_config_for_a_device_without_the_gluon_kernel():
+    gws = K.AttnConfig(64, 128, 4, 5, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
+                       pv_overlap=True, ping_pong=True)
+    assert K.config_for(gws, head_dim=128, tma=True, gluon=True) == gws
+    for d, tma, gluon in ((128, True, False), (64, True, True), (128, False, False)):
+        got = K.config_for(gws, head_dim=d, tma=tma, gluon=gluon)
+        # the Triton kernel, same numbers: only the schedule's fields and the stage count change
+        assert got == K.AttnConfig(64, 128, 4, K.TRITON_MAX_STAGES, q_prepass=True, tma=tma, fold=True, v_perm=True)
+        K.check_config(got, K.K_BLOCK)
+    shallow = K.AttnConfig(64, 128, 4, 2, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True)
+    assert K.config_for(shallow, head_dim=128, tma=True, gluon=False).num_stages == 2
+    triton_cfg = K.AttnConfig(64, 128, 4, 4, q_prepass=True, tma=True)  # not the Gluon kernel's: kept as asked
+    assert K.config_for(triton_cfg, head_dim=128, tma=True, gluon=False) == triton_cfg
+
 # Triton kernels in the interpreter
 # ---------------------------------------------------------------------------------
 def test_interpreter_suite():

@@ -98,9 +98,9 @@ import torch
 from wanquant.kernels.act_quant import HAS_TRITON, interpreting
 from wanquant.kernels.attention_config import (CONFIGS, DEFAULT_CONFIG, E4M3_MAX, HALF_EXP_MAX_BLOCK_N, INT8_MAX,
                                                K_BLOCK, LAZY_SLACK, LOG2_P_SCALE, LOG2E, MAX_SPLITS, P_SCALE,
-                                               STATS_BLOCK, STATS_TILE, V_PERM_BLOCK, AttnConfig, Layout, QuantKV,
-                                               _bshd_view, _ceil_to, _check_v_perm, check_config, check_head_dim, default_scale,
-                                               env_config, parse_config, v_token_order)
+                                               STATS_BLOCK, STATS_TILE, TRITON_MAX_STAGES, V_PERM_BLOCK, AttnConfig,
+                                               Layout, QuantKV, _bshd_view, _ceil_to, _check_v_perm, check_config,
+                                               check_head_dim, default_scale, env_config, parse_config, v_token_order)
 from wanquant.kernels.attention_reference import (attention_fp32, attention_int8_reference,
                                                   attention_prepared_reference, quantize_kv_reference,
                                                   quantize_q_reference, relative_error)
@@ -118,13 +118,13 @@ if HAS_TRITON:
 __all__ = [
     # attention_config
     "CONFIGS", "DEFAULT_CONFIG", "E4M3_MAX", "HALF_EXP_MAX_BLOCK_N", "INT8_MAX", "K_BLOCK", "LAZY_SLACK",
-    "LOG2_P_SCALE", "LOG2E", "MAX_SPLITS", "P_SCALE", "STATS_BLOCK", "STATS_TILE", "V_PERM_BLOCK", "AttnConfig",
-    "Layout", "QuantKV", "check_config", "check_head_dim", "default_scale", "env_config", "parse_config", "v_token_order",
+    "LOG2_P_SCALE", "LOG2E", "MAX_SPLITS", "P_SCALE", "STATS_BLOCK", "STATS_TILE", "TRITON_MAX_STAGES",
+    "V_PERM_BLOCK", "AttnConfig", "Layout", "QuantKV", "check_config", "check_head_dim", "default_scale", "env_config", "parse_config", "v_token_order",
     # attention_reference
     "attention_fp32", "attention_int8_reference", "attention_prepared_reference", "quantize_kv_reference",
     "quantize_q_reference", "relative_error",
     # here
-    "attention_int8", "attention_prepared", "int8_attention_status", "quantize_kv",
+    "attention_int8", "attention_prepared", "config_for", "int8_attention_status", "quantize_kv",
 ]
 
 
@@ -226,6 +226,22 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, layout: Layout = "bshd", k_blo
     return QuantKV(k8, ks, v8t, vs, vm, b, h, s, k_block, v_perm)
 
 
+def config_for(cfg: AttnConfig, head_dim: int, tma: bool, gluon: bool) -> AttnConfig:
+    """What runs of ``cfg`` on a device that has (or lacks) TMA and Gluon's sm_90 kernel.
+
+    The Gluon kernel's numbers are checked on the GPU at Wan's head dim only; elsewhere the
+    Triton kernel runs the same config (same numbers) with at most :data:`TRITON_MAX_STAGES`:
+    the Gluon ring's deeper slots are for its two wgmmas in flight, and four 64x128 K/V
+    stages would not fit the ~100 KB of shared memory of an sm_89 SM.
+    """
+    if cfg.tma and not tma:
+        cfg = replace(cfg, tma=False)
+    if cfg.gluon_ws and (head_dim != WS_HEAD_DIM or not gluon):
+        cfg = replace(cfg, gluon_ws=False, pv_overlap=False, ping_pong=False,
+                      num_stages=min(cfg.num_stages, TRITON_MAX_STAGES))
+    return cfg
+
+
 def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None, layout: Layout = "bshd",
                        config: AttnConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """8-bit attention of ``q`` against keys/values from :func:`quantize_kv`.
@@ -237,13 +253,8 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
     _require_triton()
     cfg = config or DEFAULT_CONFIG
     check_config(replace(cfg, v_perm=kv.v_perm), kv.k_block)  # the kernel follows kv's V order
-    if cfg.tma and not _has_tma(q.device):
-        cfg = replace(cfg, tma=False)
     qv, b, s_q, h, d = _bshd_view(q, layout)
-    # The Gluon kernel's numbers are checked on the GPU at Wan's head dim only; elsewhere
-    # the Triton kernel runs the same config (same numbers).
-    if cfg.gluon_ws and (d != WS_HEAD_DIM or not _gluon_runs_on(q.device)):
-        cfg = replace(cfg, gluon_ws=False, pv_overlap=False, ping_pong=False)
+    cfg = config_for(cfg, head_dim=d, tma=_has_tma(q.device), gluon=_gluon_runs_on(q.device))
     if (b, h, d) != (kv.batch, kv.heads, kv.head_dim):
         raise ValueError(f"q {tuple(q.shape)} ({layout}) does not match the keys (B={kv.batch}, H={kv.heads}, "
                          f"D={kv.head_dim})")

@@ -39,6 +39,7 @@ _MAGIC_I = 0x4B400000  # the bits of 1.5 * 2^23
 LAZY_SLACK = 2.0
 HALF_EXP_MAX_BLOCK_N = 128  # 128 x 448 < 65,504: a tile's fp16 row sum cannot overflow
 V_PERM_BLOCK = 32  # tokens per block of the v_perm token order (one k32 step of the FP8 wgmma)
+TRITON_MAX_STAGES = 3  # K/V stages of the Triton kernel where the Gluon one does not run (config_for)
 
 
 def v_token_order(n: torch.Tensor | int) -> torch.Tensor | int:
@@ -136,10 +137,13 @@ class AttnConfig:
 # operand order; on an H100, 2026-12-06: 26.66 ms at 32,760 tokens, 144.38 at 75,600) run as
 # the warp-specialized Gluon kernel with Q.K^T(j) and P.V(j-1) in flight together
 # (``gws-ov``): on an H200, 2026-12-07, 27.20 / 142.50 ms against the Triton kernel's
-# 27.35 / 146.17 in the same run (benchmarks/results/attention.md). Where Gluon's Hopper API
-# is missing or the GPU is not sm_90 the same config runs the Triton kernel (same numbers);
-# ``tma`` is dropped before sm_90.
-DEFAULT_CONFIG = AttnConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, q_prepass=True, fold=True,
+# 27.35 / 146.17 in the same run (benchmarks/results/attention.md). Four K/V stages, not
+# three: with Q.K^T(j) and P.V(j-1) in flight two slots are busy, and each CTA streams its
+# head's whole K and V from L2 (about 3.3 TB/s summed over the SMs at 75,600 tokens), so the
+# third slot alone was too shallow a prefetch: on an H100, 2026-12-07, 139.31 ms against
+# 143.52 (two stages: 229.78). Where Gluon's Hopper API is missing or the GPU is not sm_90
+# the same config runs the Triton kernel (same numbers); ``tma`` is dropped before sm_90.
+DEFAULT_CONFIG = AttnConfig(block_m=64, block_n=128, num_warps=4, num_stages=4, q_prepass=True, fold=True,
                             v_perm=True, tma=True, gluon_ws=True, pv_overlap=True)
 # What the benchmark sweeps on an H100 (the fastest measured becomes DEFAULT_CONFIG;
 # benchmarks/results/attention_sweep.md). Compiled for sm_90 with Triton 3.6: the first
