@@ -137,13 +137,14 @@ class AttnConfig:
 # operand order; on an H100, 2026-12-06: 26.66 ms at 32,760 tokens, 144.38 at 75,600) run as
 # the warp-specialized Gluon kernel with Q.K^T(j) and P.V(j-1) in flight together
 # (``gws-ov``): on an H200, 2026-12-07, 27.20 / 142.50 ms against the Triton kernel's
-# 27.35 / 146.17 in the same run (benchmarks/results/attention.md). Four K/V stages, not
-# three: with Q.K^T(j) and P.V(j-1) in flight two slots are busy, and each CTA streams its
-# head's whole K and V from L2 (about 3.3 TB/s summed over the SMs at 75,600 tokens), so the
-# third slot alone was too shallow a prefetch: on an H100, 2026-12-07, 139.31 ms against
-# 143.52 (two stages: 229.78). Where Gluon's Hopper API is missing or the GPU is not sm_90
-# the same config runs the Triton kernel (same numbers); ``tma`` is dropped before sm_90.
-DEFAULT_CONFIG = AttnConfig(block_m=64, block_n=128, num_warps=4, num_stages=4, q_prepass=True, fold=True,
+# 27.35 / 146.17 in the same run (benchmarks/results/attention.md). Three K/V stages: two
+# H100 runs of 2026-12-07 (75,600 tokens) ranked three against four both ways (143.52 vs
+# 139.31 ms, then 141.15 vs 144.26; five: 142.93): no difference beyond run-to-run noise.
+# Two stages leave no prefetch slot beside the two tiles in flight: 229.78 ms. Where
+# Gluon's Hopper API is missing or the GPU is not sm_90 the same config runs the Triton
+# kernel (same numbers, :func:`~wanquant.kernels.attention.config_for`); ``tma`` is dropped
+# before sm_90.
+DEFAULT_CONFIG = AttnConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, q_prepass=True, fold=True,
                             v_perm=True, tma=True, gluon_ws=True, pv_overlap=True)
 # What the benchmark sweeps on an H100 (the fastest measured becomes DEFAULT_CONFIG;
 # benchmarks/results/attention_sweep.md). Compiled for sm_90 with Triton 3.6: the first
