@@ -137,7 +137,7 @@ class AttnConfig:
 # operand order; on an H100, 2026-12-06: 26.66 ms at 32,760 tokens, 144.38 at 75,600) run as
 # the warp-specialized Gluon kernel with Q.K^T(j) and P.V(j-1) in flight together
 # (``gws-ov``): on an H200, 2026-12-07, 27.20 / 142.50 ms against the Triton kernel's
-# 27.35 / 146.17 in the same run (benchmarks/results/attention.md). Three K/V stages: two
+# 27.35 / 146.17 in the same run (benchmarks/results/attention_gluon.md). Three K/V stages: two
 # H100 runs of 2026-12-07 (75,600 tokens) ranked three against four both ways (143.52 vs
 # 139.31 ms, then 141.15 vs 144.26; five: 142.93): no difference beyond run-to-run noise.
 # Two stages leave no prefetch slot beside the two tiles in flight: 229.78 ms. Where

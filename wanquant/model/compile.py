@@ -77,7 +77,7 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
     W4A4 layers it sets :data:`ROW_AMAX_INDUCTOR_OPTIONS` (``mode`` then goes in as its
     options); a 16-bit model compiles with the caller's settings alone.
     ``gelu_in_activation``: each feed-forward's GELU moves into its W4A4 down projection's
-    activation kernel (:mod:`wanquant.model.ffn_gelu`; off by default: not yet timed).
+    activation kernel (:mod:`wanquant.model.ffn_gelu`; off by default: measured slower).
     Calling it again recompiles with the new arguments.
     """
     if mode is not None and options:

@@ -10,7 +10,7 @@ up projection stays where it was (``ffn.net.0.proj``), so ``state_dict`` keys, c
 and LoRA names are unchanged; :func:`restore_gelu` undoes it.
 
 Used by :func:`wanquant.model.compile.compile_blocks` with ``gelu_in_activation=True``
-(off by default until a GPU run shows the step faster).
+(off by default: measured slower on an H100, see benchmarks/KERNEL_NOTES.md).
 """
 
 from __future__ import annotations
