@@ -1,7 +1,9 @@
 #!/bin/bash
-# One GPU call that settles the Gluon attention kernel (kernels/attention_ws.py): its GPU
-# tests, the attention benchmark against the Triton default and SDPA cuDNN, and, if a Gluon
-# config is the fastest at 75,600 tokens, the 720p step with it (issue 16's open target).
+# One GPU call that settles a Gluon attention variant (kernels/attention_ws.py): the Gluon
+# kernel's GPU tests, the attention benchmark of $CONFIGS against the default and SDPA
+# cuDNN, and, if another config is the fastest at 75,600 tokens, the 720p step with it
+# (issue 16's open target). The default $CONFIGS: three consumer warpgroups on 64-key tiles
+# (`-c3`, with and without the overlap, four and six stages).
 #   OUT=/root/out LIMIT=570 bash benchmarks/gluon_attention_check.sh
 # LIMIT: seconds the whole script may take (later steps are skipped past it). Results:
 # $OUT/gws_tests.txt, $OUT/attn/attention.{json,md}, $OUT/e2e/e2e_speed.{json,md} and logs.
@@ -19,11 +21,13 @@ PYTHONUNBUFFERED=1 timeout 100 python3 -m pytest tests/test_attention_gpu.py -v 
 rc=$?
 echo "tests rc=$rc"; grep -E 'PASS|FAIL|Error|assert' "$OUT/gws_tests.txt" | head -40
 
-base=m64-n128-w4-s3-qpre-fold-tma-vperm
+base=m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov  # DEFAULT_CONFIG
+c3=qpre-fold-tma-vperm-gws
+CONFIGS=${CONFIGS:-"m64-n64-w4-s6-$c3-ov-c3 m64-n64-w4-s4-$c3-ov-c3 m64-n64-w4-s6-$c3-c3"}
 configs="$base"
-# a hang (rc 124) keeps the Gluon configs out; failures do not: the benchmark checks each
-# config against the reference and never ranks one that fails
-[ $rc -ne 124 ] && configs="$base $base-gws-ov $base-gws-ov-pp"
+# a hang (rc 124) keeps the variants out; failures do not: the benchmark checks each config
+# against the reference and never ranks one that fails
+[ $rc -ne 124 ] && configs="$base $CONFIGS"
 
 echo "== attention ($(left)s left)"
 t=$(( $(left) - 30 )); [ $t -gt 260 ] && t=260

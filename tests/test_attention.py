@@ -178,7 +178,9 @@ def test_config_parsing_and_checks():
                 K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, **FAST),
                 K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, lazy_rescale=True, qk_ahead=True),
                 K.AttnConfig(64, 128, 4, 4, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
-                             pv_overlap=True)):
+                             pv_overlap=True),
+                K.AttnConfig(64, 64, 4, 4, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
+                             pv_overlap=True, consumers=3)):
         assert K.parse_config(cfg.describe()) == cfg
         K.check_config(cfg, K.K_BLOCK)
     with pytest.raises(ValueError, match="divide"):
@@ -196,6 +198,14 @@ def test_config_parsing_and_checks():
         K.check_config(K.AttnConfig(64, 128, 4, 3, **{**gws, "v_perm": False}, l_mma=True), K.K_BLOCK)
     with pytest.raises(ValueError, match="64 queries per 4-warp consumer"):
         K.check_config(K.AttnConfig(128, 128, 8, 3, **gws), K.K_BLOCK)
+    with pytest.raises(ValueError, match="what their registers hold"):  # 3 x 160 registers: 64-key tiles
+        K.check_config(K.AttnConfig(64, 128, 4, 3, **gws, consumers=3), K.K_BLOCK)
+    with pytest.raises(ValueError, match="what their registers hold"):
+        K.check_config(K.AttnConfig(64, 64, 4, 3, **gws, consumers=4), K.K_BLOCK)
+    with pytest.raises(ValueError, match="ping_pong alternates two consumers"):
+        K.check_config(K.AttnConfig(64, 64, 4, 3, **gws, pv_overlap=True, ping_pong=True, consumers=3), K.K_BLOCK)
+    with pytest.raises(ValueError, match="consumers is a layout of the Gluon kernel"):
+        K.check_config(K.AttnConfig(64, 64, 4, 3, consumers=3), K.K_BLOCK)
     _, k, v = qkv(s=40)
     with pytest.raises(ValueError, match="v_perm needs k_block"):
         K.quantize_kv_reference(k, v, k_block=16, v_perm=True)
@@ -217,6 +227,10 @@ def test_config_for_a_device_without_the_gluon_kernel():
         # the Triton kernel, same numbers: only the schedule's fields and the stage count change
         assert got == K.AttnConfig(64, 128, 4, K.TRITON_MAX_STAGES, q_prepass=True, tma=tma, fold=True, v_perm=True)
         K.check_config(got, K.K_BLOCK)
+    three = K.AttnConfig(64, 64, 4, 6, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
+                         pv_overlap=True, consumers=3)
+    assert K.config_for(three, head_dim=128, tma=True, gluon=False) == K.AttnConfig(
+        64, 64, 4, K.TRITON_MAX_STAGES, q_prepass=True, tma=True, fold=True, v_perm=True)
     shallow = K.AttnConfig(64, 128, 4, 2, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True)
     assert K.config_for(shallow, head_dim=128, tma=True, gluon=False).num_stages == 2
     triton_cfg = K.AttnConfig(64, 128, 4, 4, q_prepass=True, tma=True)  # not the Gluon kernel's: kept as asked

@@ -37,7 +37,10 @@ CONFIGS = [K.DEFAULT_CONFIG, K.AttnConfig(64, 128, 4, 2), K.AttnConfig(128, 128,
            K.AttnConfig(64, 64, 4, 2, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
                         pv_overlap=True),
            K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
-                        pv_overlap=True, ping_pong=True)]
+                        pv_overlap=True, ping_pong=True),
+           K.AttnConfig(64, 64, 4, 6, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
+                        pv_overlap=True, consumers=3),
+           K.AttnConfig(64, 64, 4, 4, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True, consumers=3)]
 
 
 def qkv(s, h=4, d=128, b=1, seed=0, k_mean=0.0, v_mean=0.0, fused=True):
@@ -96,7 +99,9 @@ def test_kernel_matches_reference(cfg):
                                  K.AttnConfig(64, 128, 4, 4, q_prepass=True, tma=True, fold=True, v_perm=True,
                                               gluon_ws=True),
                                  K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True,
-                                              gluon_ws=True, pv_overlap=True)],
+                                              gluon_ws=True, pv_overlap=True),
+                                 K.AttnConfig(64, 64, 4, 6, q_prepass=True, tma=True, fold=True, v_perm=True,
+                                              gluon_ws=True, pv_overlap=True, consumers=3)],
                          ids=lambda c: c.describe())
 def test_long_sequences_match_reference(cfg):
     """16,421 Gaussian keys: the row sums reach ~S x 448, where an FP8 accumulator that is

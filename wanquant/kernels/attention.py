@@ -104,7 +104,6 @@ from wanquant.kernels.attention_config import (CONFIGS, DEFAULT_CONFIG, E4M3_MAX
 from wanquant.kernels.attention_reference import (attention_fp32, attention_int8_reference,
                                                   attention_prepared_reference, quantize_kv_reference,
                                                   quantize_q_reference, relative_error)
-from wanquant.kernels.attention_ws import CONSUMERS as WS_CONSUMERS
 from wanquant.kernels.attention_ws import HEAD_DIM as WS_HEAD_DIM
 from wanquant.kernels.attention_ws import HAS_GLUON, attention_ws_launch
 
@@ -237,7 +236,7 @@ def config_for(cfg: AttnConfig, head_dim: int, tma: bool, gluon: bool) -> AttnCo
     if cfg.tma and not tma:
         cfg = replace(cfg, tma=False)
     if cfg.gluon_ws and (head_dim != WS_HEAD_DIM or not gluon):
-        cfg = replace(cfg, gluon_ws=False, pv_overlap=False, ping_pong=False,
+        cfg = replace(cfg, gluon_ws=False, pv_overlap=False, ping_pong=False, consumers=2,
                       num_stages=min(cfg.num_stages, TRITON_MAX_STAGES))
     return cfg
 
@@ -266,7 +265,7 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
     if ov.data_ptr() != out.data_ptr() or ov.stride(-1) != 1:
         raise ValueError("out needs a unit last stride")
     qk_c = default_scale(d, scale) * LOG2E / INT8_MAX
-    rows = cfg.block_m * (WS_CONSUMERS if cfg.gluon_ws else 1)  # queries per program
+    rows = cfg.block_m * (cfg.consumers if cfg.gluon_ws else 1)  # queries per program
     grid = (triton.cdiv(s_q, rows), b * h)
     qst = (qv.stride(0), qv.stride(1), qv.stride(2))
     s_qpad = grid[0] * rows
@@ -279,7 +278,7 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
         q8, qs = kv.k8, kv.k_scale  # unused placeholders
     if cfg.gluon_ws:
         attention_ws_launch(q8, qs, kv, ov, s_q, s_qpad, cfg.block_n, cfg.num_stages, cfg.pv_overlap,
-                            cfg.ping_pong, LOG2_P_SCALE)
+                            cfg.ping_pong, LOG2_P_SCALE, cfg.consumers)
         return out
     k_src, v_src = kv.k8, kv.v8t
     if cfg.tma:

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from wanquant.kernels.attention_ws import BLOCK_M as WS_BLOCK_M
+from wanquant.kernels.attention_ws import MAX_BLOCK_N as WS_MAX_BLOCK_N
 
 Layout = Literal["bshd", "bhsd"]
 
@@ -121,13 +122,18 @@ class AttnConfig:
     pv_overlap: bool = False
     # With pv_overlap: the two consumers take turns issuing their wgmmas (FlashAttention-3's ping-pong).
     ping_pong: bool = False
+    # With gluon_ws: consumer warpgroups per program (64 queries each). Three give each SM
+    # sub-partition a third warp to issue while the others wait (the kernel looks latency-
+    # bound: KERNEL_NOTES.md), at 160 registers, which hold 64-key tiles only. Not yet timed.
+    consumers: int = 2
 
     def describe(self) -> str:
         flags = [("promote", self.pv_promote), ("qpre", self.q_prepass), ("fold", self.fold),
                  ("tma", self.tma), ("vperm", self.v_perm),
                  ("lmma", self.l_mma), (f"r{self.maxnreg}", self.maxnreg > 0), ("ws", self.warp_spec),
                  ("h16", self.half_exp), ("lazy", self.lazy_rescale),
-                 ("ahead", self.qk_ahead), ("gws", self.gluon_ws), ("ov", self.pv_overlap), ("pp", self.ping_pong)]
+                 ("ahead", self.qk_ahead), ("gws", self.gluon_ws), ("ov", self.pv_overlap), ("pp", self.ping_pong),
+                 (f"c{self.consumers}", self.consumers != 2)]
         tail = "".join(f"-{name}" for name, on in flags if on)
         return f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}{tail}"
 
@@ -247,6 +253,8 @@ def check_config(cfg: AttnConfig, k_block: int) -> None:
         raise ValueError("ping_pong orders the overlapped schedule's wgmmas: set gluon_ws and pv_overlap too")
     if cfg.gluon_ws:
         _check_gluon_config(cfg)
+    elif cfg.consumers != 2:
+        raise ValueError("consumers is a layout of the Gluon kernel: set gluon_ws too")
     if cfg.half_exp and (cfg.block_n > HALF_EXP_MAX_BLOCK_N or cfg.l_mma):
         raise ValueError(f"half_exp sums a tile's P in fp16: needs block_n <= {HALF_EXP_MAX_BLOCK_N} "
                          f"(got {cfg.block_n}) and l_mma off (got {cfg.l_mma})")
@@ -265,6 +273,11 @@ def _check_gluon_config(cfg: AttnConfig) -> None:
     if (cfg.block_m, cfg.num_warps) != (WS_BLOCK_M, 4) or cfg.block_n not in (64, 128) or cfg.num_stages < 2:
         raise ValueError(f"gluon_ws runs {WS_BLOCK_M} queries per 4-warp consumer, block_n 64 or 128 and >= 2 "
                          f"stages; got {cfg.describe()}")
+    if cfg.consumers not in WS_MAX_BLOCK_N or cfg.block_n > WS_MAX_BLOCK_N[cfg.consumers]:
+        raise ValueError(f"gluon_ws runs {' or '.join(map(str, WS_MAX_BLOCK_N))} consumers with block_n up to "
+                         f"{WS_MAX_BLOCK_N} (what their registers hold); got {cfg.describe()}")
+    if cfg.ping_pong and cfg.consumers != 2:
+        raise ValueError("ping_pong alternates two consumers: use consumers=2")
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
@@ -287,11 +300,12 @@ def env_config() -> AttnConfig:
 def parse_config(text: str) -> AttnConfig:
     """Inverse of :meth:`AttnConfig.describe`."""
     parts = text.strip().split("-")
-    form = "m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws][-h16][-lazy][-ahead][-gws][-ov][-pp]"
+    form = ("m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws][-h16][-lazy][-ahead][-gws][-ov]"
+            "[-pp][-c3]")
     try:
-        vals = {p[0]: int(p[1:]) for p in parts if p and p[0] in "mnwsr" and p[1:].isdigit()}
+        vals = {p[0]: int(p[1:]) for p in parts if p and p[0] in "mnwsrc" and p[1:].isdigit()}
         known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws", "h16", "lazy", "ahead", "gws", "ov", "pp"}
-        extra = [p for p in parts[4:] if p not in known and not (p[:1] == "r" and p[1:].isdigit())]
+        extra = [p for p in parts[4:] if p not in known and not (p[:1] in "rc" and p[1:].isdigit())]
         if extra or len(parts) < 4:
             raise ValueError(f"unknown parts {extra}")
         return AttnConfig(vals["m"], vals["n"], vals["w"], vals["s"], pv_promote="promote" in parts,
@@ -299,6 +313,6 @@ def parse_config(text: str) -> AttnConfig:
                           v_perm="vperm" in parts, l_mma="lmma" in parts,
                           maxnreg=vals.get("r", 0), warp_spec="ws" in parts, half_exp="h16" in parts,
                           lazy_rescale="lazy" in parts, qk_ahead="ahead" in parts, gluon_ws="gws" in parts,
-                          pv_overlap="ov" in parts, ping_pong="pp" in parts)
+                          pv_overlap="ov" in parts, ping_pong="pp" in parts, consumers=vals.get("c", 2))
     except (KeyError, ValueError) as e:
         raise ValueError(f"attention config {text!r} is not of the form {form}") from e

@@ -9,13 +9,16 @@ of the two unless the softmax of one tile runs while the tensor cores work on an
 plain Triton kernel (one warpgroup per program, two programs per SM) leaves that overlap to
 chance; Triton 3.6 will not keep a wgmma in flight across the softmax either.
 
-Here one program owns ``2 x 64`` queries of one head and splits its warps three ways
-(``gl.warp_specialize``):
+Here one program owns ``CONSUMERS x 64`` queries of one head (2, or 3 for 64-key tiles) and
+splits its warps (``gl.warp_specialize``):
 
 * a *producer* (the default partition, 4 warps, few registers) issues every TMA copy: Q
-  once, then K and V tiles into a ring of ``STAGES`` shared-memory slots, each guarded by a
-  ``ready`` and an ``empty`` mbarrier;
-* two *consumer* warpgroups (240 registers each) run the online softmax for 64 queries each.
+  once (one 64-row box per consumer), then K and V tiles into a ring of ``STAGES``
+  shared-memory slots, each guarded by a ``ready`` and an ``empty`` mbarrier;
+* two *consumer* warpgroups (240 registers each; three at 160) run the online softmax for
+  64 queries each. A third consumer gives each SM sub-partition a third warp to issue while
+  the others wait on their wgmmas or their exponentials; 160 registers hold 64-key tiles
+  with the overlap (scores, P and the accumulator), not 128-key ones.
   With ``OVERLAP`` a consumer issues tile j's Q.K^T and tile j-1's P.V back to back and
   computes tile j's softmax while the P.V runs (the accumulator is rescaled after it
   retires); without it, tile by tile as the Triton kernel does. With ``PINGPONG`` (overlap
@@ -46,21 +49,26 @@ if HAS_TRITON:
         HAS_GLUON = False
 
 BLOCK_M = 64  # queries per consumer warpgroup (one wgmma M)
-CONSUMERS = 2
+CONSUMERS = 2  # the default; CONSUMER_REGS lists what else the kernel implements
 HEAD_DIM = 128  # the head dim its GPU tests cover (Wan's); attention.py runs others on the Triton kernel
-CONSUMER_REGS = 240  # setmaxnreg for each consumer; the producer keeps what is left
+# setmaxnreg for each consumer, by consumer count; the producer keeps what is left of the
+# SM's 64 K registers (4 warps at 24: 128 x (24 + 2 x 240) and 128 x (24 + 3 x 160) both fit)
+CONSUMER_REGS = {2: 240, 3: 160}
+MAX_BLOCK_N = {2: 128, 3: 64}  # key tile that fits each consumer count's registers (with the overlap)
 
 
 if HAS_GLUON:
     _BM = gl.constexpr(BLOCK_M)
-    _CONSUMERS = gl.constexpr(CONSUMERS)
-    _REGS = gl.constexpr(CONSUMER_REGS)
+    _REGS2 = gl.constexpr(CONSUMER_REGS[2])
+    _REGS3 = gl.constexpr(CONSUMER_REGS[3])
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
-                  q_row, k_row, v_row, n_tiles, BN: gl.constexpr, STAGES: gl.constexpr):
-        mbarrier.expect(q_ready, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [q_row, 0], q_ready, q_smem)
+                  q_row, k_row, v_row, n_tiles, BN: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+        # one [64, D] copy per consumer: TMA boxes are powers of two, three consumers' 192 rows are not
+        mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
+        for c in gl.static_range(CONSUMERS):
+            _tma_load(q_desc, [q_row + c * _BM, 0], q_ready, q_smem.index(c))
         for j in range(n_tiles):
             s = j % STAGES
             # a fresh barrier counts as having completed the phase before its first: parity 1 passes
@@ -125,7 +133,7 @@ if HAS_GLUON:
         rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-        q_mine = q_smem.slice(CID * BM, BM, dim=0)
+        q_mine = q_smem.index(CID)
         r = gl.arange(0, BM, layout=rows_s)
         qsc = gl.load(qs_ptr + q_srow + CID * BM + r)  # per-row scale (softmax scale, log2 e folded in)
         col = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
@@ -194,16 +202,17 @@ if HAS_GLUON:
     def _attn_ws_kernel(q_desc, k_desc, v_desc, qs_ptr, ks_ptr, vs_ptr, vm_ptr, o_ptr,
                         S_q, S_qpad, S_k, S_kpad, H, sob, sos, soh,
                         D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr,
-                        TOP: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+                        TOP: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
+                        CONSUMERS: gl.constexpr = 2):
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
         b = (bh // H).to(gl.int64)
         h = (bh % H).to(gl.int64)
-        s0 = pid_m * (_CONSUMERS * _BM)
+        s0 = pid_m * (CONSUMERS * _BM)
         q_row = bh * S_qpad + s0
         n_tiles = gl.cdiv(S_k, BN)
 
-        q_smem = gl.allocate_shared_memory(gl.int8, [_CONSUMERS * _BM, D], q_desc.layout)
+        q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, _BM, D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BN, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, D, BN], v_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -215,38 +224,54 @@ if HAS_GLUON:
         mbarrier.init(turn.index(1), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(kv_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=_CONSUMERS)
+            mbarrier.init(kv_empty.index(i), count=CONSUMERS)
 
-        gl.warp_specialize(
-            [(_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
-                          q_row, bh * S_kpad, bh * D, n_tiles, BN, STAGES)),
-             (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr, vm_ptr,
-                          o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                          D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 0)),
-             (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr, vm_ptr,
-                          o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                          D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 1))],
-            [4, 4], [_REGS, _REGS])
+        # (Gluon takes the partitions as literal (function, arguments) pairs: one call per count)
+        if CONSUMERS == 3:
+            gl.warp_specialize(
+                [(_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
+                              q_row, bh * S_kpad, bh * D, n_tiles, BN, STAGES, CONSUMERS)),
+                 (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
+                              vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 0)),
+                 (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
+                              vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 1)),
+                 (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
+                              vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 2))],
+                [4, 4, 4], [_REGS3, _REGS3, _REGS3])
+        else:
+            gl.warp_specialize(
+                [(_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
+                              q_row, bh * S_kpad, bh * D, n_tiles, BN, STAGES, CONSUMERS)),
+                 (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
+                              vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 0)),
+                 (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
+                              vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 1))],
+                [4, 4], [_REGS2, _REGS2])
 
 
 def attention_ws_launch(q8, qs, kv, ov, s_q: int, s_qpad: int, block_n: int, stages: int, overlap: bool,
-                        pingpong: bool, top: float) -> None:
+                        pingpong: bool, top: float, consumers: int = CONSUMERS) -> None:
     """Run :func:`_attn_ws_kernel` on a prepared problem (``q8 [B*H, S_qpad, D]`` INT8 from the Q
-    pre-pass with ``S_qpad`` a multiple of 128, ``kv`` a ``QuantKV`` with ``v_perm``, ``ov`` the
-    ``[B, S, H, D]`` output view)."""
+    pre-pass with ``S_qpad`` a multiple of ``consumers x 64``, ``kv`` a ``QuantKV`` with ``v_perm``,
+    ``ov`` the ``[B, S, H, D]`` output view)."""
     if not HAS_GLUON:
         raise RuntimeError("the warp-specialized attention needs Triton >= 3.6 with Gluon (triton.experimental.gluon)")
     import triton
     d = kv.head_dim
-    rows = CONSUMERS * BLOCK_M
-    q_layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.int8)
+    rows = consumers * BLOCK_M
+    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], gl.int8)
     k_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.int8)
     v_layout = gl.NVMMASharedLayout.get_default_for([d, block_n], gl.float8e4nv)
-    q_desc = GluonDescriptor.from_tensor(q8.view(-1, d), [rows, d], q_layout)
+    q_desc = GluonDescriptor.from_tensor(q8.view(-1, d), [BLOCK_M, d], q_layout)
     k_desc = GluonDescriptor.from_tensor(kv.k8.view(-1, d), [block_n, d], k_layout)
     v_desc = GluonDescriptor.from_tensor(kv.v8t.view(-1, kv.seq_pad), [d, block_n], v_layout)
     grid = (triton.cdiv(s_q, rows), kv.batch * kv.heads)
     _attn_ws_kernel[grid](q_desc, k_desc, v_desc, qs, kv.k_scale, kv.v_scale, kv.v_mean, ov,
                           s_q, s_qpad, kv.seq, kv.seq_pad, kv.heads, ov.stride(0), ov.stride(1), ov.stride(2),
                           D=d, BN=block_n, KB=kv.k_block, STAGES=stages, TOP=top, OVERLAP=overlap,
-                          PINGPONG=pingpong, num_warps=4)
+                          PINGPONG=pingpong, CONSUMERS=consumers, num_warps=4)
