@@ -30,10 +30,11 @@ from triton.experimental.gluon import language as gl  # noqa: E402
 
 def compile_ptx(block_n: int, stages: int, overlap: bool, pingpong: bool = False, d: int = 128,
                 consumers: int = 2) -> str:
-    layouts = {"q": gl.NVMMASharedLayout.get_default_for([W.BLOCK_M, d], gl.int8),
+    box = consumers * W.BLOCK_M if consumers == 2 else W.BLOCK_M  # as attention_ws_launch
+    layouts = {"q": gl.NVMMASharedLayout.get_default_for([box, d], gl.int8),
                "k": gl.NVMMASharedLayout.get_default_for([block_n, d], gl.int8),
                "v": gl.NVMMASharedLayout.get_default_for([d, block_n], gl.float8e4nv)}
-    types = {"q_desc": f"tensordesc<i8[{W.BLOCK_M},{d}],{layouts['q']!r}>",
+    types = {"q_desc": f"tensordesc<i8[{box},{d}],{layouts['q']!r}>",
              "k_desc": f"tensordesc<i8[{block_n},{d}],{layouts['k']!r}>",
              "v_desc": f"tensordesc<fp8e4nv[{d},{block_n}],{layouts['v']!r}>", "o_ptr": "*bf16"}
     consts = dict(D=d, BN=block_n, KB=128, STAGES=stages, TOP=8.807354922057604, OVERLAP=overlap,

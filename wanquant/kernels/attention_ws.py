@@ -13,8 +13,9 @@ Here one program owns ``CONSUMERS x 64`` queries of one head (2, or 3 for 64-key
 splits its warps (``gl.warp_specialize``):
 
 * a *producer* (the default partition, 4 warps, few registers) issues every TMA copy: Q
-  once (one 64-row box per consumer), then K and V tiles into a ring of ``STAGES``
-  shared-memory slots, each guarded by a ``ready`` and an ``empty`` mbarrier;
+  once (one 128-row box; three consumers: one 64-row box each), then K and V tiles into a
+  ring of ``STAGES`` shared-memory slots, each guarded by a ``ready`` and an ``empty``
+  mbarrier;
 * two *consumer* warpgroups (240 registers each; three at 160) run the online softmax for
   64 queries each. A third consumer gives each SM sub-partition a third warp to issue while
   the others wait on their wgmmas or their exponentials; 160 registers hold 64-key tiles
@@ -65,10 +66,13 @@ if HAS_GLUON:
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
                   q_row, k_row, v_row, n_tiles, BN: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
-        # one [64, D] copy per consumer: TMA boxes are powers of two, three consumers' 192 rows are not
-        mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
-        for c in gl.static_range(CONSUMERS):
-            _tma_load(q_desc, [q_row + c * _BM, 0], q_ready, q_smem.index(c))
+        if CONSUMERS == 2:  # one [128, D] box
+            mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+            _tma_load(q_desc, [q_row, 0], q_ready, q_smem)
+        else:  # one [64, D] box per consumer: TMA boxes are powers of two, 192 rows are not
+            mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
+            for c in gl.static_range(CONSUMERS):
+                _tma_load(q_desc, [q_row + c * _BM, 0], q_ready, q_smem.index(c))
         for j in range(n_tiles):
             s = j % STAGES
             # a fresh barrier counts as having completed the phase before its first: parity 1 passes
@@ -123,7 +127,7 @@ if HAS_GLUON:
     def _consumer(q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr, vm_ptr, o_ptr,
                   q_srow, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
                   D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr,
-                  OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, CID: gl.constexpr):
+                  OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, CONSUMERS: gl.constexpr, CID: gl.constexpr):
         BM: gl.constexpr = _BM
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 32])
@@ -133,7 +137,10 @@ if HAS_GLUON:
         rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-        q_mine = q_smem.index(CID)
+        if CONSUMERS == 2:
+            q_mine = q_smem.slice(CID * BM, BM, dim=0)
+        else:
+            q_mine = q_smem.index(CID)
         r = gl.arange(0, BM, layout=rows_s)
         qsc = gl.load(qs_ptr + q_srow + CID * BM + r)  # per-row scale (softmax scale, log2 e folded in)
         col = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
@@ -212,7 +219,11 @@ if HAS_GLUON:
         q_row = bh * S_qpad + s0
         n_tiles = gl.cdiv(S_k, BN)
 
-        q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, _BM, D], q_desc.layout)
+        # shared-memory shapes are powers of two too: three consumers' Q is [3, 64, D]
+        if CONSUMERS == 2:
+            q_smem = gl.allocate_shared_memory(gl.int8, [2 * _BM, D], q_desc.layout)
+        else:
+            q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, _BM, D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BN, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, D, BN], v_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -233,13 +244,13 @@ if HAS_GLUON:
                               q_row, bh * S_kpad, bh * D, n_tiles, BN, STAGES, CONSUMERS)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 0)),
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, 0)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 1)),
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, 1)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 2))],
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, 2))],
                 [4, 4, 4], [_REGS3, _REGS3, _REGS3])
         else:
             gl.warp_specialize(
@@ -247,10 +258,10 @@ if HAS_GLUON:
                               q_row, bh * S_kpad, bh * D, n_tiles, BN, STAGES, CONSUMERS)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 0)),
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, 0)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, 1))],
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, 1))],
                 [4, 4], [_REGS2, _REGS2])
 
 
@@ -264,10 +275,11 @@ def attention_ws_launch(q8, qs, kv, ov, s_q: int, s_qpad: int, block_n: int, sta
     import triton
     d = kv.head_dim
     rows = consumers * BLOCK_M
-    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], gl.int8)
+    box = rows if consumers == 2 else BLOCK_M  # the producer's Q copies (see _producer)
+    q_layout = gl.NVMMASharedLayout.get_default_for([box, d], gl.int8)
     k_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.int8)
     v_layout = gl.NVMMASharedLayout.get_default_for([d, block_n], gl.float8e4nv)
-    q_desc = GluonDescriptor.from_tensor(q8.view(-1, d), [BLOCK_M, d], q_layout)
+    q_desc = GluonDescriptor.from_tensor(q8.view(-1, d), [box, d], q_layout)
     k_desc = GluonDescriptor.from_tensor(kv.k8.view(-1, d), [block_n, d], k_layout)
     v_desc = GluonDescriptor.from_tensor(kv.v8t.view(-1, kv.seq_pad), [d, block_n], v_layout)
     grid = (triton.cdiv(s_q, rows), kv.batch * kv.heads)
