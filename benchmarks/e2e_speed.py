@@ -25,6 +25,9 @@ high-noise expert at t = 950). Modes:
 ``w4a4_int8attn_gelu_``    ``w4a4_int8attn_compile`` with the feed-forward's GELU in
 ``compile``                the down projection's activation kernel
                            (``gelu_in_activation=True``; only if asked)
+``w4a4_int8attn_geluepi_`` ``w4a4_int8attn_compile`` with the GELU and the down
+``compile``                projection's row maxima in the up projection's GEMM
+                           epilogue (``gelu_in_epilogue=True``; only if asked)
 =========================  ========================================================
 
 Per row: one untimed warm-up forward through ONE block (Triton JIT, cuBLAS heuristics;
@@ -75,6 +78,7 @@ class Mode:
     fused_norms: bool = False  # compile_blocks(fused_norms=True): the norm steps as wanquant kernels
     row_amax_in_graph: bool = True  # compile_blocks(row_amax_in_graph=...): False = two-pass activation kernel
     gelu_in_activation: bool = False  # compile_blocks(gelu_in_activation=True): the FFN's GELU in the act kernel
+    gelu_in_epilogue: bool = False  # compile_blocks(gelu_in_epilogue=True): the FFN's GELU in the up GEMM's epilogue
 
 
 MODES = {m.name: m for m in (
@@ -88,6 +92,7 @@ MODES = {m.name: m for m in (
     Mode("w4a4_int8attn_fusednorms_compile", True, "int8", True, fused_norms=True),
     Mode("w4a4_int8attn_2pass_compile", True, "int8", True, row_amax_in_graph=False),
     Mode("w4a4_int8attn_gelu_compile", True, "int8", True, gelu_in_activation=True),
+    Mode("w4a4_int8attn_geluepi_compile", True, "int8", True, gelu_in_epilogue=True),
 )}
 # The five, most needed first (the targets compare the first three).
 DEFAULT_MODES = ("bf16_eager", "w4a4_int8attn_compile", "bf16_compile", "w4a4", "bf16_int8attn_compile")
@@ -187,7 +192,7 @@ class Bench:
         if mode.compiled:
             compile_blocks(model, backend=self.args.compile_backend, options=inductor_options(self.args.inductor_options),
                            fused_norms=mode.fused_norms, row_amax_in_graph=mode.row_amax_in_graph,
-                           gelu_in_activation=mode.gelu_in_activation)
+                           gelu_in_activation=mode.gelu_in_activation, gelu_in_epilogue=mode.gelu_in_epilogue)
         else:
             uncompile_blocks(model)
         return model

@@ -1,12 +1,13 @@
 #!/bin/bash
-# One GPU call that settles a Gluon attention variant (kernels/attention_ws.py): the Gluon
-# kernel's GPU tests, the attention benchmark of $CONFIGS against the default and SDPA
-# cuDNN, and, if another config is the fastest at 75,600 tokens, the 720p step with it
-# (issue 16's open target). The default $CONFIGS: three consumer warpgroups on 64-key tiles
-# (`-c3`, with and without the overlap, four and six stages).
+# One GPU call that settles a Gluon attention variant (kernels/attention_ws.py) and a
+# compiled-block variant: the GPU tests named by $TESTS (default: the Gluon kernel's and the
+# GELU epilogue's), the attention benchmark of $CONFIGS against the default and SDPA cuDNN,
+# then the 720p step of $E2E_MODES with the fastest config at 75,600 tokens (issue 16's open
+# target). The default $CONFIGS: three consumer warpgroups on 64-key tiles (`-c3`, with and
+# without the overlap, four and six stages).
 #   OUT=/root/out LIMIT=570 bash benchmarks/gluon_attention_check.sh
 # LIMIT: seconds the whole script may take (later steps are skipped past it). Results:
-# $OUT/gws_tests.txt, $OUT/attn/attention.{json,md}, $OUT/e2e/e2e_speed.{json,md} and logs.
+# $OUT/gpu_tests.txt, $OUT/attn/attention.{json,md}, $OUT/e2e/e2e_speed.{json,md} and logs.
 set -u
 OUT=${OUT:-benchmarks/results/gluon_check}
 LIMIT=${LIMIT:-570}
@@ -15,11 +16,16 @@ left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv
 
-echo "== Gluon kernel tests (${LIMIT}s budget)"
-PYTHONUNBUFFERED=1 timeout 100 python3 -m pytest tests/test_attention_gpu.py -v -k gws -p no:cacheprovider \
-  -o faulthandler_timeout=60 > "$OUT/gws_tests.txt" 2>&1
-rc=$?
-echo "tests rc=$rc"; grep -E 'PASS|FAIL|Error|assert' "$OUT/gws_tests.txt" | head -40
+TESTS=${TESTS:-"tests/test_attention_gpu.py::gws tests/test_kernels_gpu.py::gelu_epilogue tests/test_compile_gpu.py::epilogue"}
+E2E_MODES=${E2E_MODES:-w4a4_int8attn_compile,w4a4_int8attn_geluepi_compile,bf16_eager}
+echo "== GPU tests (${LIMIT}s budget)"
+rc=0
+for t in $TESTS; do  # FILE::KEYWORD
+  PYTHONUNBUFFERED=1 timeout 150 python3 -m pytest "${t%%::*}" -v -s -k "${t##*::}" -p no:cacheprovider \
+    -o faulthandler_timeout=60 >> "$OUT/gpu_tests.txt" 2>&1
+  r=$?; echo "$t rc=$r"; [ $r -eq 124 ] && [[ $t == *gws* ]] && rc=124  # a hung Gluon kernel
+done
+grep -E 'PASS|FAIL|Error|assert|gelu epilogue' "$OUT/gpu_tests.txt" | head -60
 
 base=m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov  # DEFAULT_CONFIG
 c3=qpre-fold-tma-vperm-gws
@@ -30,7 +36,7 @@ configs="$base"
 [ $rc -ne 124 ] && configs="$base $CONFIGS"
 
 echo "== attention ($(left)s left)"
-t=$(( $(left) - 30 )); [ $t -gt 260 ] && t=260
+t=$(( $(left) - 30 )); [ $t -gt ${ATTN_S:-260} ] && t=${ATTN_S:-260}  # ATTN_S: the benchmark's cap
 timeout $t python3 -m benchmarks.attention --out "$OUT/attn" --tokens 32760 75600 --time-budget 80 \
   --configs $configs > "$OUT/attn_log.txt" 2>&1
 echo "attention rc=$?"; grep -E "tokens:|Error" "$OUT/attn_log.txt" | tail -20
@@ -49,10 +55,10 @@ print(min(ours, key=lambda r: r["ms"])["config"] if ours else "")
 PY
 )
 echo "fastest at 75,600 tokens: ${best:-none} ($(left)s left)"
-if [ -n "$best" ] && [ "$best" != "$base" ] && [ $(left) -gt 120 ]; then
-  WANQUANT_ATTN_CONFIG=$best timeout $(( $(left) - 10 )) python3 -m benchmarks.e2e_speed --out "$OUT/e2e" \
-    --modes w4a4_int8attn_compile,bf16_eager --resolutions 720x1280 --budget-s $(( $(left) - 80 )) \
-    > "$OUT/e2e_log.txt" 2>&1
-  echo "e2e rc=$?"; tail -15 "$OUT/e2e_log.txt"
+[ -n "$best" ] && [ "$best" != "$base" ] && export WANQUANT_ATTN_CONFIG=$best
+if [ -n "$E2E_MODES" ] && [ $(left) -gt 120 ]; then
+  timeout $(( $(left) - 10 )) python3 -m benchmarks.e2e_speed --out "$OUT/e2e" \
+    --modes "$E2E_MODES" --resolutions 720x1280 --budget-s $(( $(left) - 80 )) > "$OUT/e2e_log.txt" 2>&1
+  echo "e2e rc=$? (attention config ${WANQUANT_ATTN_CONFIG:-default})"; tail -15 "$OUT/e2e_log.txt"
 fi
 echo "done in $(( $(date +%s) - T0 ))s"

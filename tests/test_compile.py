@@ -320,3 +320,37 @@ def test_compiled_block_with_the_gelu_in_the_activation_kernel(expert, monkeypat
     assert relative_error(got, want) < 2e-2
     uncompile_blocks(model)
     assert all(type(b.ffn.net[0]) is GELU and not b.ffn.net[2].gelu_input for b in model.blocks)
+
+
+def test_compiled_block_with_the_gelu_in_the_gemm_epilogue(expert, monkeypatch):
+    """compile_blocks(gelu_in_epilogue=True): the feed-forward traces to one
+    ``wanquant::w4a4_linear_gelu`` node and a ``w4a4_linear`` given its row maxima, no graph
+    breaks, and (the CPU ops being the same references) the stock compiled block's output bit
+    for bit; uncompile_blocks restores the stock forward."""
+    from wanquant.model.ffn_gelu import _epilogue_forward
+
+    model, inputs = expert
+    set_self_attention(model, "int8_reference")
+    _prepare_fast(model, monkeypatch)
+    targets = []
+
+    def recording(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    compile_blocks(model, backend="aot_eager", fullgraph=True)
+    want = _run(model, inputs, 950.0)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(model, backend=recording, fullgraph=True, gelu_in_epilogue=True)
+    assert all(b.ffn.forward.__func__ is _epilogue_forward for b in model.blocks)
+    got = _run(model, inputs, 950.0)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+    assert targets.count("wanquant.w4a4_linear_gelu.default") == 1
+    assert not any("gelu" in t and "wanquant" not in t for t in targets)  # no GELU of its own
+    assert torch.equal(got, want)
+    uncompile_blocks(model)
+    assert all("forward" not in b.ffn.__dict__ for b in model.blocks)
+    with pytest.raises(ValueError, match="not both"):
+        compile_blocks(model, gelu_in_activation=True, gelu_in_epilogue=True)

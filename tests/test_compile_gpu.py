@@ -38,8 +38,8 @@ def test_ops_run_the_eager_kernels(seed):
 # exact); inductor fuses the elementwise work in fp32 where eager rounds to bf16 between
 # ops, and W4A4's 4-bit activation rounding turns those ~0.3 % differences into a few
 # flipped codes (measured on the A14B block: 0.4 % BF16, 4 % W4A4).
-@pytest.mark.parametrize("backend,tol,gelu", [("aot_eager", 1e-3, False), ("inductor", 0.1, False),
-                                              ("inductor", 0.1, True)])
+@pytest.mark.parametrize("backend,tol,gelu", [("aot_eager", 1e-3, None), ("inductor", 0.1, None),
+                                              ("inductor", 0.1, "activation"), ("inductor", 0.1, "epilogue")])
 @pytest.mark.parametrize("attention", ["sdpa", "int8"])
 def test_compiled_block_matches_eager(seed, attention, backend, tol, gelu):
     from benchmarks.common.a14b import TINY_EXPERT, build_expert
@@ -66,7 +66,8 @@ def test_compiled_block_matches_eager(seed, attention, backend, tol, gelu):
     want = run()
     torch._dynamo.reset()
     counters.clear()
-    compile_blocks(model, backend=backend, fullgraph=True, gelu_in_activation=gelu)
+    compile_blocks(model, backend=backend, fullgraph=True, gelu_in_activation=gelu == "activation",
+                   gelu_in_epilogue=gelu == "epilogue")
     try:
         got = run()
     finally:

@@ -8,6 +8,7 @@ the whole layer against the fp64 reference forward.
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from wanquant.kernels import act_quant as A  # noqa: E402
+from wanquant.kernels.act_quant import row_absmax_reference  # noqa: E402
 from wanquant.kernels import dispatch as D  # noqa: E402
 from wanquant.kernels import gemm as G  # noqa: E402
 from wanquant.kernels import weight_prep as W  # noqa: E402
@@ -164,6 +166,36 @@ def test_triton_gemm_vs_fp64(cfg, m, k, n):
     assert rel32 < 1e-3, rel32
     err16 = (out16.double() - ref).abs()
     assert (err16 <= 2.0**-8 * ref.abs() + 8 * rel32 * ref.abs().max()).all()
+
+
+@needs_fp8
+@pytest.mark.parametrize("m,k,n", [(77, 5120, 13824), (1000, 5120, 13824)])
+def test_triton_gemm_gelu_epilogue(m, k, n):
+    """GeluRowMax on the GPU: the stored GELU is an accurate fp32 GELU of the plain GEMM's
+    bf16 output rounded to bf16, and the row maxima are exactly those of what was stored
+    (what the next layer's one-pass activation kernel relies on)."""
+    p = _params(n, k, 32, seed=m)
+    fast = D.FastW4A4.prepare(p, MXFP4, CUDA, backend="triton")
+    aq = fast.quantize_input((_x(m, k, seed=5) * 3).to(CUDA), 0.9, 0)
+    w8 = fast.expand_weight()
+    mp = aq.q.shape[0]
+    plain = torch.full((mp, n), float("nan"), dtype=torch.bfloat16, device=CUDA)
+    fast.gemm(aq, w8, out=plain)
+    ism = (1.0 / (torch.rand(n, generator=torch.Generator().manual_seed(m)) + 0.5)).to(CUDA)
+    g = torch.full((mp, n), float("nan"), dtype=torch.bfloat16, device=CUDA)
+    amax = torch.zeros(mp, device=CUDA)
+    G.gemm_triton(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias, out=g,
+                  config=fast.gemm_config, lr_chunks=fast.lr_chunks, gelu_rowmax=G.GeluRowMax(ism, amax))
+    torch.cuda.synchronize()
+    assert not torch.isnan(g).any()
+    h = plain.double()
+    assert (h < -3).any() and (h > 1).any()
+    want = h / (1 + torch.exp(-2 * math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+    assert ((g.double() - want).abs() <= 2.0**-8 * want.abs() + 2.0**-126).all()
+    torch_g, torch_amax = G.gelu_rowmax_reference(plain, ism)
+    print(f"\n[gelu epilogue M={m}] bf16 values differing from torch's GELU: {(g != torch_g).float().mean():.2%}")
+    assert (g != torch_g).float().mean() < 0.05
+    assert torch.equal(amax, row_absmax_reference(g, ism))
 
 
 @needs_fp8

@@ -7,6 +7,7 @@ The GPU versions of these checks (full Wan shapes, cuBLAS) live in test_kernels_
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -293,6 +294,51 @@ def test_gemm_kernel_vs_fp64(K, split):
         assert not torch.isnan(out).any()
         err = (out.double() - ref).abs()
         assert (err <= tol * ref.abs() + 1e-6 * ref.abs().max()).all()
+
+
+@interp
+@pytest.mark.parametrize("split", [False, True])
+def test_gemm_gelu_epilogue_stores_the_gelu_and_its_row_maxima(K, split):
+    """``GeluRowMax``: the stored values are torch's GELU of the plain GEMM's bf16 output
+    (a bf16 step apart on a few), and the row maxima are exactly those of what was stored."""
+    m, n, k, r = 37, 48, 128, 8
+    x, p = _gemm_operands(K, m, n, k, r, seed=11)
+    fast = K.dispatch.FastW4A4.prepare(p, MXFP4, "cpu", backend="triton")
+    aq = fast.quantize_input(x, 1.0, 0)
+    w8 = fast.expand_weight()
+    cfg = K.gemm.GemmConfig(block_m=32, block_n=16, block_k=64, group_m=2, num_warps=4, num_stages=2,
+                            split_epilogue=split)
+    mp = aq.q.shape[0]
+    plain = torch.full((mp, n), float("nan"), dtype=torch.bfloat16)
+    K.gemm.gemm_triton(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias, out=plain,
+                       config=cfg)
+    ism = 1.0 / (torch.rand(n, generator=torch.Generator().manual_seed(3)) + 0.5)
+    g = torch.full((mp, n), float("nan"), dtype=torch.bfloat16)
+    amax = torch.zeros(mp)
+    K.gemm.gemm_triton(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias, out=g,
+                       config=cfg, gelu_rowmax=K.gemm.GeluRowMax(ism, amax))
+    assert not torch.isnan(g).any()
+    h = plain.double()
+    assert (h < -3).any() and (h > 1).any()  # both tails of the GELU are exercised
+    # the fp64 tanh GELU, 0.5 h (1 + tanh(u)) written without its cancellation for negative h
+    want = h / (1 + torch.exp(-2 * math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+    # bf16 rounding of an accurate fp32 value (below fp32's normal range: flushed to zero)
+    assert ((g.double() - want).abs() <= 2.0**-8 * want.abs() + 2.0**-126).all()
+    torch_g, _ = K.gemm.gelu_rowmax_reference(plain, ism)
+    assert (g != torch_g).float().mean() < 0.05  # torch's fp32 GELU: the same bf16 almost everywhere
+    assert torch.equal(amax, K.act_quant.row_absmax_reference(g, ism))
+
+
+def test_gemm_gelu_epilogue_checks_its_buffers(K):
+    a8 = torch.zeros(4, 64, dtype=torch.float8_e4m3fn)
+    s = torch.ones(4)
+    w8 = torch.zeros(16, 64, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="gelu_rowmax needs inv_smooth fp32 \\[16\\]"):
+        K.gemm.gemm_triton(a8, s, w8, torch.ones(16), None, None, None,
+                           gelu_rowmax=K.gemm.GeluRowMax(torch.ones(8), torch.zeros(4)))
+    with pytest.raises(ValueError, match="writes bf16"):
+        K.gemm.gemm_triton(a8, s, w8, torch.ones(16), None, None, None, out=torch.empty(4, 16),
+                           gelu_rowmax=K.gemm.GeluRowMax(torch.ones(16), torch.zeros(4)))
 
 
 def _layer_reference(x, p, clip, off):

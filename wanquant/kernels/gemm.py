@@ -31,16 +31,17 @@ Two implementations:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from wanquant.kernels.act_quant import HAS_TRITON, interpreting
+from wanquant.kernels.act_quant import HAS_TRITON, interpreting, row_absmax_reference
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from wanquant.kernels.act_quant import _round_bf16
+    from wanquant.kernels.act_quant import _gelu_tanh_bf16, _round_bf16
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,24 @@ def lowrank_chunk_table(l2cat: torch.Tensor, block_n: int, chunk: int = LR_CHUNK
     # A stable sort on "dead" puts the live chunk indices first, in ascending order.
     idx = torch.sort((~live).to(torch.int32), dim=1, stable=True).indices.to(torch.int32).contiguous()
     return idx, live.sum(1).to(torch.int32).contiguous()
+
+
+class GeluRowMax(NamedTuple):
+    """The epilogue of a layer that feeds a tanh GELU and then the next W4A4 layer (a
+    feed-forward's up projection): the GEMM stores ``gelu(y)`` and fills ``amax`` with its
+    row maxima against that layer's ``1/smooth`` (:func:`gelu_rowmax_reference`), so the
+    GELU's own kernel (and its pass over the hidden layer) goes away."""
+
+    inv_smooth: torch.Tensor  # fp32 [N]: the next layer's 1/smooth
+    amax: torch.Tensor  # fp32 [M], zeros on entry (atomic maxima): the next layer's row maxima
+
+
+def gelu_rowmax_reference(y: torch.Tensor, inv_smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g, amax)``: torch's tanh GELU of ``y`` rounded to bf16, and
+    :func:`~wanquant.kernels.act_quant.row_absmax_reference` of ``g`` (the definition the
+    :class:`GeluRowMax` epilogue computes; its GELU is a bf16 step apart on a few values)."""
+    g = torch.nn.functional.gelu(y.to(torch.bfloat16).float(), approximate="tanh").to(torch.bfloat16)
+    return g, row_absmax_reference(g.reshape(-1, g.shape[-1]), inv_smooth)
 
 
 def gemm_reference(
@@ -174,9 +193,15 @@ if HAS_TRITON:
         return acc * _inv_pow2(tl.load(sa_ptr + rm))[:, None]
 
     @triton.jit
-    def _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, rn, M, N, stride_cm,
-                  HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
-        """acc * 2^(s_a + s_w) (+ bias), stored with masks (every in-range element written)."""
+    def _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, ism_ptr, amax_ptr, offs_m, offs_n, rm, rn, M, N, stride_cm,
+                  HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, GELU_AMAX: tl.constexpr):
+        """acc * 2^(s_a + s_w) (+ bias), stored with masks (every in-range element written).
+
+        ``GELU_AMAX``: the bf16 result goes through the tanh GELU (rounded to bf16 again)
+        before the store, and each row's ``max |gelu * ism|`` (the next layer's activation
+        row maxima, :func:`~wanquant.kernels.act_quant.row_absmax_reference`) is merged into
+        ``amax_ptr`` by an atomic maximum (tiles of one row run in any order).
+        """
         sa = tl.load(sa_ptr + rm)
         sb = tl.load(sb_ptr + rn)
         out = acc * sa[:, None] * sb[None, :]
@@ -187,35 +212,41 @@ if HAS_TRITON:
                 out = _round_bf16(out)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+        if GELU_AMAX:
+            g = _gelu_tanh_bf16(out.to(tl.bfloat16))
+            tl.store(ptrs, g, mask=mask)
+            a = tl.where(mask, tl.abs(g.to(tl.float32) * tl.load(ism_ptr + rn)[None, :]), 0.0)
+            tl.atomic_max(amax_ptr + offs_m, tl.max(a, axis=1), mask=offs_m < M)
+        else:
+            tl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _store_tile(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, pid_m, pid_n, M, N, stride_cm,
+    def _store_tile(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, ism_ptr, amax_ptr, pid_m, pid_n, M, N, stride_cm,
                     HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, SPLIT_EPI: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, GELU_AMAX: tl.constexpr):
         """The epilogue on the whole tile, or on its two column halves in turn (fewer live registers)."""
         offs_m = pid_m * BM + tl.arange(0, BM)
         rm = tl.where(offs_m < M, offs_m, 0)
         if SPLIT_EPI:
             h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
             offs_n = pid_n * BN + tl.arange(0, BN // 2)
-            _epilogue(h0, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, tl.where(offs_n < N, offs_n, 0),
-                      M, N, stride_cm, HAS_BIAS, INTERPRET)
+            _epilogue(h0, c_ptr, sa_ptr, sb_ptr, bias_ptr, ism_ptr, amax_ptr, offs_m, offs_n, rm,
+                      tl.where(offs_n < N, offs_n, 0), M, N, stride_cm, HAS_BIAS, INTERPRET, GELU_AMAX)
             offs_n = offs_n + BN // 2
-            _epilogue(h1, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, tl.where(offs_n < N, offs_n, 0),
-                      M, N, stride_cm, HAS_BIAS, INTERPRET)
+            _epilogue(h1, c_ptr, sa_ptr, sb_ptr, bias_ptr, ism_ptr, amax_ptr, offs_m, offs_n, rm,
+                      tl.where(offs_n < N, offs_n, 0), M, N, stride_cm, HAS_BIAS, INTERPRET, GELU_AMAX)
         else:
             offs_n = pid_n * BN + tl.arange(0, BN)
-            _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, offs_m, offs_n, rm, tl.where(offs_n < N, offs_n, 0),
-                      M, N, stride_cm, HAS_BIAS, INTERPRET)
+            _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, ism_ptr, amax_ptr, offs_m, offs_n, rm,
+                      tl.where(offs_n < N, offs_n, 0), M, N, stride_cm, HAS_BIAS, INTERPRET, GELU_AMAX)
 
     @triton.jit
     def _fp8_gemm_kernel(
-        a_ptr, b_ptr, sa_ptr, sb_ptr, lr_ptr, l2_ptr, idx_ptr, cnt_ptr, bias_ptr, c_ptr,
+        a_ptr, b_ptr, sa_ptr, sb_ptr, lr_ptr, l2_ptr, idx_ptr, cnt_ptr, bias_ptr, ism_ptr, amax_ptr, c_ptr,
         M, N, K, stride_cm, rc, nch,
         RC: tl.constexpr, HAS_LR: tl.constexpr, LR_CHUNKED: tl.constexpr, RCB: tl.constexpr, HAS_BIAS: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-        IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr, SPLIT_EPI: tl.constexpr,
+        IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr, SPLIT_EPI: tl.constexpr, GELU_AMAX: tl.constexpr,
     ):
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BM)
@@ -243,8 +274,8 @@ if HAS_TRITON:
             acc = tl.dot(a, b, acc, max_num_imprecise_acc=IMPRECISE_ACC)
             a_ptrs += BK
             b_ptrs += BK
-        _store_tile(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, pid_m, pid_n, M, N, stride_cm,
-                    HAS_BIAS, INTERPRET, SPLIT_EPI, BM, BN)
+        _store_tile(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, ism_ptr, amax_ptr, pid_m, pid_n, M, N, stride_cm,
+                    HAS_BIAS, INTERPRET, SPLIT_EPI, BM, BN, GELU_AMAX)
 
 def gemm_triton(
     a8: torch.Tensor,
@@ -257,6 +288,7 @@ def gemm_triton(
     out: torch.Tensor | None = None,
     config: GemmConfig = DEFAULT_CONFIG,
     lr_chunks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gelu_rowmax: GeluRowMax | None = None,
 ) -> torch.Tensor:
     """Fused FP8 GEMM + low-rank + bias (see the module docstring). Returns ``out [M, N]``.
 
@@ -264,6 +296,8 @@ def gemm_triton(
     ``out`` may be bf16 (the layer's output) or fp32 (tests: error before bf16 rounding).
     ``lr_chunks``: :func:`lowrank_chunk_table` of ``l2cat_scaled`` for ``config.block_n``
     (layers precompute it; built here when missing and the width exceeds LR_SINGLE_MAX).
+    ``gelu_rowmax``: ``out`` holds ``gelu(y)`` (bf16) and ``gelu_rowmax.amax`` its row maxima
+    (see :class:`GeluRowMax`).
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
@@ -279,6 +313,13 @@ def gemm_triton(
         raise ValueError(f"K={k} must be a multiple of 16")
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a8.device)
+    if gelu_rowmax is not None:
+        ism, amax = gelu_rowmax
+        if out.dtype != torch.bfloat16:
+            raise ValueError(f"the GELU epilogue writes bf16 (the next layer's input), not {out.dtype}")
+        if ism.shape != (n,) or ism.dtype != torch.float32 or amax.shape != (m,) or amax.dtype != torch.float32:
+            raise ValueError(f"gelu_rowmax needs inv_smooth fp32 [{n}] and amax fp32 [{m}], got "
+                             f"{ism.dtype} {tuple(ism.shape)} and {amax.dtype} {tuple(amax.shape)}")
     has_lr = lowrank is not None and lowrank.shape[1] > 0
     rc = lowrank.shape[1] if has_lr else 16
     if has_lr and (rc & (rc - 1) or rc < 16):
@@ -297,11 +338,12 @@ def gemm_triton(
         RC=LR_CHUNK if chunked else rc, HAS_LR=has_lr, LR_CHUNKED=chunked, RCB=LR_CHUNK, HAS_BIAS=bias is not None,
         BM=cfg.block_m, BN=cfg.block_n, BK=bk,
         GROUP_M=cfg.group_m, IMPRECISE_ACC=cfg.imprecise_acc, INTERPRET=interpreting(), SPLIT_EPI=cfg.split_epilogue,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GELU_AMAX=gelu_rowmax is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    ism, amax = gelu_rowmax if gelu_rowmax is not None else (dummy, dummy)
     args = (sa, sw, lowrank if has_lr else dummy, l2cat_scaled if has_lr else dummy,
             lr_chunks[0] if chunked else dummy, lr_chunks[1] if chunked else dummy,
-            bias if bias is not None else dummy, out, m, n, k, out.stride(0), rc, rc // LR_CHUNK)
+            bias if bias is not None else dummy, ism, amax, out, m, n, k, out.stride(0), rc, rc // LR_CHUNK)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     _fp8_gemm_kernel[(tiles,)](a8, w8, *args, **common)
     return out

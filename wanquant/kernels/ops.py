@@ -8,7 +8,8 @@ norms, rotary, gates, residuals) stays unfused. Registered as opaque ops with a 
 
 * ``wanquant::w4a4_linear``: one :class:`~wanquant.kernels.dispatch.FastW4A4` call
   (activation quantization + weight expansion + FP8 GEMM with low-rank and bias), taking
-  the layer's prepared operands as tensors;
+  the layer's prepared operands as tensors; ``wanquant::w4a4_linear_gelu``: the same with
+  the tanh GELU and the next layer's row maxima in the GEMM's epilogue;
 * ``wanquant::attention_int8``: :func:`~wanquant.kernels.attention.attention_int8`
   (K/V pre-pass + main kernel), ``[B, S, H, D]`` in and out;
 * ``wanquant::qk_norm_rope``: :func:`~wanquant.kernels.rope.qk_norm_rope`, Wan's q/k
@@ -94,9 +95,16 @@ def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_
 @w4a4_linear.register_kernel("cuda")
 def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
       scale_rule, backend, launch, row_amax=None, gelu_input=False):
+    return _w4a4_cuda(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table,
+                      bin_index, scale_rule, backend, launch, row_amax, gelu_input)
+
+
+def _w4a4_cuda(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table,
+               bin_index, scale_rule, backend, launch, row_amax, gelu_input, next_inv_smooth=None):
+    """The fast path on CUDA: ``y``, or with ``next_inv_smooth`` ``(gelu(y), its row maxima)``."""
     from wanquant.kernels import dispatch as D
     from wanquant.kernels.act_quant import act_quant, padded_rank
-    from wanquant.kernels.gemm import gemm_cublas, gemm_triton
+    from wanquant.kernels.gemm import GeluRowMax, gelu_rowmax_reference, gemm_cublas, gemm_triton
     from wanquant.kernels.weight_prep import expand_weight
 
     clip_ratio, exp_offset = _clip_of(clip_table, bin_index)
@@ -116,19 +124,33 @@ def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_
                    block_m=bm, block_k=bk, num_warps=nw, num_stages=ns, block_k_lr=bk1, programs=programs,
                    row_amax=None if row_amax is None else row_amax.reshape(m), gelu_input=gelu_input)
     w8 = expand_weight(qweight, wscales, s_w, out=D.weight_scratch(x.device, n * k).view(n, k))
+    amax = None
     if backend == "triton":
         chunks = None if lr_idx is None else (lr_idx, lr_cnt)
+        epilogue = None
+        if next_inv_smooth is not None:
+            amax = torch.zeros(aq.q.shape[0], dtype=torch.float32, device=x.device)
+            epilogue = GeluRowMax(next_inv_smooth, amax)
         y = gemm_triton(aq.q, aq.row_scale, w8, w_row_scale, aq.lowrank, l2cat, bias, config=gemm_config,
-                        lr_chunks=chunks)
+                        lr_chunks=chunks, gelu_rowmax=epilogue)
     else:
         y = gemm_cublas(aq.q, aq.row_scale, w8, w_row_scale, aq.lowrank, l2cat, bias)
+        if next_inv_smooth is not None:  # no fused epilogue on cuBLAS: the same numbers in PyTorch
+            y, amax = gelu_rowmax_reference(y, next_inv_smooth)
     y = y[:m].reshape(*lead, n)
-    return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+    y = y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+    return y if next_inv_smooth is None else (y, amax[:m])
 
 
 @w4a4_linear.register_kernel("cpu")
 def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
       scale_rule, backend, launch, row_amax=None, gelu_input=False):
+    return _w4a4_cpu(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, bias, clip_table, bin_index,
+                     scale_rule, backend, row_amax, gelu_input)
+
+
+def _w4a4_cpu(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, bias, clip_table, bin_index, scale_rule,
+              backend, row_amax, gelu_input):
     # The PyTorch references of the three steps on the same operands (fp64 GEMM, one bf16 rounding).
     clip_ratio, exp_offset = _clip_of(clip_table, bin_index)
     n, k = qweight.shape[0], 2 * qweight.shape[1]
@@ -142,6 +164,47 @@ def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_
     w8 = expand_weight_reference(qweight, wscales, s_w)
     y = gemm_reference(aq.q, aq.row_scale, w8, w_row_scale, aq.lowrank, l2cat, bias, l2_scaled=backend == "triton")
     return y[:m].to(torch.bfloat16).reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+@torch.library.custom_op("wanquant::w4a4_linear_gelu", mutates_args=())
+def w4a4_linear_gelu(x: Tensor, qweight: Tensor, wscales: Tensor, s_w: Tensor, w_row_scale: Tensor,
+                     inv_smooth: Tensor, l1s: Optional[Tensor], l2cat: Optional[Tensor], lr_idx: Optional[Tensor],
+                     lr_cnt: Optional[Tensor], bias: Optional[Tensor], clip_table: Tensor, bin_index: int,
+                     scale_rule: str, backend: str, launch: str, row_amax: Optional[Tensor],
+                     next_inv_smooth: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`w4a4_linear` followed by the tanh GELU (bf16), and the GELU's row maxima
+    against the next layer's ``next_inv_smooth`` (fp32 ``[rows]``; what that layer's
+    ``row_amax`` takes). The Triton GEMM does both in its epilogue
+    (:class:`~wanquant.kernels.gemm.GeluRowMax`): no kernel of its own reads or writes the
+    GELU's input. A feed-forward's up projection runs it (:mod:`wanquant.model.ffn_gelu`)."""
+    raise NotImplementedError(f"wanquant::w4a4_linear_gelu has no implementation for {x.device.type} tensors")
+
+
+@w4a4_linear_gelu.register_fake
+def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
+      scale_rule, backend, launch, row_amax, next_inv_smooth):
+    torch._check(x.shape[-1] == 2 * qweight.shape[1], lambda: "input features do not match the packed weight")
+    torch._check(next_inv_smooth.shape[0] == qweight.shape[0], lambda: "next_inv_smooth does not match the output")
+    rows = x.numel() // x.shape[-1]
+    return x.new_empty(*x.shape[:-1], qweight.shape[0]), x.new_empty(rows, dtype=torch.float32)
+
+
+@w4a4_linear_gelu.register_kernel("cuda")
+def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
+      scale_rule, backend, launch, row_amax, next_inv_smooth):
+    return _w4a4_cuda(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table,
+                      bin_index, scale_rule, backend, launch, row_amax, False, next_inv_smooth)
+
+
+@w4a4_linear_gelu.register_kernel("cpu")
+def _(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, lr_idx, lr_cnt, bias, clip_table, bin_index,
+      scale_rule, backend, launch, row_amax, next_inv_smooth):
+    from wanquant.kernels.gemm import gelu_rowmax_reference
+
+    y = _w4a4_cpu(x, qweight, wscales, s_w, w_row_scale, inv_smooth, l1s, l2cat, bias, clip_table, bin_index,
+                  scale_rule, backend, row_amax, False)
+    g, amax = gelu_rowmax_reference(y, next_inv_smooth)
+    return g.to(x.dtype), amax
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,4 +313,5 @@ def _(x, y, gate, weight, bias, scale, shift, eps):
     return x_new.contiguous(), n.contiguous()
 
 
-__all__ = ["attention_int8", "launch_key", "norm_modulate", "qk_norm_rope", "residual_norm", "w4a4_linear"]
+__all__ = ["attention_int8", "launch_key", "norm_modulate", "qk_norm_rope", "residual_norm", "w4a4_linear",
+           "w4a4_linear_gelu"]

@@ -30,6 +30,7 @@ import types
 import torch
 from torch import nn
 
+from wanquant.model.ffn_gelu import gelu_in_epilogue as _gelu_in_epilogue
 from wanquant.model.ffn_gelu import move_gelu, restore_gelu
 from wanquant.model.wan import blocks_of, group_of
 from wanquant.runtime.expert import quantized_layers
@@ -62,7 +63,7 @@ ROW_AMAX_INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: str = "inductor",
                    fullgraph: bool = False, dynamic: bool = False, options: dict | None = None,
                    fused_norms: bool = False, row_amax_in_graph: bool = True,
-                   gelu_in_activation: bool = False) -> int:
+                   gelu_in_activation: bool = False, gelu_in_epilogue: bool = False) -> int:
     """Compile every block's ``forward`` of ``transformer``; returns how many blocks.
 
     ``mode``/``backend``/``fullgraph``/``dynamic``/``options`` (Inductor settings, e.g.
@@ -78,14 +79,20 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
     options); a 16-bit model compiles with the caller's settings alone.
     ``gelu_in_activation``: each feed-forward's GELU moves into its W4A4 down projection's
     activation kernel (:mod:`wanquant.model.ffn_gelu`; off by default: measured slower).
+    ``gelu_in_epilogue``: each feed-forward's GELU and its down projection's row maxima in
+    the up projection's GEMM epilogue (same module).
     Calling it again recompiles with the new arguments.
     """
     if mode is not None and options:
         raise ValueError("torch.compile takes a mode or Inductor options, not both")
+    if gelu_in_activation and gelu_in_epilogue:
+        raise ValueError("the GELU goes in the activation kernel or in the GEMM epilogue, not both")
     uncompile_blocks(transformer)
-    if gelu_in_activation:
-        for block in blocks_of(transformer):
+    for block in blocks_of(transformer):
+        if gelu_in_activation:
             move_gelu(block)
+        if gelu_in_epilogue:
+            _gelu_in_epilogue(block)
     layers = quantized_layers(transformer)
     for name, layer in layers.items():
         layer.row_amax_in_graph = row_amax_in_graph and not group_of(name).after_attention

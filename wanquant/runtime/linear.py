@@ -267,21 +267,55 @@ class W4A4Linear(nn.Module):
             self.prepare_lowrank()
             self._launch_key = ops.launch_key(self._fast.gemm_config, self._fast.act_launch)
 
-    def _forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_compiled(self, x: torch.Tensor, row_amax: torch.Tensor | None = None) -> torch.Tensor:
         """The fast path as one ``wanquant::w4a4_linear`` node (what ``torch.compile`` traces).
 
+        ``row_amax``: the input's row maxima, computed by whatever wrote ``x`` (the previous
+        layer's GELU epilogue, :meth:`forward_gelu_rowmax`); else, with
+        ``row_amax_in_graph``, as graph ops.
         The static-input cache (cross-attention k/v) is skipped here: its lookup is Python
         bookkeeping a graph cannot hold, and recomputing the 512 text tokens costs about
         0.1 % of a forward at 480p.
         """
         f = self._fast
         idx, cnt = f.lr_chunks if f.lr_chunks is not None else (None, None)
-        amax = None
-        if self.row_amax_in_graph and not self.gelu_input:  # Inductor fuses it into the kernel that wrote x
+        amax = row_amax
+        if amax is None and self.row_amax_in_graph and not self.gelu_input:  # Inductor fuses it into x's kernel
             amax = row_absmax_reference(x.to(torch.bfloat16).reshape(-1, self.in_features), f.inv_smooth)
         return ops.w4a4_linear(x, f.qweight, f.wscales, f.s_w, f.w_row_scale, f.inv_smooth, f.l1s, f.l2cat, idx, cnt,
                                f.bias, self._clip_cpu, self.state.bin_index, self.afmt.scale_rule, f.backend,
                                self._launch_key, amax, self.gelu_input)
+
+    def compiles_fast(self) -> bool:
+        """Whether a traced forward runs the fast path (as ``wanquant::w4a4_linear``)."""
+        return torch.compiler.is_compiling() and self._resolved == "fast"
+
+    def forward_gelu_rowmax(self, x: torch.Tensor, next_layer: "W4A4Linear") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gelu_tanh(self(x)), row maxima of it for next_layer)`` as one
+        ``wanquant::w4a4_linear_gelu`` node: the GEMM's epilogue applies the GELU and finds
+        the maxima that ``next_layer``'s activation kernel needs (pass them to its
+        :meth:`forward_with_row_amax`). Traced forwards of fast layers only
+        (:meth:`compiles_fast`)."""
+        if not (self.compiles_fast() and next_layer.compiles_fast()):
+            raise RuntimeError("forward_gelu_rowmax is the compiled fast path of two W4A4 layers")
+        if self.gelu_input or next_layer.gelu_input:
+            raise RuntimeError("the GELU is already in an activation kernel (gelu_in_activation): pick one place")
+        f = self._fast
+        idx, cnt = f.lr_chunks if f.lr_chunks is not None else (None, None)
+        amax = None
+        if self.row_amax_in_graph:
+            amax = row_absmax_reference(x.to(torch.bfloat16).reshape(-1, self.in_features), f.inv_smooth)
+        return ops.w4a4_linear_gelu(x, f.qweight, f.wscales, f.s_w, f.w_row_scale, f.inv_smooth, f.l1s, f.l2cat, idx,
+                                    cnt, f.bias, self._clip_cpu, self.state.bin_index, self.afmt.scale_rule, f.backend,
+                                    self._launch_key, amax, next_layer._fast.inv_smooth)
+
+    def forward_with_row_amax(self, x: torch.Tensor, row_amax: torch.Tensor) -> torch.Tensor:
+        """The traced fast forward on an input whose row maxima were found by its producer."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        if not self.compiles_fast():
+            raise RuntimeError("forward_with_row_amax is the compiled fast path")
+        return self._forward_compiled(x, row_amax)
 
     def _smoothed(self, x: torch.Tensor) -> torch.Tensor:
         # Multiply by the fp32 reciprocal: the kernels do exactly this, so codes match bit for bit.
