@@ -41,7 +41,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from wanquant.kernels.act_quant import _gelu_tanh_bf16, _round_bf16
+    from wanquant.kernels.act_quant import _round_bf16
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,22 @@ if HAS_TRITON:
         return acc * _inv_pow2(tl.load(sa_ptr + rm))[:, None]
 
     @triton.jit
+    def _gelu_tanh(h, INTERPRET: tl.constexpr):
+        """torch's tanh GELU ``0.5 h (1 + tanh(u))``, ``u = sqrt(2/pi) (h + 0.044715 h^3)``, of
+        fp32 ``h`` as ``h / (1 + 2^(-2 u log2 e))``: the same function without the cancellation
+        of ``1 + tanh(u)`` for negative ``h``. On the GPU with the approximate ``ex2`` and
+        division (two MUFU operations and four FMA-pipe ones an element): a GEMM epilogue is not
+        overlapped with the MMAs, so its length is the cost. Where ``2^t`` overflows, the
+        approximate division by infinity gives the limit, -0."""
+        t = h * (-2.302208198144325 - 0.10294324018001904 * h * h)
+        if INTERPRET:
+            return h / (1.0 + tl.exp2(t))
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [t], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        return tl.inline_asm_elementwise("div.approx.ftz.f32 $0, $1, $2;", "=r,r,r", [h, 1.0 + e],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
     def _epilogue(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, ism_ptr, amax_ptr, offs_m, offs_n, rm, rn, M, N, stride_cm,
                   HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, GELU_AMAX: tl.constexpr):
         """acc * 2^(s_a + s_w) (+ bias), stored with masks (every in-range element written).
@@ -212,8 +228,11 @@ if HAS_TRITON:
                 out = _round_bf16(out)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        if GELU_AMAX:
-            g = _gelu_tanh_bf16(out.to(tl.bfloat16))
+        if GELU_AMAX:  # out is bf16-exact in the interpreter already (above)
+            g = _gelu_tanh(out.to(tl.bfloat16).to(tl.float32), INTERPRET)
+            if INTERPRET:
+                g = _round_bf16(g)
+            g = g.to(tl.bfloat16)
             tl.store(ptrs, g, mask=mask)
             a = tl.where(mask, tl.abs(g.to(tl.float32) * tl.load(ism_ptr + rn)[None, :]), 0.0)
             tl.atomic_max(amax_ptr + offs_m, tl.max(a, axis=1), mask=offs_m < M)
