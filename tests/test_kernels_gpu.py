@@ -191,7 +191,10 @@ def test_triton_gemm_gelu_epilogue(m, k, n):
     h = plain.double()
     assert (h < -3).any() and (h > 1).any()
     want = h / (1 + torch.exp(-2 * math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
-    assert ((g.double() - want).abs() <= 2.0**-8 * want.abs() + 2.0**-126).all()
+    # bf16 rounding of an accurate fp32 value; below about 2^-100 anything (the approximate
+    # division flushes reciprocals under 2^-126, so values near 1e-37 come out as 0)
+    bad = (g.double() - want).abs() > 2.0**-8 * want.abs() + 2.0**-100
+    assert not bad.any(), (h[bad][:8].tolist(), g[bad][:8].tolist(), want[bad][:8].tolist())
     torch_g, torch_amax = G.gelu_rowmax_reference(plain, ism)
     print(f"\n[gelu epilogue M={m}] bf16 values differing from torch's GELU: {(g != torch_g).float().mean():.2%}")
     assert (g != torch_g).float().mean() < 0.05

@@ -322,8 +322,9 @@ def test_gemm_gelu_epilogue_stores_the_gelu_and_its_row_maxima(K, split):
     assert (h < -3).any() and (h > 1).any()  # both tails of the GELU are exercised
     # the fp64 tanh GELU, 0.5 h (1 + tanh(u)) written without its cancellation for negative h
     want = h / (1 + torch.exp(-2 * math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
-    # bf16 rounding of an accurate fp32 value (below fp32's normal range: flushed to zero)
-    assert ((g.double() - want).abs() <= 2.0**-8 * want.abs() + 2.0**-126).all()
+    # bf16 rounding of an accurate fp32 value; below about 2^-100 anything (the GPU's approximate
+    # division flushes reciprocals under 2^-126, so values near 1e-37 come out as 0)
+    assert ((g.double() - want).abs() <= 2.0**-8 * want.abs() + 2.0**-100).all()
     torch_g, _ = K.gemm.gelu_rowmax_reference(plain, ism)
     assert (g != torch_g).float().mean() < 0.05  # torch's fp32 GELU: the same bf16 almost everywhere
     assert torch.equal(amax, K.act_quant.row_absmax_reference(g, ism))
