@@ -80,7 +80,8 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
     ``gelu_in_activation``: each feed-forward's GELU moves into its W4A4 down projection's
     activation kernel (:mod:`wanquant.model.ffn_gelu`; off by default: measured slower).
     ``gelu_in_epilogue``: each feed-forward's GELU and its down projection's row maxima in
-    the up projection's GEMM epilogue (same module).
+    the up projection's GEMM epilogue (same module; off by default: measured within noise,
+    15.77 against 15.80 s a 720p step on an H100).
     Calling it again recompiles with the new arguments.
     """
     if mode is not None and options:
