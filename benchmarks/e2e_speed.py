@@ -28,6 +28,10 @@ high-noise expert at t = 950). Modes:
 ``w4a4_int8attn_geluepi_`` ``w4a4_int8attn_compile`` with the GELU and the down
 ``compile``                projection's row maxima in the up projection's GEMM
                            epilogue (``gelu_in_epilogue=True``; only if asked)
+``w4a4_int8attn_q16_``     ``w4a4_int8attn_compile`` with the rotary writing 16-bit
+``compile``                queries that the attention quantizes itself (before the
+                           rotary wrote INT8 ones: ``set_query_fusion(..., False)``;
+                           only if asked)
 =========================  ========================================================
 
 Per row: one untimed warm-up forward through ONE block (Triton JIT, cuBLAS heuristics;
@@ -79,6 +83,7 @@ class Mode:
     row_amax_in_graph: bool = True  # compile_blocks(row_amax_in_graph=...): False = two-pass activation kernel
     gelu_in_activation: bool = False  # compile_blocks(gelu_in_activation=True): the FFN's GELU in the act kernel
     gelu_in_epilogue: bool = False  # compile_blocks(gelu_in_epilogue=True): the FFN's GELU in the up GEMM's epilogue
+    fuse_int8_queries: bool = True  # set_query_fusion: the rotary kernel writes the attention's INT8 queries
 
 
 MODES = {m.name: m for m in (
@@ -93,6 +98,7 @@ MODES = {m.name: m for m in (
     Mode("w4a4_int8attn_2pass_compile", True, "int8", True, row_amax_in_graph=False),
     Mode("w4a4_int8attn_gelu_compile", True, "int8", True, gelu_in_activation=True),
     Mode("w4a4_int8attn_geluepi_compile", True, "int8", True, gelu_in_epilogue=True),
+    Mode("w4a4_int8attn_q16_compile", True, "int8", True, fuse_int8_queries=False),
 )}
 # The five, most needed first (the targets compare the first three).
 DEFAULT_MODES = ("bf16_eager", "w4a4_int8attn_compile", "bf16_compile", "w4a4", "bf16_int8attn_compile")
@@ -176,7 +182,7 @@ class Bench:
         return self.experts[quantized]
 
     def configure(self, mode: Mode) -> torch.nn.Module:
-        from wanquant.model.attention import set_self_attention
+        from wanquant.model.attention import set_query_fusion, set_self_attention
         from wanquant.model.compile import compile_blocks, uncompile_blocks
 
         model = self.expert(mode.quantized)
@@ -184,6 +190,7 @@ class Bench:
         if attention == "int8" and self.args.tiny:
             attention = "int8_reference"  # the same numbers in PyTorch (CPU dry run)
         set_self_attention(model, attention)
+        set_query_fusion(model, mode.fuse_int8_queries)
         if mode.quantized:  # choose the backend and prepare every layer now, not inside a timed step
             from wanquant.runtime.expert import quantized_layers
 

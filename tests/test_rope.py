@@ -76,6 +76,48 @@ def test_kernel_matches_reference(kw):
         assert steps.max() <= 1 and (steps > 0).float().mean() <= 0.01
 
 
+@interp
+@pytest.mark.parametrize("kw", [dict(), dict(b=1, t=3, heads=4, d=128, dtype=torch.float16),
+                                dict(b=2, t=5, heads=3, d=32, table_batch=2), dict(table_dtype=torch.float64)])
+def test_kernel_writes_the_attentions_int8_queries(kw):
+    """``qk_norm_rope_int8_q``: the queries come out as the 8-bit attention's Q pre-pass would
+    make them of the kernel's own rotated queries (bit for bit), padded rows zero; the keys
+    are the plain kernel's."""
+    from wanquant.kernels.attention_config import INT8_MAX, LOG2E, default_scale
+    from wanquant.kernels.attention_reference import quantize_q_reference
+
+    q, k, wq, wk, cos, sin, heads = case(**kw)
+    rq, rk = R.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
+    b, t, h, d = rq.shape
+    s_pad = t + 6
+    qk_c = default_scale(d, None) * LOG2E / INT8_MAX
+    q8, qs, k2 = R.qk_norm_rope_int8_q(q, k, wq, wk, cos, sin, heads, 1e-6, qk_c, s_pad)
+    want8, wants = quantize_q_reference(rq)
+    assert q8.shape == (b * h, s_pad, d) and q8.dtype == torch.int8 and qs.shape == (b * h, s_pad)
+    assert torch.equal(q8[:, :t], want8) and torch.equal(qs[:, :t], wants)
+    assert not q8[:, t:].any() and not qs[:, t:].any()
+    assert torch.equal(k2, rk)
+    assert (want8.abs() == 127).any() and want8.float().std() > 20  # a real spread of codes
+
+
+@interp
+@pytest.mark.parametrize("kw", [dict(b=1, t=70, heads=2, d=32), dict(b=2, t=33, heads=1, d=64, table_batch=2)])
+def test_fused_rope_attention_is_rope_then_attention(kw):
+    """``rope_attention_int8`` (INT8 Q written by the rotary kernel) gives the output of the
+    rotary kernel followed by the 8-bit attention, bit for bit (the default config's Q
+    pre-pass path, and the Triton kernel, as on every GPU without Gluon)."""
+    from wanquant.kernels import attention as A
+
+    q, k, wq, wk, cos, sin, heads = case(**kw)
+    v = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.dtype)
+    assert A.DEFAULT_CONFIG.q_prepass
+    got = A.rope_attention_int8(q, k, v, wq, wk, cos, sin, heads, 1e-6)
+    qr, kr = R.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
+    want = A.attention_int8(qr, kr, v.unflatten(2, (heads, -1)))
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert torch.equal(got, want)
+
+
 def test_interpreter_suite():
     run_interpreter_suite(__file__)
 
@@ -107,6 +149,19 @@ def test_custom_op_registration():
     got = ops.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
     want = R.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@not_interp
+def test_fused_attention_op_registration():
+    from wanquant.kernels import attention as A
+    from wanquant.kernels import ops
+
+    q, k, wq, wk, cos, sin, heads = case(t=20, heads=2, d=32)
+    v = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(q.dtype)
+    torch.library.opcheck(ops.rope_attention_int8, (q, k, v, wq, wk, cos, sin, heads, 1e-6, True))
+    got = ops.rope_attention_int8(q, k, v, wq, wk, cos, sin, heads, 1e-6, False)  # CPU: the references
+    qr, kr = R.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
+    assert torch.equal(got, A.attention_int8_reference(qr, kr, v.unflatten(2, (heads, -1))))
 
 
 def _bf16_transformer():
@@ -152,10 +207,14 @@ def test_processor_swaps_in_with_int8_and_computes_what_stock_does(monkeypatch):
     assert all(type(b.attn1.processor) is FusedRopeAttnProcessor for b in model.blocks)
     assert all(type(b.attn2.processor) is WanAttnProcessor for b in model.blocks)  # cross-attention untouched
     calls = []
-    real = ops.qk_norm_rope
-    monkeypatch.setattr(ops, "qk_norm_rope", lambda *a: calls.append(1) or real(*a))
+    for name in ("qk_norm_rope", "rope_attention_int8"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
     fused = _forward(model)
-    assert len(calls) == 2  # one per block
+    assert calls == ["rope_attention_int8"] * 2  # one per block: the rotary hands the attention INT8 queries
+    calls.clear()
+    monkeypatch.setattr(FusedRopeAttnProcessor, "fuse_int8_queries", False)
+    assert torch.equal(_forward(model), fused) and calls == ["qk_norm_rope"] * 2  # the same numbers either way
     for b in model.blocks:  # the stock class with the same backend: the same numbers (the CPU op is diffusers' math)
         backend = b.attn1.processor._attention_backend
         b.attn1.set_processor(WanAttnProcessor())

@@ -52,3 +52,20 @@ def test_offsets_past_2_31_elements():
     want = R.qk_norm_rope_reference(q[1:, tail], k[1:, tail], w[0], w[1], cos[:, tail], sin[:, tail], heads, 1e-6)
     for gt, wt in zip(got, want):
         assert R.pair_rounding_steps(gt[1:, tail], wt).max() <= 2
+
+
+@pytest.mark.parametrize("kw", [dict(b=1, t=16421, heads=40, d=128), dict(b=2, t=1000, heads=40, d=128),
+                                dict(b=1, t=333, heads=12, d=64)])
+def test_fused_rope_attention_is_rope_then_attention_on_gpu(kw):
+    """The rotary kernel's INT8 queries give the unfused path's output bit for bit: the
+    default config (Gluon kernel at head dim 128, Triton elsewhere), NaN-poisoned memory."""
+    from wanquant.kernels import attention as A
+
+    q, k, wq, wk, cos, sin, heads = (a.cuda() if isinstance(a, torch.Tensor) else a for a in case(**kw, seed=3))
+    v = torch.randn(q.shape, device="cuda").to(q.dtype)
+    qr, kr = R.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
+    want = A.attention_int8(qr, kr, v.unflatten(2, (heads, -1)))
+    _poison_allocator(8 * want.numel() * 2)
+    got = A.rope_attention_int8(q, k, v, wq, wk, cos, sin, heads, 1e-6)
+    torch.cuda.synchronize()
+    assert torch.isfinite(got).all() and torch.equal(got, want)

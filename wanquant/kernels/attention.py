@@ -123,7 +123,8 @@ __all__ = [
     "attention_fp32", "attention_int8_reference", "attention_prepared_reference", "quantize_kv_reference",
     "quantize_q_reference", "relative_error",
     # here
-    "attention_int8", "attention_prepared", "config_for", "int8_attention_status", "quantize_kv",
+    "attention_int8", "attention_prepared", "config_for", "int8_attention_status", "padded_queries", "quantize_kv",
+    "rope_attention_int8",
 ]
 
 
@@ -265,27 +266,43 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
     if ov.data_ptr() != out.data_ptr() or ov.stride(-1) != 1:
         raise ValueError("out needs a unit last stride")
     qk_c = default_scale(d, scale) * LOG2E / INT8_MAX
-    rows = cfg.block_m * (cfg.consumers if cfg.gluon_ws else 1)  # queries per program
-    grid = (triton.cdiv(s_q, rows), b * h)
-    qst = (qv.stride(0), qv.stride(1), qv.stride(2))
-    s_qpad = grid[0] * rows
+    s_qpad = padded_queries(s_q, cfg)
     if cfg.q_prepass:
         q8 = torch.empty(b * h, s_qpad, d, dtype=torch.int8, device=q.device)
         qs = torch.empty(b * h, s_qpad, dtype=torch.float32, device=q.device)
-        _q_quant_kernel[(grid[0] * rows // cfg.block_m, grid[1])](qv, q8, qs, s_q, s_qpad, h, qk_c, *qst, D=d,
-                                                                  BM=cfg.block_m, num_warps=4)
+        qst = (qv.stride(0), qv.stride(1), qv.stride(2))
+        _q_quant_kernel[(s_qpad // cfg.block_m, b * h)](qv, q8, qs, s_q, s_qpad, h, qk_c, *qst, D=d,
+                                                        BM=cfg.block_m, num_warps=4)
     else:
         q8, qs = kv.k8, kv.k_scale  # unused placeholders
+    _main_kernel(qv, q8, qs, kv, ov, s_q, s_qpad, qk_c, cfg)
+    return out
+
+
+def padded_queries(s_q: int, cfg: AttnConfig) -> int:
+    """Rows of the INT8 Q buffer for ``s_q`` queries under ``cfg`` (as it runs: :func:`config_for`):
+    a whole number of programs' queries."""
+    rows = cfg.block_m * (cfg.consumers if cfg.gluon_ws else 1)  # queries per program
+    return triton.cdiv(s_q, rows) * rows
+
+
+def _main_kernel(qv, q8, qs, kv: QuantKV, ov, s_q: int, s_qpad: int, qk_c: float, cfg: AttnConfig) -> torch.Tensor:
+    """Launch the main kernel (``qv``: bf16 queries, read unless ``cfg.q_prepass``; then
+    ``q8``/``qs`` of :func:`padded_queries` rows); writes ``ov`` (``[B, S, H, D]`` view)."""
+    b, h, d = kv.batch, kv.heads, kv.head_dim
+    rows = cfg.block_m * (cfg.consumers if cfg.gluon_ws else 1)
+    grid = (s_qpad // rows, b * h)
+    qst = (qv.stride(0), qv.stride(1), qv.stride(2))
     if cfg.gluon_ws:
         attention_ws_launch(q8, qs, kv, ov, s_q, s_qpad, cfg.block_n, cfg.num_stages, cfg.pv_overlap,
                             cfg.ping_pong, LOG2_P_SCALE, cfg.consumers)
-        return out
+        return ov
     k_src, v_src = kv.k8, kv.v8t
     if cfg.tma:
         k_src = TensorDescriptor.from_tensor(kv.k8.view(-1, d), [cfg.block_n, d])
         v_src = TensorDescriptor.from_tensor(kv.v8t.view(-1, kv.seq_pad), [d, cfg.block_n])
     _attn_fwd_kernel[grid](
-        qv, q8, qs, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, ov, _ones_e4m3(q.device, cfg.block_n),
+        qv, q8, qs, k_src, kv.k_scale, v_src, kv.v_scale, kv.v_mean, ov, _ones_e4m3(ov.device, cfg.block_n),
         s_q, s_qpad, kv.seq, kv.seq_pad, h, qk_c,
         *qst, ov.stride(0), ov.stride(1), ov.stride(2),
         D=d, BM=cfg.block_m, BN=cfg.block_n, KB=kv.k_block, PV_PROMOTE=cfg.pv_promote, Q_PRE=cfg.q_prepass,
@@ -294,7 +311,7 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
         TOP=LOG2_P_SCALE - LAZY_SLACK if cfg.lazy_rescale else LOG2_P_SCALE, INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
-    return out
+    return ov
 
 
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -303,3 +320,36 @@ def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     """8-bit attention (Triton): :func:`quantize_kv` then :func:`attention_prepared`."""
     cfg = config or DEFAULT_CONFIG
     return attention_prepared(q, quantize_kv(k, v, layout, k_block, v_perm=cfg.v_perm), scale, layout, cfg, out)
+
+
+def rope_attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                        k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
+                        scale: float | None = None, config: AttnConfig | None = None) -> torch.Tensor:
+    """Wan's self-attention core on the projections ``q, k, v [B, T, heads * D]``: the q/k
+    RMS-norm + rotary (:mod:`wanquant.kernels.rope`), then 8-bit attention; ``[B, T, H, D]``.
+
+    The same numbers as :func:`~wanquant.kernels.rope.qk_norm_rope` followed by
+    :func:`attention_int8`, with one pass fewer over the queries: where the config takes INT8
+    Q from a pre-pass (``q_prepass``, the default's), the rotary kernel writes that INT8 Q
+    itself (:func:`~wanquant.kernels.rope.qk_norm_rope_int8_q`), so the rotated queries are
+    neither written in 16 bits nor read back.
+    """
+    from wanquant.kernels.rope import qk_norm_rope, qk_norm_rope_int8_q
+
+    _require_triton()
+    cfg = config or DEFAULT_CONFIG
+    check_config(cfg, K_BLOCK)
+    b, t, c = q.shape
+    vv = v.unflatten(2, (heads, -1))
+    d = c // heads
+    run = config_for(cfg, head_dim=d, tma=_has_tma(q.device), gluon=_gluon_runs_on(q.device))
+    if not run.q_prepass:
+        qr, kr = qk_norm_rope(q, k, q_weight, k_weight, cos, sin, heads, eps)
+        return attention_int8(qr, kr, vv, scale, "bshd", cfg)
+    qk_c = default_scale(d, scale) * LOG2E / INT8_MAX
+    s_qpad = padded_queries(t, run)
+    q8, qs, kr = qk_norm_rope_int8_q(q, k, q_weight, k_weight, cos, sin, heads, eps, qk_c, s_qpad)
+    kv = quantize_kv(kr, vv, "bshd", K_BLOCK, v_perm=cfg.v_perm)
+    out = torch.empty(b, t, heads, d, dtype=q.dtype, device=q.device)
+    return _main_kernel(out, q8, qs, kv, out, t, s_qpad, qk_c, run)
+

@@ -14,6 +14,8 @@ norms, rotary, gates, residuals) stays unfused. Registered as opaque ops with a 
   (K/V pre-pass + main kernel), ``[B, S, H, D]`` in and out;
 * ``wanquant::qk_norm_rope``: :func:`~wanquant.kernels.rope.qk_norm_rope`, Wan's q/k
   RMS-norm and rotary in one pass (Inductor's own fusion of it is 4x off its memory floor);
+  ``wanquant::rope_attention_int8``: that and the 8-bit attention in one node (the rotary
+  kernel writes the attention's INT8 queries);
 * ``wanquant::norm_modulate`` and ``wanquant::residual_norm``:
   :func:`~wanquant.kernels.adaln.residual_norm` without and with a residual addend (the
   block's modulated LayerNorms; a candidate, see that module).
@@ -266,6 +268,45 @@ def _(q, k, q_weight, k_weight, cos, sin, heads, eps):
     return q.contiguous(), k.contiguous()
 
 
+@torch.library.custom_op("wanquant::rope_attention_int8", mutates_args=())
+def rope_attention_int8(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor,
+                        sin: Tensor, heads: int, eps: float, reference: bool) -> Tensor:
+    """Wan's self-attention core: ``q, k, v [B, T, heads * D]`` (the projections) -> q/k
+    RMS-norm + rotary, then 8-bit attention, ``[B, T, heads, D]``: ``qk_norm_rope`` and
+    ``attention_int8`` in one node, so the rotary kernel can hand the attention its INT8
+    queries (:func:`~wanquant.kernels.attention.rope_attention_int8`). ``reference``: the
+    PyTorch definitions of both (also what CPU runs)."""
+    raise NotImplementedError(f"wanquant::rope_attention_int8 has no implementation for {q.device.type} tensors")
+
+
+@rope_attention_int8.register_fake
+def _(q, k, v, q_weight, k_weight, cos, sin, heads, eps, reference):
+    torch._check(k.shape == q.shape and v.shape == q.shape, lambda: "q, k and v shapes differ")
+    b, t, c = q.shape
+    return q.new_empty(b, t, heads, c // heads)
+
+
+def _rope_attention_reference(q, k, v, q_weight, k_weight, cos, sin, heads, eps):
+    qr, kr = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, heads, eps)
+    vv = v.unflatten(2, (heads, -1))
+    return A.attention_int8_reference(qr, kr, vv, layout="bshd").contiguous()
+
+
+@rope_attention_int8.register_kernel("cuda")
+def _(q, k, v, q_weight, k_weight, cos, sin, heads, eps, reference):
+    if reference:
+        return _rope_attention_reference(q, k, v, q_weight, k_weight, cos, sin, heads, eps)
+    ok, why = A.int8_attention_status(q.device)
+    if not ok:
+        raise RuntimeError(f"wanquant int8 attention cannot run: {why}")
+    return A.rope_attention_int8(q, k, v, q_weight, k_weight, cos, sin, heads, eps, config=A.env_config())
+
+
+@rope_attention_int8.register_kernel("cpu")
+def _(q, k, v, q_weight, k_weight, cos, sin, heads, eps, reference):
+    return _rope_attention_reference(q, k, v, q_weight, k_weight, cos, sin, heads, eps)
+
+
 # ---------------------------------------------------------------------------------------
 # the block's residual + LayerNorm + modulation steps
 @torch.library.custom_op("wanquant::norm_modulate", mutates_args=())
@@ -313,5 +354,5 @@ def _(x, y, gate, weight, bias, scale, shift, eps):
     return x_new.contiguous(), n.contiguous()
 
 
-__all__ = ["attention_int8", "launch_key", "norm_modulate", "qk_norm_rope", "residual_norm", "w4a4_linear",
-           "w4a4_linear_gelu"]
+__all__ = ["attention_int8", "launch_key", "norm_modulate", "qk_norm_rope", "residual_norm", "rope_attention_int8",
+           "w4a4_linear", "w4a4_linear_gelu"]

@@ -35,6 +35,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from wanquant.kernels.attention_triton import _inv_scale, _rne
+
 _DTYPES = (torch.bfloat16, torch.float16)
 TABLE_DTYPES = (torch.float32, torch.float64)  # the rotary's arithmetic is done in this dtype, as in diffusers
 
@@ -127,10 +129,10 @@ if HAS_TRITON:
         return (bits & ~((1 << drop) - 1)).to(tl.float64, bitcast=True).to(tl.float32)
 
     @triton.jit
-    def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, T, H, eps,
+    def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, qs_ptr, n_rows, T, H, eps, S_pad, qk_c,
                              stride_xb, stride_xt, stride_cb, stride_ct, stride_sb, stride_st,
                              D2: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, MANT: tl.constexpr,
-                             F64: tl.constexpr):
+                             F64: tl.constexpr, INT8: tl.constexpr):
         h = tl.arange(0, BLOCK_H)[:, None]
         col = h * (2 * D2) + tl.arange(0, 2 * D2)[None, :]  # [BLOCK_H, D]: row-contiguous loads
         mask = h < H
@@ -159,8 +161,17 @@ if HAS_TRITON:
                     s = s.to(tl.float32)
                     o1 = round_f32_to_16bit(y1 * c - y2 * s, MANT)
                     o2 = round_f32_to_16bit(y1 * s + y2 * c, MANT)
-                o = tl.reshape(tl.join(o1, o2), [BLOCK_H, 2 * D2]).to(out_ptr.dtype.element_ty)
-                tl.store(out_ptr + row.to(tl.int64) * (H * 2 * D2) + col, o, mask=mask)
+                o = tl.reshape(tl.join(o1, o2), [BLOCK_H, 2 * D2])
+                if INT8:  # the attention's Q pre-pass on the rounded values: [B*H, S_pad, D] int8 + scales
+                    o = o.to(tl.float32)
+                    amax = tl.max(tl.abs(o), 1)  # per head
+                    inv = _inv_scale(amax, 127.0)
+                    q8 = tl.minimum(tl.maximum(_rne(o * inv[:, None]), -127.0), 127.0).to(tl.int8)
+                    bh = b * H + h  # [BLOCK_H, 1]
+                    tl.store(out_ptr + (bh * S_pad + t) * (2 * D2) + tl.arange(0, 2 * D2)[None, :], q8, mask=mask)
+                    tl.store(qs_ptr + bh * S_pad + t, (amax * qk_c)[:, None], mask=mask)
+                else:
+                    tl.store(out_ptr + row.to(tl.int64) * (H * 2 * D2) + col, o.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
@@ -169,6 +180,31 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     """Triton version of :func:`qk_norm_rope_reference`: ``q``, ``k`` may be strided views
     (a fused q/k/v projection's chunks) with a unit last stride; outputs are contiguous.
     Each program does ``rows_per_program`` tokens, loading the norm weight once for them."""
+    return _launch(q, k, q_weight, k_weight, cos, sin, heads, eps, num_warps, rows_per_program, None)
+
+
+def qk_norm_rope_int8_q(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float, qk_c: float, s_pad: int,
+                        num_warps: int = 8, rows_per_program: int = 4
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`qk_norm_rope` whose query output is the 8-bit attention's INT8 Q:
+    ``(q8 int8 [B*H, s_pad, D], qs fp32 [B*H, s_pad], k [B, T, H, D])``, the first two what
+    :func:`~wanquant.kernels.attention_reference.quantize_q_reference` gives for the rotated
+    queries (``qk_c``: the softmax scale times log2(e) / 127), with rows from ``T`` to
+    ``s_pad`` zero. The rotated queries are never written in 16 bits, nor read back by a
+    pre-pass of the attention."""
+    b, t, h, d = _check(q, k, q_weight, k_weight, cos, sin, heads)
+    if s_pad < t:
+        raise ValueError(f"s_pad {s_pad} is shorter than the {t} tokens")
+    q8 = torch.empty(b * h, s_pad, d, dtype=torch.int8, device=q.device)
+    qs = torch.empty(b * h, s_pad, dtype=torch.float32, device=q.device)
+    q8[:, t:].zero_()
+    qs[:, t:].zero_()
+    q8, k = _launch(q, k, q_weight, k_weight, cos, sin, heads, eps, num_warps, rows_per_program, (q8, qs, qk_c))
+    return q8, qs, k
+
+
+def _launch(q, k, q_weight, k_weight, cos, sin, heads, eps, num_warps, rows_per_program, int8_q):
     b, t, h, d = _check(q, k, q_weight, k_weight, cos, sin, heads)
     if q.dtype not in _DTYPES or k.dtype != q.dtype:
         raise ValueError(f"q and k must be bfloat16 or float16 of one dtype, got {q.dtype} and {k.dtype}")
@@ -184,12 +220,18 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     cs = [(tab.stride(0) if tab.shape[0] > 1 else 0, tab.stride(1)) for tab in (cos, sin)]  # per-video or shared
     grid = (triton.cdiv(b * t, rows_per_program),)
     outs = []
-    for x, w in ((q, q_weight), (k, k_weight)):
+    for i, (x, w) in enumerate(((q, q_weight), (k, k_weight))):
         if x.stride(2) != 1:
             x = x.contiguous()
-        out = torch.empty(b, t, h, d, dtype=x.dtype, device=x.device)
-        _qk_norm_rope_kernel[grid](x, w, cos, sin, out, b * t, t, h, float(eps), x.stride(0), x.stride(1),
-                                   *cs[0], *cs[1], D2=d // 2, BLOCK_H=block_h, ROWS=rows_per_program, MANT=mant,
-                                   F64=cos.dtype == torch.float64, num_warps=num_warps)
+        int8 = i == 0 and int8_q is not None
+        if int8:
+            out, qs, qk_c = int8_q
+            s_pad = out.shape[1]
+        else:
+            out, qs, qk_c, s_pad = torch.empty(b, t, h, d, dtype=x.dtype, device=x.device), x, 0.0, t
+        _qk_norm_rope_kernel[grid](x, w, cos, sin, out, qs, b * t, t, h, float(eps), s_pad, float(qk_c),
+                                   x.stride(0), x.stride(1), *cs[0], *cs[1], D2=d // 2, BLOCK_H=block_h,
+                                   ROWS=rows_per_program, MANT=mant, F64=cos.dtype == torch.float64, INT8=int8,
+                                   num_warps=num_warps)
         outs.append(out)
     return outs[0], outs[1]

@@ -98,7 +98,7 @@ def _sdpa_fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, en
                                  parallel_config=_parallel_config)
 
 
-def _unsupported(query, key, value, attn_mask, dropout_p, is_causal) -> str | None:
+def int8_unsupported(query, key, value, attn_mask, dropout_p, is_causal) -> str | None:
     """Why the 8-bit kernel cannot serve this call (None: it can)."""
     if attn_mask is not None:
         return "an attention mask is given"
@@ -118,7 +118,7 @@ def _unsupported_call(query, key, value, attn_mask, dropout_p, is_causal, parall
     """Why the 8-bit kernel cannot take this call (SDPA then does), or None; refuses CP."""
     if parallel_config is not None:
         raise AttentionUnavailableError("wanquant int8 attention does not support context parallelism yet")
-    why = _unsupported(query, key, value, attn_mask, dropout_p, is_causal)
+    why = int8_unsupported(query, key, value, attn_mask, dropout_p, is_causal)
     if why:
         _warn_once(why)
     return why
@@ -164,7 +164,8 @@ def backend_for(mode: str):
     return member
 
 
-def _mode_of_backend(backend) -> str:
+def mode_of_backend(backend) -> str:
+    """The mode (``"sdpa"``, ``"int8"``, ``"int8_reference"``) a processor's backend stands for."""
     value = getattr(backend, "value", backend)
     for mode, (_, v) in _BACKENDS.items():
         if value == v:
@@ -241,20 +242,30 @@ def set_self_attention(transformer: nn.Module, mode: str) -> int:
         proc = attn.processor
         current = proc._attention_backend
         if mode == "sdpa":
-            if _mode_of_backend(current) != "sdpa":
+            if mode_of_backend(current) != "sdpa":
                 proc._attention_backend = proc.__dict__.pop(_PREV, None)
             attn.set_processor(without_fused_rope(proc))
             continue
-        if _mode_of_backend(current) == "sdpa":
+        if mode_of_backend(current) == "sdpa":
             proc.__dict__[_PREV] = current
         proc._attention_backend = backend_for(mode)
         attn.set_processor(with_fused_rope(proc))
     return len(attns)
 
 
+def set_query_fusion(transformer: nn.Module, on: bool) -> None:
+    """Whether the 8-bit self-attention takes its INT8 queries from the rotary kernel (the
+    default) or quantizes the rotary's 16-bit queries itself (the same numbers; A/B runs)."""
+    from wanquant.model.processor import FusedRopeAttnProcessor
+
+    for attn in _self_attentions(transformer):
+        if isinstance(attn.processor, FusedRopeAttnProcessor):
+            attn.processor.fuse_int8_queries = on
+
+
 def self_attention_mode(transformer: nn.Module) -> str:
     """``"sdpa"``, ``"int8"``, ``"int8_reference"``, or ``"mixed"`` if blocks differ."""
-    modes = {_mode_of_backend(getattr(a.processor, "_attention_backend", None)) for a in _self_attentions(transformer)}
+    modes = {mode_of_backend(getattr(a.processor, "_attention_backend", None)) for a in _self_attentions(transformer)}
     return modes.pop() if len(modes) == 1 else "mixed"
 
 
@@ -279,8 +290,8 @@ def chunk_attention(attn: nn.Module, key: torch.Tensor, value: torch.Tensor
     """For the token-chunked block: ``fn(query_chunk) -> out`` sharing one quantization of
     ``key``/``value`` ``[B, S, H, D]`` across chunks; None when ``attn`` is not on an int8
     backend (or the call is one the kernel does not cover): dispatch as usual then."""
-    mode = _mode_of_backend(getattr(attn.processor, "_attention_backend", None))
-    if mode == "sdpa" or _unsupported(key, key, value, None, 0.0, False):
+    mode = mode_of_backend(getattr(attn.processor, "_attention_backend", None))
+    if mode == "sdpa" or int8_unsupported(key, key, value, None, 0.0, False):
         return None
     if torch.compiler.is_compiling():  # per chunk through the custom op (K/V quantized per chunk)
         reference = mode == REFERENCE_MODE

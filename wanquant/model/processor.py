@@ -53,7 +53,12 @@ def fusable(attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_s
 
 
 class FusedRopeAttnProcessor(WanAttnProcessor):
-    """``WanAttnProcessor`` whose self-attention runs ``wanquant::qk_norm_rope``."""
+    """``WanAttnProcessor`` whose self-attention runs ``wanquant::qk_norm_rope``, and on the
+    8-bit backends ``wanquant::rope_attention_int8`` (the rotary kernel writes the
+    attention's INT8 queries; the same numbers with one pass fewer over the queries)."""
+
+    # False: the rotary writes 16-bit queries and the attention quantizes them (benchmarks' A/B)
+    fuse_int8_queries = True
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -63,12 +68,34 @@ class FusedRopeAttnProcessor(WanAttnProcessor):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         cos, sin = rotary_emb
+        mode = int8_mode_of(self._attention_backend)
+        if mode is not None and attention_mask is None and self.fuse_int8_queries and int8_covers(attn, value):
+            out = ops.rope_attention_int8(query, key, value, attn.norm_q.weight, attn.norm_k.weight, cos, sin,
+                                          attn.heads, eps, mode == "int8_reference")
+            out = out.flatten(2, 3).type_as(query)
+            return attn.to_out[1](attn.to_out[0](out))
         query, key = ops.qk_norm_rope(query, key, attn.norm_q.weight, attn.norm_k.weight, cos, sin, attn.heads, eps)
         value = value.unflatten(2, (attn.heads, -1))
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend, parallel_config=None)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def int8_mode_of(backend) -> str | None:
+    """``"int8"`` / ``"int8_reference"`` for wanquant's 8-bit attention backends, else None."""
+    from wanquant.model.attention import mode_of_backend
+
+    mode = mode_of_backend(backend)
+    return None if mode == "sdpa" else mode
+
+
+def int8_covers(attn: torch.nn.Module, value: torch.Tensor) -> bool:
+    """Whether the 8-bit kernel takes this self-attention (its head dim; q, k, v of one shape)."""
+    from wanquant.model.attention import int8_unsupported
+
+    v = value.unflatten(2, (attn.heads, -1))
+    return int8_unsupported(v, v, v, None, 0.0, False) is None
 
 
 def _recast(proc, old: type, new: type):
