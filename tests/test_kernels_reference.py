@@ -275,16 +275,20 @@ def _gemm_operands(K, m, n, k, r, seed):
     return x, params
 
 
+def _small_gemm(K, seed: int, split: bool):
+    """``(fast layer, its quantized input, e4m3 weight, a small tile config, N)`` of a 37x128 -> 48 layer."""
+    n = 48
+    x, p = _gemm_operands(K, 37, n, 128, 8, seed=seed)
+    fast = K.dispatch.FastW4A4.prepare(p, MXFP4, "cpu", backend="triton")
+    cfg = K.gemm.GemmConfig(block_m=32, block_n=16, block_k=64, group_m=2, num_warps=4, num_stages=2,
+                            split_epilogue=split)
+    return fast, fast.quantize_input(x, 1.0, 0), fast.expand_weight(), cfg, n
+
+
 @interp
 @pytest.mark.parametrize("split", [False, True])
 def test_gemm_kernel_vs_fp64(K, split):
-    m, n, k, r = 37, 48, 128, 8
-    x, p = _gemm_operands(K, m, n, k, r, seed=7)
-    fast = K.dispatch.FastW4A4.prepare(p, MXFP4, "cpu", backend="triton")
-    aq = fast.quantize_input(x, 1.0, 0)
-    w8 = fast.expand_weight()
-    cfg = K.gemm.GemmConfig(block_m=32, block_n=16, block_k=64, group_m=2, num_warps=4, num_stages=2,
-                            split_epilogue=split)
+    fast, aq, w8, cfg, n = _small_gemm(K, 7, split)
     ref = K.gemm.gemm_reference(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias,
                                 l2_scaled=True)
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2.0**-8)):
@@ -299,15 +303,10 @@ def test_gemm_kernel_vs_fp64(K, split):
 @interp
 @pytest.mark.parametrize("split", [False, True])
 def test_gemm_gelu_epilogue_stores_the_gelu_and_its_row_maxima(K, split):
-    """``GeluRowMax``: the stored values are torch's GELU of the plain GEMM's bf16 output
-    (a bf16 step apart on a few), and the row maxima are exactly those of what was stored."""
-    m, n, k, r = 37, 48, 128, 8
-    x, p = _gemm_operands(K, m, n, k, r, seed=11)
-    fast = K.dispatch.FastW4A4.prepare(p, MXFP4, "cpu", backend="triton")
-    aq = fast.quantize_input(x, 1.0, 0)
-    w8 = fast.expand_weight()
-    cfg = K.gemm.GemmConfig(block_m=32, block_n=16, block_k=64, group_m=2, num_warps=4, num_stages=2,
-                            split_epilogue=split)
+    """``GeluRowMax``: the stored values are an accurate GELU of the plain GEMM's bf16 output
+    rounded to bf16 (torch's on almost all), and the row maxima are exactly those of what was
+    stored."""
+    fast, aq, w8, cfg, n = _small_gemm(K, 11, split)
     mp = aq.q.shape[0]
     plain = torch.full((mp, n), float("nan"), dtype=torch.bfloat16)
     K.gemm.gemm_triton(aq.q, aq.row_scale, w8, fast.w_row_scale, aq.lowrank, fast.l2cat, fast.bias, out=plain,
