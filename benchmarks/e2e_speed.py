@@ -28,9 +28,8 @@ high-noise expert at t = 950). Modes:
 ``w4a4_int8attn_geluepi_`` ``w4a4_int8attn_compile`` with the GELU and the down
 ``compile``                projection's row maxima in the up projection's GEMM
                            epilogue (``gelu_in_epilogue=True``; only if asked)
-``w4a4_int8attn_q16_``     ``w4a4_int8attn_compile`` with the rotary writing 16-bit
-``compile``                queries that the attention quantizes itself (before the
-                           rotary wrote INT8 ones: ``set_query_fusion(..., False)``;
+``w4a4_int8attn_q8rope_``  ``w4a4_int8attn_compile`` with the rotary kernel writing
+``compile``                the attention's INT8 queries (``set_query_fusion(..., True)``;
                            only if asked)
 =========================  ========================================================
 
@@ -83,7 +82,7 @@ class Mode:
     row_amax_in_graph: bool = True  # compile_blocks(row_amax_in_graph=...): False = two-pass activation kernel
     gelu_in_activation: bool = False  # compile_blocks(gelu_in_activation=True): the FFN's GELU in the act kernel
     gelu_in_epilogue: bool = False  # compile_blocks(gelu_in_epilogue=True): the FFN's GELU in the up GEMM's epilogue
-    fuse_int8_queries: bool = True  # set_query_fusion: the rotary kernel writes the attention's INT8 queries
+    fuse_int8_queries: bool = False  # set_query_fusion: the rotary kernel writes the attention's INT8 queries
 
 
 MODES = {m.name: m for m in (
@@ -98,7 +97,7 @@ MODES = {m.name: m for m in (
     Mode("w4a4_int8attn_2pass_compile", True, "int8", True, row_amax_in_graph=False),
     Mode("w4a4_int8attn_gelu_compile", True, "int8", True, gelu_in_activation=True),
     Mode("w4a4_int8attn_geluepi_compile", True, "int8", True, gelu_in_epilogue=True),
-    Mode("w4a4_int8attn_q16_compile", True, "int8", True, fuse_int8_queries=False),
+    Mode("w4a4_int8attn_q8rope_compile", True, "int8", True, fuse_int8_queries=True),
 )}
 # The five, most needed first (the targets compare the first three).
 DEFAULT_MODES = ("bf16_eager", "w4a4_int8attn_compile", "bf16_compile", "w4a4", "bf16_int8attn_compile")

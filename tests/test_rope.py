@@ -211,10 +211,12 @@ def test_processor_swaps_in_with_int8_and_computes_what_stock_does(monkeypatch):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
     fused = _forward(model)
-    assert calls == ["rope_attention_int8"] * 2  # one per block: the rotary hands the attention INT8 queries
+    assert calls == ["qk_norm_rope"] * 2  # one per block
     calls.clear()
-    monkeypatch.setattr(FusedRopeAttnProcessor, "fuse_int8_queries", False)
-    assert torch.equal(_forward(model), fused) and calls == ["qk_norm_rope"] * 2  # the same numbers either way
+    MA.set_query_fusion(model, True)
+    assert torch.equal(_forward(model), fused)  # the same numbers
+    assert calls == ["rope_attention_int8"] * 2  # the rotary hands the attention its INT8 queries
+    MA.set_query_fusion(model, False)
     for b in model.blocks:  # the stock class with the same backend: the same numbers (the CPU op is diffusers' math)
         backend = b.attn1.processor._attention_backend
         b.attn1.set_processor(WanAttnProcessor())

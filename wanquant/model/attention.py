@@ -254,8 +254,9 @@ def set_self_attention(transformer: nn.Module, mode: str) -> int:
 
 
 def set_query_fusion(transformer: nn.Module, on: bool) -> None:
-    """Whether the 8-bit self-attention takes its INT8 queries from the rotary kernel (the
-    default) or quantizes the rotary's 16-bit queries itself (the same numbers; A/B runs)."""
+    """Whether the 8-bit self-attention takes its INT8 queries from the rotary kernel or
+    quantizes the rotary's 16-bit queries itself (the default; the same numbers, see
+    :class:`~wanquant.model.processor.FusedRopeAttnProcessor`)."""
     from wanquant.model.processor import FusedRopeAttnProcessor
 
     for attn in _self_attentions(transformer):

@@ -53,12 +53,14 @@ def fusable(attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_s
 
 
 class FusedRopeAttnProcessor(WanAttnProcessor):
-    """``WanAttnProcessor`` whose self-attention runs ``wanquant::qk_norm_rope``, and on the
-    8-bit backends ``wanquant::rope_attention_int8`` (the rotary kernel writes the
-    attention's INT8 queries; the same numbers with one pass fewer over the queries)."""
+    """``WanAttnProcessor`` whose self-attention runs ``wanquant::qk_norm_rope``, or with
+    ``fuse_int8_queries`` on the 8-bit backends ``wanquant::rope_attention_int8`` (the
+    rotary kernel writes the attention's INT8 queries; the same numbers with one pass fewer
+    over the queries)."""
 
-    # False: the rotary writes 16-bit queries and the attention quantizes them (benchmarks' A/B)
-    fuse_int8_queries = True
+    # Off until its GPU test and the 720p A/B have run (built and checked bit for bit in the
+    # interpreter on 2026-12-07, when no device time was left): set_query_fusion turns it on.
+    fuse_int8_queries = False
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
