@@ -22,7 +22,8 @@ Both roundings are done explicitly (round to nearest even on the bit pattern) be
 narrowing cast, which then is exact: Triton's CPU interpreter truncates on narrowing
 casts, and with the explicit rounding the interpreter and the GPU give the same bits.
 :func:`qk_norm_rope_reference` is the PyTorch definition (``F.rms_norm`` and diffusers'
-rotary written out).
+rotary written out). :func:`qk_norm_rope_int8_q` is the same kernel writing the queries as
+the 8-bit attention's INT8 Q (the attention's Q pre-pass done on the values in registers).
 """
 
 from __future__ import annotations
