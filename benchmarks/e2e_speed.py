@@ -31,6 +31,8 @@ high-noise expert at t = 950). Modes:
 ``w4a4_int8attn_q8rope_``  ``w4a4_int8attn_compile`` with the rotary kernel writing
 ``compile``                the attention's INT8 queries (``set_query_fusion(..., True)``;
                            only if asked)
+``w4a4_int8attn_q8rope_``  both of the last two (only if asked)
+``geluepi_compile``
 =========================  ========================================================
 
 Per row: one untimed warm-up forward through ONE block (Triton JIT, cuBLAS heuristics;
@@ -98,6 +100,8 @@ MODES = {m.name: m for m in (
     Mode("w4a4_int8attn_gelu_compile", True, "int8", True, gelu_in_activation=True),
     Mode("w4a4_int8attn_geluepi_compile", True, "int8", True, gelu_in_epilogue=True),
     Mode("w4a4_int8attn_q8rope_compile", True, "int8", True, fuse_int8_queries=True),
+    Mode("w4a4_int8attn_q8rope_geluepi_compile", True, "int8", True, gelu_in_epilogue=True,
+         fuse_int8_queries=True),
 )}
 # The five, most needed first (the targets compare the first three).
 DEFAULT_MODES = ("bf16_eager", "w4a4_int8attn_compile", "bf16_compile", "w4a4", "bf16_int8attn_compile")

@@ -4,7 +4,8 @@
 # $CONFIGS against the default and SDPA cuDNN, then the 720p step of $E2E_MODES with the
 # fastest config at 75,600 tokens (issue 16's open target). Defaults: what 2026-12-07 left
 # untested or unmeasured: the rotary kernel writing the attention's INT8 queries
-# (`w4a4_int8attn_q8rope_compile`) and the GELU epilogue's kernel test; no attention variant.
+# (`w4a4_int8attn_q8rope_compile`, alone and with the GELU epilogue) and the GELU epilogue's
+# kernel test; no attention variant.
 #   OUT=/root/out LIMIT=570 bash benchmarks/gluon_attention_check.sh
 # LIMIT: seconds the whole script may take (later steps are skipped past it). Results:
 # $OUT/gpu_tests.txt, $OUT/attn/attention.{json,md}, $OUT/e2e/e2e_speed.{json,md} and logs
@@ -18,7 +19,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv
 
 TESTS=${TESTS:-"tests/test_rope_gpu.py::fused_rope tests/test_kernels_gpu.py::gelu_epilogue"}
-E2E_MODES=${E2E_MODES:-w4a4_int8attn_compile,w4a4_int8attn_q8rope_compile,w4a4_int8attn_geluepi_compile,bf16_eager}
+E2E_MODES=${E2E_MODES:-w4a4_int8attn_compile,w4a4_int8attn_q8rope_compile,w4a4_int8attn_q8rope_geluepi_compile,bf16_eager}
 echo "== GPU tests (${LIMIT}s budget)"
 rc=0
 for t in $TESTS; do  # FILE::KEYWORD
