@@ -265,6 +265,20 @@ def test_kv_prepass_matches_reference(s, d, k_block, smooth, v_perm):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-6, atol=1e-7, msg=name)
 
 
+@interp
+@pytest.mark.parametrize("s,d,b,s_qpad", [(200, 64, 2, 256), (64, 128, 1, 64), (33, 32, 1, 128)])
+def test_q_prepass_matches_reference(s, d, b, s_qpad):
+    """``quantize_q`` (the Q pre-pass kernel) is ``quantize_q_reference`` bit for bit, padded rows zero."""
+    q, _, _ = _fused_qkv(s, 3, d, b=b)
+    q8, qs = K.quantize_q(q, s_qpad)
+    want8, wants = K.quantize_q_reference(q)
+    assert q8.shape == (b * 3, s_qpad, d) and qs.shape == (b * 3, s_qpad)
+    assert torch.equal(q8[:, :s], want8) and torch.equal(qs[:, :s], wants)
+    assert not q8[:, s:].any() and not qs[:, s:].any()
+    with pytest.raises(ValueError, match="multiple of block_m"):
+        K.quantize_q(q, s_qpad + 1)
+
+
 def _poisoned(shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype)
 

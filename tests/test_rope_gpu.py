@@ -68,4 +68,37 @@ def test_fused_rope_attention_is_rope_then_attention_on_gpu(kw):
     _poison_allocator(8 * want.numel() * 2)
     got = A.rope_attention_int8(q, k, v, wq, wk, cos, sin, heads, 1e-6)
     torch.cuda.synchronize()
-    assert torch.isfinite(got).all() and torch.equal(got, want)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want), _mismatch(got, want)
+
+
+def _mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
+    """Which elements differ and by how much (the first failure, 2026-12-07, said neither)."""
+    diff = got.float() != want.float()
+    idx = diff.nonzero()
+    gap = (got.float() - want.float()).abs()
+    return (f"{int(diff.sum())} of {diff.numel()} elements differ (max {gap.max().item():.3g}, "
+            f"median of the differing {gap[diff].median().item():.3g}); first at {idx[:5].tolist()}")
+
+
+@pytest.mark.parametrize("kw", [dict(b=1, t=16421, heads=40, d=128), dict(b=2, t=1000, heads=40, d=128)])
+def test_int8_queries_are_the_q_prepass_of_the_rotated_queries_on_gpu(kw):
+    """The rotary kernel's INT8 queries and scales are the attention's Q pre-pass of the plain
+    kernel's rotated queries, bit for bit, on the GPU (the interpreter test shows it without
+    FMA contraction). Localises the fused path's GPU mismatch of 2026-12-07: if this passes,
+    the attention kernel is what differs between two runs on the same INT8 queries."""
+    from wanquant.kernels import attention as A
+    from wanquant.kernels.attention_config import INT8_MAX, LOG2E, default_scale
+
+    q, k, wq, wk, cos, sin, heads = (a.cuda() if isinstance(a, torch.Tensor) else a for a in case(**kw, seed=3))
+    qr, kr = R.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
+    t, d = qr.shape[1], qr.shape[3]
+    s_pad = A.padded_queries(t, A.config_for(A.DEFAULT_CONFIG, d, True, True))
+    want8, wants = A.quantize_q(qr, s_pad)
+    _poison_allocator(8 * want8.numel())
+    q8, qs, k2 = R.qk_norm_rope_int8_q(q, k, wq, wk, cos, sin, heads, 1e-6, default_scale(d, None) * LOG2E / INT8_MAX,
+                                       s_pad)
+    torch.cuda.synchronize()
+    assert torch.equal(k2, kr), _mismatch(k2, kr)
+    assert torch.equal(qs, wants), _mismatch(qs, wants)
+    assert torch.equal(q8, want8), _mismatch(q8, want8)

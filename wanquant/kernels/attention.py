@@ -124,7 +124,7 @@ __all__ = [
     "quantize_q_reference", "relative_error",
     # here
     "attention_int8", "attention_prepared", "config_for", "int8_attention_status", "padded_queries", "quantize_kv",
-    "rope_attention_int8",
+    "quantize_q", "rope_attention_int8",
 ]
 
 
@@ -268,15 +268,28 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
     qk_c = default_scale(d, scale) * LOG2E / INT8_MAX
     s_qpad = padded_queries(s_q, cfg)
     if cfg.q_prepass:
-        q8 = torch.empty(b * h, s_qpad, d, dtype=torch.int8, device=q.device)
-        qs = torch.empty(b * h, s_qpad, dtype=torch.float32, device=q.device)
-        qst = (qv.stride(0), qv.stride(1), qv.stride(2))
-        _q_quant_kernel[(s_qpad // cfg.block_m, b * h)](qv, q8, qs, s_q, s_qpad, h, qk_c, *qst, D=d,
-                                                        BM=cfg.block_m, num_warps=4)
+        q8, qs = quantize_q(qv, s_qpad, scale, "bshd", cfg.block_m)
     else:
         q8, qs = kv.k8, kv.k_scale  # unused placeholders
     _main_kernel(qv, q8, qs, kv, ov, s_q, s_qpad, qk_c, cfg)
     return out
+
+
+def quantize_q(q: torch.Tensor, s_qpad: int, scale: float | None = None, layout: Layout = "bshd",
+               block_m: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Q pre-pass on the GPU (``q_prepass`` configs): ``(q8 int8 [B*H, s_qpad, D], qs fp32
+    [B*H, s_qpad])``, :func:`quantize_q_reference` with rows from ``S_q`` to ``s_qpad`` zero.
+    ``s_qpad``: a multiple of ``block_m`` (:func:`padded_queries`)."""
+    _require_triton()
+    qv, b, s_q, h, d = _bshd_view(q, layout)
+    if s_qpad < s_q or s_qpad % block_m:
+        raise ValueError(f"s_qpad {s_qpad} must be a multiple of block_m {block_m} and >= the {s_q} queries")
+    qk_c = default_scale(d, scale) * LOG2E / INT8_MAX
+    q8 = torch.empty(b * h, s_qpad, d, dtype=torch.int8, device=q.device)
+    qs = torch.empty(b * h, s_qpad, dtype=torch.float32, device=q.device)
+    qst = (qv.stride(0), qv.stride(1), qv.stride(2))
+    _q_quant_kernel[(s_qpad // block_m, b * h)](qv, q8, qs, s_q, s_qpad, h, qk_c, *qst, D=d, BM=block_m, num_warps=4)
+    return q8, qs
 
 
 def padded_queries(s_q: int, cfg: AttnConfig) -> int:

@@ -255,7 +255,8 @@ def set_self_attention(transformer: nn.Module, mode: str) -> int:
 
 def set_query_fusion(transformer: nn.Module, on: bool) -> None:
     """Whether the 8-bit self-attention takes its INT8 queries from the rotary kernel or
-    quantizes the rotary's 16-bit queries itself (the default; the same numbers, see
+    quantizes the rotary's 16-bit queries itself (the default). The same numbers in the
+    interpreter; on an H100 not bit-identical at head dim 128, and no faster (see
     :class:`~wanquant.model.processor.FusedRopeAttnProcessor`)."""
     from wanquant.model.processor import FusedRopeAttnProcessor
 

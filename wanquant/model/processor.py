@@ -55,11 +55,10 @@ def fusable(attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_s
 class FusedRopeAttnProcessor(WanAttnProcessor):
     """``WanAttnProcessor`` whose self-attention runs ``wanquant::qk_norm_rope``, or with
     ``fuse_int8_queries`` on the 8-bit backends ``wanquant::rope_attention_int8`` (the
-    rotary kernel writes the attention's INT8 queries; the same numbers with one pass fewer
-    over the queries)."""
+    rotary kernel writes the attention's INT8 queries, one pass fewer over the queries)."""
 
-    # Off until its GPU test and the 720p A/B have run (built and checked bit for bit in the
-    # interpreter on 2026-12-07, when no device time was left): set_query_fusion turns it on.
+    # Off: on an H100 (2026-12-07) it saved no measurable time, and its GPU test found its
+    # output not bit-identical to the unfused path's at head dim 128 (benchmarks/KERNEL_NOTES.md).
     fuse_int8_queries = False
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
