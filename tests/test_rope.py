@@ -83,14 +83,14 @@ def test_kernel_writes_the_attentions_int8_queries(kw):
     """``qk_norm_rope_int8_q``: the queries come out as the 8-bit attention's Q pre-pass would
     make them of the kernel's own rotated queries (bit for bit), padded rows zero; the keys
     are the plain kernel's."""
-    from wanquant.kernels.attention_config import INT8_MAX, LOG2E, default_scale
+    from wanquant.kernels.attention_config import query_scale_factor
     from wanquant.kernels.attention_reference import quantize_q_reference
 
     q, k, wq, wk, cos, sin, heads = case(**kw)
     rq, rk = R.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
     b, t, h, d = rq.shape
     s_pad = t + 6
-    qk_c = default_scale(d, None) * LOG2E / INT8_MAX
+    qk_c = query_scale_factor(d, None)
     q8, qs, k2 = R.qk_norm_rope_int8_q(q, k, wq, wk, cos, sin, heads, 1e-6, qk_c, s_pad)
     want8, wants = quantize_q_reference(rq)
     assert q8.shape == (b * h, s_pad, d) and q8.dtype == torch.int8 and qs.shape == (b * h, s_pad)

@@ -88,7 +88,7 @@ def test_int8_queries_are_the_q_prepass_of_the_rotated_queries_on_gpu(kw):
     FMA contraction). Localises the fused path's GPU mismatch of 2026-12-07: if this passes,
     the attention kernel is what differs between two runs on the same INT8 queries."""
     from wanquant.kernels import attention as A
-    from wanquant.kernels.attention_config import INT8_MAX, LOG2E, default_scale
+    from wanquant.kernels.attention_config import query_scale_factor
 
     q, k, wq, wk, cos, sin, heads = (a.cuda() if isinstance(a, torch.Tensor) else a for a in case(**kw, seed=3))
     qr, kr = R.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
@@ -96,7 +96,7 @@ def test_int8_queries_are_the_q_prepass_of_the_rotated_queries_on_gpu(kw):
     s_pad = A.padded_queries(t, A.config_for(A.DEFAULT_CONFIG, d, True, True))
     want8, wants = A.quantize_q(qr, s_pad)
     _poison_allocator(8 * want8.numel())
-    q8, qs, k2 = R.qk_norm_rope_int8_q(q, k, wq, wk, cos, sin, heads, 1e-6, default_scale(d, None) * LOG2E / INT8_MAX,
+    q8, qs, k2 = R.qk_norm_rope_int8_q(q, k, wq, wk, cos, sin, heads, 1e-6, query_scale_factor(d, None),
                                        s_pad)
     torch.cuda.synchronize()
     assert torch.equal(k2, kr), _mismatch(k2, kr)

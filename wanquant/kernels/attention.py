@@ -100,7 +100,8 @@ from wanquant.kernels.attention_config import (CONFIGS, DEFAULT_CONFIG, E4M3_MAX
                                                K_BLOCK, LAZY_SLACK, LOG2_P_SCALE, LOG2E, MAX_SPLITS, P_SCALE,
                                                STATS_BLOCK, STATS_TILE, TRITON_MAX_STAGES, V_PERM_BLOCK, AttnConfig,
                                                Layout, QuantKV, _bshd_view, _ceil_to, _check_v_perm, check_config,
-                                               check_head_dim, default_scale, env_config, parse_config, v_token_order)
+                                               check_head_dim, default_scale, env_config, parse_config,
+                                               query_scale_factor, v_token_order)
 from wanquant.kernels.attention_reference import (attention_fp32, attention_int8_reference,
                                                   attention_prepared_reference, quantize_kv_reference,
                                                   quantize_q_reference, relative_error)
@@ -118,7 +119,8 @@ __all__ = [
     # attention_config
     "CONFIGS", "DEFAULT_CONFIG", "E4M3_MAX", "HALF_EXP_MAX_BLOCK_N", "INT8_MAX", "K_BLOCK", "LAZY_SLACK",
     "LOG2_P_SCALE", "LOG2E", "MAX_SPLITS", "P_SCALE", "STATS_BLOCK", "STATS_TILE", "TRITON_MAX_STAGES",
-    "V_PERM_BLOCK", "AttnConfig", "Layout", "QuantKV", "check_config", "check_head_dim", "default_scale", "env_config", "parse_config", "v_token_order",
+    "V_PERM_BLOCK", "AttnConfig", "Layout", "QuantKV", "check_config", "check_head_dim", "default_scale", "env_config", "parse_config", "query_scale_factor",
+    "v_token_order",
     # attention_reference
     "attention_fp32", "attention_int8_reference", "attention_prepared_reference", "quantize_kv_reference",
     "quantize_q_reference", "relative_error",
@@ -265,7 +267,7 @@ def attention_prepared(q: torch.Tensor, kv: QuantKV, scale: float | None = None,
     ov, *_ = _bshd_view(out, layout)
     if ov.data_ptr() != out.data_ptr() or ov.stride(-1) != 1:
         raise ValueError("out needs a unit last stride")
-    qk_c = default_scale(d, scale) * LOG2E / INT8_MAX
+    qk_c = query_scale_factor(d, scale)
     s_qpad = padded_queries(s_q, cfg)
     if cfg.q_prepass:
         q8, qs = quantize_q(qv, s_qpad, scale, "bshd", cfg.block_m)
@@ -284,7 +286,7 @@ def quantize_q(q: torch.Tensor, s_qpad: int, scale: float | None = None, layout:
     qv, b, s_q, h, d = _bshd_view(q, layout)
     if s_qpad < s_q or s_qpad % block_m:
         raise ValueError(f"s_qpad {s_qpad} must be a multiple of block_m {block_m} and >= the {s_q} queries")
-    qk_c = default_scale(d, scale) * LOG2E / INT8_MAX
+    qk_c = query_scale_factor(d, scale)
     q8 = torch.empty(b * h, s_qpad, d, dtype=torch.int8, device=q.device)
     qs = torch.empty(b * h, s_qpad, dtype=torch.float32, device=q.device)
     qst = (qv.stride(0), qv.stride(1), qv.stride(2))
@@ -359,7 +361,7 @@ def rope_attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_wei
     if not run.q_prepass:
         qr, kr = qk_norm_rope(q, k, q_weight, k_weight, cos, sin, heads, eps)
         return attention_int8(qr, kr, vv, scale, "bshd", cfg)
-    qk_c = default_scale(d, scale) * LOG2E / INT8_MAX
+    qk_c = query_scale_factor(d, scale)
     s_qpad = padded_queries(t, run)
     q8, qs, kr = qk_norm_rope_int8_q(q, k, q_weight, k_weight, cos, sin, heads, eps, qk_c, s_qpad)
     kv = quantize_kv(kr, vv, "bshd", K_BLOCK, v_perm=cfg.v_perm)

@@ -286,6 +286,12 @@ def default_scale(head_dim: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
+def query_scale_factor(head_dim: int, scale: float | None) -> float:
+    """What an INT8 query's row maximum is multiplied by for its scale: the softmax scale
+    times log2(e) (the kernels exponentiate base 2) over 127."""
+    return default_scale(head_dim, scale) * LOG2E / INT8_MAX
+
+
 def _check_v_perm(v_perm: bool, k_block: int) -> None:
     if v_perm and k_block % V_PERM_BLOCK:
         raise ValueError(f"v_perm needs k_block a multiple of {V_PERM_BLOCK}, got {k_block}")

@@ -14,8 +14,9 @@ import math
 import torch
 
 from wanquant.kernels.attention_config import (_MAGIC_F, DEFAULT_CONFIG, E4M3_MAX, INT8_MAX, K_BLOCK, LAZY_SLACK,
-                                               LOG2_P_SCALE, LOG2E, AttnConfig, Layout, QuantKV, _bshd_view,
-                                               _ceil_to, _check_v_perm, default_scale, v_token_order)
+                                               LOG2_P_SCALE, AttnConfig, Layout, QuantKV, _bshd_view,
+                                               _ceil_to, _check_v_perm, default_scale,
+                                               query_scale_factor, v_token_order)
 
 
 def _round_half_even(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,7 @@ def quantize_q_reference(q: torch.Tensor, scale: float | None = None, layout: La
     amax = qf.abs().amax(-1)
     inv = _inverse_scale(INT8_MAX, amax)
     q8 = _round_half_even(qf * inv[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-    qs = amax * _fp32(default_scale(d, scale) * LOG2E / INT8_MAX, q.device)
+    qs = amax * _fp32(query_scale_factor(d, scale), q.device)
     return q8, qs
 
 
