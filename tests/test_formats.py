@@ -47,11 +47,22 @@ def test_e2m1_ties_and_neighbours() -> None:
     assert torch.equal(e2m1_decode(e2m1_round(torch.nextafter(mids, torch.full((7,), 9.0)))), hi)
 
 
+def _nearest_e2m1(v: torch.Tensor, step: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Brute force: the nearest of all signed E2M1 values times ``step``; an exact midpoint
+    goes to the even code (a random float lands on one now and then: -1.25 at step 0.5)."""
+    mags = torch.tensor(E2M1_VALUES)
+    odd = torch.tensor([i % 2 for i in range(len(E2M1_VALUES))], dtype=torch.bool)
+    cand = torch.cat([mags, -mags]) * torch.as_tensor(step)[..., None]
+    odd = torch.cat([odd, odd])
+    dist = (v[..., None] - cand).abs()
+    rank = 2 * (dist > dist.amin(-1, keepdim=True)).int() + odd.int()  # nearest first, then even
+    return cand.expand_as(dist).gather(-1, rank.argmin(-1, keepdim=True))[..., 0]
+
+
 def test_e2m1_random_vs_brute_force() -> None:
     v = torch.randn(20000) * 3
-    grid = torch.tensor(sorted({s * m for m in E2M1_VALUES for s in (1.0, -1.0)}))
-    best = grid[(v[:, None] - grid[None, :]).abs().argmin(1)]
-    assert torch.equal(e2m1_decode(e2m1_round(v)), best)
+    v[:7] = torch.tensor([0.25, -0.75, 1.25, 1.75, -2.5, 3.5, 5.0])  # exact midpoints: ties to even
+    assert torch.equal(e2m1_decode(e2m1_round(v)), _nearest_e2m1(v))
 
 
 def _brute_exp(a: float, rule: str) -> int:
@@ -82,10 +93,7 @@ def test_mx_quantize_vs_brute_force(rule: str) -> None:
     q = fmt.quantize(x)
     e = q.scales.to(torch.int32) - 127
     assert e.tolist() == [[_brute_exp(float(a), rule) for a in row] for row in x.reshape(16, 4, 32).abs().amax(-1)]
-    mags = torch.tensor(sorted({s * m for m in E2M1_VALUES for s in (1.0, -1.0)}))
-    step = torch.exp2(e.float()).repeat_interleave(32, 1)
-    cand = mags[None, None, :] * step[..., None]
-    best = cand.gather(-1, (x[..., None] - cand).abs().argmin(-1, keepdim=True))[..., 0]
+    best = _nearest_e2m1(x, torch.exp2(e.float()).repeat_interleave(32, 1))
     assert torch.equal(fmt.dequantize(q), best)
     assert torch.equal(fmt.fake_quantize(fmt.fake_quantize(x)), fmt.fake_quantize(x))  # idempotent
 
