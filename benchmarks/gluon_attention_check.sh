@@ -2,10 +2,12 @@
 # One GPU call that settles kernel variants before a full run (benchmarks/speed_run.sh): the
 # GPU tests named by $TESTS (FILE::KEYWORD), the attention benchmark of the Gluon configs
 # $CONFIGS against the default and SDPA cuDNN, then the 720p step of $E2E_MODES with the
-# fastest config at 75,600 tokens (issue 16's open target). Defaults: the diagnostics that
-# 2026-12-07's failed fused-query test calls for (are the rotary kernel's INT8 queries the Q
-# pre-pass's, bit for bit; is the default attention path deterministic over stale memory;
-# the fused test again, now naming the differing elements); no attention variant, no e2e row.
+# fastest config at 75,600 tokens (issue 16's open target). Defaults: the GPU tests of the
+# two schedule variants built 2026-12-07 late (exp2 partly on the FMA pipe, the deferred
+# rescale), then the diagnostics that 2026-12-07's failed fused-query test calls for (are the
+# rotary kernel's INT8 queries the Q pre-pass's, bit for bit; is the default attention path
+# deterministic over stale memory; the fused test again, now naming the differing elements);
+# the variants timed against the default; the 720p step against BF16 eager with the fastest.
 #   OUT=/root/out LIMIT=570 bash benchmarks/gluon_attention_check.sh
 # LIMIT: seconds the whole script may take (later steps are skipped past it). Results:
 # $OUT/gpu_tests.txt, $OUT/attn/attention.{json,md}, $OUT/e2e/e2e_speed.{json,md} and logs
@@ -18,20 +20,23 @@ left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv
 
-TESTS=${TESTS:-"tests/test_rope_gpu.py::int8_queries tests/test_attention_gpu.py::deterministic tests/test_rope_gpu.py::fused_rope"}
-E2E_MODES=${E2E_MODES-}  # e.g. w4a4_int8attn_compile,bf16_eager (720p)
+TESTS=${TESTS:-"tests/test_attention_gpu.py::exp2_on_the_fma_pipe_matches tests/test_attention_gpu.py::deferred_rescale tests/test_attention_gpu.py::ov-e4
+tests/test_attention_gpu.py::ov-dr tests/test_attention_gpu.py::deterministic tests/test_rope_gpu.py::int8_queries
+tests/test_rope_gpu.py::fused_rope"}
+E2E_MODES=${E2E_MODES-w4a4_int8attn_compile,bf16_eager}  # 720p; empty: none
 echo "== GPU tests (${LIMIT}s budget)"
 rc=0
 for t in $TESTS; do  # FILE::KEYWORD
   PYTHONUNBUFFERED=1 timeout 150 python3 -m pytest "${t%%::*}" -v -s -k "${t##*::}" -p no:cacheprovider \
     -o faulthandler_timeout=60 >> "$OUT/gpu_tests.txt" 2>&1
-  r=$?; echo "$t rc=$r"; [ $r -eq 124 ] && [[ $t == *gws* ]] && rc=124  # a hung Gluon kernel
+  r=$?; echo "$t rc=$r"; [ $r -eq 124 ] && [[ $t == *attention_gpu* ]] && rc=124  # a hung attention kernel
 done
 grep -E 'PASS|FAIL|Error|assert|gelu epilogue' "$OUT/gpu_tests.txt" | head -60
 
 base=m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov  # DEFAULT_CONFIG
 c3=qpre-fold-tma-vperm-gws
-CONFIGS=${CONFIGS-}  # e.g. "m64-n64-w4-s4-$c3-ov-c3" (measured 2026-12-07: 0.5 % slower)
+# e.g. "m64-n64-w4-s4-$c3-ov-c3" (measured 2026-12-07: 0.5 % slower); empty: none
+CONFIGS=${CONFIGS-"$base-dr $base-e8 $base-e4 $base-e2 $base-dr-e4"}
 configs="$base"
 # a hang (rc 124) keeps the variants out; failures do not: the benchmark checks each config
 # against the reference and never ranks one that fails

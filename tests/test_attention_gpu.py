@@ -8,6 +8,8 @@ before each kernel run. Speed is measured by ``benchmarks/attention.py``, not he
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ if torch.cuda.get_device_capability() < (8, 9):
     pytest.skip("needs FP8 tensor cores (sm_89+)", allow_module_level=True)
 
 from wanquant.kernels import attention as K  # noqa: E402
+from wanquant.kernels import attention_ws as W  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -40,7 +43,26 @@ CONFIGS = [K.DEFAULT_CONFIG, K.AttnConfig(64, 128, 4, 2), K.AttnConfig(128, 128,
                         pv_overlap=True, ping_pong=True),
            K.AttnConfig(64, 64, 4, 6, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
                         pv_overlap=True, consumers=3),
-           K.AttnConfig(64, 64, 4, 4, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True, consumers=3)]
+           K.AttnConfig(64, 64, 4, 4, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True, consumers=3),
+           replace(K.DEFAULT_CONFIG, defer_rescale=True), replace(K.DEFAULT_CONFIG, exp2_fma=4),
+           replace(K.DEFAULT_CONFIG, defer_rescale=True, exp2_fma=2)]
+
+
+if W.HAS_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    @gluon.jit
+    def _exp2_probe(t_ptr, mix_ptr, plain_ptr, PACK: gl.constexpr):
+        """A 64 x 128 fp32 tile in the score layout through the kernel's exp2 and through plain exp2."""
+        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 128, 32])
+        r = gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+        c = gl.arange(0, 128, layout=gl.SliceLayout(0, layout))
+        off = r[:, None] * 128 + c[None, :]
+        t = gl.load(t_ptr + off)
+        gl.store(mix_ptr + off, W._exp2(t, PACK))
+        gl.store(plain_ptr + off, gl.exp2(t))
 
 
 def qkv(s, h=4, d=128, b=1, seed=0, k_mean=0.0, v_mean=0.0, fused=True):
@@ -101,7 +123,8 @@ def test_kernel_matches_reference(cfg):
                                  K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True,
                                               gluon_ws=True, pv_overlap=True),
                                  K.AttnConfig(64, 64, 4, 6, q_prepass=True, tma=True, fold=True, v_perm=True,
-                                              gluon_ws=True, pv_overlap=True, consumers=3)],
+                                              gluon_ws=True, pv_overlap=True, consumers=3),
+                                 replace(K.DEFAULT_CONFIG, defer_rescale=True, exp2_fma=2)],
                          ids=lambda c: c.describe())
 def test_long_sequences_match_reference(cfg):
     """16,421 Gaussian keys: the row sums reach ~S x 448, where an FP8 accumulator that is
@@ -197,3 +220,46 @@ def test_default_config_is_deterministic_over_stale_memory(s, b):
     assert torch.isfinite(second).all()
     where = diff.nonzero()[:5].tolist()
     assert not diff.any(), f"{int(diff.sum())} of {diff.numel()} elements differ, first at {where}"
+
+
+@pytest.mark.parametrize("s,b", [(16421, 1), (1000, 2)])
+def test_deferred_rescale_gives_the_default_bits(s, b):
+    """``defer_rescale`` only moves the accumulator's multiplications after the next Q.K^T's
+    issue: the same operations on the same values, so the same output bits."""
+    from wanquant.kernels.attention_ws import HAS_GLUON
+
+    if not HAS_GLUON or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel runs on sm_90")
+    q, k, v = qkv(s, h=4, b=b, seed=5, k_mean=1.0)
+    kv = K.quantize_kv(k, v, v_perm=True)
+    outs = []
+    for cfg in (K.DEFAULT_CONFIG, replace(K.DEFAULT_CONFIG, defer_rescale=True)):
+        out = torch.full(q.shape, float("nan"), device=CUDA)
+        K.attention_prepared(q, kv, config=cfg, out=out)
+        outs.append(out)
+    torch.cuda.synchronize()
+    diff = outs[0] != outs[1]
+    assert not diff.any(), f"{int(diff.sum())} of {diff.numel()} differ, first at {diff.nonzero()[:5].tolist()}"
+
+
+@pytest.mark.parametrize("pack", [2, 4, 8])
+def test_exp2_on_the_fma_pipe_matches_its_reference_bit_for_bit(pack):
+    """The Gluon kernel's exponential with one element in ``pack`` on the FMA pipe, on a
+    64 x 128 tile in the score layout: every element is either MUFU's (the plain exp2 of the
+    same kernel) or, bit for bit, :func:`exp2_fma_reference`'s; 1/pack of them are emulated;
+    all are within the polynomial's bound of fp64."""
+    from wanquant.kernels.exp2_fma import FLOOR, MAX_REL_ERR, exp2_fma_reference
+
+    if not W.HAS_GLUON or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel runs on sm_90")
+    t = torch.rand(64, 128, device=CUDA) * (9.0 - FLOOR) + FLOOR
+    t.view(-1)[:270] = torch.arange(-125, 10, 0.5, device=CUDA)  # integers and ties
+    mix, plain = (torch.full_like(t, float("nan")) for _ in range(2))
+    _exp2_probe[(1,)](t, mix, plain, PACK=pack, num_warps=4)
+    torch.cuda.synchronize()
+    ref = exp2_fma_reference(t.cpu()).to(CUDA)
+    is_ref, is_plain = mix.view(torch.int32) == ref.view(torch.int32), mix.view(torch.int32) == plain.view(torch.int32)
+    assert (is_ref | is_plain).all(), f"{int((~(is_ref | is_plain)).sum())} elements are neither"
+    n = t.numel() // pack
+    assert int((is_ref & ~is_plain).sum()) <= n <= int(is_ref.sum())
+    assert ((mix.double() / torch.exp2(t.double()) - 1).abs() < MAX_REL_ERR).all()

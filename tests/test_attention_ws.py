@@ -17,33 +17,12 @@ from wanquant.kernels import attention_ws as W
 if not W.HAS_GLUON:
     pytest.skip("this Triton has no Gluon Hopper API", allow_module_level=True)
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-
-try:
-    from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
-except ImportError:  # pragma: no cover - the private entry point moved
-    pytest.skip("this Triton's Gluon has no GluonASTSource", allow_module_level=True)
-
-import triton  # noqa: E402
-from triton.experimental.gluon import language as gl  # noqa: E402
+pytest.importorskip("triton.experimental.gluon._runtime", reason="compile_offline's private entry point moved")
 
 
-def compile_ptx(block_n: int, stages: int, overlap: bool, pingpong: bool = False, d: int = 128,
-                consumers: int = 2) -> str:
-    box = consumers * W.BLOCK_M if consumers == 2 else W.BLOCK_M  # as attention_ws_launch
-    layouts = {"q": gl.NVMMASharedLayout.get_default_for([box, d], gl.int8),
-               "k": gl.NVMMASharedLayout.get_default_for([block_n, d], gl.int8),
-               "v": gl.NVMMASharedLayout.get_default_for([d, block_n], gl.float8e4nv)}
-    types = {"q_desc": f"tensordesc<i8[{box},{d}],{layouts['q']!r}>",
-             "k_desc": f"tensordesc<i8[{block_n},{d}],{layouts['k']!r}>",
-             "v_desc": f"tensordesc<fp8e4nv[{d},{block_n}],{layouts['v']!r}>", "o_ptr": "*bf16"}
-    consts = dict(D=d, BN=block_n, KB=128, STAGES=stages, TOP=8.807354922057604, OVERLAP=overlap,
-                  PINGPONG=pingpong, CONSUMERS=consumers)
-    fn = W._attn_ws_kernel
-    sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
-           for n in fn.arg_names}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+def compile_ptx(block_n: int, stages: int, overlap: bool, pingpong: bool = False, consumers: int = 2,
+                exp2_fma: int = 0) -> str:
+    return W.compile_offline(block_n, stages, overlap, pingpong, consumers=consumers, exp2_fma=exp2_fma)["ptx"]
 
 
 @pytest.mark.parametrize("block_n,stages,overlap,pingpong,consumers",
@@ -62,6 +41,31 @@ def test_kernel_compiles_for_sm90_as_designed(block_n, stages, overlap, pingpong
     # the P.V is left in flight across the softmax only in the overlapped schedule
     waits = set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))
     assert ("1" in waits) == overlap
+
+
+@pytest.mark.parametrize("exp2_fma", [2, 4, 8])
+def test_exp2_on_the_fma_pipe_replaces_one_mufu_exponential_in_pack(exp2_fma):
+    """Per thread and 64 x 128 tile, each specialization of the softmax has 64 exponentials
+    of P and 2 of alpha; the unmasked ones give up 64 / pack of P's to the polynomial, the
+    masked last tile keeps all of them on MUFU (its -inf must give exactly 0)."""
+    ex2 = r"ex2\.approx\.ftz\.f32"
+    base = len(re.findall(ex2, compile_ptx(128, 3, 1)))
+    ptx = compile_ptx(128, 3, 1, exp2_fma=exp2_fma)
+    emulated = len(re.findall(r"shl\.b32\s+%rb, %rb, 23;", ptx))
+    assert emulated > 0 and emulated % (64 // exp2_fma) == 0
+    assert len(re.findall(ex2, ptx)) == base - emulated
+    assert emulated * exp2_fma < base / 2  # the masked specializations kept theirs
+
+
+def test_deferred_rescale_compiles_to_the_same_products():
+    """Overlap 2 moves the accumulator's rescale after the next Q.K^T's issue: the same
+    wgmmas and waits as overlap 1; its multiplications once more per consumer in the code
+    (the last tile's rescale, after the loop, where overlap 1 does it inside)."""
+    ptx1, ptx2 = compile_ptx(128, 3, 1), compile_ptx(128, 3, 2)
+    for pattern in (r"wgmma\.mma_async[\w.]+", r"wgmma\.wait_group\.sync\.aligned\s+\d"):
+        assert sorted(re.findall(pattern, ptx1)) == sorted(re.findall(pattern, ptx2)), pattern
+    muls = [len(re.findall(r"\bmul(?:\.rn)?\.f32", p)) for p in (ptx1, ptx2)]
+    assert muls[1] - muls[0] == 2 * 64  # two consumers, a 64 x 128 accumulator: 64 a thread
 
 
 # ---------------------------------------------------------------------------------

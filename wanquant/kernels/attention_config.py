@@ -18,6 +18,7 @@ import torch
 
 from wanquant.kernels.attention_ws import BLOCK_M as WS_BLOCK_M
 from wanquant.kernels.attention_ws import MAX_BLOCK_N as WS_MAX_BLOCK_N
+from wanquant.kernels.exp2_fma import PACKS as EXP2_FMA_PACKS
 
 Layout = Literal["bshd", "bhsd"]
 
@@ -128,14 +129,31 @@ class AttnConfig:
     # an H100 (results/attention_h100_c3.md): 144.45 / 145.09 ms (four / six stages) against
     # the two-consumer default's 143.66 at 75,600 tokens, so it stays an option.
     consumers: int = 2
+    # With gluon_ws: one exponential in every exp2_fma (2, 4 or 8; 0: none) of each thread's
+    # unmasked tiles is computed by a polynomial on the FP32 pipe instead of MUFU
+    # (FlashAttention-4's emulation, kernels/exp2_fma.py; 7.5e-5 relative, under P's e4m3
+    # rounding). MUFU takes as long per tile as the tensor cores and the kernel measures near
+    # their sum, so a shorter MUFU queue per softmax may shorten the tile; it costs about eight
+    # issued instructions per emulated exponential.
+    exp2_fma: int = 0
+    # With pv_overlap: tile j's accumulator rescale is issued after tile j+1's Q.K^T instead of
+    # before it, so that it runs while that product does (64 FMUL per thread leave the chain
+    # from one Q.K^T's wait to the next one's issue). Same operations, same bits.
+    defer_rescale: bool = False
+
+    @property
+    def ws_overlap(self) -> int:
+        """The Gluon kernel's schedule: 0 tile by tile, 1 overlapped, 2 overlapped with the rescale deferred."""
+        return (2 if self.defer_rescale else 1) if self.pv_overlap else 0
 
     def describe(self) -> str:
         flags = [("promote", self.pv_promote), ("qpre", self.q_prepass), ("fold", self.fold),
                  ("tma", self.tma), ("vperm", self.v_perm),
                  ("lmma", self.l_mma), (f"r{self.maxnreg}", self.maxnreg > 0), ("ws", self.warp_spec),
                  ("h16", self.half_exp), ("lazy", self.lazy_rescale),
-                 ("ahead", self.qk_ahead), ("gws", self.gluon_ws), ("ov", self.pv_overlap), ("pp", self.ping_pong),
-                 (f"c{self.consumers}", self.consumers != 2)]
+                 ("ahead", self.qk_ahead), ("gws", self.gluon_ws), ("ov", self.pv_overlap),
+                 ("dr", self.defer_rescale), ("pp", self.ping_pong), (f"c{self.consumers}", self.consumers != 2),
+                 (f"e{self.exp2_fma}", self.exp2_fma > 0)]
         tail = "".join(f"-{name}" for name, on in flags if on)
         return f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}{tail}"
 
@@ -251,12 +269,14 @@ def check_config(cfg: AttnConfig, k_block: int) -> None:
         raise ValueError("qk_ahead and warp_spec are two forms of the key loop: set one of them")
     if cfg.pv_overlap and not cfg.gluon_ws:
         raise ValueError("pv_overlap is a schedule of the Gluon kernel: set gluon_ws too")
+    if cfg.defer_rescale and not cfg.pv_overlap:
+        raise ValueError("defer_rescale reorders the overlapped schedule: set gluon_ws and pv_overlap too")
     if cfg.ping_pong and not cfg.pv_overlap:
         raise ValueError("ping_pong orders the overlapped schedule's wgmmas: set gluon_ws and pv_overlap too")
     if cfg.gluon_ws:
         _check_gluon_config(cfg)
-    elif cfg.consumers != 2:
-        raise ValueError("consumers is a layout of the Gluon kernel: set gluon_ws too")
+    elif cfg.consumers != 2 or cfg.exp2_fma:
+        raise ValueError("consumers and exp2_fma are options of the Gluon kernel: set gluon_ws too")
     if cfg.half_exp and (cfg.block_n > HALF_EXP_MAX_BLOCK_N or cfg.l_mma):
         raise ValueError(f"half_exp sums a tile's P in fp16: needs block_n <= {HALF_EXP_MAX_BLOCK_N} "
                          f"(got {cfg.block_n}) and l_mma off (got {cfg.l_mma})")
@@ -280,6 +300,8 @@ def _check_gluon_config(cfg: AttnConfig) -> None:
                          f"{WS_MAX_BLOCK_N} (what their registers hold); got {cfg.describe()}")
     if cfg.ping_pong and cfg.consumers != 2:
         raise ValueError("ping_pong alternates two consumers: use consumers=2")
+    if cfg.exp2_fma and cfg.exp2_fma not in EXP2_FMA_PACKS:
+        raise ValueError(f"exp2_fma is one exponential in every {EXP2_FMA_PACKS} (or 0: none); got {cfg.exp2_fma}")
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
@@ -309,11 +331,11 @@ def parse_config(text: str) -> AttnConfig:
     """Inverse of :meth:`AttnConfig.describe`."""
     parts = text.strip().split("-")
     form = ("m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws][-h16][-lazy][-ahead][-gws][-ov]"
-            "[-pp][-c3]")
+            "[-dr][-pp][-c3][-e4]")
     try:
-        vals = {p[0]: int(p[1:]) for p in parts if p and p[0] in "mnwsrc" and p[1:].isdigit()}
-        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws", "h16", "lazy", "ahead", "gws", "ov", "pp"}
-        extra = [p for p in parts[4:] if p not in known and not (p[:1] in "rc" and p[1:].isdigit())]
+        vals = {p[0]: int(p[1:]) for p in parts if p and p[0] in "mnwsrce" and p[1:].isdigit()}
+        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws", "h16", "lazy", "ahead", "gws", "ov", "dr", "pp"}
+        extra = [p for p in parts[4:] if p not in known and not (p[:1] in "rce" and p[1:].isdigit())]
         if extra or len(parts) < 4:
             raise ValueError(f"unknown parts {extra}")
         return AttnConfig(vals["m"], vals["n"], vals["w"], vals["s"], pv_promote="promote" in parts,
@@ -321,6 +343,7 @@ def parse_config(text: str) -> AttnConfig:
                           v_perm="vperm" in parts, l_mma="lmma" in parts,
                           maxnreg=vals.get("r", 0), warp_spec="ws" in parts, half_exp="h16" in parts,
                           lazy_rescale="lazy" in parts, qk_ahead="ahead" in parts, gluon_ws="gws" in parts,
-                          pv_overlap="ov" in parts, ping_pong="pp" in parts, consumers=vals.get("c", 2))
+                          pv_overlap="ov" in parts, defer_rescale="dr" in parts, ping_pong="pp" in parts,
+                          consumers=vals.get("c", 2), exp2_fma=vals.get("e", 0))
     except (KeyError, ValueError) as e:
         raise ValueError(f"attention config {text!r} is not of the form {form}") from e

@@ -34,6 +34,7 @@ PyTorch reference as the Triton kernel (tests/test_attention_gpu.py).
 from __future__ import annotations
 
 from wanquant.kernels.act_quant import HAS_TRITON
+from wanquant.kernels.exp2_fma import exp2_mix_ptx
 
 HAS_GLUON = False
 if HAS_TRITON:
@@ -62,6 +63,9 @@ if HAS_GLUON:
     _BM = gl.constexpr(BLOCK_M)
     _REGS2 = gl.constexpr(CONSUMER_REGS[2])
     _REGS3 = gl.constexpr(CONSUMER_REGS[3])
+    # inline PTX for exp2 with one element in every 2, 4 or 8 on the FMA pipe (exp2_fma.py)
+    _MIX2, _MIX4, _MIX8 = (gl.constexpr(exp2_mix_ptx(n)[0]) for n in (2, 4, 8))
+    _CONS2, _CONS4, _CONS8 = (gl.constexpr(exp2_mix_ptx(n)[1]) for n in (2, 4, 8))
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
@@ -97,7 +101,21 @@ if HAS_GLUON:
         return gl.convert_layout(_wgmma_order(p, BM, BN), p_layout, assert_trivial=True).to(gl.float8e4nv)
 
     @gluon.jit
-    def _softmax(qk, m_i, l_i, sc, col, n_valid, TOP: gl.constexpr, MASK: gl.constexpr):
+    def _exp2(t, FMA_EVERY: gl.constexpr):
+        """2^t; with ``FMA_EVERY`` (2, 4 or 8) one element in that many per thread is computed
+        on the FMA pipe instead of MUFU (FlashAttention-4's emulation, kernels/exp2_fma.py)."""
+        if FMA_EVERY == 2:
+            p = gl.inline_asm_elementwise(_MIX2, _CONS2, [t], gl.float32, True, 2)
+        elif FMA_EVERY == 4:
+            p = gl.inline_asm_elementwise(_MIX4, _CONS4, [t], gl.float32, True, 4)
+        elif FMA_EVERY == 8:
+            p = gl.inline_asm_elementwise(_MIX8, _CONS8, [t], gl.float32, True, 8)
+        else:
+            p = gl.exp2(t)
+        return p
+
+    @gluon.jit
+    def _softmax(qk, m_i, l_i, sc, col, n_valid, TOP: gl.constexpr, MASK: gl.constexpr, EXP2_FMA: gl.constexpr):
         """One tile's online-softmax step on integer scores: (p fp32, alpha, m_new, l_new)."""
         if MASK:
             qk = gl.where(col[None, :] < n_valid, qk, -4194303)  # below any real score, in the 2^22 range
@@ -107,27 +125,29 @@ if HAS_GLUON:
         bias = gl.fma(sc, 12582912.0, m_new - TOP)
         qkb = (qk + 0x4B400000).to(gl.float32, bitcast=True)  # 1.5 * 2^23 + qk, exact
         t = gl.fma(qkb, sc[:, None], -bias[:, None])
-        if MASK:
-            t = gl.where(col[None, :] < n_valid, t, float("-inf"))
-        p = gl.exp2(t)  # 448 * 2^(s - m)
+        if MASK:  # exactly 0 where masked: all on MUFU (the emulation floors at 2^-125)
+            p = gl.exp2(gl.where(col[None, :] < n_valid, t, float("-inf")))
+        else:
+            p = _exp2(t, EXP2_FMA)  # 448 * 2^(s - m)
         return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
 
     @gluon.jit
     def _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, col, n_last,
-                      BN: gl.constexpr, KB: gl.constexpr, TOP: gl.constexpr):
+                      BN: gl.constexpr, KB: gl.constexpr, TOP: gl.constexpr, EXP2_FMA: gl.constexpr):
         """:func:`_softmax` of key tile ``j`` at its K scale; only the last tile is masked."""
         sc = qsc * gl.load(ks_base + (j * BN) // KB)
         if j == n_tiles - 1:
-            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, True)
+            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, True, EXP2_FMA)
         else:
-            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, False)
+            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, False, EXP2_FMA)
         return p, alpha, m_new, l_new
 
     @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr, vm_ptr, o_ptr,
                   q_srow, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
                   D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr,
-                  OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, CONSUMERS: gl.constexpr, CID: gl.constexpr):
+                  OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, CONSUMERS: gl.constexpr, EXP2_FMA: gl.constexpr,
+                  CID: gl.constexpr):
         BM: gl.constexpr = _BM
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 32])
@@ -152,13 +172,18 @@ if HAS_GLUON:
         mbarrier.wait(q_ready, 0)
         n_last = S_k - (n_tiles - 1) * BN  # valid keys of the last tile
 
-        if OVERLAP:  # tile 0 alone, then QK(j) and PV(j-1) in flight together, softmax(j) under PV(j-1)
+        # OVERLAP 1: tile 0 alone, then QK(j) and PV(j-1) in flight together, softmax(j) under
+        # PV(j-1), the accumulator rescaled by tile j's alpha once PV(j-1) retires. 2: the same,
+        # but that rescale waits until QK(j+1) is issued: it leaves the chain from one Q.K^T's
+        # wait to the next one's issue (same operations on the same values, same bits).
+        if OVERLAP:
             mbarrier.wait(kv_ready.index(0), 0)
             tok = warpgroup_mma(q_mine, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
             # P crosses the loop in fp32: an e4m3 tensor would cross it one byte per register
             # and be re-packed with ~100 byte moves per tile
-            p, alpha, m_i, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, 0, n_tiles, col, n_last, BN, KB, TOP)
+            p, alpha, m_i, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, 0, n_tiles, col, n_last, BN, KB, TOP,
+                                              EXP2_FMA)
             if PINGPONG and CID == 1:  # consumer 0 issues first
                 mbarrier.arrive(turn.index(0), count=1)
             for j in range(1, n_tiles):
@@ -168,17 +193,23 @@ if HAS_GLUON:
                 if PINGPONG:  # FlashAttention-3's ping-pong: the consumers take turns at the tensor cores
                     mbarrier.wait(turn.index(CID), (j - 1) & 1)
                 tok = warpgroup_mma(q_mine, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                if OVERLAP == 2:  # tile j-1's rescale, while Q.K^T(j) runs
+                    acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
                 p8 = _p_operand(p, p_layout, BM, BN)
                 acc_tok = warpgroup_mma(p8, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
                 if PINGPONG:
                     mbarrier.arrive(turn.index(1 - CID), count=1)
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
-                p, alpha, m_new, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, col, n_last, BN, KB, TOP)
+                p, alpha, m_new, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, col, n_last, BN, KB, TOP,
+                                                     EXP2_FMA)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
                 mbarrier.arrive(kv_empty.index(sp), count=1)
-                acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
+                if OVERLAP == 1:
+                    acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
                 m_i = m_new
             sl = (n_tiles - 1) % STAGES
+            if OVERLAP == 2:
+                acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
             p8 = _p_operand(p, p_layout, BM, BN)
             acc_tok = warpgroup_mma(p8, v_smem.index(sl).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
@@ -189,7 +220,8 @@ if HAS_GLUON:
                 mbarrier.wait(kv_ready.index(s), (j // STAGES) & 1)
                 tok = warpgroup_mma(q_mine, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-                p, alpha, m_i, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, col, n_last, BN, KB, TOP)
+                p, alpha, m_i, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, col, n_last, BN, KB, TOP,
+                                                   EXP2_FMA)
                 acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
                 p8 = _p_operand(p, p_layout, BM, BN)
                 acc_tok = warpgroup_mma(p8, v_smem.index(s).permute((1, 0)), acc, is_async=True)
@@ -210,7 +242,7 @@ if HAS_GLUON:
                         S_q, S_qpad, S_k, S_kpad, H, sob, sos, soh,
                         D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr,
                         TOP: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                        CONSUMERS: gl.constexpr = 2):
+                        CONSUMERS: gl.constexpr = 2, EXP2_FMA: gl.constexpr = 0):
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
         b = (bh // H).to(gl.int64)
@@ -244,13 +276,13 @@ if HAS_GLUON:
                               q_row, bh * S_kpad, bh * D, n_tiles, BN, STAGES, CONSUMERS)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, 0)),
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, 0)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, 1)),
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, 1)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, 2))],
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, 2))],
                 [4, 4, 4], [_REGS3, _REGS3, _REGS3])
         else:
             gl.warp_specialize(
@@ -258,18 +290,19 @@ if HAS_GLUON:
                               q_row, bh * S_kpad, bh * D, n_tiles, BN, STAGES, CONSUMERS)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, 0)),
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, 0)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, 1))],
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, 1))],
                 [4, 4], [_REGS2, _REGS2])
 
 
-def attention_ws_launch(q8, qs, kv, ov, s_q: int, s_qpad: int, block_n: int, stages: int, overlap: bool,
-                        pingpong: bool, top: float, consumers: int = CONSUMERS) -> None:
+def attention_ws_launch(q8, qs, kv, ov, s_q: int, s_qpad: int, block_n: int, stages: int, overlap: int,
+                        pingpong: bool, top: float, consumers: int = CONSUMERS, exp2_fma: int = 0) -> None:
     """Run :func:`_attn_ws_kernel` on a prepared problem (``q8 [B*H, S_qpad, D]`` INT8 from the Q
     pre-pass with ``S_qpad`` a multiple of ``consumers x 64``, ``kv`` a ``QuantKV`` with ``v_perm``,
-    ``ov`` the ``[B, S, H, D]`` output view)."""
+    ``ov`` the ``[B, S, H, D]`` output view; ``overlap`` the schedule, 0, 1 or 2 (see
+    ``_consumer``); ``exp2_fma``: one exponential in that many on the FMA pipe, 0 for none)."""
     if not HAS_GLUON:
         raise RuntimeError("the warp-specialized attention needs Triton >= 3.6 with Gluon (triton.experimental.gluon)")
     import triton
@@ -286,4 +319,33 @@ def attention_ws_launch(q8, qs, kv, ov, s_q: int, s_qpad: int, block_n: int, sta
     _attn_ws_kernel[grid](q_desc, k_desc, v_desc, qs, kv.k_scale, kv.v_scale, kv.v_mean, ov,
                           s_q, s_qpad, kv.seq, kv.seq_pad, kv.heads, ov.stride(0), ov.stride(1), ov.stride(2),
                           D=d, BN=block_n, KB=kv.k_block, STAGES=stages, TOP=top, OVERLAP=overlap,
-                          PINGPONG=pingpong, CONSUMERS=consumers, num_warps=4)
+                          PINGPONG=pingpong, CONSUMERS=consumers, EXP2_FMA=exp2_fma,
+                          num_warps=4)
+
+
+def compile_offline(block_n: int, stages: int, overlap: int, pingpong: bool = False, head_dim: int = HEAD_DIM,
+                    consumers: int = CONSUMERS, exp2_fma: int = 0) -> dict[str, object]:
+    """:func:`_attn_ws_kernel` compiled for sm_90 without a GPU (Triton's bundled ptxas):
+    its ``asm`` dict (``ptx``, ``cubin``, ...), for the CPU tests and for reading its SASS
+    (benchmarks/attention_sass.py)."""
+    if not HAS_GLUON:
+        raise RuntimeError("compiling the warp-specialized attention needs Triton >= 3.6 with Gluon")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource  # private: moves between versions
+
+    d = head_dim
+    box = consumers * BLOCK_M if consumers == 2 else BLOCK_M  # as attention_ws_launch
+    layouts = {"q": gl.NVMMASharedLayout.get_default_for([box, d], gl.int8),
+               "k": gl.NVMMASharedLayout.get_default_for([block_n, d], gl.int8),
+               "v": gl.NVMMASharedLayout.get_default_for([d, block_n], gl.float8e4nv)}
+    types = {"q_desc": f"tensordesc<i8[{box},{d}],{layouts['q']!r}>",
+             "k_desc": f"tensordesc<i8[{block_n},{d}],{layouts['k']!r}>",
+             "v_desc": f"tensordesc<fp8e4nv[{d},{block_n}],{layouts['v']!r}>", "o_ptr": "*bf16"}
+    consts = dict(D=d, BN=block_n, KB=128, STAGES=stages, TOP=8.807354922057604, OVERLAP=overlap,
+                  PINGPONG=pingpong, CONSUMERS=consumers, EXP2_FMA=exp2_fma)
+    fn = _attn_ws_kernel
+    sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
+           for n in fn.arg_names}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm
