@@ -7,10 +7,11 @@
 # rescale), then the diagnostics that 2026-12-07's failed fused-query test calls for (are the
 # rotary kernel's INT8 queries the Q pre-pass's, bit for bit; is the default attention path
 # deterministic over stale memory; the fused test again, now naming the differing elements);
-# the variants timed against the default; the 720p step against BF16 eager with the fastest.
+# the variants timed against the default; the 720p step against BF16 eager with the fastest;
+# then, if $NCU_S seconds are left, Nsight Compute on the default kernel (attention_ncu.sh).
 #   OUT=/root/out LIMIT=570 bash benchmarks/gluon_attention_check.sh
 # LIMIT: seconds the whole script may take (later steps are skipped past it). Results:
-# $OUT/gpu_tests.txt, $OUT/attn/attention.{json,md}, $OUT/e2e/e2e_speed.{json,md} and logs
+# $OUT/gpu_tests.txt, $OUT/attn/attention.{json,md}, $OUT/e2e/e2e_speed.{json,md}, $OUT/ncu/ and logs
 # (the device returns a limited number of files: keep $OUT small).
 set -u
 OUT=${OUT:-benchmarks/results/gluon_check}
@@ -70,5 +71,11 @@ if [ -n "$E2E_MODES" ] && [ $(left) -gt 120 ]; then
   timeout $(( $(left) - 10 )) python3 -m benchmarks.e2e_speed --out "$OUT/e2e" \
     --modes "$E2E_MODES" --resolutions 720x1280 --budget-s $(( $(left) - 80 )) > "$OUT/e2e_log.txt" 2>&1
   echo "e2e rc=$? (attention config ${WANQUANT_ATTN_CONFIG:-default})"; tail -15 "$OUT/e2e_log.txt"
+fi
+# Nsight Compute's stall profile of the default kernel with what time is left (NCU_S=0: none)
+NCU_S=${NCU_S:-150}
+if [ "$NCU_S" -gt 0 ] && [ $(left) -gt $(( NCU_S + 20 )) ]; then
+  echo "== ncu ($(left)s left)"
+  OUT="$OUT/ncu" NCU_S=$NCU_S bash benchmarks/attention_ncu.sh 2>&1 | tail -25
 fi
 echo "done in $(( $(date +%s) - T0 ))s"
