@@ -3,8 +3,8 @@
 # GPU tests named by $TESTS (FILE::KEYWORD), the attention benchmark of the Gluon configs
 # $CONFIGS against the default and SDPA cuDNN, then the 720p step of $E2E_MODES with the
 # fastest config at 75,600 tokens (issue 16's open target). Defaults: the GPU tests of the
-# two schedule variants built 2026-12-07 late (exp2 partly on the FMA pipe, the deferred
-# rescale), then the diagnostics that 2026-12-07's failed fused-query test calls for (are the
+# schedule variants built 2026-12-07 late (exp2 partly on the FMA pipe, the deferred
+# rescale, the next Q.K^T issued ahead of the softmax), then the diagnostics that 2026-12-07's failed fused-query test calls for (are the
 # rotary kernel's INT8 queries the Q pre-pass's, bit for bit; is the default attention path
 # deterministic over stale memory; the fused test again, now naming the differing elements);
 # the variants timed against the default; the 720p step against BF16 eager with the fastest;
@@ -21,8 +21,9 @@ left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv
 
-TESTS=${TESTS:-"tests/test_attention_gpu.py::exp2_on_the_fma_pipe_matches tests/test_attention_gpu.py::deferred_rescale tests/test_attention_gpu.py::ov-e4
-tests/test_attention_gpu.py::ov-dr tests/test_attention_gpu.py::deterministic tests/test_rope_gpu.py::int8_queries
+TESTS=${TESTS:-"tests/test_attention_gpu.py::exp2_on_the_fma_pipe_matches tests/test_attention_gpu.py::reordered_schedules
+tests/test_attention_gpu.py::ov-e4 tests/test_attention_gpu.py::ov-dr tests/test_attention_gpu.py::ahead-gws
+tests/test_attention_gpu.py::deterministic tests/test_rope_gpu.py::int8_queries
 tests/test_rope_gpu.py::fused_rope"}
 E2E_MODES=${E2E_MODES-w4a4_int8attn_compile,bf16_eager}  # 720p; empty: none
 echo "== GPU tests (${LIMIT}s budget)"
@@ -37,7 +38,8 @@ grep -E 'PASS|FAIL|Error|assert|gelu epilogue' "$OUT/gpu_tests.txt" | head -60
 base=m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov  # DEFAULT_CONFIG
 c3=qpre-fold-tma-vperm-gws
 # e.g. "m64-n64-w4-s4-$c3-ov-c3" (measured 2026-12-07: 0.5 % slower); empty: none
-CONFIGS=${CONFIGS-"$base-dr $base-e8 $base-e4 $base-e2 $base-dr-e4"}
+ahead=qpre-fold-tma-vperm-ahead-gws-ov  # Q.K^T(j+1) under softmax(j); 128-key tiles spill (ptxas 12.8)
+CONFIGS=${CONFIGS-"$base-dr $base-e4 $base-e2 m64-n128-w4-s4-$ahead m64-n64-w4-s4-$ahead m64-n64-w4-s4-$ahead-e4"}
 configs="$base"
 # a hang (rc 124) keeps the variants out; failures do not: the benchmark checks each config
 # against the reference and never ranks one that fails

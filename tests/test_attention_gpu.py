@@ -45,7 +45,9 @@ CONFIGS = [K.DEFAULT_CONFIG, K.AttnConfig(64, 128, 4, 2), K.AttnConfig(128, 128,
                         pv_overlap=True, consumers=3),
            K.AttnConfig(64, 64, 4, 4, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True, consumers=3),
            replace(K.DEFAULT_CONFIG, defer_rescale=True), replace(K.DEFAULT_CONFIG, exp2_fma=4),
-           replace(K.DEFAULT_CONFIG, defer_rescale=True, exp2_fma=2)]
+           replace(K.DEFAULT_CONFIG, defer_rescale=True, exp2_fma=2),
+           replace(K.DEFAULT_CONFIG, qk_ahead=True, num_stages=4),
+           replace(K.DEFAULT_CONFIG, qk_ahead=True, block_n=64, num_stages=4, exp2_fma=4)]
 
 
 if W.HAS_GLUON:
@@ -124,7 +126,8 @@ def test_kernel_matches_reference(cfg):
                                               gluon_ws=True, pv_overlap=True),
                                  K.AttnConfig(64, 64, 4, 6, q_prepass=True, tma=True, fold=True, v_perm=True,
                                               gluon_ws=True, pv_overlap=True, consumers=3),
-                                 replace(K.DEFAULT_CONFIG, defer_rescale=True, exp2_fma=2)],
+                                 replace(K.DEFAULT_CONFIG, defer_rescale=True, exp2_fma=2),
+                                 replace(K.DEFAULT_CONFIG, qk_ahead=True, num_stages=4)],
                          ids=lambda c: c.describe())
 def test_long_sequences_match_reference(cfg):
     """16,421 Gaussian keys: the row sums reach ~S x 448, where an FP8 accumulator that is
@@ -222,10 +225,13 @@ def test_default_config_is_deterministic_over_stale_memory(s, b):
     assert not diff.any(), f"{int(diff.sum())} of {diff.numel()} elements differ, first at {where}"
 
 
-@pytest.mark.parametrize("s,b", [(16421, 1), (1000, 2)])
-def test_deferred_rescale_gives_the_default_bits(s, b):
-    """``defer_rescale`` only moves the accumulator's multiplications after the next Q.K^T's
-    issue: the same operations on the same values, so the same output bits."""
+@pytest.mark.parametrize("s,b", [(16421, 1), (1000, 2), (200, 1), (100, 1)])
+@pytest.mark.parametrize("schedule", [dict(defer_rescale=True), dict(qk_ahead=True, num_stages=4)],
+                         ids=["defer_rescale", "qk_ahead"])
+def test_reordered_schedules_give_the_default_bits(s, b, schedule):
+    """``defer_rescale`` moves the accumulator's multiplications after the next Q.K^T's
+    issue, ``qk_ahead`` issues that Q.K^T before the softmax: the same operations on the
+    same values, so the same output bits (200 and 100 keys: the look-ahead's loop empty)."""
     from wanquant.kernels.attention_ws import HAS_GLUON
 
     if not HAS_GLUON or torch.cuda.get_device_capability() != (9, 0):
@@ -233,7 +239,7 @@ def test_deferred_rescale_gives_the_default_bits(s, b):
     q, k, v = qkv(s, h=4, b=b, seed=5, k_mean=1.0)
     kv = K.quantize_kv(k, v, v_perm=True)
     outs = []
-    for cfg in (K.DEFAULT_CONFIG, replace(K.DEFAULT_CONFIG, defer_rescale=True)):
+    for cfg in (K.DEFAULT_CONFIG, replace(K.DEFAULT_CONFIG, **schedule)):
         out = torch.full(q.shape, float("nan"), device=CUDA)
         K.attention_prepared(q, kv, config=cfg, out=out)
         outs.append(out)

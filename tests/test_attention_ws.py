@@ -9,6 +9,7 @@ H100 by tests/test_attention_gpu.py against the PyTorch reference.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -68,6 +69,28 @@ def test_deferred_rescale_compiles_to_the_same_products():
     assert muls[1] - muls[0] == 2 * 64  # two consumers, a 64 x 128 accumulator: 64 a thread
 
 
+@pytest.mark.parametrize("config", ["m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov",
+                                    "m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov-dr-e4",
+                                    "m64-n128-w4-s4-qpre-fold-tma-vperm-ahead-gws-ov",
+                                    "m64-n64-w4-s4-qpre-fold-tma-vperm-ahead-gws-ov"])
+def test_ptxas_keeps_the_wgmmas_in_flight(config):
+    """In the SASS of the key loop, each schedule's products stay asynchronous: ptxas
+    serializes wgmmas it cannot prove safe (a wait after every one), which would undo the
+    overlap without any error. The overlapped loops wait twice a tile at most."""
+    from benchmarks.attention_sass import key_loop, parse_sass, sass_of
+    from wanquant.kernels.attention_config import parse_config
+
+    try:
+        insns, labels = parse_sass(sass_of(parse_config(config)))
+    except FileNotFoundError:
+        pytest.skip("this Triton has no bundled nvdisasm")
+    first, last = key_loop(insns, labels)
+    body = [op for _, op, _ in insns[first:last + 1]]
+    products = sum("GMMA" in op for op in body)
+    waits = sum(op.startswith("WARPGROUP.DEPBAR") for op in body)
+    assert products >= 6 and waits <= 2, f"{waits} waits for {products} wgmmas in the loop"
+
+
 # ---------------------------------------------------------------------------------
 # The mbarrier protocol, simulated (no Triton): the kernel's waits and arrivals transcribed
 # one for one, run under random interleavings of the producer and the two consumers.
@@ -101,7 +124,27 @@ def consumer(cid, n, stages, buf, ready, empty, turn, overlap, pingpong, log):
         assert buf[stage] == tile, f"consumer {cid} wanted tile {tile} in stage {stage}, found {buf[stage]}"
         log.append((cid, tile))
 
-    if overlap:
+    def still(stage, tile):  # an operand in flight since its wgmma's issue, checked at its wait
+        assert buf[stage] == tile, f"consumer {cid}: tile {tile} in stage {stage} overwritten while in flight"
+
+    if overlap == "ahead":  # Q.K^T(j+1) in flight with P.V(j-1) under softmax(j)
+        yield ready[0], 0
+        read(0, 0)
+        if n > 1:
+            yield ready[1 % stages], (1 // stages) & 1
+            read(1 % stages, 1)
+        for j in range(1, n):
+            sp = (j - 1) % stages
+            read(sp, j - 1)  # P.V(j-1) issued
+            still(j % stages, j)  # Q.K^T(j) waited
+            if j + 1 < n:
+                yield ready[(j + 1) % stages], ((j + 1) // stages) & 1
+                read((j + 1) % stages, j + 1)
+            still(sp, j - 1)  # P.V(j-1) waited
+            empty[sp].arrive()
+        read((n - 1) % stages, n - 1)
+        empty[(n - 1) % stages].arrive()
+    elif overlap:
         yield ready[0], 0
         read(0, 0)
         if pingpong and cid == 1:
@@ -115,6 +158,8 @@ def consumer(cid, n, stages, buf, ready, empty, turn, overlap, pingpong, log):
             read(sp, j - 1)  # P.V of tile j-1, in flight until the arrival below
             if pingpong:
                 turn[1 - cid].arrive()
+            still(s, j)  # Q.K^T(j) waited
+            still(sp, j - 1)  # P.V(j-1) waited
             empty[sp].arrive()
         read((n - 1) % stages, n - 1)
         empty[(n - 1) % stages].arrive()
@@ -126,28 +171,52 @@ def consumer(cid, n, stages, buf, ready, empty, turn, overlap, pingpong, log):
             empty[s].arrive()
 
 
-@pytest.mark.parametrize("n,stages", [(1, 2), (2, 2), (7, 2), (9, 3), (13, 4)])
-@pytest.mark.parametrize("schedule,consumers", [("plain", 2), ("overlap", 2), ("pingpong", 2), ("plain", 3),
-                                                ("overlap", 3)])
-def test_barrier_protocol_has_no_deadlock_or_race(n, stages, schedule, consumers):
+def simulate(n, stages, schedule, consumers, seed):
+    """One random interleaving; returns the log of (consumer, tile) reads, or raises
+    AssertionError on a deadlock or on a tile read from the wrong stage."""
     import random
 
+    rng = random.Random(seed)
+    buf = [None] * stages
+    ready = [Barrier(1) for _ in range(stages)]
+    empty = [Barrier(consumers) for _ in range(stages)]
+    turn = [Barrier(1), Barrier(1)]
+    log = []
+    overlap = "ahead" if schedule == "ahead" else schedule != "plain"
+    threads = [producer(n, stages, buf, ready, empty)] + [
+        consumer(c, n, stages, buf, ready, empty, turn, overlap, schedule == "pingpong", log)
+        for c in range(consumers)]
+    waiting = {i: next(t, None) for i, t in enumerate(threads)}
+    while any(w is not None for w in waiting.values()):
+        runnable = [i for i, w in waiting.items() if w is not None and w[0].passes(w[1])]
+        assert runnable, f"deadlock (n={n}, stages={stages}, {schedule}, seed {seed})"
+        i = rng.choice(runnable)
+        waiting[i] = next(threads[i], None)
+    return log
+
+
+@pytest.mark.parametrize("n,stages", [(1, 2), (2, 2), (7, 2), (9, 3), (13, 4)])
+@pytest.mark.parametrize("schedule,consumers", [("plain", 2), ("overlap", 2), ("pingpong", 2), ("plain", 3),
+                                                ("overlap", 3), ("ahead", 2)])
+def test_barrier_protocol_has_no_deadlock_or_race(n, stages, schedule, consumers):
+    if schedule == "ahead" and stages < 3:
+        pytest.skip("the look-ahead schedule needs three stages (test_look_ahead_needs_three_stages)")
     for seed in range(40):
-        rng = random.Random(seed)
-        buf = [None] * stages
-        ready = [Barrier(1) for _ in range(stages)]
-        empty = [Barrier(consumers) for _ in range(stages)]
-        turn = [Barrier(1), Barrier(1)]
-        log = []
-        threads = [producer(n, stages, buf, ready, empty)] + [
-            consumer(c, n, stages, buf, ready, empty, turn, schedule != "plain", schedule == "pingpong", log)
-            for c in range(consumers)]
-        waiting = {i: next(t, None) for i, t in enumerate(threads)}
-        while any(w is not None for w in waiting.values()):
-            runnable = [i for i, w in waiting.items() if w is not None and w[0].passes(w[1])]
-            assert runnable, f"deadlock (n={n}, stages={stages}, {schedule}, seed {seed})"
-            i = rng.choice(runnable)
-            waiting[i] = next(threads[i], None)
+        log = simulate(n, stages, schedule, consumers, seed)
         for c in range(consumers):  # every tile read by each consumer: once (plain) or twice (Q.K^T, then P.V)
             tiles = [t for cc, t in log if cc == c]
             assert sorted(tiles) == sorted(list(range(n)) * (1 if schedule == "plain" else 2))
+
+
+def test_look_ahead_needs_three_stages():
+    """With two stages, Q.K^T(j+1) needs the slot that P.V(j-1) still holds, and the consumer
+    waits for its copy before it retires P.V(j-1): a deadlock, which check_config refuses."""
+    from wanquant.kernels import attention as K
+
+    with pytest.raises(AssertionError, match="deadlock"):
+        simulate(5, 2, "ahead", 2, seed=0)
+    cfg = K.AttnConfig(64, 128, 4, 2, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
+                       pv_overlap=True, qk_ahead=True)
+    with pytest.raises(ValueError, match="three K/V stages"):
+        K.check_config(cfg, K.K_BLOCK)
+    K.check_config(replace(cfg, num_stages=3), K.K_BLOCK)

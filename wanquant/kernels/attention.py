@@ -239,8 +239,8 @@ def config_for(cfg: AttnConfig, head_dim: int, tma: bool, gluon: bool) -> AttnCo
     if cfg.tma and not tma:
         cfg = replace(cfg, tma=False)
     if cfg.gluon_ws and (head_dim != WS_HEAD_DIM or not gluon):
-        cfg = replace(cfg, gluon_ws=False, pv_overlap=False, defer_rescale=False, ping_pong=False, consumers=2,
-                      exp2_fma=0, num_stages=min(cfg.num_stages, TRITON_MAX_STAGES))
+        cfg = replace(cfg, gluon_ws=False, pv_overlap=False, defer_rescale=False, ping_pong=False, qk_ahead=False,
+                      consumers=2, exp2_fma=0, num_stages=min(cfg.num_stages, TRITON_MAX_STAGES))
     return cfg
 
 

@@ -110,8 +110,11 @@ class AttnConfig:
     # FlashAttention-3's intra-warpgroup overlap: the next tile's Q.K^T is issued before this
     # tile's softmax, so that the tensor cores work while the softmax does (costs a second
     # score tile in registers: 64 more per thread at 64x128). Same numbers, another order of
-    # instructions. Measured 37 % slower on an H100 at 64x128 (attention_variants_lazy.md):
-    # the extra tile does not fit beside what two CTAs per SM leave each thread.
+    # instructions. In the Triton kernel, measured 37 % slower on an H100 at 64x128
+    # (attention_variants_lazy.md): the extra tile does not fit beside what two CTAs per SM
+    # leave each thread, and Triton waits for each wgmma right after issuing it. With
+    # gluon_ws and pv_overlap (the Gluon kernel's 240 registers a consumer, explicit waits):
+    # Q.K^T(j+1) and P.V(j-1) both run under tile j's softmax; not yet timed.
     qk_ahead: bool = False
     # The main loop as a warp-specialized Gluon kernel (kernels/attention_ws.py, sm_90 only):
     # a producer warpgroup issues the TMA copies into a num_stages-deep ring, two consumer
@@ -143,8 +146,11 @@ class AttnConfig:
 
     @property
     def ws_overlap(self) -> int:
-        """The Gluon kernel's schedule: 0 tile by tile, 1 overlapped, 2 overlapped with the rescale deferred."""
-        return (2 if self.defer_rescale else 1) if self.pv_overlap else 0
+        """The Gluon kernel's schedule: 0 tile by tile, 1 overlapped, 2 overlapped with the
+        rescale deferred, 3 overlapped with the next Q.K^T issued ahead of the softmax."""
+        if not self.pv_overlap:
+            return 0
+        return 3 if self.qk_ahead else 2 if self.defer_rescale else 1
 
     def describe(self) -> str:
         flags = [("promote", self.pv_promote), ("qpre", self.q_prepass), ("fold", self.fold),
@@ -287,7 +293,7 @@ def _check_gluon_config(cfg: AttnConfig) -> None:
     needs = {"q_prepass": cfg.q_prepass, "fold": cfg.fold, "tma": cfg.tma, "v_perm": cfg.v_perm}
     missing = [name for name, on in needs.items() if not on]
     other = {"pv_promote": cfg.pv_promote, "l_mma": cfg.l_mma, "warp_spec": cfg.warp_spec, "half_exp": cfg.half_exp,
-             "lazy_rescale": cfg.lazy_rescale, "qk_ahead": cfg.qk_ahead, "maxnreg": cfg.maxnreg > 0}
+             "lazy_rescale": cfg.lazy_rescale, "maxnreg": cfg.maxnreg > 0}
     extra = [name for name, on in other.items() if on]
     if missing or extra:
         raise ValueError(f"gluon_ws needs {missing} on and {extra} off (the Gluon kernel has one code path: "
@@ -300,6 +306,11 @@ def _check_gluon_config(cfg: AttnConfig) -> None:
                          f"{WS_MAX_BLOCK_N} (what their registers hold); got {cfg.describe()}")
     if cfg.ping_pong and cfg.consumers != 2:
         raise ValueError("ping_pong alternates two consumers: use consumers=2")
+    if cfg.qk_ahead and (not cfg.pv_overlap or cfg.ping_pong or cfg.defer_rescale):
+        raise ValueError("qk_ahead in the Gluon kernel is its own overlapped schedule: set pv_overlap, "
+                         "not ping_pong or defer_rescale")
+    if cfg.qk_ahead and cfg.num_stages < 3:  # tiles j-1 (P.V), j and j+1 (Q.K^T) hold a slot each
+        raise ValueError(f"qk_ahead in the Gluon kernel needs three K/V stages or more, got {cfg.num_stages}")
     if cfg.exp2_fma and cfg.exp2_fma not in EXP2_FMA_PACKS:
         raise ValueError(f"exp2_fma is one exponential in every {EXP2_FMA_PACKS} (or 0: none); got {cfg.exp2_fma}")
 

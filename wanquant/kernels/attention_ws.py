@@ -143,6 +143,57 @@ if HAS_GLUON:
         return p, alpha, m_new, l_new
 
     @gluon.jit
+    def _key_loop_ahead(q_mine, k_smem, v_smem, kv_ready, kv_empty, acc, m_i, l_i, qsc, ks_base, col, zero_s,
+                        n_tiles, n_last, p_layout: gl.constexpr, rows_o: gl.constexpr, BN: gl.constexpr,
+                        KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr, EXP2_FMA: gl.constexpr):
+        """The key loop with Q.K^T(j+1) issued, beside P.V(j-1), before tile j's softmax and
+        waited after it: the softmax runs under both products, so no Q.K^T latency sits
+        between two softmaxes. Costs a second score tile in registers (64 a thread). Every
+        wgmma is issued and waited in the same block (ptxas serializes wgmmas left in flight
+        across a branch), hence the first and last tiles peeled off. Returns (acc, l)."""
+        BM: gl.constexpr = _BM
+        mbarrier.wait(kv_ready.index(0), 0)
+        tok = warpgroup_mma(q_mine, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+        sc = qsc * gl.load(ks_base)
+        if n_tiles > 1:
+            mbarrier.wait(kv_ready.index(1 % STAGES), (1 // STAGES) & 1)
+            tok = warpgroup_mma(q_mine, k_smem.index(1 % STAGES).permute((1, 0)), zero_s, use_acc=False,
+                                is_async=True)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, False, EXP2_FMA)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+        else:
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, True, EXP2_FMA)
+        for j in range(1, n_tiles - 1):  # on entry: the scores of tile j, P of tile j-1
+            sp = (j - 1) % STAGES
+            sn = (j + 1) % STAGES
+            acc_tok = warpgroup_mma(_p_operand(p, p_layout, BM, BN), v_smem.index(sp).permute((1, 0)), acc,
+                                    is_async=True)
+            mbarrier.wait(kv_ready.index(sn), ((j + 1) // STAGES) & 1)
+            tok = warpgroup_mma(q_mine, k_smem.index(sn).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            sc = qsc * gl.load(ks_base + (j * BN) // KB)
+            p, alpha, m_new, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, False, EXP2_FMA)
+            acc, qk = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, tok))
+            mbarrier.arrive(kv_empty.index(sp), count=1)
+            acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
+            m_i = m_new
+        if n_tiles > 1:  # the last tile: masked, nothing to issue ahead
+            sp = (n_tiles - 2) % STAGES
+            acc_tok = warpgroup_mma(_p_operand(p, p_layout, BM, BN), v_smem.index(sp).permute((1, 0)), acc,
+                                    is_async=True)
+            sc = qsc * gl.load(ks_base + ((n_tiles - 1) * BN) // KB)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, True, EXP2_FMA)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
+            mbarrier.arrive(kv_empty.index(sp), count=1)
+            acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
+        sl = (n_tiles - 1) % STAGES
+        acc_tok = warpgroup_mma(_p_operand(p, p_layout, BM, BN), v_smem.index(sl).permute((1, 0)), acc,
+                                is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
+        mbarrier.arrive(kv_empty.index(sl), count=1)
+        return acc, l_i
+
+    @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr, vm_ptr, o_ptr,
                   q_srow, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
                   D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr,
@@ -176,7 +227,10 @@ if HAS_GLUON:
         # PV(j-1), the accumulator rescaled by tile j's alpha once PV(j-1) retires. 2: the same,
         # but that rescale waits until QK(j+1) is issued: it leaves the chain from one Q.K^T's
         # wait to the next one's issue (same operations on the same values, same bits).
-        if OVERLAP:
+        if OVERLAP == 3:
+            acc, l_i = _key_loop_ahead(q_mine, k_smem, v_smem, kv_ready, kv_empty, acc, m_i, l_i, qsc, ks_base, col,
+                                       zero_s, n_tiles, n_last, p_layout, rows_o, BN, KB, STAGES, TOP, EXP2_FMA)
+        elif OVERLAP:
             mbarrier.wait(kv_ready.index(0), 0)
             tok = warpgroup_mma(q_mine, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
