@@ -29,7 +29,7 @@ from wanquant.kernels.attention_config import parse_config
 PIPES = {"MUFU": "mufu (4 lanes/clk)", "FADD": "fp32", "FMUL": "fp32", "FFMA": "fp32", "FMNMX": "alu",
          "VIADD": "alu", "IADD3": "alu", "VIMNMX": "alu", "VIMNMX3": "alu", "SHF": "alu", "LEA": "alu",
          "LOP3": "alu", "SEL": "alu", "FSEL": "alu", "ISETP": "alu", "FSETP": "alu", "IMAD": "fp32 (imad)",
-         "F2FP": "conversion", "PRMT": "alu", "SHFL": "shuffle",
+         "F2FP": "conversion", "PRMT": "alu", "SHFL": "shuffle", "LDL": "local", "STL": "local",
          "IGMMA": "tensor", "QGMMA": "tensor", "HGMMA": "tensor"}
 _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@(!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
@@ -123,8 +123,8 @@ def main() -> None:
                "rows": []}
     lines = [f"Triton {triton.__version__}, sm_90. Instructions one consumer warp issues per 64 x 128 tile, "
              "by path through the key loop: the cheapest is every tile but the last (unmasked).", "",
-             "| config | path | issued | MUFU | fp32 pipe | alu | conversion | other |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| config | path | issued | MUFU | fp32 pipe | alu | conversion | local (spills) | other |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for text in args.configs:
         cfg = parse_config(text)
         res = analyse(sass_of(cfg))
@@ -132,10 +132,10 @@ def main() -> None:
         for k, p in enumerate(res["paths"]):
             pipes = p["pipes"]
             fp32 = pipes.get("fp32", 0) + pipes.get("fp32 (imad)", 0)
-            known = fp32 + pipes.get("mufu (4 lanes/clk)", 0) + pipes.get("alu", 0) + pipes.get("conversion", 0)
+            known = fp32 + sum(pipes.get(k, 0) for k in ("mufu (4 lanes/clk)", "alu", "conversion", "local"))
             lines.append(f"| {cfg.describe()} | {'unmasked' if k == 0 else f'other {k}'} | {p['issued']} | "
                          f"{pipes.get('mufu (4 lanes/clk)', 0)} | {fp32} | {pipes.get('alu', 0)} | "
-                         f"{pipes.get('conversion', 0)} | {p['issued'] - known} |")
+                         f"{pipes.get('conversion', 0)} | {pipes.get('local', 0)} | {p['issued'] - known} |")
             print(lines[-1], flush=True)
     write_results("attention_sass", payload, "\n".join(lines), args.out)
 

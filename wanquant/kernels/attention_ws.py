@@ -115,9 +115,10 @@ if HAS_GLUON:
         return p
 
     @gluon.jit
-    def _softmax(qk, m_i, l_i, sc, col, n_valid, TOP: gl.constexpr, MASK: gl.constexpr, EXP2_FMA: gl.constexpr):
+    def _softmax(qk, m_i, l_i, sc, n_valid, TOP: gl.constexpr, MASK: gl.constexpr, EXP2_FMA: gl.constexpr):
         """One tile's online-softmax step on integer scores: (p fp32, alpha, m_new, l_new)."""
-        if MASK:
+        if MASK:  # the column indices made here, not kept live across the key loop (32 registers)
+            col = gl.arange(0, qk.shape[1], layout=gl.SliceLayout(0, qk.type.layout))
             qk = gl.where(col[None, :] < n_valid, qk, -4194303)  # below any real score, in the 2^22 range
         m_tile = gl.max(qk, axis=1).to(gl.float32) * sc
         m_new = gl.maximum(m_i, m_tile)
@@ -132,18 +133,18 @@ if HAS_GLUON:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
 
     @gluon.jit
-    def _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, col, n_last,
+    def _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, n_last,
                       BN: gl.constexpr, KB: gl.constexpr, TOP: gl.constexpr, EXP2_FMA: gl.constexpr):
         """:func:`_softmax` of key tile ``j`` at its K scale; only the last tile is masked."""
         sc = qsc * gl.load(ks_base + (j * BN) // KB)
         if j == n_tiles - 1:
-            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, True, EXP2_FMA)
+            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, n_last, TOP, True, EXP2_FMA)
         else:
-            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, False, EXP2_FMA)
+            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, n_last, TOP, False, EXP2_FMA)
         return p, alpha, m_new, l_new
 
     @gluon.jit
-    def _key_loop_ahead(q_mine, k_smem, v_smem, kv_ready, kv_empty, acc, m_i, l_i, qsc, ks_base, col, zero_s,
+    def _key_loop_ahead(q_mine, k_smem, v_smem, kv_ready, kv_empty, acc, m_i, l_i, qsc, ks_base, zero_s,
                         n_tiles, n_last, p_layout: gl.constexpr, rows_o: gl.constexpr, BN: gl.constexpr,
                         KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr, EXP2_FMA: gl.constexpr):
         """The key loop with Q.K^T(j+1) issued, beside P.V(j-1), before tile j's softmax and
@@ -160,10 +161,10 @@ if HAS_GLUON:
             mbarrier.wait(kv_ready.index(1 % STAGES), (1 // STAGES) & 1)
             tok = warpgroup_mma(q_mine, k_smem.index(1 % STAGES).permute((1, 0)), zero_s, use_acc=False,
                                 is_async=True)
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, False, EXP2_FMA)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, n_last, TOP, False, EXP2_FMA)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
         else:
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, True, EXP2_FMA)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, n_last, TOP, True, EXP2_FMA)
         for j in range(1, n_tiles - 1):  # on entry: the scores of tile j, P of tile j-1
             sp = (j - 1) % STAGES
             sn = (j + 1) % STAGES
@@ -172,7 +173,7 @@ if HAS_GLUON:
             mbarrier.wait(kv_ready.index(sn), ((j + 1) // STAGES) & 1)
             tok = warpgroup_mma(q_mine, k_smem.index(sn).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             sc = qsc * gl.load(ks_base + (j * BN) // KB)
-            p, alpha, m_new, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, False, EXP2_FMA)
+            p, alpha, m_new, l_i = _softmax(qk, m_i, l_i, sc, n_last, TOP, False, EXP2_FMA)
             acc, qk = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, tok))
             mbarrier.arrive(kv_empty.index(sp), count=1)
             acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
@@ -182,7 +183,7 @@ if HAS_GLUON:
             acc_tok = warpgroup_mma(_p_operand(p, p_layout, BM, BN), v_smem.index(sp).permute((1, 0)), acc,
                                     is_async=True)
             sc = qsc * gl.load(ks_base + ((n_tiles - 1) * BN) // KB)
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, col, n_last, TOP, True, EXP2_FMA)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, n_last, TOP, True, EXP2_FMA)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
             mbarrier.arrive(kv_empty.index(sp), count=1)
             acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
@@ -214,7 +215,6 @@ if HAS_GLUON:
             q_mine = q_smem.index(CID)
         r = gl.arange(0, BM, layout=rows_s)
         qsc = gl.load(qs_ptr + q_srow + CID * BM + r)  # per-row scale (softmax scale, log2 e folded in)
-        col = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
         ks_base = ks_ptr + bh * (S_kpad // KB)
         m_i = gl.full([BM], float("-inf"), gl.float32, layout=rows_s)
         l_i = gl.zeros([BM], gl.float32, layout=rows_s)
@@ -228,7 +228,7 @@ if HAS_GLUON:
         # but that rescale waits until QK(j+1) is issued: it leaves the chain from one Q.K^T's
         # wait to the next one's issue (same operations on the same values, same bits).
         if OVERLAP == 3:
-            acc, l_i = _key_loop_ahead(q_mine, k_smem, v_smem, kv_ready, kv_empty, acc, m_i, l_i, qsc, ks_base, col,
+            acc, l_i = _key_loop_ahead(q_mine, k_smem, v_smem, kv_ready, kv_empty, acc, m_i, l_i, qsc, ks_base,
                                        zero_s, n_tiles, n_last, p_layout, rows_o, BN, KB, STAGES, TOP, EXP2_FMA)
         elif OVERLAP:
             mbarrier.wait(kv_ready.index(0), 0)
@@ -236,7 +236,7 @@ if HAS_GLUON:
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
             # P crosses the loop in fp32: an e4m3 tensor would cross it one byte per register
             # and be re-packed with ~100 byte moves per tile
-            p, alpha, m_i, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, 0, n_tiles, col, n_last, BN, KB, TOP,
+            p, alpha, m_i, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, 0, n_tiles, n_last, BN, KB, TOP,
                                               EXP2_FMA)
             if PINGPONG and CID == 1:  # consumer 0 issues first
                 mbarrier.arrive(turn.index(0), count=1)
@@ -254,7 +254,7 @@ if HAS_GLUON:
                 if PINGPONG:
                     mbarrier.arrive(turn.index(1 - CID), count=1)
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
-                p, alpha, m_new, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, col, n_last, BN, KB, TOP,
+                p, alpha, m_new, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, n_last, BN, KB, TOP,
                                                      EXP2_FMA)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
                 mbarrier.arrive(kv_empty.index(sp), count=1)
@@ -274,7 +274,7 @@ if HAS_GLUON:
                 mbarrier.wait(kv_ready.index(s), (j // STAGES) & 1)
                 tok = warpgroup_mma(q_mine, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-                p, alpha, m_i, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, col, n_last, BN, KB, TOP,
+                p, alpha, m_i, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, n_last, BN, KB, TOP,
                                                    EXP2_FMA)
                 acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
                 p8 = _p_operand(p, p_layout, BM, BN)
