@@ -4,7 +4,7 @@ No GPU: each config is compiled for sm_90 with the installed Triton's ptxas
 (``attention_ws.compile_offline``) and disassembled with its bundled ``nvdisasm``. The first
 consumer's key loop (the first backward branch around a wgmma) is walked path by path
 (branches that leave the loop, such as an mbarrier's retry, count as not taken), so the
-unmasked tiles and the masked last tile are counted apart. Counts are per thread (warp) and
+unmasked tiles and the masked last tile (the path with the selects) are counted apart. Counts are per thread (warp) and
 64 x 128 tile; how they turn into cycles is in benchmarks/KERNEL_NOTES.md.
 
     python -m benchmarks.attention_sass --out benchmarks/results/attention_sass \\
@@ -82,7 +82,8 @@ def loop_paths(insns, labels, first: int, last: int) -> list[collections.Counter
         paths.append(seen)
         if len(paths) > 16:
             raise ValueError("more paths through the key loop than expected: is this the right loop?")
-    return sorted(paths, key=lambda c: sum(c.values()))
+    # the masked last tile is the path with the selects (gl.where on scores and exponents)
+    return sorted(paths, key=lambda c: (c["SEL"] + c["FSEL"], sum(c.values())))
 
 
 def sass_of(cfg) -> str:
@@ -122,7 +123,8 @@ def main() -> None:
     payload = {**run_metadata(), "device": "none: compiled for sm_90 on the CPU", "triton": triton.__version__,
                "rows": []}
     lines = [f"Triton {triton.__version__}, sm_90. Instructions one consumer warp issues per 64 x 128 tile, "
-             "by path through the key loop: the cheapest is every tile but the last (unmasked).", "",
+             "by path through the key loop: unmasked (every tile but the last) and, where the loop holds it, "
+             "the masked last tile.", "",
              "| config | path | issued | MUFU | fp32 pipe | alu | conversion | local (spills) | other |",
              "|---|---|---|---|---|---|---|---|---|"]
     for text in args.configs:
@@ -133,7 +135,8 @@ def main() -> None:
             pipes = p["pipes"]
             fp32 = pipes.get("fp32", 0) + pipes.get("fp32 (imad)", 0)
             known = fp32 + sum(pipes.get(k, 0) for k in ("mufu (4 lanes/clk)", "alu", "conversion", "local"))
-            lines.append(f"| {cfg.describe()} | {'unmasked' if k == 0 else f'other {k}'} | {p['issued']} | "
+            path = "unmasked" if k == 0 else "masked" if k == 1 else f"other {k}"
+            lines.append(f"| {cfg.describe()} | {path} | {p['issued']} | "
                          f"{pipes.get('mufu (4 lanes/clk)', 0)} | {fp32} | {pipes.get('alu', 0)} | "
                          f"{pipes.get('conversion', 0)} | {pipes.get('local', 0)} | {p['issued'] - known} |")
             print(lines[-1], flush=True)
