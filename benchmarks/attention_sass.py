@@ -5,7 +5,7 @@ No GPU: each config is compiled for sm_90 with the installed Triton's ptxas
 consumer's key loop (the first backward branch around a wgmma) is walked path by path
 (branches that leave the loop, such as an mbarrier's retry, count as not taken), so the
 unmasked tiles and the masked last tile (the path with the selects) are counted apart. Counts are per thread (warp) and
-64 x 128 tile; how they turn into cycles is in benchmarks/KERNEL_NOTES.md.
+key tile; how they turn into cycles is in benchmarks/KERNEL_NOTES.md.
 
     python -m benchmarks.attention_sass --out benchmarks/results/attention_sass \\
         --configs m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov-e4
