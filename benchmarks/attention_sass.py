@@ -4,8 +4,9 @@ No GPU: each config is compiled for sm_90 with the installed Triton's ptxas
 (``attention_ws.compile_offline``) and disassembled with its bundled ``nvdisasm``. The first
 consumer's key loop (the first backward branch around a wgmma) is walked path by path
 (branches that leave the loop, such as an mbarrier's retry, count as not taken), so the
-unmasked tiles and the masked last tile (the path with the selects) are counted apart. Counts are per thread (warp) and
-key tile; how they turn into cycles is in benchmarks/KERNEL_NOTES.md.
+unmasked tiles and the masked last tile (the path with the selects) are counted apart.
+Counts are per thread (warp) and key tile; how they turn into cycles is in
+benchmarks/KERNEL_NOTES.md.
 
     python -m benchmarks.attention_sass --out benchmarks/results/attention_sass \\
         --configs m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov-e4
@@ -122,9 +123,9 @@ def main() -> None:
 
     payload = {**run_metadata(), "device": "none: compiled for sm_90 on the CPU", "triton": triton.__version__,
                "rows": []}
-    lines = [f"Triton {triton.__version__}, sm_90. Instructions one consumer warp issues per 64 x 128 tile, "
-             "by path through the key loop: unmasked (every tile but the last) and, where the loop holds it, "
-             "the masked last tile.", "",
+    lines = [f"Triton {triton.__version__}, sm_90. Instructions one consumer warp issues per key tile "
+             "(64 queries x block_n keys), by path through the key loop: unmasked (every tile but the last) "
+             "and, where the loop holds it, the masked last tile.", "",
              "| config | path | issued | MUFU | fp32 pipe | alu | conversion | local (spills) | other |",
              "|---|---|---|---|---|---|---|---|---|"]
     for text in args.configs:
