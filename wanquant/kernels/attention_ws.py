@@ -20,11 +20,13 @@ splits its warps (``gl.warp_specialize``):
   64 queries each. A third consumer gives each SM sub-partition a third warp to issue while
   the others wait on their wgmmas or their exponentials; 160 registers hold 64-key tiles
   with the overlap (scores, P and the accumulator), not 128-key ones.
-  With ``OVERLAP`` a consumer issues tile j's Q.K^T and tile j-1's P.V back to back and
-  computes tile j's softmax while the P.V runs (the accumulator is rescaled after it
-  retires); without it, tile by tile as the Triton kernel does. With ``PINGPONG`` (overlap
-  only) the two consumers take turns issuing their wgmmas (two mbarriers), so that one's
-  softmax tends to run while the other's products do.
+  The schedule, ``OVERLAP``: 0 tile by tile, as the Triton kernel does; 1 tile j's Q.K^T
+  and tile j-1's P.V issued back to back, tile j's softmax while the P.V runs, the
+  accumulator rescaled after it retires; 2 the same with that rescale issued after the next
+  Q.K^T; 3 (:func:`_key_loop_ahead`) tile j+1's Q.K^T and tile j-1's P.V both under tile
+  j's softmax. With ``PINGPONG`` (1 only) the two consumers take turns issuing their
+  wgmmas (two mbarriers), so that one's softmax tends to run while the other's products
+  do. ``EXP2_FMA`` computes one exponential in that many on the FMA pipe (exp2_fma.py).
 
 Gluon is Triton's lower-level dialect (explicit layouts, async wgmma, mbarriers); it has no
 interpreter, so this kernel runs on sm_90 GPUs only and is checked there against the same
