@@ -35,7 +35,7 @@ for t in $TESTS; do  # FILE::KEYWORD
 done
 grep -E 'PASS|FAIL|Error|assert|gelu epilogue' "$OUT/gpu_tests.txt" | head -60
 
-base=m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov  # DEFAULT_CONFIG
+base=m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov  # DEFAULT_CONFIG of 2026-12-07; the variants below build on it
 c3=qpre-fold-tma-vperm-gws
 # e.g. "m64-n64-w4-s4-$c3-ov-c3" (measured 2026-12-07: 0.5 % slower); empty: none
 ahead=qpre-fold-tma-vperm-ahead-gws-ov  # Q.K^T(j+1) under softmax(j); 128-key tiles spill (ptxas 12.8)

@@ -15,7 +15,8 @@ left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader
 # DEFAULT_CONFIG (the one the e2e rows ran) and the Triton fallback
-CONFIGS=${CONFIGS:-"m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov m64-n128-w4-s3-qpre-fold-tma-vperm"}
+default=$(python3 -c "from wanquant.kernels.attention_config import DEFAULT_CONFIG as c; print(c.describe())")
+CONFIGS=${CONFIGS:-"$default m64-n128-w4-s3-qpre-fold-tma-vperm"}
 
 echo "== e2e"
 timeout $(( $(left) - ATTN_S )) python3 -m benchmarks.e2e_speed --out "$OUT/e2e" \
