@@ -93,7 +93,7 @@ def sass_of(cfg) -> str:
     from wanquant.kernels.attention_ws import compile_offline
 
     asm = compile_offline(cfg.block_n, cfg.num_stages, cfg.ws_overlap, cfg.ping_pong, consumers=cfg.consumers,
-                          exp2_fma=cfg.exp2_fma)
+                          exp2_fma=cfg.exp2_fma, tree_max=cfg.tree_max)
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(asm["cubin"])

@@ -182,7 +182,7 @@ def test_config_parsing_and_checks():
                 K.AttnConfig(64, 64, 4, 4, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
                              pv_overlap=True, consumers=3),
                 K.AttnConfig(64, 128, 4, 3, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
-                             pv_overlap=True, defer_rescale=True, exp2_fma=4)):
+                             pv_overlap=True, defer_rescale=True, exp2_fma=4, tree_max=True)):
         assert K.parse_config(cfg.describe()) == cfg
         K.check_config(cfg, K.K_BLOCK)
     with pytest.raises(ValueError, match="divide"):
@@ -206,9 +206,9 @@ def test_config_parsing_and_checks():
         K.check_config(K.AttnConfig(64, 64, 4, 3, **gws, consumers=4), K.K_BLOCK)
     with pytest.raises(ValueError, match="ping_pong alternates two consumers"):
         K.check_config(K.AttnConfig(64, 64, 4, 3, **gws, pv_overlap=True, ping_pong=True, consumers=3), K.K_BLOCK)
-    with pytest.raises(ValueError, match="consumers and exp2_fma are options of the Gluon kernel"):
+    with pytest.raises(ValueError, match="consumers, exp2_fma and tree_max are options of the Gluon kernel"):
         K.check_config(K.AttnConfig(64, 64, 4, 3, consumers=3), K.K_BLOCK)
-    with pytest.raises(ValueError, match="consumers and exp2_fma are options of the Gluon kernel"):
+    with pytest.raises(ValueError, match="consumers, exp2_fma and tree_max are options of the Gluon kernel"):
         K.check_config(K.AttnConfig(64, 64, 4, 3, exp2_fma=4), K.K_BLOCK)
     with pytest.raises(ValueError, match=r"exp2_fma is one exponential in every \(2, 4, 8\)"):
         K.check_config(K.AttnConfig(64, 128, 4, 3, **gws, exp2_fma=3), K.K_BLOCK)
@@ -228,7 +228,7 @@ def test_config_parsing_and_checks():
 
 def test_config_for_a_device_without_the_gluon_kernel():
     gws = K.AttnConfig(64, 128, 4, 5, q_prepass=True, tma=True, fold=True, v_perm=True, gluon_ws=True,
-                       pv_overlap=True, defer_rescale=True, ping_pong=True, exp2_fma=8)
+                       pv_overlap=True, defer_rescale=True, ping_pong=True, exp2_fma=8, tree_max=True)
     assert K.config_for(gws, head_dim=128, tma=True, gluon=True) == gws
     for d, tma, gluon in ((128, True, False), (64, True, True), (128, False, False)):
         got = K.config_for(gws, head_dim=d, tma=tma, gluon=gluon)

@@ -226,11 +226,13 @@ def test_default_config_is_deterministic_over_stale_memory(s, b):
 
 
 @pytest.mark.parametrize("s,b", [(16421, 1), (1000, 2), (200, 1), (100, 1)])
-@pytest.mark.parametrize("schedule", [dict(defer_rescale=True), dict(qk_ahead=True, num_stages=4)],
-                         ids=["defer_rescale", "qk_ahead"])
+@pytest.mark.parametrize("schedule", [dict(defer_rescale=True), dict(qk_ahead=True, num_stages=4),
+                                      dict(tree_max=True), dict(tree_max=True, num_stages=4)],
+                         ids=["defer_rescale", "qk_ahead", "tree_max", "tree_max_s4"])
 def test_reordered_schedules_give_the_default_bits(s, b, schedule):
     """``defer_rescale`` moves the accumulator's multiplications after the next Q.K^T's
-    issue, ``qk_ahead`` issues that Q.K^T before the softmax: the same operations on the
+    issue, ``qk_ahead`` issues that Q.K^T before the softmax, ``tree_max`` takes the integer
+    row maxima in another order, four stages prefetch further: the same operations on the
     same values, so the same output bits (200 and 100 keys: the look-ahead's loop empty)."""
     from wanquant.kernels.attention_ws import HAS_GLUON
 

@@ -71,6 +71,7 @@ def test_deferred_rescale_compiles_to_the_same_products():
 
 @pytest.mark.parametrize("config", ["m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov",
                                     "m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov-dr-e4",
+                                    "m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov-tm",
                                     "m64-n128-w4-s4-qpre-fold-tma-vperm-ahead-gws-ov",
                                     "m64-n64-w4-s4-qpre-fold-tma-vperm-ahead-gws-ov"])
 def test_ptxas_keeps_the_wgmmas_in_flight(config):

@@ -240,7 +240,7 @@ def config_for(cfg: AttnConfig, head_dim: int, tma: bool, gluon: bool) -> AttnCo
         cfg = replace(cfg, tma=False)
     if cfg.gluon_ws and (head_dim != WS_HEAD_DIM or not gluon):
         cfg = replace(cfg, gluon_ws=False, pv_overlap=False, defer_rescale=False, ping_pong=False, qk_ahead=False,
-                      consumers=2, exp2_fma=0, num_stages=min(cfg.num_stages, TRITON_MAX_STAGES))
+                      consumers=2, exp2_fma=0, tree_max=False, num_stages=min(cfg.num_stages, TRITON_MAX_STAGES))
     return cfg
 
 
@@ -310,7 +310,7 @@ def _main_kernel(qv, q8, qs, kv: QuantKV, ov, s_q: int, s_qpad: int, qk_c: float
     qst = (qv.stride(0), qv.stride(1), qv.stride(2))
     if cfg.gluon_ws:
         attention_ws_launch(q8, qs, kv, ov, s_q, s_qpad, cfg.block_n, cfg.num_stages, cfg.ws_overlap,
-                            cfg.ping_pong, LOG2_P_SCALE, cfg.consumers, cfg.exp2_fma)
+                            cfg.ping_pong, LOG2_P_SCALE, cfg.consumers, cfg.exp2_fma, cfg.tree_max)
         return ov
     k_src, v_src = kv.k8, kv.v8t
     if cfg.tma:

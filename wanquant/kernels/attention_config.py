@@ -143,6 +143,11 @@ class AttnConfig:
     # before it, so that it runs while that product does (64 FMUL per thread leave the chain
     # from one Q.K^T's wait to the next one's issue). Same operations, same bits.
     defer_rescale: bool = False
+    # With gluon_ws: each row's maximum of a tile as a tree over the register bits of the
+    # column before the lane shuffles (attention_ws._row_max_tree), a chain a few maxima deep
+    # instead of fifteen. Integer maxima: the same bits. In the H100 stall profile of
+    # 2026-12-07 the row maxima were 14 % of a consumer's time per tile.
+    tree_max: bool = False
 
     @property
     def ws_overlap(self) -> int:
@@ -158,8 +163,8 @@ class AttnConfig:
                  ("lmma", self.l_mma), (f"r{self.maxnreg}", self.maxnreg > 0), ("ws", self.warp_spec),
                  ("h16", self.half_exp), ("lazy", self.lazy_rescale),
                  ("ahead", self.qk_ahead), ("gws", self.gluon_ws), ("ov", self.pv_overlap),
-                 ("dr", self.defer_rescale), ("pp", self.ping_pong), (f"c{self.consumers}", self.consumers != 2),
-                 (f"e{self.exp2_fma}", self.exp2_fma > 0)]
+                 ("dr", self.defer_rescale), ("tm", self.tree_max), ("pp", self.ping_pong),
+                 (f"c{self.consumers}", self.consumers != 2), (f"e{self.exp2_fma}", self.exp2_fma > 0)]
         tail = "".join(f"-{name}" for name, on in flags if on)
         return f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}{tail}"
 
@@ -281,8 +286,8 @@ def check_config(cfg: AttnConfig, k_block: int) -> None:
         raise ValueError("ping_pong orders the overlapped schedule's wgmmas: set gluon_ws and pv_overlap too")
     if cfg.gluon_ws:
         _check_gluon_config(cfg)
-    elif cfg.consumers != 2 or cfg.exp2_fma:
-        raise ValueError("consumers and exp2_fma are options of the Gluon kernel: set gluon_ws too")
+    elif cfg.consumers != 2 or cfg.exp2_fma or cfg.tree_max:
+        raise ValueError("consumers, exp2_fma and tree_max are options of the Gluon kernel: set gluon_ws too")
     if cfg.half_exp and (cfg.block_n > HALF_EXP_MAX_BLOCK_N or cfg.l_mma):
         raise ValueError(f"half_exp sums a tile's P in fp16: needs block_n <= {HALF_EXP_MAX_BLOCK_N} "
                          f"(got {cfg.block_n}) and l_mma off (got {cfg.l_mma})")
@@ -342,10 +347,11 @@ def parse_config(text: str) -> AttnConfig:
     """Inverse of :meth:`AttnConfig.describe`."""
     parts = text.strip().split("-")
     form = ("m128-n128-w8-s3[-promote][-qpre][-fold][-tma][-vperm][-lmma][-r168][-ws][-h16][-lazy][-ahead][-gws][-ov]"
-            "[-dr][-pp][-c3][-e4]")
+            "[-dr][-tm][-pp][-c3][-e4]")
     try:
         vals = {p[0]: int(p[1:]) for p in parts if p and p[0] in "mnwsrce" and p[1:].isdigit()}
-        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws", "h16", "lazy", "ahead", "gws", "ov", "dr", "pp"}
+        known = {"promote", "qpre", "fold", "tma", "vperm", "lmma", "ws", "h16", "lazy", "ahead", "gws", "ov", "dr", "tm",
+                 "pp"}
         extra = [p for p in parts[4:] if p not in known and not (p[:1] in "rce" and p[1:].isdigit())]
         if extra or len(parts) < 4:
             raise ValueError(f"unknown parts {extra}")
@@ -354,7 +360,8 @@ def parse_config(text: str) -> AttnConfig:
                           v_perm="vperm" in parts, l_mma="lmma" in parts,
                           maxnreg=vals.get("r", 0), warp_spec="ws" in parts, half_exp="h16" in parts,
                           lazy_rescale="lazy" in parts, qk_ahead="ahead" in parts, gluon_ws="gws" in parts,
-                          pv_overlap="ov" in parts, defer_rescale="dr" in parts, ping_pong="pp" in parts,
+                          pv_overlap="ov" in parts, defer_rescale="dr" in parts, tree_max="tm" in parts,
+                          ping_pong="pp" in parts,
                           consumers=vals.get("c", 2), exp2_fma=vals.get("e", 0))
     except (KeyError, ValueError) as e:
         raise ValueError(f"attention config {text!r} is not of the form {form}") from e

@@ -117,12 +117,29 @@ if HAS_GLUON:
         return p
 
     @gluon.jit
-    def _softmax(qk, m_i, l_i, sc, n_valid, TOP: gl.constexpr, MASK: gl.constexpr, EXP2_FMA: gl.constexpr):
+    def _row_max_tree(qk):
+        """Row maxima as a tree: a thread's 32 scores per row are reduced over the register
+        bits of their column (bit 0, bits 3-4, then bits 5+) before the lane bits (1-2, by
+        shuffles), so the chain is a few deep instead of one max after another."""
+        BM: gl.constexpr = qk.shape[0]
+        BN: gl.constexpr = qk.shape[1]
+        rows: gl.constexpr = gl.SliceLayout(1, qk.type.layout)
+        x = gl.reshape(qk, (BM, BN // 32, 4, 4, 2))  # column = 32 a + 8 b + 2 c + e (c: lane % 4)
+        x = gl.max(gl.max(x, axis=4), axis=2)  # [BM, a, c]
+        x = gl.max(x, axis=1)  # [BM, c]
+        return gl.convert_layout(gl.max(x, axis=1), rows, assert_trivial=True)
+
+    @gluon.jit
+    def _softmax(qk, m_i, l_i, sc, n_valid, TOP: gl.constexpr, MASK: gl.constexpr, EXP2_FMA: gl.constexpr,
+                 TREE_MAX: gl.constexpr):
         """One tile's online-softmax step on integer scores: (p fp32, alpha, m_new, l_new)."""
         if MASK:  # the column indices made here, not kept live across the key loop (32 registers)
             col = gl.arange(0, qk.shape[1], layout=gl.SliceLayout(0, qk.type.layout))
             qk = gl.where(col[None, :] < n_valid, qk, -4194303)  # below any real score, in the 2^22 range
-        m_tile = gl.max(qk, axis=1).to(gl.float32) * sc
+        if TREE_MAX:
+            m_tile = _row_max_tree(qk).to(gl.float32) * sc
+        else:
+            m_tile = gl.max(qk, axis=1).to(gl.float32) * sc
         m_new = gl.maximum(m_i, m_tile)
         alpha = gl.exp2(m_i - m_new)
         bias = gl.fma(sc, 12582912.0, m_new - TOP)
@@ -136,19 +153,21 @@ if HAS_GLUON:
 
     @gluon.jit
     def _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, n_last,
-                      BN: gl.constexpr, KB: gl.constexpr, TOP: gl.constexpr, EXP2_FMA: gl.constexpr):
+                      BN: gl.constexpr, KB: gl.constexpr, TOP: gl.constexpr, EXP2_FMA: gl.constexpr,
+                 TREE_MAX: gl.constexpr):
         """:func:`_softmax` of key tile ``j`` at its K scale; only the last tile is masked."""
         sc = qsc * gl.load(ks_base + (j * BN) // KB)
         if j == n_tiles - 1:
-            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, n_last, TOP, True, EXP2_FMA)
+            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, n_last, TOP, True, EXP2_FMA, TREE_MAX)
         else:
-            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, n_last, TOP, False, EXP2_FMA)
+            p, alpha, m_new, l_new = _softmax(qk, m_i, l_i, sc, n_last, TOP, False, EXP2_FMA, TREE_MAX)
         return p, alpha, m_new, l_new
 
     @gluon.jit
     def _key_loop_ahead(q_mine, k_smem, v_smem, kv_ready, kv_empty, acc, m_i, l_i, qsc, ks_base, zero_s,
                         n_tiles, n_last, p_layout: gl.constexpr, rows_o: gl.constexpr, BN: gl.constexpr,
-                        KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr, EXP2_FMA: gl.constexpr):
+                        KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr, EXP2_FMA: gl.constexpr,
+                 TREE_MAX: gl.constexpr):
         """The key loop with Q.K^T(j+1) issued, beside P.V(j-1), before tile j's softmax and
         waited after it: the softmax runs under both products, so no Q.K^T latency sits
         between two softmaxes. Costs a second score tile in registers (64 a thread). Every
@@ -163,10 +182,10 @@ if HAS_GLUON:
             mbarrier.wait(kv_ready.index(1 % STAGES), (1 // STAGES) & 1)
             tok = warpgroup_mma(q_mine, k_smem.index(1 % STAGES).permute((1, 0)), zero_s, use_acc=False,
                                 is_async=True)
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, n_last, TOP, False, EXP2_FMA)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, n_last, TOP, False, EXP2_FMA, TREE_MAX)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
         else:
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, n_last, TOP, True, EXP2_FMA)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, n_last, TOP, True, EXP2_FMA, TREE_MAX)
         for j in range(1, n_tiles - 1):  # on entry: the scores of tile j, P of tile j-1
             sp = (j - 1) % STAGES
             sn = (j + 1) % STAGES
@@ -175,7 +194,7 @@ if HAS_GLUON:
             mbarrier.wait(kv_ready.index(sn), ((j + 1) // STAGES) & 1)
             tok = warpgroup_mma(q_mine, k_smem.index(sn).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             sc = qsc * gl.load(ks_base + (j * BN) // KB)
-            p, alpha, m_new, l_i = _softmax(qk, m_i, l_i, sc, n_last, TOP, False, EXP2_FMA)
+            p, alpha, m_new, l_i = _softmax(qk, m_i, l_i, sc, n_last, TOP, False, EXP2_FMA, TREE_MAX)
             acc, qk = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, tok))
             mbarrier.arrive(kv_empty.index(sp), count=1)
             acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
@@ -185,7 +204,7 @@ if HAS_GLUON:
             acc_tok = warpgroup_mma(_p_operand(p, p_layout, BM, BN), v_smem.index(sp).permute((1, 0)), acc,
                                     is_async=True)
             sc = qsc * gl.load(ks_base + ((n_tiles - 1) * BN) // KB)
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, n_last, TOP, True, EXP2_FMA)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, sc, n_last, TOP, True, EXP2_FMA, TREE_MAX)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
             mbarrier.arrive(kv_empty.index(sp), count=1)
             acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
@@ -201,6 +220,7 @@ if HAS_GLUON:
                   q_srow, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
                   D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr,
                   OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, CONSUMERS: gl.constexpr, EXP2_FMA: gl.constexpr,
+                  TREE_MAX: gl.constexpr,
                   CID: gl.constexpr):
         BM: gl.constexpr = _BM
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -231,7 +251,8 @@ if HAS_GLUON:
         # wait to the next one's issue (same operations on the same values, same bits).
         if OVERLAP == 3:
             acc, l_i = _key_loop_ahead(q_mine, k_smem, v_smem, kv_ready, kv_empty, acc, m_i, l_i, qsc, ks_base,
-                                       zero_s, n_tiles, n_last, p_layout, rows_o, BN, KB, STAGES, TOP, EXP2_FMA)
+                                       zero_s, n_tiles, n_last, p_layout, rows_o, BN, KB, STAGES, TOP, EXP2_FMA,
+                                       TREE_MAX)
         elif OVERLAP:
             mbarrier.wait(kv_ready.index(0), 0)
             tok = warpgroup_mma(q_mine, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
@@ -239,7 +260,7 @@ if HAS_GLUON:
             # P crosses the loop in fp32: an e4m3 tensor would cross it one byte per register
             # and be re-packed with ~100 byte moves per tile
             p, alpha, m_i, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, 0, n_tiles, n_last, BN, KB, TOP,
-                                              EXP2_FMA)
+                                              EXP2_FMA, TREE_MAX)
             if PINGPONG and CID == 1:  # consumer 0 issues first
                 mbarrier.arrive(turn.index(0), count=1)
             for j in range(1, n_tiles):
@@ -257,7 +278,7 @@ if HAS_GLUON:
                     mbarrier.arrive(turn.index(1 - CID), count=1)
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
                 p, alpha, m_new, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, n_last, BN, KB, TOP,
-                                                     EXP2_FMA)
+                                                     EXP2_FMA, TREE_MAX)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
                 mbarrier.arrive(kv_empty.index(sp), count=1)
                 if OVERLAP == 1:
@@ -277,7 +298,7 @@ if HAS_GLUON:
                 tok = warpgroup_mma(q_mine, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 qk = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
                 p, alpha, m_i, l_i = _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, n_last, BN, KB, TOP,
-                                                   EXP2_FMA)
+                                                   EXP2_FMA, TREE_MAX)
                 acc = acc * gl.convert_layout(alpha, rows_o, assert_trivial=True)[:, None]
                 p8 = _p_operand(p, p_layout, BM, BN)
                 acc_tok = warpgroup_mma(p8, v_smem.index(s).permute((1, 0)), acc, is_async=True)
@@ -298,7 +319,8 @@ if HAS_GLUON:
                         S_q, S_qpad, S_k, S_kpad, H, sob, sos, soh,
                         D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr,
                         TOP: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                        CONSUMERS: gl.constexpr = 2, EXP2_FMA: gl.constexpr = 0):
+                        CONSUMERS: gl.constexpr = 2, EXP2_FMA: gl.constexpr = 0,
+                        TREE_MAX: gl.constexpr = False):
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
         b = (bh // H).to(gl.int64)
@@ -332,13 +354,13 @@ if HAS_GLUON:
                               q_row, bh * S_kpad, bh * D, n_tiles, BN, STAGES, CONSUMERS)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, 0)),
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, TREE_MAX, 0)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, 1)),
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, TREE_MAX, 1)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, 2))],
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, TREE_MAX, 2))],
                 [4, 4, 4], [_REGS3, _REGS3, _REGS3])
         else:
             gl.warp_specialize(
@@ -346,19 +368,21 @@ if HAS_GLUON:
                               q_row, bh * S_kpad, bh * D, n_tiles, BN, STAGES, CONSUMERS)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, 0)),
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, TREE_MAX, 0)),
                  (_consumer, (q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty, turn, qs_ptr, ks_ptr, vs_ptr,
                               vm_ptr, o_ptr, q_row, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
-                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, 1))],
+                              D, BN, KB, STAGES, TOP, OVERLAP, PINGPONG, CONSUMERS, EXP2_FMA, TREE_MAX, 1))],
                 [4, 4], [_REGS2, _REGS2])
 
 
 def attention_ws_launch(q8, qs, kv, ov, s_q: int, s_qpad: int, block_n: int, stages: int, overlap: int,
-                        pingpong: bool, top: float, consumers: int = CONSUMERS, exp2_fma: int = 0) -> None:
+                        pingpong: bool, top: float, consumers: int = CONSUMERS, exp2_fma: int = 0,
+                        tree_max: bool = False) -> None:
     """Run :func:`_attn_ws_kernel` on a prepared problem (``q8 [B*H, S_qpad, D]`` INT8 from the Q
     pre-pass with ``S_qpad`` a multiple of ``consumers x 64``, ``kv`` a ``QuantKV`` with ``v_perm``,
-    ``ov`` the ``[B, S, H, D]`` output view; ``overlap`` the schedule, 0, 1 or 2 (see
-    ``_consumer``); ``exp2_fma``: one exponential in that many on the FMA pipe, 0 for none)."""
+    ``ov`` the ``[B, S, H, D]`` output view; ``overlap`` the schedule, 0 to 3 (see
+    ``_consumer``); ``exp2_fma``: one exponential in that many on the FMA pipe, 0 for none;
+    ``tree_max``: the row maxima as a tree, :func:`_row_max_tree`)."""
     if not HAS_GLUON:
         raise RuntimeError("the warp-specialized attention needs Triton >= 3.6 with Gluon (triton.experimental.gluon)")
     import triton
@@ -375,12 +399,12 @@ def attention_ws_launch(q8, qs, kv, ov, s_q: int, s_qpad: int, block_n: int, sta
     _attn_ws_kernel[grid](q_desc, k_desc, v_desc, qs, kv.k_scale, kv.v_scale, kv.v_mean, ov,
                           s_q, s_qpad, kv.seq, kv.seq_pad, kv.heads, ov.stride(0), ov.stride(1), ov.stride(2),
                           D=d, BN=block_n, KB=kv.k_block, STAGES=stages, TOP=top, OVERLAP=overlap,
-                          PINGPONG=pingpong, CONSUMERS=consumers, EXP2_FMA=exp2_fma,
+                          PINGPONG=pingpong, CONSUMERS=consumers, EXP2_FMA=exp2_fma, TREE_MAX=tree_max,
                           num_warps=4)
 
 
 def compile_offline(block_n: int, stages: int, overlap: int, pingpong: bool = False, head_dim: int = HEAD_DIM,
-                    consumers: int = CONSUMERS, exp2_fma: int = 0) -> dict[str, object]:
+                    consumers: int = CONSUMERS, exp2_fma: int = 0, tree_max: bool = False) -> dict[str, object]:
     """:func:`_attn_ws_kernel` compiled for sm_90 without a GPU (Triton's bundled ptxas):
     its ``asm`` dict (``ptx``, ``cubin``, ...), for the CPU tests and for reading its SASS
     (benchmarks/attention_sass.py)."""
@@ -399,7 +423,7 @@ def compile_offline(block_n: int, stages: int, overlap: int, pingpong: bool = Fa
              "k_desc": f"tensordesc<i8[{block_n},{d}],{layouts['k']!r}>",
              "v_desc": f"tensordesc<fp8e4nv[{d},{block_n}],{layouts['v']!r}>", "o_ptr": "*bf16"}
     consts = dict(D=d, BN=block_n, KB=128, STAGES=stages, TOP=8.807354922057604, OVERLAP=overlap,
-                  PINGPONG=pingpong, CONSUMERS=consumers, EXP2_FMA=exp2_fma)
+                  PINGPONG=pingpong, CONSUMERS=consumers, EXP2_FMA=exp2_fma, TREE_MAX=tree_max)
     fn = _attn_ws_kernel
     sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
            for n in fn.arg_names}
