@@ -2,13 +2,9 @@
 # One GPU call that settles kernel variants before a full run (benchmarks/speed_run.sh): the
 # GPU tests named by $TESTS (FILE::KEYWORD), the attention benchmark of the Gluon configs
 # $CONFIGS against the default and SDPA cuDNN, then the 720p step of $E2E_MODES with the
-# fastest config at 75,600 tokens (issue 16's open target). Defaults: the GPU tests of the
-# schedule variants built 2026-12-07 late (exp2 partly on the FMA pipe, the deferred
-# rescale, the next Q.K^T issued ahead of the softmax), then the diagnostics that 2026-12-07's failed fused-query test calls for (are the
-# rotary kernel's INT8 queries the Q pre-pass's, bit for bit; is the default attention path
-# deterministic over stale memory; the fused test again, now naming the differing elements);
-# the variants timed against the default; the 720p step against BF16 eager with the fastest;
-# then, if $NCU_S seconds are left, Nsight Compute on the default kernel (attention_ncu.sh).
+# fastest config at 75,600 tokens, then, if $NCU_S seconds are left, Nsight Compute on the
+# kernel the step ran (attention_ncu.sh). Defaults: the GPU test that the default's reordered
+# schedules give its bits, no variant (set $CONFIGS), the 720p step against BF16 eager.
 #   OUT=/root/out LIMIT=570 bash benchmarks/gluon_attention_check.sh
 # LIMIT: seconds the whole script may take (later steps are skipped past it). Results:
 # $OUT/gpu_tests.txt, $OUT/attn/attention.{json,md}, $OUT/e2e/e2e_speed.{json,md}, $OUT/ncu/ and logs
@@ -21,7 +17,7 @@ left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv
 
-TESTS=${TESTS:-"tests/test_attention_gpu.py::tree_max"}
+TESTS=${TESTS:-"tests/test_attention_gpu.py::reordered_schedules"}
 E2E_MODES=${E2E_MODES-w4a4_int8attn_compile,bf16_eager}  # 720p; empty: none
 echo "== GPU tests (${LIMIT}s budget)"
 rc=0
@@ -32,11 +28,9 @@ for t in $TESTS; do  # FILE::KEYWORD
 done
 grep -E 'PASS|FAIL|Error|assert|gelu epilogue' "$OUT/gpu_tests.txt" | head -60
 
-base=m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov  # DEFAULT_CONFIG of 2026-12-07; the variants below build on it
-c3=qpre-fold-tma-vperm-gws
-# e.g. "m64-n64-w4-s4-$c3-ov-c3" (measured 2026-12-07: 0.5 % slower); empty: none
-ahead=qpre-fold-tma-vperm-ahead-gws-ov  # Q.K^T(j+1) under softmax(j); 128-key tiles spill (ptxas 12.8)
-CONFIGS=${CONFIGS-"$base-tm m64-n128-w4-s4-qpre-fold-tma-vperm-gws-ov-tm m64-n128-w4-s4-qpre-fold-tma-vperm-gws-ov"}
+base=$(python3 -c "from wanquant.kernels.attention_config import DEFAULT_CONFIG as c; print(c.describe())")
+# e.g. "m64-n64-w4-s4-qpre-fold-tma-vperm-gws-ov-tm-c3 $base-e4" (KERNEL_NOTES.md: what each measured)
+CONFIGS=${CONFIGS-}
 configs="$base"
 # a hang (rc 124) keeps the variants out; failures do not: the benchmark checks each config
 # against the reference and never ranks one that fails

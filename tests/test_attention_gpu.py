@@ -227,13 +227,14 @@ def test_default_config_is_deterministic_over_stale_memory(s, b):
 
 @pytest.mark.parametrize("s,b", [(16421, 1), (1000, 2), (200, 1), (100, 1)])
 @pytest.mark.parametrize("schedule", [dict(defer_rescale=True), dict(qk_ahead=True, num_stages=4),
-                                      dict(tree_max=True), dict(tree_max=True, num_stages=4)],
-                         ids=["defer_rescale", "qk_ahead", "tree_max", "tree_max_s4"])
+                                      dict(tree_max=not K.DEFAULT_CONFIG.tree_max), dict(num_stages=4)],
+                         ids=["defer_rescale", "qk_ahead", "tree_max", "four_stages"])
 def test_reordered_schedules_give_the_default_bits(s, b, schedule):
     """``defer_rescale`` moves the accumulator's multiplications after the next Q.K^T's
-    issue, ``qk_ahead`` issues that Q.K^T before the softmax, ``tree_max`` takes the integer
-    row maxima in another order, four stages prefetch further: the same operations on the
-    same values, so the same output bits (200 and 100 keys: the look-ahead's loop empty)."""
+    issue, ``qk_ahead`` issues that Q.K^T before the softmax, ``tree_max`` toggled takes the
+    integer row maxima in the other order (chain or tree), four stages prefetch further: the
+    same operations on the same values, so the same output bits (200 and 100 keys: the
+    look-ahead's loop empty)."""
     from wanquant.kernels.attention_ws import HAS_GLUON
 
     if not HAS_GLUON or torch.cuda.get_device_capability() != (9, 0):
@@ -241,7 +242,9 @@ def test_reordered_schedules_give_the_default_bits(s, b, schedule):
     q, k, v = qkv(s, h=4, b=b, seed=5, k_mean=1.0)
     kv = K.quantize_kv(k, v, v_perm=True)
     outs = []
-    for cfg in (K.DEFAULT_CONFIG, replace(K.DEFAULT_CONFIG, **schedule)):
+    other = replace(K.DEFAULT_CONFIG, **schedule)
+    assert other != K.DEFAULT_CONFIG
+    for cfg in (K.DEFAULT_CONFIG, other):
         out = torch.full(q.shape, float("nan"), device=CUDA)
         K.attention_prepared(q, kv, config=cfg, out=out)
         outs.append(out)

@@ -146,7 +146,8 @@ class AttnConfig:
     # With gluon_ws: each row's maximum of a tile as a tree over the register bits of the
     # column before the lane shuffles (attention_ws._row_max_tree), a chain a few maxima deep
     # instead of fifteen. Integer maxima: the same bits. In the H100 stall profile of
-    # 2026-12-07 the row maxima were 14 % of a consumer's time per tile.
+    # 2026-12-07 the row maxima were 16 % of a consumer's time per tile; with the tree the
+    # kernel is 3.2 % faster at 75,600 tokens (DEFAULT_CONFIG's comment).
     tree_max: bool = False
 
     @property
@@ -177,12 +178,14 @@ class AttnConfig:
 # 27.35 / 146.17 in the same run (benchmarks/results/attention_gluon.md). Three K/V stages: two
 # H100 runs of 2026-12-07 (75,600 tokens) ranked three against four both ways (143.52 vs
 # 139.31 ms, then 141.15 vs 144.26; five: 142.93): no difference beyond run-to-run noise.
-# Two stages leave no prefetch slot beside the two tiles in flight: 229.78 ms. Where
-# Gluon's Hopper API is missing or the GPU is not sm_90 the same config runs the Triton
-# kernel (same numbers, :func:`~wanquant.kernels.attention.config_for`); ``tma`` is dropped
-# before sm_90.
+# Two stages leave no prefetch slot beside the two tiles in flight: 229.78 ms. The row
+# maxima as a tree (``tm``, same bits): on an H100, 2026-12-07 21:38, 25.15 / 135.53 ms
+# against 140.00 without it at 75,600 tokens (four stages without it: 139.69), 1.45x / 1.47x
+# SDPA cuDNN (benchmarks/results/attention.md). Where Gluon's Hopper API is missing or the
+# GPU is not sm_90 the same config runs the Triton kernel (same numbers,
+# :func:`~wanquant.kernels.attention.config_for`); ``tma`` is dropped before sm_90.
 DEFAULT_CONFIG = AttnConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, q_prepass=True, fold=True,
-                            v_perm=True, tma=True, gluon_ws=True, pv_overlap=True)
+                            v_perm=True, tma=True, gluon_ws=True, pv_overlap=True, tree_max=True)
 # What the benchmark sweeps on an H100 (the fastest measured becomes DEFAULT_CONFIG;
 # benchmarks/results/attention_sweep.md). Compiled for sm_90 with Triton 3.6: the first
 # config's main loop issues 664 SASS instructions per warp and 64x128 tile, ``fold`` saves
