@@ -26,7 +26,8 @@ splits its warps (``gl.warp_specialize``):
   Q.K^T; 3 (:func:`_key_loop_ahead`) tile j+1's Q.K^T and tile j-1's P.V both under tile
   j's softmax. With ``PINGPONG`` (1 only) the two consumers take turns issuing their
   wgmmas (two mbarriers), so that one's softmax tends to run while the other's products
-  do. ``EXP2_FMA`` computes one exponential in that many on the FMA pipe (exp2_fma.py).
+  do. ``EXP2_FMA`` computes one exponential in that many on the FMA pipe (exp2_fma.py);
+  ``TREE_MAX`` takes each row's maximum as a tree (:func:`_row_max_tree`, the default).
 
 Gluon is Triton's lower-level dialect (explicit layouts, async wgmma, mbarriers); it has no
 interpreter, so this kernel runs on sm_90 GPUs only and is checked there against the same
@@ -154,7 +155,7 @@ if HAS_GLUON:
     @gluon.jit
     def _tile_softmax(qk, m_i, l_i, qsc, ks_base, j, n_tiles, n_last,
                       BN: gl.constexpr, KB: gl.constexpr, TOP: gl.constexpr, EXP2_FMA: gl.constexpr,
-                 TREE_MAX: gl.constexpr):
+                      TREE_MAX: gl.constexpr):
         """:func:`_softmax` of key tile ``j`` at its K scale; only the last tile is masked."""
         sc = qsc * gl.load(ks_base + (j * BN) // KB)
         if j == n_tiles - 1:
@@ -167,7 +168,7 @@ if HAS_GLUON:
     def _key_loop_ahead(q_mine, k_smem, v_smem, kv_ready, kv_empty, acc, m_i, l_i, qsc, ks_base, zero_s,
                         n_tiles, n_last, p_layout: gl.constexpr, rows_o: gl.constexpr, BN: gl.constexpr,
                         KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr, EXP2_FMA: gl.constexpr,
-                 TREE_MAX: gl.constexpr):
+                        TREE_MAX: gl.constexpr):
         """The key loop with Q.K^T(j+1) issued, beside P.V(j-1), before tile j's softmax and
         waited after it: the softmax runs under both products, so no Q.K^T latency sits
         between two softmaxes. Costs a second score tile in registers (64 a thread). Every
@@ -220,8 +221,7 @@ if HAS_GLUON:
                   q_srow, bh, b, h, s0, S_q, S_k, S_kpad, n_tiles, sob, sos, soh,
                   D: gl.constexpr, BN: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr, TOP: gl.constexpr,
                   OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, CONSUMERS: gl.constexpr, EXP2_FMA: gl.constexpr,
-                  TREE_MAX: gl.constexpr,
-                  CID: gl.constexpr):
+                  TREE_MAX: gl.constexpr, CID: gl.constexpr):
         BM: gl.constexpr = _BM
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 32])
@@ -249,6 +249,7 @@ if HAS_GLUON:
         # PV(j-1), the accumulator rescaled by tile j's alpha once PV(j-1) retires. 2: the same,
         # but that rescale waits until QK(j+1) is issued: it leaves the chain from one Q.K^T's
         # wait to the next one's issue (same operations on the same values, same bits).
+        # 3: QK(j+1) issued before softmax(j) as well (_key_loop_ahead).
         if OVERLAP == 3:
             acc, l_i = _key_loop_ahead(q_mine, k_smem, v_smem, kv_ready, kv_empty, acc, m_i, l_i, qsc, ks_base,
                                        zero_s, n_tiles, n_last, p_layout, rows_o, BN, KB, STAGES, TOP, EXP2_FMA,
