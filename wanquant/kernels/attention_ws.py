@@ -415,6 +415,8 @@ def compile_offline(block_n: int, stages: int, overlap: int, pingpong: bool = Fa
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource  # private: moves between versions
 
+    from wanquant.kernels.attention_config import K_BLOCK, LOG2_P_SCALE  # (it imports this module)
+
     d = head_dim
     box = consumers * BLOCK_M if consumers == 2 else BLOCK_M  # as attention_ws_launch
     layouts = {"q": gl.NVMMASharedLayout.get_default_for([box, d], gl.int8),
@@ -423,7 +425,7 @@ def compile_offline(block_n: int, stages: int, overlap: int, pingpong: bool = Fa
     types = {"q_desc": f"tensordesc<i8[{box},{d}],{layouts['q']!r}>",
              "k_desc": f"tensordesc<i8[{block_n},{d}],{layouts['k']!r}>",
              "v_desc": f"tensordesc<fp8e4nv[{d},{block_n}],{layouts['v']!r}>", "o_ptr": "*bf16"}
-    consts = dict(D=d, BN=block_n, KB=128, STAGES=stages, TOP=8.807354922057604, OVERLAP=overlap,
+    consts = dict(D=d, BN=block_n, KB=K_BLOCK, STAGES=stages, TOP=LOG2_P_SCALE, OVERLAP=overlap,
                   PINGPONG=pingpong, CONSUMERS=consumers, EXP2_FMA=exp2_fma, TREE_MAX=tree_max)
     fn = _attn_ws_kernel
     sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
