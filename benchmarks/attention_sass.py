@@ -8,8 +8,10 @@ unmasked tiles and the masked last tile (the path with the selects) are counted 
 Counts are per thread (warp) and key tile; how they turn into cycles is in
 benchmarks/KERNEL_NOTES.md.
 
-    python -m benchmarks.attention_sass --out benchmarks/results/attention_sass \\
-        --configs m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov-e4
+    python -m benchmarks.attention_sass \\
+        --configs m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov-tm m64-n128-w4-s3-qpre-fold-tma-vperm-gws-ov
+
+(results/attention_sass.{json,md}; ``--out DIR`` writes them to DIR instead.)
 
 To read the device's compiler, put its Triton first on the path (``PYTHONPATH=/path/to/triton36``).
 """
